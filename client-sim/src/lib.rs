@@ -1,0 +1,2 @@
+//! peerlink-sim: the reference client — connectivity agent, Opus media pipeline, encrypted file
+//! transfer and scripted multi-client scenarios. Issue #5.

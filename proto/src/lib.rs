@@ -1,0 +1,2 @@
+//! peerlink-proto: wire formats, no I/O.
+#![deny(missing_docs)]
