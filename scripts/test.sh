@@ -14,7 +14,7 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests (cargo nextest)"
-cargo nextest run --workspace --all-targets --locked --profile "${NEXTEST_PROFILE:-ci}" --no-tests=warn
+cargo nextest run --workspace --locked --profile "${NEXTEST_PROFILE:-ci}" --no-tests=warn
 
 echo "== doc tests"
 cargo test --workspace --doc --locked

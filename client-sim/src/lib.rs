@@ -1,2 +1,7 @@
 //! peerlink-sim: the reference client — connectivity agent, Opus media pipeline, encrypted file
 //! transfer and scripted multi-client scenarios. Issue #5.
+
+pub mod turn;
+
+pub mod media;
+pub mod netsim;

@@ -1,0 +1,699 @@
+//! Async HTTP client for the directory (plain HTTP, reqwest) and the registration loops that
+//! keep a signaling node or relay registered across directory restarts.
+//!
+//! A [`NodeRegistration`] (from [`DirectoryClient::spawn_node_registration`]) registers, then
+//! heartbeats every `heartbeat_interval_ms` the directory recommends. When a heartbeat answers
+//! `unknown_node` (the directory restarted and forgot us) it re-registers at once and republishes
+//! the node's presence entries from a [`PresenceSource`]. A `stale_epoch` answer means a newer
+//! incarnation of this node exists: the loop stops. Dropping the handle stops the loop.
+//! [`RelayRegistration`] does the same for relays.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use reqwest::{StatusCode, Url};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::api::*;
+
+/// Default per-request timeout of the client.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Delay before retrying a failed registration when the directory gave no interval yet.
+pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What went wrong talking to the directory.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The base URL does not parse or cannot take paths.
+    #[error("invalid directory URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// Connection, timeout or body transport failure.
+    #[error("directory request failed: {0}")]
+    Transport(#[from] reqwest::Error),
+    /// The directory answered with an error body.
+    #[error("directory answered {status}: {code:?}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Error code from the body.
+        code: ErrorCode,
+        /// Message from the body.
+        message: String,
+    },
+    /// The directory answered something that is not our API (e.g. a proxy's error page).
+    #[error("unexpected answer {status}: {body}")]
+    Unexpected {
+        /// HTTP status.
+        status: u16,
+        /// First bytes of the body.
+        body: String,
+    },
+}
+
+impl ClientError {
+    /// The API error code, if the directory answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// True when the directory does not know this node/relay and it must register again.
+    pub fn is_unknown(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(ErrorCode::UnknownNode) | Some(ErrorCode::UnknownRelay)
+        )
+    }
+}
+
+/// Async client of the directory's internal API. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DirectoryClient {
+    http: reqwest::Client,
+    base: Url,
+    auth: Arc<str>,
+}
+
+impl DirectoryClient {
+    /// Client for `base_url` (e.g. `http://127.0.0.1:8500`) with the shared cluster token.
+    pub fn new(base_url: &str, cluster_token: &str) -> Result<Self, ClientError> {
+        Self::with_timeout(base_url, cluster_token, DEFAULT_REQUEST_TIMEOUT)
+    }
+
+    /// Same as [`DirectoryClient::new`] with a custom per-request timeout.
+    pub fn with_timeout(
+        base_url: &str,
+        cluster_token: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let base = Url::parse(base_url).map_err(|e| ClientError::InvalidUrl {
+            url: base_url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if base.cannot_be_a_base() || !matches!(base.scheme(), "http") {
+            return Err(ClientError::InvalidUrl {
+                url: base_url.to_owned(),
+                reason: "need an http:// base URL".to_owned(),
+            });
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()?;
+        Ok(Self {
+            http,
+            base,
+            auth: Arc::from(format!("Bearer {cluster_token}")),
+        })
+    }
+
+    /// The base URL this client talks to.
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    fn url(&self, segments: &[&str]) -> Result<Url, ClientError> {
+        let mut url = self.base.clone();
+        {
+            let mut path = url
+                .path_segments_mut()
+                .map_err(|()| ClientError::InvalidUrl {
+                    url: self.base.to_string(),
+                    reason: "cannot be a base".to_owned(),
+                })?;
+            path.pop_if_empty();
+            path.extend(segments);
+        }
+        Ok(url)
+    }
+
+    async fn decode<R: DeserializeOwned>(resp: reqwest::Response) -> Result<R, ClientError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.json::<R>().await?);
+        }
+        let bytes = resp.bytes().await?;
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: body.error.code,
+                message: body.error.message,
+            }),
+            Err(_) => Err(ClientError::Unexpected {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes[..bytes.len().min(256)]).into_owned(),
+            }),
+        }
+    }
+
+    async fn post<B: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &B,
+    ) -> Result<R, ClientError> {
+        let resp = self
+            .http
+            .post(self.url(segments)?)
+            .header(reqwest::header::AUTHORIZATION, &*self.auth)
+            .json(body)
+            .send()
+            .await?;
+        Self::decode(resp).await
+    }
+
+    async fn get<R: DeserializeOwned>(&self, segments: &[&str]) -> Result<R, ClientError> {
+        let resp = self
+            .http
+            .get(self.url(segments)?)
+            .header(reqwest::header::AUTHORIZATION, &*self.auth)
+            .send()
+            .await?;
+        Self::decode(resp).await
+    }
+
+    /// `GET /healthz`: Ok when the directory answers 200.
+    pub async fn health(&self) -> Result<(), ClientError> {
+        let resp = self.http.get(self.url(&["healthz"])?).send().await?;
+        let status = resp.status();
+        if status == StatusCode::OK {
+            Ok(())
+        } else {
+            Err(ClientError::Unexpected {
+                status: status.as_u16(),
+                body: String::new(),
+            })
+        }
+    }
+
+    /// Register (or re-register) a signaling node.
+    pub async fn register_node(
+        &self,
+        req: &RegisterNodeRequest,
+    ) -> Result<RegisterNodeResponse, ClientError> {
+        self.post(&["v1", "nodes", "register"], req).await
+    }
+
+    /// Heartbeat a node (keeps it and its presence entries alive).
+    pub async fn node_heartbeat(
+        &self,
+        req: &NodeHeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        self.post(&["v1", "nodes", "heartbeat"], req).await
+    }
+
+    /// Remove a node and its presence entries (clean shutdown).
+    pub async fn deregister_node(
+        &self,
+        node_id: &str,
+        epoch: u64,
+    ) -> Result<DeregisterNodeResponse, ClientError> {
+        let req = DeregisterNodeRequest {
+            node_id: node_id.to_owned(),
+            epoch,
+        };
+        self.post(&["v1", "nodes", "deregister"], &req).await
+    }
+
+    /// Live signaling nodes.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
+        Ok(self.get::<NodeList>(&["v1", "nodes"]).await?.nodes)
+    }
+
+    /// Set one device's presence.
+    pub async fn update_presence(
+        &self,
+        update: &PresenceUpdate,
+    ) -> Result<UpdateOutcome, ClientError> {
+        self.post(&["v1", "presence"], update).await
+    }
+
+    /// Set many presence entries of one node (at most [`MAX_PRESENCE_BATCH`] per call).
+    pub async fn update_presence_batch(
+        &self,
+        req: &PresenceBatchRequest,
+    ) -> Result<PresenceBatchResponse, ClientError> {
+        self.post(&["v1", "presence", "batch"], req).await
+    }
+
+    /// Remove one device's presence (only if it still points at `node_id`).
+    pub async fn remove_presence(
+        &self,
+        req: &PresenceRemove,
+    ) -> Result<RemoveOutcome, ClientError> {
+        self.post(&["v1", "presence", "remove"], req).await
+    }
+
+    /// Where is `user`: all live devices with their nodes and the nodes' internal URLs.
+    pub async fn lookup_user(&self, user: &str) -> Result<UserLocation, ClientError> {
+        self.get(&["v1", "presence", user]).await
+    }
+
+    /// Batch lookup (contact lists); one answer per user, same order.
+    pub async fn lookup_users(&self, users: &[String]) -> Result<Vec<UserLocation>, ClientError> {
+        let req = LookupRequest {
+            users: users.to_vec(),
+        };
+        Ok(self
+            .post::<_, LookupResponse>(&["v1", "presence", "lookup"], &req)
+            .await?
+            .users)
+    }
+
+    /// Register (or re-register) a relay.
+    pub async fn register_relay(
+        &self,
+        req: &RegisterRelayRequest,
+    ) -> Result<RegisterRelayResponse, ClientError> {
+        self.post(&["v1", "relays", "register"], req).await
+    }
+
+    /// Heartbeat a relay with its current figures.
+    pub async fn relay_heartbeat(
+        &self,
+        req: &RelayHeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        self.post(&["v1", "relays", "heartbeat"], req).await
+    }
+
+    /// Remove a relay.
+    pub async fn deregister_relay(
+        &self,
+        relay_id: &str,
+    ) -> Result<DeregisterRelayResponse, ClientError> {
+        let req = DeregisterRelayRequest {
+            relay_id: relay_id.to_owned(),
+        };
+        self.post(&["v1", "relays", "deregister"], &req).await
+    }
+
+    /// All known relays (healthy or not).
+    pub async fn list_relays(&self) -> Result<Vec<RelayInfo>, ClientError> {
+        Ok(self.get::<RelayList>(&["v1", "relays"]).await?.relays)
+    }
+
+    /// Choose relays for a call; empty when none is usable.
+    pub async fn choose_relays(
+        &self,
+        req: &ChooseRelaysRequest,
+    ) -> Result<Vec<ChosenRelay>, ClientError> {
+        Ok(self
+            .post::<_, ChooseRelaysResponse>(&["v1", "relays", "choose"], req)
+            .await?
+            .relays)
+    }
+
+    /// Start the node registration loop (register, heartbeat, re-register + republish presence
+    /// when the directory forgot us). Stops when the returned handle is dropped.
+    pub fn spawn_node_registration<P: PresenceSource>(
+        &self,
+        registration: RegisterNodeRequest,
+        presence: P,
+    ) -> NodeRegistration {
+        let cancel = CancellationToken::new();
+        let (tx, rx) = watch::channel(RegistrationState::default());
+        let load = Arc::new(AtomicU64::new(registration.load.to_bits()));
+        let span = info_span!("node_registration", node_id = %registration.node_id, epoch = registration.epoch);
+        let task = NodeLoop {
+            client: self.clone(),
+            reg: registration,
+            presence,
+            load: load.clone(),
+            state: tx,
+        };
+        tokio::spawn(task.run(cancel.clone()).instrument(span));
+        NodeRegistration {
+            _guard: cancel.clone().drop_guard(),
+            cancel,
+            state: rx,
+            load,
+        }
+    }
+
+    /// Start the relay registration loop (register, heartbeat with figures from `status`,
+    /// re-register when the directory forgot us). Stops when the returned handle is dropped.
+    pub fn spawn_relay_registration<S: RelayStatusSource>(
+        &self,
+        registration: RegisterRelayRequest,
+        status: S,
+    ) -> RelayRegistration {
+        let cancel = CancellationToken::new();
+        let (tx, rx) = watch::channel(RegistrationState::default());
+        let span = info_span!("relay_registration", relay_id = %registration.relay_id);
+        let task = RelayLoop {
+            client: self.clone(),
+            reg: registration,
+            status,
+            state: tx,
+        };
+        tokio::spawn(task.run(cancel.clone()).instrument(span));
+        RelayRegistration {
+            _guard: cancel.clone().drop_guard(),
+            cancel,
+            state: rx,
+        }
+    }
+}
+
+/// Supplies the current presence entries of a node, for republishing after a directory restart.
+pub trait PresenceSource: Send + Sync + 'static {
+    /// Every device session this node holds right now.
+    fn current_presence(&self) -> Vec<NodePresence>;
+}
+
+impl<F> PresenceSource for F
+where
+    F: Fn() -> Vec<NodePresence> + Send + Sync + 'static,
+{
+    fn current_presence(&self) -> Vec<NodePresence> {
+        self()
+    }
+}
+
+/// A relay's current figures, sent with each heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayStatus {
+    /// Load figure, 0.0 = idle, 1.0 = full.
+    pub load: f64,
+    /// Allocations held.
+    pub allocations: u64,
+    /// Draining flag.
+    pub draining: bool,
+}
+
+/// Supplies a relay's current figures for its heartbeats.
+pub trait RelayStatusSource: Send + Sync + 'static {
+    /// Figures right now.
+    fn current_status(&self) -> RelayStatus;
+}
+
+impl<F> RelayStatusSource for F
+where
+    F: Fn() -> RelayStatus + Send + Sync + 'static,
+{
+    fn current_status(&self) -> RelayStatus {
+        self()
+    }
+}
+
+/// Observable state of a registration loop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistrationState {
+    /// Successful registrations so far (1 after the first, +1 per re-registration).
+    pub registrations: u64,
+    /// Presence entries republished by the last (re-)registration (nodes only).
+    pub republished: u64,
+    /// Successful heartbeats so far.
+    pub heartbeats: u64,
+    /// Currently believed registered.
+    pub registered: bool,
+    /// The loop stopped because a newer epoch of this node exists.
+    pub superseded: bool,
+    /// Last error seen, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// Handle of a running node registration loop; dropping it stops the loop.
+#[derive(Debug)]
+pub struct NodeRegistration {
+    _guard: DropGuard,
+    cancel: CancellationToken,
+    state: watch::Receiver<RegistrationState>,
+    load: Arc<AtomicU64>,
+}
+
+impl NodeRegistration {
+    /// Set the load reported with the next heartbeat.
+    pub fn set_load(&self, load: f64) {
+        self.load.store(load.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Current loop state.
+    pub fn state(&self) -> RegistrationState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that changes whenever the loop state changes (for waiting on events).
+    pub fn subscribe(&self) -> watch::Receiver<RegistrationState> {
+        self.state.clone()
+    }
+
+    /// Stop the loop (same as dropping the handle; does not deregister).
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Handle of a running relay registration loop; dropping it stops the loop.
+#[derive(Debug)]
+pub struct RelayRegistration {
+    _guard: DropGuard,
+    cancel: CancellationToken,
+    state: watch::Receiver<RegistrationState>,
+}
+
+impl RelayRegistration {
+    /// Current loop state.
+    pub fn state(&self) -> RegistrationState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that changes whenever the loop state changes.
+    pub fn subscribe(&self) -> watch::Receiver<RegistrationState> {
+        self.state.clone()
+    }
+
+    /// Stop the loop (does not deregister).
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Sleep for `d` unless cancelled; false when cancelled.
+async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(d) => true,
+    }
+}
+
+fn interval_from_ms(ms: u64) -> Duration {
+    // A directory could answer 0; never spin.
+    Duration::from_millis(ms.max(50))
+}
+
+struct NodeLoop<P> {
+    client: DirectoryClient,
+    reg: RegisterNodeRequest,
+    presence: P,
+    load: Arc<AtomicU64>,
+    state: watch::Sender<RegistrationState>,
+}
+
+impl<P: PresenceSource> NodeLoop<P> {
+    fn fail(&self, e: &ClientError) {
+        self.state
+            .send_modify(|s| s.last_error = Some(e.to_string()));
+    }
+
+    /// Register and republish presence; returns the heartbeat interval.
+    async fn register(&mut self) -> Result<Duration, ClientError> {
+        self.reg.load = f64::from_bits(self.load.load(Ordering::Relaxed));
+        let resp = self.client.register_node(&self.reg).await?;
+        let entries = self.presence.current_presence();
+        let mut republished = 0u64;
+        for chunk in entries.chunks(MAX_PRESENCE_BATCH) {
+            let req = PresenceBatchRequest {
+                node_id: self.reg.node_id.clone(),
+                node_epoch: self.reg.epoch,
+                entries: chunk.to_vec(),
+            };
+            let r = self.client.update_presence_batch(&req).await?;
+            republished += r.applied;
+        }
+        info!(
+            republished,
+            purged = resp.purged_presence,
+            "registered with directory"
+        );
+        self.state.send_modify(|s| {
+            s.registrations += 1;
+            s.republished = republished;
+            s.registered = true;
+            s.last_error = None;
+        });
+        Ok(interval_from_ms(resp.heartbeat_interval_ms))
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut interval = DEFAULT_RETRY_INTERVAL;
+        let mut registered = false;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            if !registered {
+                let attempt = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    r = self.register() => r,
+                };
+                match attempt {
+                    Ok(i) => {
+                        interval = i;
+                        registered = true;
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                        warn!(error = %e, "a newer epoch of this node is registered; stopping");
+                        self.state.send_modify(|s| {
+                            s.superseded = true;
+                            s.registered = false;
+                        });
+                        return;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "registration failed; retrying");
+                        self.fail(&e);
+                    }
+                }
+            }
+            if !pause(&cancel, interval).await {
+                return;
+            }
+            if !registered {
+                continue;
+            }
+            let hb = NodeHeartbeatRequest {
+                node_id: self.reg.node_id.clone(),
+                epoch: self.reg.epoch,
+                load: f64::from_bits(self.load.load(Ordering::Relaxed)),
+            };
+            let result = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = self.client.node_heartbeat(&hb) => r,
+            };
+            match result {
+                Ok(r) => {
+                    interval = interval_from_ms(r.heartbeat_interval_ms);
+                    self.state.send_modify(|s| {
+                        s.heartbeats += 1;
+                        s.last_error = None;
+                    });
+                }
+                Err(e) if e.is_unknown() => {
+                    info!("directory does not know this node; re-registering");
+                    registered = false;
+                    self.state.send_modify(|s| s.registered = false);
+                    // Re-register at once (top of the loop), no extra wait.
+                    continue;
+                }
+                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
+                    warn!(error = %e, "a newer epoch of this node is registered; stopping");
+                    self.state.send_modify(|s| {
+                        s.superseded = true;
+                        s.registered = false;
+                    });
+                    return;
+                }
+                Err(e) => {
+                    debug!(error = %e, "heartbeat failed");
+                    self.fail(&e);
+                }
+            }
+        }
+    }
+}
+
+struct RelayLoop<S> {
+    client: DirectoryClient,
+    reg: RegisterRelayRequest,
+    status: S,
+    state: watch::Sender<RegistrationState>,
+}
+
+impl<S: RelayStatusSource> RelayLoop<S> {
+    async fn register(&mut self) -> Result<Duration, ClientError> {
+        let st = self.status.current_status();
+        self.reg.load = st.load;
+        self.reg.allocations = st.allocations;
+        self.reg.draining = st.draining;
+        let resp = self.client.register_relay(&self.reg).await?;
+        info!("relay registered with directory");
+        self.state.send_modify(|s| {
+            s.registrations += 1;
+            s.registered = true;
+            s.last_error = None;
+        });
+        Ok(interval_from_ms(resp.heartbeat_interval_ms))
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut interval = DEFAULT_RETRY_INTERVAL;
+        let mut registered = false;
+        loop {
+            if !registered {
+                let attempt = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    r = self.register() => r,
+                };
+                match attempt {
+                    Ok(i) => {
+                        interval = i;
+                        registered = true;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "relay registration failed; retrying");
+                        self.state
+                            .send_modify(|s| s.last_error = Some(e.to_string()));
+                    }
+                }
+            }
+            if !pause(&cancel, interval).await {
+                return;
+            }
+            if !registered {
+                continue;
+            }
+            let st = self.status.current_status();
+            let hb = RelayHeartbeatRequest {
+                relay_id: self.reg.relay_id.clone(),
+                load: st.load,
+                allocations: st.allocations,
+                draining: st.draining,
+            };
+            let result = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = self.client.relay_heartbeat(&hb) => r,
+            };
+            match result {
+                Ok(r) => {
+                    interval = interval_from_ms(r.heartbeat_interval_ms);
+                    self.state.send_modify(|s| {
+                        s.heartbeats += 1;
+                        s.last_error = None;
+                    });
+                }
+                Err(e) if e.is_unknown() => {
+                    info!("directory does not know this relay; re-registering");
+                    registered = false;
+                    self.state.send_modify(|s| s.registered = false);
+                }
+                Err(e) => {
+                    debug!(error = %e, "relay heartbeat failed");
+                    self.state
+                        .send_modify(|s| s.last_error = Some(e.to_string()));
+                }
+            }
+        }
+    }
+}

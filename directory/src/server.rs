@@ -1,0 +1,761 @@
+//! The HTTP service: [`app`] builds the axum `Router` over an [`AppState`]; [`Sweeper`] is the
+//! owned background expiry task; [`Metrics`] are the counters behind `/metrics`.
+//!
+//! Paths and bodies are listed in [`crate::api`]. `/v1/*` needs `Authorization: Bearer <token>`
+//! (compared in constant time); `/healthz` and `/metrics` do not.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tower_http::timeout::TimeoutLayer;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::api::*;
+use crate::clock::{Clock, duration_ms};
+use crate::store::{DirectoryStore, StoreConfig, StoreError};
+
+/// Default request timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default body limit: a full presence batch of long ids fits (5,000 x ~300 bytes).
+pub const DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// Limits of the HTTP layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Whole-request timeout (answered 408).
+    pub request_timeout: Duration,
+    /// Largest accepted request body in bytes (answered 413).
+    pub body_limit: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            body_limit: DEFAULT_BODY_LIMIT,
+        }
+    }
+}
+
+/// Counters for `/metrics` (gauges come from the store at scrape time).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    lookup_requests: AtomicU64,
+    lookups: AtomicU64,
+    choose_requests: AtomicU64,
+    relays_chosen: AtomicU64,
+    choices_empty: AtomicU64,
+    presence_writes: AtomicU64,
+    stale_updates: AtomicU64,
+    node_registrations: AtomicU64,
+    relay_registrations: AtomicU64,
+    unknown_heartbeats: AtomicU64,
+    unauthorized: AtomicU64,
+    swept_presence: AtomicU64,
+    swept_nodes: AtomicU64,
+    swept_relays: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Shared state of the service.
+pub struct AppState<S> {
+    /// Storage backend.
+    pub store: Arc<S>,
+    /// Source of "now".
+    pub clock: Arc<dyn Clock>,
+    /// TTLs (for answers; the store applies them).
+    pub config: StoreConfig,
+    /// HTTP limits.
+    pub limits: HttpLimits,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    token: Arc<[u8]>,
+}
+
+impl<S> Clone for AppState<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            config: self.config,
+            limits: self.limits,
+            metrics: self.metrics.clone(),
+            token: self.token.clone(),
+        }
+    }
+}
+
+impl<S: DirectoryStore> AppState<S> {
+    /// State over `store`, reading time from `clock`, accepting `cluster_token`.
+    pub fn new(
+        store: Arc<S>,
+        clock: Arc<dyn Clock>,
+        config: StoreConfig,
+        limits: HttpLimits,
+        cluster_token: &str,
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            config,
+            limits,
+            metrics: Arc::new(Metrics::default()),
+            token: Arc::from(cluster_token.as_bytes()),
+        }
+    }
+}
+
+/// An API error answer: status + `{"error":{"code","message"}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Error code.
+    pub code: ErrorCode,
+    /// Message.
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            StoreError::UnknownNode { .. } => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::UnknownNode, msg)
+            }
+            StoreError::StaleEpoch { .. } => {
+                Self::new(StatusCode::CONFLICT, ErrorCode::StaleEpoch, msg)
+            }
+            StoreError::UnknownRelay { .. } => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::UnknownRelay, msg)
+            }
+            StoreError::Backend(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, msg)
+            }
+        }
+    }
+}
+
+/// JSON body extractor whose rejections are [`ApiError`]s naming the problem.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => Err(json_rejection(rej)),
+        }
+    }
+}
+
+fn json_rejection(rej: JsonRejection) -> ApiError {
+    let status = rej.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ErrorCode::PayloadTooLarge
+    } else {
+        ErrorCode::BadRequest
+    };
+    ApiError::new(status, code, rej.body_text())
+}
+
+/// Path extractor with [`ApiError`] rejections.
+struct ApiPath<T>(T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(rej) => Err(path_rejection(rej)),
+        }
+    }
+}
+
+fn path_rejection(rej: PathRejection) -> ApiError {
+    ApiError::new(rej.status(), ErrorCode::BadRequest, rej.body_text())
+}
+
+// ---- validation (network input: typed errors, never panics) ----
+
+fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
+    if v.is_empty() {
+        return Err(ApiError::invalid(format!("{field} is empty")));
+    }
+    if v.len() > MAX_ID_LEN {
+        return Err(ApiError::invalid(format!(
+            "{field} is {} bytes; at most {MAX_ID_LEN}",
+            v.len()
+        )));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "{field} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_region(field: &str, v: &str) -> Result<(), ApiError> {
+    if v.is_empty() || v.len() > MAX_REGION_LEN || v.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "{field} must be 1..={MAX_REGION_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_load(v: f64) -> Result<(), ApiError> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(ApiError::invalid("load must be a finite number >= 0"));
+    }
+    Ok(())
+}
+
+fn check_url(v: &str) -> Result<(), ApiError> {
+    let ok = !v.is_empty()
+        && v.len() <= MAX_URL_LEN
+        && (v.starts_with("http://") || v.starts_with("https://"))
+        && !v.chars().any(|c| c.is_control() || c.is_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "internal_url must be an http(s) URL of at most {MAX_URL_LEN} bytes"
+        )))
+    }
+}
+
+/// Build the service router over `state`: routes, auth, body limit, timeout.
+pub fn app<S: DirectoryStore>(state: AppState<S>) -> Router {
+    let v1 = Router::new()
+        .route("/nodes/register", post(register_node::<S>))
+        .route("/nodes/heartbeat", post(node_heartbeat::<S>))
+        .route("/nodes/deregister", post(deregister_node::<S>))
+        .route("/nodes", get(list_nodes::<S>))
+        .route("/presence", post(update_presence::<S>))
+        .route("/presence/batch", post(update_presence_batch::<S>))
+        .route("/presence/remove", post(remove_presence::<S>))
+        .route("/presence/lookup", post(lookup_users::<S>))
+        .route("/presence/{user}", get(lookup_user::<S>))
+        .route("/relays/register", post(register_relay::<S>))
+        .route("/relays/heartbeat", post(relay_heartbeat::<S>))
+        .route("/relays/deregister", post(deregister_relay::<S>))
+        .route("/relays", get(list_relays::<S>))
+        .route("/relays/choose", post(choose_relays::<S>))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_token::<S>,
+        ));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics::<S>))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
+        .layer(DefaultBodyLimit::max(state.limits.body_limit))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.limits.request_timeout,
+        ))
+        .with_state(state)
+}
+
+async fn require_token<S: DirectoryStore>(
+    State(state): State<AppState<S>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let ok = match presented {
+        // Length is not secret; the bytes are compared in constant time.
+        Some(t) => bool::from(t.ct_eq(&state.token)),
+        None => false,
+    };
+    if ok {
+        next.run(req).await
+    } else {
+        bump(&state.metrics.unauthorized, 1);
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "missing or wrong cluster token (Authorization: Bearer <token>)",
+        )
+        .into_response()
+    }
+}
+
+async fn register_node<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<RegisterNodeRequest>,
+) -> Result<Json<RegisterNodeResponse>, ApiError> {
+    check_id("node_id", &req.node_id)?;
+    check_url(&req.internal_url)?;
+    check_load(req.load)?;
+    let node_id = req.node_id.clone();
+    let resp = st.store.register_node(req, st.clock.now()).await?;
+    bump(&st.metrics.node_registrations, 1);
+    debug!(%node_id, purged = resp.purged_presence, "node registered");
+    Ok(Json(resp))
+}
+
+async fn node_heartbeat<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<NodeHeartbeatRequest>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    check_id("node_id", &req.node_id)?;
+    check_load(req.load)?;
+    let r = st
+        .store
+        .node_heartbeat(&req.node_id, req.epoch, req.load, st.clock.now())
+        .await;
+    if matches!(r, Err(StoreError::UnknownNode { .. })) {
+        bump(&st.metrics.unknown_heartbeats, 1);
+    }
+    r?;
+    Ok(Json(HeartbeatResponse {
+        heartbeat_interval_ms: duration_ms(st.config.heartbeat_interval()),
+    }))
+}
+
+async fn deregister_node<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<DeregisterNodeRequest>,
+) -> Result<Json<DeregisterNodeResponse>, ApiError> {
+    check_id("node_id", &req.node_id)?;
+    Ok(Json(
+        st.store
+            .deregister_node(&req.node_id, req.epoch, st.clock.now())
+            .await?,
+    ))
+}
+
+async fn list_nodes<S: DirectoryStore>(State(st): State<AppState<S>>) -> Json<NodeList> {
+    Json(NodeList {
+        nodes: st.store.list_nodes(st.clock.now()).await,
+    })
+}
+
+fn count_outcome(m: &Metrics, outcome: UpdateOutcome, written: u64) {
+    match outcome {
+        UpdateOutcome::Applied => bump(&m.presence_writes, written),
+        UpdateOutcome::Stale { .. } => bump(&m.stale_updates, 1),
+    }
+}
+
+async fn update_presence<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<PresenceUpdate>,
+) -> Result<Json<UpdateOutcome>, ApiError> {
+    check_id("user", &req.user)?;
+    check_id("device", &req.device)?;
+    check_id("node_id", &req.node_id)?;
+    let outcome = st.store.update_presence(req, st.clock.now()).await?;
+    count_outcome(&st.metrics, outcome, 1);
+    Ok(Json(outcome))
+}
+
+async fn update_presence_batch<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<PresenceBatchRequest>,
+) -> Result<Json<PresenceBatchResponse>, ApiError> {
+    check_id("node_id", &req.node_id)?;
+    if req.entries.len() > MAX_PRESENCE_BATCH {
+        return Err(ApiError::invalid(format!(
+            "{} entries; at most {MAX_PRESENCE_BATCH} per batch",
+            req.entries.len()
+        )));
+    }
+    for e in &req.entries {
+        check_id("user", &e.user)?;
+        check_id("device", &e.device)?;
+    }
+    let (outcome, applied) = st
+        .store
+        .update_presence_batch(&req.node_id, req.node_epoch, req.entries, st.clock.now())
+        .await?;
+    count_outcome(&st.metrics, outcome, applied);
+    Ok(Json(PresenceBatchResponse { outcome, applied }))
+}
+
+async fn remove_presence<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<PresenceRemove>,
+) -> Result<Json<RemoveOutcome>, ApiError> {
+    check_id("user", &req.user)?;
+    check_id("device", &req.device)?;
+    check_id("node_id", &req.node_id)?;
+    let outcome = st.store.remove_presence(req, st.clock.now()).await?;
+    if matches!(outcome, RemoveOutcome::Stale { .. }) {
+        bump(&st.metrics.stale_updates, 1);
+    }
+    Ok(Json(outcome))
+}
+
+async fn lookup_user<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiPath(user): ApiPath<String>,
+) -> Result<Json<UserLocation>, ApiError> {
+    check_id("user", &user)?;
+    let users = [user];
+    let mut found = st.store.lookup_users(&users, st.clock.now()).await?;
+    bump(&st.metrics.lookup_requests, 1);
+    bump(&st.metrics.lookups, 1);
+    let [user] = users;
+    let loc = found.pop().unwrap_or(UserLocation {
+        user,
+        devices: Vec::new(),
+    });
+    Ok(Json(loc))
+}
+
+async fn lookup_users<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<LookupRequest>,
+) -> Result<Json<LookupResponse>, ApiError> {
+    if req.users.len() > MAX_LOOKUP_BATCH {
+        return Err(ApiError::invalid(format!(
+            "{} users; at most {MAX_LOOKUP_BATCH} per lookup",
+            req.users.len()
+        )));
+    }
+    for u in &req.users {
+        check_id("user", u)?;
+    }
+    let users = st.store.lookup_users(&req.users, st.clock.now()).await?;
+    bump(&st.metrics.lookup_requests, 1);
+    bump(&st.metrics.lookups, users.len() as u64);
+    Ok(Json(LookupResponse { users }))
+}
+
+fn check_relay_registration(req: &RegisterRelayRequest) -> Result<(), ApiError> {
+    check_id("relay_id", &req.relay_id)?;
+    check_region("region", &req.region)?;
+    check_load(req.load)?;
+    if req.capacity == 0 {
+        return Err(ApiError::invalid("capacity must be at least 1"));
+    }
+    Ok(())
+}
+
+async fn register_relay<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<RegisterRelayRequest>,
+) -> Result<Json<RegisterRelayResponse>, ApiError> {
+    check_relay_registration(&req)?;
+    st.store.register_relay(req, st.clock.now()).await?;
+    bump(&st.metrics.relay_registrations, 1);
+    Ok(Json(RegisterRelayResponse {
+        heartbeat_interval_ms: duration_ms(st.config.heartbeat_interval()),
+        relay_ttl_ms: duration_ms(st.config.node_ttl),
+    }))
+}
+
+async fn relay_heartbeat<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<RelayHeartbeatRequest>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    check_id("relay_id", &req.relay_id)?;
+    check_load(req.load)?;
+    let r = st.store.relay_heartbeat(req, st.clock.now()).await;
+    if matches!(r, Err(StoreError::UnknownRelay { .. })) {
+        bump(&st.metrics.unknown_heartbeats, 1);
+    }
+    r?;
+    Ok(Json(HeartbeatResponse {
+        heartbeat_interval_ms: duration_ms(st.config.heartbeat_interval()),
+    }))
+}
+
+async fn deregister_relay<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<DeregisterRelayRequest>,
+) -> Result<Json<DeregisterRelayResponse>, ApiError> {
+    check_id("relay_id", &req.relay_id)?;
+    let removed = st.store.deregister_relay(&req.relay_id).await?;
+    Ok(Json(DeregisterRelayResponse { removed }))
+}
+
+async fn list_relays<S: DirectoryStore>(State(st): State<AppState<S>>) -> Json<RelayList> {
+    Json(RelayList {
+        relays: st.store.list_relays(st.clock.now()).await,
+    })
+}
+
+async fn choose_relays<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+    ApiJson(req): ApiJson<ChooseRelaysRequest>,
+) -> Result<Json<ChooseRelaysResponse>, ApiError> {
+    check_region("caller_region", &req.caller_region)?;
+    if let Some(r) = &req.callee_region {
+        check_region("callee_region", r)?;
+    }
+    if req.count == 0 || req.count > MAX_CHOOSE_COUNT {
+        return Err(ApiError::invalid(format!(
+            "count must be 1..={MAX_CHOOSE_COUNT}"
+        )));
+    }
+    let relays = st.store.choose_relays(&req, st.clock.now()).await?;
+    bump(&st.metrics.choose_requests, 1);
+    bump(&st.metrics.relays_chosen, relays.len() as u64);
+    if relays.is_empty() {
+        bump(&st.metrics.choices_empty, 1);
+    }
+    Ok(Json(ChooseRelaysResponse { relays }))
+}
+
+async fn metrics<S: DirectoryStore>(State(st): State<AppState<S>>) -> Response {
+    let stats = st.store.stats(st.clock.now()).await;
+    let m = &st.metrics;
+    let mut out = String::with_capacity(2048);
+    let mut put = |name: &str, kind: &str, help: &str, v: u64| {
+        // Writing to a String cannot fail.
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        );
+    };
+    let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    put(
+        "peerlink_directory_nodes",
+        "gauge",
+        "Signaling nodes with a fresh heartbeat.",
+        stats.nodes,
+    );
+    put(
+        "peerlink_directory_relays_healthy",
+        "gauge",
+        "Relays with a fresh heartbeat.",
+        stats.relays_healthy,
+    );
+    put(
+        "peerlink_directory_relays_known",
+        "gauge",
+        "Relays known (healthy or not yet swept).",
+        stats.relays_known,
+    );
+    put(
+        "peerlink_directory_presence_entries",
+        "gauge",
+        "Stored presence entries (expired ones linger until the next sweep).",
+        stats.presence_entries,
+    );
+    put(
+        "peerlink_directory_lookup_requests_total",
+        "counter",
+        "Presence lookup requests (single or batch).",
+        c(&m.lookup_requests),
+    );
+    put(
+        "peerlink_directory_lookups_total",
+        "counter",
+        "Users looked up.",
+        c(&m.lookups),
+    );
+    put(
+        "peerlink_directory_choose_requests_total",
+        "counter",
+        "Relay choice requests.",
+        c(&m.choose_requests),
+    );
+    put(
+        "peerlink_directory_relays_chosen_total",
+        "counter",
+        "Relays handed out by choices.",
+        c(&m.relays_chosen),
+    );
+    put(
+        "peerlink_directory_choices_empty_total",
+        "counter",
+        "Relay choices that found no usable relay.",
+        c(&m.choices_empty),
+    );
+    put(
+        "peerlink_directory_presence_writes_total",
+        "counter",
+        "Presence entries written.",
+        c(&m.presence_writes),
+    );
+    put(
+        "peerlink_directory_stale_updates_total",
+        "counter",
+        "Presence writes ignored for an older node epoch.",
+        c(&m.stale_updates),
+    );
+    put(
+        "peerlink_directory_node_registrations_total",
+        "counter",
+        "Signaling node registrations.",
+        c(&m.node_registrations),
+    );
+    put(
+        "peerlink_directory_relay_registrations_total",
+        "counter",
+        "Relay registrations.",
+        c(&m.relay_registrations),
+    );
+    put(
+        "peerlink_directory_unknown_heartbeats_total",
+        "counter",
+        "Heartbeats from unknown nodes or relays (told to re-register).",
+        c(&m.unknown_heartbeats),
+    );
+    put(
+        "peerlink_directory_unauthorized_total",
+        "counter",
+        "Requests refused for a missing or wrong cluster token.",
+        c(&m.unauthorized),
+    );
+    put(
+        "peerlink_directory_swept_presence_total",
+        "counter",
+        "Presence entries removed by the sweeper.",
+        c(&m.swept_presence),
+    );
+    put(
+        "peerlink_directory_swept_nodes_total",
+        "counter",
+        "Node records removed by the sweeper.",
+        c(&m.swept_nodes),
+    );
+    put(
+        "peerlink_directory_swept_relays_total",
+        "counter",
+        "Relay records removed by the sweeper.",
+        c(&m.swept_relays),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+/// Interval of the background sweeper for these TTLs: a quarter of the shorter TTL, at least
+/// 10 ms, at most 5 s.
+pub fn sweep_interval(cfg: &StoreConfig) -> Duration {
+    (cfg.node_ttl.min(cfg.presence_ttl) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(5))
+}
+
+/// Owned background expiry task; stops when dropped or [`Sweeper::stop`]ped.
+#[derive(Debug)]
+pub struct Sweeper {
+    cancel: CancellationToken,
+    _guard: DropGuard,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// Spawn the sweeper for `state` on the current runtime.
+    pub fn spawn<S: DirectoryStore>(state: AppState<S>, every: Duration) -> Self {
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        let task = tokio::spawn(
+            async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let s = st_sweep(&state).await;
+                    if s.presence + s.nodes + s.relays > 0 {
+                        debug!(
+                            presence = s.presence,
+                            nodes = s.nodes,
+                            relays = s.relays,
+                            "swept"
+                        );
+                    }
+                }
+            }
+            .instrument(info_span!("sweeper")),
+        );
+        Self {
+            _guard: cancel.clone().drop_guard(),
+            cancel,
+            task: Some(task),
+        }
+    }
+
+    /// Stop and wait for the task to end.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.task.take()
+            && let Err(e) = t.await
+        {
+            warn!(error = %e, "sweeper task ended abnormally");
+        }
+    }
+}
+
+async fn st_sweep<S: DirectoryStore>(st: &AppState<S>) -> crate::store::SweepStats {
+    let s = st.store.sweep(st.clock.now()).await;
+    bump(&st.metrics.swept_presence, s.presence);
+    bump(&st.metrics.swept_nodes, s.nodes);
+    bump(&st.metrics.swept_relays, s.relays);
+    s
+}

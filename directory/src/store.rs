@@ -1,0 +1,203 @@
+//! The storage trait behind the directory. The embedded default is
+//! [`crate::memory::MemoryStore`]; a shared backend (Redis) implements the same trait later,
+//! which is why every method returns a `Send` future and takes `now` explicitly (TTL logic is
+//! driven by the caller's clock, so tests use virtual time).
+//!
+//! Inputs are validated by the HTTP layer before they reach a store.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::api::{
+    ChooseRelaysRequest, ChosenRelay, DeregisterNodeResponse, NodeInfo, NodePresence,
+    PresenceRemove, PresenceUpdate, RegisterNodeRequest, RegisterNodeResponse,
+    RegisterRelayRequest, RelayHeartbeatRequest, RelayInfo, RemoveOutcome, UpdateOutcome,
+    UserLocation,
+};
+use crate::clock::Timestamp;
+
+/// Default presence TTL.
+pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);
+/// Default node and relay liveness TTL.
+pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(10);
+
+/// TTLs and the relay-choice seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// A presence entry lives this long after its last write or its node's last heartbeat.
+    pub presence_ttl: Duration,
+    /// A node or relay is live this long after its last heartbeat.
+    pub node_ttl: Duration,
+    /// Seed of the relay-choice RNG (`None` = from OS entropy).
+    pub seed: Option<u64>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            presence_ttl: DEFAULT_PRESENCE_TTL,
+            node_ttl: DEFAULT_NODE_TTL,
+            seed: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Recommended heartbeat interval: a third of the node TTL, so two lost heartbeats are
+    /// tolerated before a node or relay counts as dead.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.node_ttl / 3
+    }
+}
+
+/// Why a store refused an operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The node is not registered at this epoch (never, expired, or the directory restarted).
+    #[error("unknown node {node_id:?} at epoch {epoch}; register first")]
+    UnknownNode {
+        /// Node id.
+        node_id: String,
+        /// Epoch the caller used.
+        epoch: u64,
+    },
+    /// The caller's epoch is older than the node's current one.
+    #[error("stale epoch {epoch} for node {node_id:?}; current is {current_epoch}")]
+    StaleEpoch {
+        /// Node id.
+        node_id: String,
+        /// Epoch the caller used.
+        epoch: u64,
+        /// Current epoch.
+        current_epoch: u64,
+    },
+    /// The relay is not registered.
+    #[error("unknown relay {relay_id:?}; register first")]
+    UnknownRelay {
+        /// Relay id.
+        relay_id: String,
+    },
+    /// The backend failed (network, Redis, ...).
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+}
+
+/// Gauges for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Live signaling nodes.
+    pub nodes: u64,
+    /// Healthy relays (fresh heartbeat).
+    pub relays_healthy: u64,
+    /// Known relays (healthy or not yet swept).
+    pub relays_known: u64,
+    /// Stored presence entries (expired ones linger until the next sweep).
+    pub presence_entries: u64,
+}
+
+/// What one sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    /// Node records removed.
+    pub nodes: u64,
+    /// Relay records removed.
+    pub relays: u64,
+    /// Presence entries removed.
+    pub presence: u64,
+}
+
+/// Presence, node registry and relay registry storage. All TTL decisions use `now`.
+pub trait DirectoryStore: Send + Sync + 'static {
+    /// Register a node; a newer epoch purges every presence entry of older epochs.
+    fn register_node(
+        &self,
+        req: RegisterNodeRequest,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<RegisterNodeResponse, StoreError>> + Send;
+
+    /// Heartbeat a node at its current epoch.
+    fn node_heartbeat(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        load: f64,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Remove a node (at `epoch`) and its presence entries.
+    fn deregister_node(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<DeregisterNodeResponse, StoreError>> + Send;
+
+    /// Live nodes, sorted by id.
+    fn list_nodes(&self, now: Timestamp) -> impl Future<Output = Vec<NodeInfo>> + Send;
+
+    /// Write one presence entry.
+    fn update_presence(
+        &self,
+        update: PresenceUpdate,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<UpdateOutcome, StoreError>> + Send;
+
+    /// Write many presence entries of one node; returns the outcome and how many were written.
+    fn update_presence_batch(
+        &self,
+        node_id: &str,
+        node_epoch: u64,
+        entries: Vec<NodePresence>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(UpdateOutcome, u64), StoreError>> + Send;
+
+    /// Remove one presence entry if it still points at the given node.
+    fn remove_presence(
+        &self,
+        req: PresenceRemove,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<RemoveOutcome, StoreError>> + Send;
+
+    /// Live devices of each user, in request order.
+    fn lookup_users(
+        &self,
+        users: &[String],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<UserLocation>, StoreError>> + Send;
+
+    /// Register or replace a relay (resets its handed-out counter).
+    fn register_relay(
+        &self,
+        req: RegisterRelayRequest,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Heartbeat a relay; resets its handed-out counter.
+    fn relay_heartbeat(
+        &self,
+        req: RelayHeartbeatRequest,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Remove a relay; true if it was known.
+    fn deregister_relay(
+        &self,
+        relay_id: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// All known relays, sorted by id.
+    fn list_relays(&self, now: Timestamp) -> impl Future<Output = Vec<RelayInfo>> + Send;
+
+    /// Choose up to `count` relays (see [`crate::select`]); increments their handed-out counters.
+    fn choose_relays(
+        &self,
+        req: &ChooseRelaysRequest,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<ChosenRelay>, StoreError>> + Send;
+
+    /// Remove everything expired at `now`.
+    fn sweep(&self, now: Timestamp) -> impl Future<Output = SweepStats> + Send;
+
+    /// Gauges at `now`.
+    fn stats(&self, now: Timestamp) -> impl Future<Output = StoreStats> + Send;
+}
