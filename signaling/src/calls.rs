@@ -1,0 +1,775 @@
+//! Call signaling: invite -> ringing -> accept / decline / cancel / ring timeout -> hangup, with
+//! trickled candidates. The node that received the invite arbitrates the call (it alone
+//! decides who answered first); callee frames reach it directly or forwarded from the
+//! callee's node.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use tokio::task::AbortHandle;
+
+use crate::auth::normalize_username;
+use crate::cluster::{CallForward, DeliverRequest, Party};
+use crate::protocol::{CallId, Candidate, ClientMsg, EndReason, ErrorCode, ServerMsg, SessionDesc};
+use crate::state::AppState;
+
+/// Most calls one user may have ringing or active at once (as caller).
+pub const MAX_CALLS_PER_CALLER: usize = 8;
+/// Longest `req` correlation token.
+const MAX_REQ_LEN: usize = 64;
+
+#[derive(Debug)]
+enum CallState {
+    Ringing,
+    Active(Party),
+}
+
+#[derive(Debug)]
+struct Call {
+    caller: Party,
+    callee: String,
+    state: CallState,
+    timer: Option<AbortHandle>,
+    caller_candidates: usize,
+    callee_candidates: usize,
+}
+
+/// Calls arbitrated by this node.
+#[derive(Default)]
+pub struct Calls {
+    map: Mutex<HashMap<CallId, Call>>,
+}
+
+impl Calls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CallId, Call>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Whether this node arbitrates `id`.
+    pub fn contains(&self, id: &CallId) -> bool {
+        self.lock().contains_key(id)
+    }
+    /// Number of calls arbitrated here.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+    /// Whether no call is arbitrated here.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+enum Target {
+    Party(Party),
+    User {
+        user: String,
+        except_device: Option<String>,
+    },
+}
+
+struct Effect {
+    to: Target,
+    msg: ServerMsg,
+}
+
+/// An `error` frame.
+pub fn err(code: ErrorCode, message: impl Into<String>, id: Option<String>) -> ServerMsg {
+    ServerMsg::Error {
+        code,
+        message: message.into(),
+        id,
+    }
+}
+
+/// Whether `ip` lies in a range a candidate must not point at (unless allowed): loopback,
+/// unspecified, private, shared/CGNAT, link-local, multicast, broadcast, unique-local.
+pub fn forbidden_candidate_ip(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_private()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xC0) == 64)
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+fn ice_chars(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+fn check_candidate(st: &AppState, c: &Candidate) -> Result<(), (ErrorCode, String)> {
+    if c.foundation.is_empty() || c.foundation.len() > 32 || !ice_chars(&c.foundation) {
+        return Err((
+            ErrorCode::Invalid,
+            String::from("candidate foundation must be 1-32 ice-chars"),
+        ));
+    }
+    if c.component == 0 || c.port == 0 {
+        return Err((
+            ErrorCode::Invalid,
+            String::from("candidate component and port must be non-zero"),
+        ));
+    }
+    if !st.cfg.allow_private_candidates && forbidden_candidate_ip(c.address) {
+        return Err((
+            ErrorCode::ForbiddenCandidate,
+            format!("candidate address {} is in a forbidden range", c.address),
+        ));
+    }
+    Ok(())
+}
+
+fn check_desc(st: &AppState, d: &SessionDesc) -> Result<(), (ErrorCode, String)> {
+    if !(4..=256).contains(&d.ice_ufrag.len()) || !ice_chars(&d.ice_ufrag) {
+        return Err((
+            ErrorCode::Invalid,
+            String::from("ice_ufrag must be 4-256 ice-chars"),
+        ));
+    }
+    if !(22..=256).contains(&d.ice_pwd.len()) || !ice_chars(&d.ice_pwd) {
+        return Err((
+            ErrorCode::Invalid,
+            String::from("ice_pwd must be 22-256 ice-chars"),
+        ));
+    }
+    match STANDARD.decode(d.public_key.as_bytes()) {
+        Ok(k) if k.len() == 32 => {}
+        _ => {
+            return Err((
+                ErrorCode::Invalid,
+                String::from("public_key must be base64 of 32 bytes"),
+            ));
+        }
+    }
+    if d.candidates.len() > st.cfg.max_candidates {
+        return Err((
+            ErrorCode::TooManyCandidates,
+            format!(
+                "{} candidates, at most {}",
+                d.candidates.len(),
+                st.cfg.max_candidates
+            ),
+        ));
+    }
+    d.candidates.iter().try_for_each(|c| check_candidate(st, c))
+}
+
+/// The call a call frame refers to.
+pub fn call_id_of(msg: &ClientMsg) -> Option<&CallId> {
+    match msg {
+        ClientMsg::Ringing { call_id }
+        | ClientMsg::Accept { call_id, .. }
+        | ClientMsg::Decline { call_id }
+        | ClientMsg::Cancel { call_id }
+        | ClientMsg::Hangup { call_id }
+        | ClientMsg::Candidate { call_id, .. }
+        | ClientMsg::EndOfCandidates { call_id } => Some(call_id),
+        _ => None,
+    }
+}
+
+/// Handle a call frame from a session on this node; returns frames for the sender.
+pub async fn client_msg(st: &AppState, from: Party, msg: ClientMsg) -> Vec<ServerMsg> {
+    if let ClientMsg::Invite {
+        to,
+        from: claimed,
+        req,
+        offer,
+    } = msg
+    {
+        return invite(st, from, to, claimed, req, offer).await;
+    }
+    let Some(id) = call_id_of(&msg).cloned() else {
+        return vec![err(ErrorCode::Invalid, "not a call message", None)];
+    };
+    if st.calls.contains(&id) {
+        return arbitrate(st, from, msg).await;
+    }
+    if let (Some(url), Some(cluster)) = (st.hub.route(&id), st.cluster.as_ref()) {
+        crate::metrics::Metrics::inc(&st.metrics.forwards_total);
+        let fwd = CallForward {
+            from: Party {
+                node: Some(cluster.internal_url.clone()),
+                ..from
+            },
+            msg,
+            gone: false,
+        };
+        let accept = matches!(fwd.msg, ClientMsg::Accept { .. });
+        return match cluster.forward_call(&url, &fwd).await {
+            Ok(replies) => {
+                if accept && !replies.iter().any(|r| matches!(r, ServerMsg::Error { .. })) {
+                    st.hub.mark_answered(&id, &fwd.from.user, &fwd.from.device);
+                }
+                replies
+            }
+            Err(e) => {
+                crate::metrics::Metrics::inc(&st.metrics.forward_errors_total);
+                vec![err(
+                    ErrorCode::Internal,
+                    format!("call's node unreachable: {e}"),
+                    None,
+                )]
+            }
+        };
+    }
+    vec![err(ErrorCode::NoSuchCall, format!("no call {id}"), None)]
+}
+
+async fn invite(
+    st: &AppState,
+    from: Party,
+    to: String,
+    claimed: Option<String>,
+    req: Option<String>,
+    offer: SessionDesc,
+) -> Vec<ServerMsg> {
+    if claimed.as_ref().is_some_and(|c| *c != from.user) {
+        return vec![err(
+            ErrorCode::ForgedFrom,
+            "`from` must be the authenticated user",
+            req,
+        )];
+    }
+    if req.as_ref().is_some_and(|r| r.len() > MAX_REQ_LEN) {
+        return vec![err(
+            ErrorCode::Invalid,
+            "req longer than 64 characters",
+            None,
+        )];
+    }
+    let Ok(callee) = normalize_username(&to) else {
+        return vec![err(ErrorCode::NoSuchUser, "no such user", req)];
+    };
+    if callee == from.user {
+        return vec![err(ErrorCode::Invalid, "cannot call yourself", req)];
+    }
+    if let Err((code, message)) = check_desc(st, &offer) {
+        return vec![err(code, message, req)];
+    }
+    let c2 = callee.clone();
+    match st.db.call(move |s| s.user_exists(&c2)).await {
+        Ok(true) => {}
+        Ok(false) => return vec![err(ErrorCode::NoSuchUser, "no such user", req)],
+        Err(e) => return vec![err(ErrorCode::Internal, e.to_string(), req)],
+    }
+    let call_id = CallId::from_bytes(rand::random());
+    {
+        let mut map = st.calls.lock();
+        let mine = map.values().filter(|c| c.caller.user == from.user).count();
+        if mine >= MAX_CALLS_PER_CALLER {
+            return vec![err(ErrorCode::NotAllowed, "too many calls at once", req)];
+        }
+        map.insert(
+            call_id.clone(),
+            Call {
+                caller: from.clone(),
+                callee: callee.clone(),
+                state: CallState::Ringing,
+                timer: None,
+                caller_candidates: offer.candidates.len(),
+                callee_candidates: 0,
+            },
+        );
+    }
+    crate::metrics::Metrics::inc(&st.metrics.calls_total);
+    st.metrics.calls_open.fetch_add(1, Ordering::Relaxed);
+    let incoming = ServerMsg::IncomingCall {
+        call_id: call_id.clone(),
+        from: from.user.clone(),
+        from_device: from.device.clone(),
+        offer,
+    };
+    let n = perform(
+        st,
+        vec![Effect {
+            to: Target::User {
+                user: callee,
+                except_device: None,
+            },
+            msg: incoming,
+        }],
+    )
+    .await;
+    let mut out = vec![ServerMsg::InviteSent {
+        req,
+        call_id: call_id.clone(),
+        devices: n,
+    }];
+    if n == 0 {
+        if remove(st, &call_id).is_some() {
+            out.push(ServerMsg::CallEnded {
+                call_id,
+                reason: EndReason::Unavailable,
+            });
+        }
+        return out;
+    }
+    let st2 = st.clone();
+    let id2 = call_id.clone();
+    let timeout = st.cfg.ring_timeout;
+    let handle = tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        ring_timeout(&st2, &id2).await;
+    })
+    .abort_handle();
+    match st.calls.lock().get_mut(&call_id) {
+        Some(c) if matches!(c.state, CallState::Ringing) => c.timer = Some(handle),
+        _ => handle.abort(),
+    }
+    out
+}
+
+fn remove(st: &AppState, id: &CallId) -> Option<Call> {
+    let c = st.calls.lock().remove(id);
+    if let Some(c) = &c {
+        st.metrics.calls_open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(t) = &c.timer {
+            t.abort();
+        }
+    }
+    c
+}
+
+async fn ring_timeout(st: &AppState, id: &CallId) {
+    let call = {
+        let mut map = st.calls.lock();
+        match map.get(id) {
+            Some(c) if matches!(c.state, CallState::Ringing) => map.remove(id),
+            _ => None,
+        }
+    };
+    let Some(call) = call else { return };
+    st.metrics.calls_open.fetch_sub(1, Ordering::Relaxed);
+    let ended = ServerMsg::CallEnded {
+        call_id: id.clone(),
+        reason: EndReason::Timeout,
+    };
+    perform(
+        st,
+        vec![
+            Effect {
+                to: Target::Party(call.caller),
+                msg: ended.clone(),
+            },
+            Effect {
+                to: Target::User {
+                    user: call.callee,
+                    except_device: None,
+                },
+                msg: ended,
+            },
+        ],
+    )
+    .await;
+}
+
+/// Process a call frame on the arbitrating node; returns frames for the sender.
+pub async fn arbitrate(st: &AppState, from: Party, msg: ClientMsg) -> Vec<ServerMsg> {
+    let Some(id) = call_id_of(&msg).cloned() else {
+        return vec![err(ErrorCode::Invalid, "not a call message", None)];
+    };
+    // Validate candidate payloads before touching state.
+    match &msg {
+        ClientMsg::Accept { answer, .. } => {
+            if let Err((code, message)) = check_desc(st, answer) {
+                return vec![err(code, message, None)];
+            }
+        }
+        ClientMsg::Candidate { candidate, .. } => {
+            if let Err((code, message)) = check_candidate(st, candidate) {
+                return vec![err(code, message, None)];
+            }
+        }
+        _ => {}
+    }
+    let max_cands = st.cfg.max_candidates;
+    let (effects, replies) = {
+        let mut map = st.calls.lock();
+        let Some(call) = map.get_mut(&id) else {
+            return vec![err(ErrorCode::NoSuchCall, format!("no call {id}"), None)];
+        };
+        let is_caller = from.user == call.caller.user && from.device == call.caller.device;
+        let is_callee = !is_caller && from.user == call.callee;
+        let is_answerer = matches!(&call.state, CallState::Active(p) if p.user == from.user && p.device == from.device);
+        if !is_caller && !is_callee {
+            return vec![err(ErrorCode::NotAllowed, "not a party of this call", None)];
+        }
+        let callee_all = |except: Option<String>| Target::User {
+            user: call.callee.clone(),
+            except_device: except,
+        };
+        let mut fx = Vec::new();
+        let mut end = false;
+        match (msg, &call.state) {
+            (ClientMsg::Ringing { .. }, CallState::Ringing) if is_callee => {
+                fx.push(Effect {
+                    to: Target::Party(call.caller.clone()),
+                    msg: ServerMsg::Ringing {
+                        call_id: id.clone(),
+                        device: from.device.clone(),
+                    },
+                });
+            }
+            (ClientMsg::Accept { answer, .. }, CallState::Ringing) if is_callee => {
+                call.callee_candidates = answer.candidates.len();
+                call.state = CallState::Active(from.clone());
+                if let Some(t) = call.timer.take() {
+                    t.abort();
+                }
+                fx.push(Effect {
+                    to: Target::Party(call.caller.clone()),
+                    msg: ServerMsg::CallAccepted {
+                        call_id: id.clone(),
+                        device: from.device.clone(),
+                        answer,
+                    },
+                });
+                fx.push(Effect {
+                    to: callee_all(Some(from.device.clone())),
+                    msg: ServerMsg::AnsweredElsewhere {
+                        call_id: id.clone(),
+                    },
+                });
+            }
+            (ClientMsg::Decline { .. } | ClientMsg::Hangup { .. }, CallState::Ringing)
+                if is_callee =>
+            {
+                let ended = ServerMsg::CallEnded {
+                    call_id: id.clone(),
+                    reason: EndReason::Declined,
+                };
+                fx.push(Effect {
+                    to: Target::Party(call.caller.clone()),
+                    msg: ended.clone(),
+                });
+                fx.push(Effect {
+                    to: callee_all(Some(from.device.clone())),
+                    msg: ended,
+                });
+                end = true;
+            }
+            (ClientMsg::Cancel { .. } | ClientMsg::Hangup { .. }, CallState::Ringing)
+                if is_caller =>
+            {
+                let ended = ServerMsg::CallEnded {
+                    call_id: id.clone(),
+                    reason: EndReason::Cancelled,
+                };
+                fx.push(Effect {
+                    to: callee_all(None),
+                    msg: ended,
+                });
+                end = true;
+            }
+            (ClientMsg::Hangup { .. }, CallState::Active(callee)) if is_caller || is_answerer => {
+                let other = if is_caller {
+                    callee.clone()
+                } else {
+                    call.caller.clone()
+                };
+                fx.push(Effect {
+                    to: Target::Party(other),
+                    msg: ServerMsg::CallEnded {
+                        call_id: id.clone(),
+                        reason: EndReason::Hangup,
+                    },
+                });
+                end = true;
+            }
+            (ClientMsg::Candidate { candidate, .. }, state) if is_caller || is_answerer => {
+                let count = if is_caller {
+                    &mut call.caller_candidates
+                } else {
+                    &mut call.callee_candidates
+                };
+                if *count >= max_cands {
+                    return vec![err(
+                        ErrorCode::TooManyCandidates,
+                        format!("at most {max_cands} candidates per party"),
+                        None,
+                    )];
+                }
+                *count += 1;
+                let to = match (is_caller, state) {
+                    (true, CallState::Ringing) => callee_all(None),
+                    (true, CallState::Active(p)) => Target::Party(p.clone()),
+                    (false, _) => Target::Party(call.caller.clone()),
+                };
+                fx.push(Effect {
+                    to,
+                    msg: ServerMsg::Candidate {
+                        call_id: id.clone(),
+                        candidate,
+                    },
+                });
+            }
+            (ClientMsg::EndOfCandidates { .. }, state) if is_caller || is_answerer => {
+                let to = match (is_caller, state) {
+                    (true, CallState::Ringing) => callee_all(None),
+                    (true, CallState::Active(p)) => Target::Party(p.clone()),
+                    (false, _) => Target::Party(call.caller.clone()),
+                };
+                fx.push(Effect {
+                    to,
+                    msg: ServerMsg::EndOfCandidates {
+                        call_id: id.clone(),
+                    },
+                });
+            }
+            (ClientMsg::Accept { .. }, CallState::Active(_)) => {
+                return vec![err(
+                    ErrorCode::NoSuchCall,
+                    format!("call {id} was already answered"),
+                    None,
+                )];
+            }
+            _ => {
+                return vec![err(
+                    ErrorCode::NotAllowed,
+                    format!("not allowed in this state of call {id}"),
+                    None,
+                )];
+            }
+        }
+        if end && let Some(c) = map.remove(&id) {
+            {
+                st.metrics.calls_open.fetch_sub(1, Ordering::Relaxed);
+                if let Some(t) = c.timer {
+                    t.abort();
+                }
+            }
+        }
+        (fx, Vec::new())
+    };
+    perform(st, effects).await;
+    replies
+}
+
+/// A session of `user`/`device` on this node ended: end the calls it was a party of, here
+/// and (through their arbiter) calls it answered that another node arbitrates.
+pub async fn on_disconnect(st: &AppState, user: &str, device: &str) {
+    let mut fx = Vec::new();
+    {
+        let mut map = st.calls.lock();
+        let ids: Vec<CallId> = map
+            .iter()
+            .filter(|(_, c)| {
+                let caller = c.caller.user == user && c.caller.device == device && c.caller.node.is_none();
+                let callee = matches!(&c.state, CallState::Active(p) if p.user == user && p.device == device && p.node.is_none());
+                caller || callee
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let Some(c) = map.remove(&id) else { continue };
+            st.metrics.calls_open.fetch_sub(1, Ordering::Relaxed);
+            if let Some(t) = &c.timer {
+                t.abort();
+            }
+            let ended = ServerMsg::CallEnded {
+                call_id: id.clone(),
+                reason: EndReason::Disconnected,
+            };
+            match c.state {
+                CallState::Ringing => fx.push(Effect {
+                    to: Target::User {
+                        user: c.callee,
+                        except_device: None,
+                    },
+                    msg: ended,
+                }),
+                CallState::Active(callee) => {
+                    let other = if c.caller.user == user && c.caller.device == device {
+                        callee
+                    } else {
+                        c.caller
+                    };
+                    fx.push(Effect {
+                        to: Target::Party(other),
+                        msg: ended,
+                    });
+                }
+            }
+        }
+    }
+    perform(st, fx).await;
+    if let Some(cluster) = st.cluster.as_ref() {
+        for (id, url) in st.hub.answered_by(user, device) {
+            st.hub.drop_route(&id);
+            let fwd = CallForward {
+                from: Party {
+                    user: user.to_owned(),
+                    device: device.to_owned(),
+                    node: Some(cluster.internal_url.clone()),
+                },
+                msg: ClientMsg::Hangup { call_id: id },
+                gone: true,
+            };
+            if let Err(e) = cluster.forward_call(&url, &fwd).await {
+                tracing::warn!(error = %e, "hangup of a disconnected callee not delivered");
+            }
+        }
+    }
+}
+
+/// On the arbiter: the session of `from` (on another node) ended; end call `id` if `from` is
+/// its caller or answering callee, telling the other party `disconnected`.
+pub async fn remote_party_gone(st: &AppState, from: Party, id: CallId) {
+    let other = {
+        let mut map = st.calls.lock();
+        let Some(c) = map.get(&id) else { return };
+        let same =
+            |p: &Party| p.user == from.user && p.device == from.device && p.node == from.node;
+        let other = match &c.state {
+            CallState::Active(callee) if same(callee) => Target::Party(c.caller.clone()),
+            CallState::Active(callee) if same(&c.caller) => Target::Party(callee.clone()),
+            CallState::Ringing if same(&c.caller) => Target::User {
+                user: c.callee.clone(),
+                except_device: None,
+            },
+            _ => return,
+        };
+        if let Some(c) = map.remove(&id) {
+            st.metrics.calls_open.fetch_sub(1, Ordering::Relaxed);
+            if let Some(t) = c.timer {
+                t.abort();
+            }
+        }
+        other
+    };
+    let ended = ServerMsg::CallEnded {
+        call_id: id,
+        reason: EndReason::Disconnected,
+    };
+    perform(
+        st,
+        vec![Effect {
+            to: other,
+            msg: ended,
+        }],
+    )
+    .await;
+}
+
+/// Deliver effects locally or through other nodes; returns how many sessions got them.
+async fn perform(st: &AppState, effects: Vec<Effect>) -> u32 {
+    let mut total = 0;
+    let arbiter = st.cluster.as_ref().map(|c| c.internal_url.clone());
+    for e in effects {
+        match e.to {
+            Target::Party(p) => match &p.node {
+                None => {
+                    total += u32::from(st.hub.send_device(&p.user, &p.device, &e.msg, &st.metrics))
+                }
+                Some(url) => {
+                    let Some(cluster) = st.cluster.as_ref() else {
+                        continue;
+                    };
+                    let req = DeliverRequest {
+                        user: p.user.clone(),
+                        device: Some(p.device.clone()),
+                        except_device: None,
+                        msg: e.msg,
+                        arbiter: arbiter.clone(),
+                    };
+                    crate::metrics::Metrics::inc(&st.metrics.forwards_total);
+                    match cluster.deliver(url, &req).await {
+                        Ok(n) => total += n,
+                        Err(err) => {
+                            crate::metrics::Metrics::inc(&st.metrics.forward_errors_total);
+                            tracing::warn!(error = %err, "delivery to another node failed");
+                        }
+                    }
+                }
+            },
+            Target::User {
+                user,
+                except_device,
+            } => {
+                total += st
+                    .hub
+                    .send_user(&user, except_device.as_deref(), &e.msg, &st.metrics);
+                if let Some(cluster) = st.cluster.as_ref() {
+                    for url in cluster.nodes_of(&user).await {
+                        let req = DeliverRequest {
+                            user: user.clone(),
+                            device: None,
+                            except_device: except_device.clone(),
+                            msg: e.msg.clone(),
+                            arbiter: arbiter.clone(),
+                        };
+                        crate::metrics::Metrics::inc(&st.metrics.forwards_total);
+                        match cluster.deliver(&url, &req).await {
+                            Ok(n) => total += n,
+                            Err(err) => {
+                                crate::metrics::Metrics::inc(&st.metrics.forward_errors_total);
+                                tracing::warn!(error = %err, "delivery to another node failed");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forbidden_ranges() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.1.1",
+            "172.16.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::",
+        ] {
+            assert!(forbidden_candidate_ip(a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "203.0.113.5",
+            "8.8.8.8",
+            "2001:db8::1",
+            "::ffff:203.0.113.5",
+        ] {
+            assert!(!forbidden_candidate_ip(a.parse().unwrap()), "{a}");
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The HTTP API: `fn app(state) -> Router` with accounts, tokens, TURN credentials, the
+//! WebSocket endpoint, health, metrics and the node-to-node internal API.
+//!
+//! | method + path | body -> answer |
+//! |---|---|
+//! | `POST /v1/register` | `Credentials` -> 201 `{"username"}`, 400 invalid, 409 taken |
+//! | `POST /v1/login` | `Credentials` -> `TokenResponse`, 401 `invalid_credentials`, 429 `throttled` |
+//! | `POST /v1/refresh` | `RefreshRequest` -> `TokenResponse`, 401 |
+//! | `POST /v1/turn-credentials` | (Bearer access token) -> `TurnCredentials`, 401, 503 |
+//! | `GET /v1/ws?token=&device=&resume_from=` | WebSocket upgrade (see [`crate::protocol`]) |
+//! | `GET /healthz` | `ok` (503 `draining` during shutdown) |
+//! | `GET /metrics` | Prometheus text |
+//! | `POST /internal/v1/{deliver,call,inbox}` | node-to-node, Bearer cluster token |
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::auth::{PASSWORD_MAX, PASSWORD_MIN, ThrottleKey, TokenKind, normalize_username};
+use crate::cluster::{
+    CallForward, CallForwardResponse, DeliverRequest, DeliverResponse, InboxNudge,
+};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    Credentials, HttpError, RefreshRequest, ServerMsg, TokenResponse, TurnCredentials,
+};
+use crate::state::{AppState, now_unix, now_unix_ms};
+use crate::store::StoreError;
+
+/// A JSON error response.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(HttpError {
+            error: code.to_owned(),
+            message: message.to_owned(),
+        }),
+    )
+        .into_response()
+}
+
+/// Build the node's router.
+pub fn app(state: AppState) -> Router {
+    let timeout = state.cfg.http_timeout;
+    let body = state.cfg.max_http_body;
+    Router::new()
+        .route("/v1/register", post(register))
+        .route("/v1/login", post(login))
+        .route("/v1/refresh", post(refresh))
+        .route("/v1/turn-credentials", post(turn_credentials))
+        .route("/v1/ws", get(crate::session::ws_upgrade))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/internal/v1/deliver", post(internal_deliver))
+        .route("/internal/v1/call", post(internal_call))
+        .route("/internal/v1/inbox", post(internal_inbox))
+        .layer(DefaultBodyLimit::max(body))
+        .layer(RequestBodyLimitLayer::new(body))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .with_state(state)
+}
+
+async fn healthz(State(st): State<AppState>) -> Response {
+    if st.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ok".into_response()
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+fn bad_password(p: &str) -> bool {
+    p.len() < PASSWORD_MIN || p.len() > PASSWORD_MAX
+}
+
+async fn register(State(st): State<AppState>, Json(c): Json<Credentials>) -> Response {
+    let user = match normalize_username(&c.username) {
+        Ok(u) => u,
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, "invalid_username", &e.to_string());
+        }
+    };
+    if bad_password(&c.password) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_password",
+            &format!("password must be {PASSWORD_MIN}-{PASSWORD_MAX} bytes"),
+        );
+    }
+    let hash = match st.hasher.hash(c.password).await {
+        Ok(h) => h,
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "busy", &e.to_string()),
+    };
+    let u2 = user.clone();
+    match st
+        .db
+        .call(move |s| s.create_user(&u2, &hash, now_unix_ms()))
+        .await
+    {
+        Ok(()) => {
+            Metrics::inc(&st.metrics.registrations_total);
+            (
+                StatusCode::CREATED,
+                Json(serde_json::json!({ "username": user })),
+            )
+                .into_response()
+        }
+        Err(StoreError::UserExists) => {
+            error_response(StatusCode::CONFLICT, "username_taken", "username is taken")
+        }
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+    }
+}
+
+fn tokens_for(st: &AppState, user: &str) -> Response {
+    let now = now_unix();
+    let access = st.tokens.issue(TokenKind::Access, user, now);
+    let refresh = st.tokens.issue(TokenKind::Refresh, user, now);
+    match (access, refresh) {
+        (Ok((access_token, _)), Ok((refresh_token, _))) => Json(TokenResponse {
+            username: user.to_owned(),
+            access_token,
+            expires_in: st.tokens.access_ttl.as_secs(),
+            refresh_token,
+        })
+        .into_response(),
+        _ => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "token",
+            "token signing failed",
+        ),
+    }
+}
+
+const INVALID: &str = "invalid credentials";
+
+async fn login(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(c): Json<Credentials>,
+) -> Response {
+    let now = Instant::now();
+    let ip_key = ThrottleKey::Ip(peer.ip());
+    // Unknown, malformed and existing names share one throttle key space and one answer.
+    let norm = normalize_username(&c.username).ok();
+    let acct_key = ThrottleKey::Account(
+        norm.clone()
+            .unwrap_or_else(|| c.username.trim().to_ascii_lowercase()),
+    );
+    if st.throttle_ip.blocked(&ip_key, now) || st.throttle_account.blocked(&acct_key, now) {
+        Metrics::inc(&st.metrics.login_throttled_total);
+        let mut r = error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            "too many failed attempts; try later",
+        );
+        r.headers_mut().insert(
+            "retry-after",
+            axum::http::HeaderValue::from(st.cfg.login_window.as_secs()),
+        );
+        return r;
+    }
+    let stored = match &norm {
+        Some(u) => {
+            let u2 = u.clone();
+            match st.db.call(move |s| s.password_hash(&u2)).await {
+                Ok(h) => h,
+                Err(e) => {
+                    return error_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "storage",
+                        &e.to_string(),
+                    );
+                }
+            }
+        }
+        None => None,
+    };
+    // No account has a password over the limit: check such a one against the dummy hash
+    // (same work, bounded input) so it fails in the same way.
+    let (password, stored) = if c.password.len() > PASSWORD_MAX {
+        let mut p = c.password;
+        let mut cut = PASSWORD_MAX;
+        while !p.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        p.truncate(cut);
+        (p, None)
+    } else {
+        (c.password, stored)
+    };
+    let ok = match st.hasher.verify(password, stored).await {
+        Ok(ok) => ok,
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "busy", &e.to_string()),
+    };
+    match (ok, norm) {
+        (true, Some(user)) => {
+            st.throttle_account.reset(&acct_key);
+            Metrics::inc(&st.metrics.logins_total);
+            tokens_for(&st, &user)
+        }
+        _ => {
+            st.throttle_ip.fail(ip_key, Instant::now());
+            st.throttle_account.fail(acct_key, Instant::now());
+            Metrics::inc(&st.metrics.login_failures_total);
+            error_response(StatusCode::UNAUTHORIZED, "invalid_credentials", INVALID)
+        }
+    }
+}
+
+async fn refresh(State(st): State<AppState>, Json(r): Json<RefreshRequest>) -> Response {
+    match st
+        .tokens
+        .verify(TokenKind::Refresh, &r.refresh_token, now_unix())
+    {
+        Ok(c) => {
+            let u = c.sub.clone();
+            match st.db.call(move |s| s.user_exists(&u)).await {
+                Ok(true) => tokens_for(&st, &c.sub),
+                Ok(false) => {
+                    error_response(StatusCode::UNAUTHORIZED, "invalid_token", "unknown user")
+                }
+                Err(e) => {
+                    error_response(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string())
+                }
+            }
+        }
+        Err(e) => error_response(StatusCode::UNAUTHORIZED, "invalid_token", &e.to_string()),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+async fn turn_credentials(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(token) = bearer(&headers) else {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "missing bearer token",
+        );
+    };
+    let claims = match st.tokens.verify(TokenKind::Access, token, now_unix()) {
+        Ok(c) => c,
+        Err(e) => return error_response(StatusCode::UNAUTHORIZED, "invalid_token", &e.to_string()),
+    };
+    let Some(secret) = st.cfg.turn_secret.as_ref() else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_turn",
+            "no TURN secret configured",
+        );
+    };
+    let mut relays: Vec<String> = match st.cluster.as_ref() {
+        Some(c) => c
+            .relays()
+            .await
+            .into_iter()
+            .map(|a| a.to_string())
+            .collect(),
+        None => Vec::new(),
+    };
+    if relays.is_empty() {
+        relays.clone_from(&st.cfg.relays);
+    }
+    let ttl = st.cfg.turn_ttl.as_secs();
+    let (username, password) =
+        peerlink_proto::auth::rest::credentials(secret, &claims.sub, now_unix(), ttl);
+    Metrics::inc(&st.metrics.turn_credentials_total);
+    Json(TurnCredentials {
+        username,
+        password,
+        ttl,
+        uris: relays
+            .iter()
+            .map(|r| format!("turn:{r}?transport=udp"))
+            .collect(),
+    })
+    .into_response()
+}
+
+/// None when the request carries the cluster token; else the rejection.
+fn cluster_auth(st: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let Some(expected) = st.cfg.cluster_token.as_deref() else {
+        return Some(error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no cluster configured",
+        ));
+    };
+    let ok = bearer(headers).is_some_and(|t| {
+        use subtle::ConstantTimeEq;
+        bool::from(t.as_bytes().ct_eq(expected.as_bytes()))
+    });
+    if ok {
+        None
+    } else {
+        Some(error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "bad cluster token",
+        ))
+    }
+}
+
+async fn internal_deliver(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<DeliverRequest>,
+) -> Response {
+    if let Some(r) = cluster_auth(&st, &headers) {
+        return r;
+    }
+    let now = std::time::Instant::now();
+    match (&req.msg, &req.arbiter) {
+        (ServerMsg::IncomingCall { call_id, .. }, Some(url)) => st.hub.set_route(call_id, url, now),
+        (
+            ServerMsg::CallAccepted { call_id, .. } | ServerMsg::Ringing { call_id, .. },
+            Some(url),
+        ) => st.hub.set_route(call_id, url, now),
+        (ServerMsg::CallEnded { call_id, .. }, _) => st.hub.drop_route(call_id),
+        _ => {}
+    }
+    let delivered = match &req.device {
+        Some(d) => u32::from(st.hub.send_device(&req.user, d, &req.msg, &st.metrics)),
+        None => st.hub.send_user(
+            &req.user,
+            req.except_device.as_deref(),
+            &req.msg,
+            &st.metrics,
+        ),
+    };
+    Json(DeliverResponse { delivered }).into_response()
+}
+
+async fn internal_call(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<CallForward>,
+) -> Response {
+    if let Some(r) = cluster_auth(&st, &headers) {
+        return r;
+    }
+    if req.gone {
+        if let Some(id) = crate::calls::call_id_of(&req.msg).cloned() {
+            crate::calls::remote_party_gone(&st, req.from, id).await;
+        }
+        return Json(CallForwardResponse {
+            replies: Vec::new(),
+        })
+        .into_response();
+    }
+    let replies = crate::calls::arbitrate(&st, req.from, req.msg).await;
+    Json(CallForwardResponse { replies }).into_response()
+}
+
+async fn internal_inbox(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<InboxNudge>,
+) -> Response {
+    if let Some(r) = cluster_auth(&st, &headers) {
+        return r;
+    }
+    st.hub.notify_inbox(&req.user);
+    Json(serde_json::json!({})).into_response()
+}

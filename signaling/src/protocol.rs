@@ -1,0 +1,634 @@
+//! The WebSocket JSON protocol between clients and a signaling node: serde types only, no I/O.
+//!
+//! Every frame is one JSON object with a `"type"` field (snake_case). Flow of a call:
+//!
+//! ```text
+//! caller                         signaling                          callee (every device)
+//!   invite{to, offer, req} ──────▶  invite_sent{req, call_id}  ──▶ caller
+//!                                    incoming_call{call_id, from, offer} ──────────────▶
+//!                                ◀────────────────────────────────────── ringing{call_id}
+//!   ◀── ringing{call_id, device}
+//!                                ◀───────────────────────────── accept{call_id, answer}
+//!   ◀── call_accepted{call_id, device, answer}      answered_elsewhere{call_id} ──▶ others
+//!   candidate{call_id, candidate} / end_of_candidates{call_id}  ◀──────▶ (both ways)
+//!   hangup{call_id} ──────────────▶  call_ended{call_id, reason: hangup} ──────────────▶
+//! ```
+//!
+//! Instead of accepting, the callee may `decline`; the caller may `cancel` while it rings; the
+//! server ends an unanswered call after the ring timeout (`call_ended{reason: timeout}`).
+//!
+//! Text messages: `send_message{id, to, body}` is answered by `message_ack{id, stored_at_ms}`
+//! only once the message is durable (fsync'd), or by `error{code: storage|conflict|..., id}`.
+//! A resend with the same `id` and content gets the original ack (one stored message); the same
+//! `id` with other content gets `conflict`. Recipients get `message{seq, id, from, body,
+//! sent_at_ms}`; `seq` is monotonic per recipient (and so per device), in order; a device
+//! acknowledges cumulatively with `ack{seq}`; a message is deleted once every device of the
+//! recipient acknowledged it. Only `message` frames carry `seq`: call, presence and contact
+//! events are live only and never replayed.
+//!
+//! Connecting: `GET /v1/ws?token=ACCESS&device=ID&resume_from=SEQ` (`device`: 1-64 of
+//! `[A-Za-z0-9_-]`, default `default`; a newer session of the same device replaces the older,
+//! which is closed with 4001). Without `token` the first frame must be `auth{token}` (within
+//! 10 s). The first server frame is `welcome`. `resume_from` = the last `seq` the device
+//! processed: unacked messages after it are replayed (`welcome.resume = resumed`); without it
+//! pending messages after the device's last ack follow (`fresh`); if the server cannot honour
+//! it (ahead of the server, or behind the device's own ack) it answers `resync{reason,
+//! from_seq}` and replays from `from_seq`. Clients drop `message` frames with a `seq` they
+//! have already processed. Before the token expires the client sends `auth{token}` with a
+//! fresh token (answered `auth_ok`); otherwise it gets `goodbye` and close 1008.
+//!
+//! Errors and closes: a bad frame gets `error{code, message, id?}` and the session stays open
+//! (`bad_json`, `unknown_type`, `invalid`, `forged_from`, `too_many_candidates`,
+//! `forbidden_candidate`, `no_such_user`, `no_such_call`, `not_allowed`, `rate_limited`,
+//! `conflict`, `storage`, `unauthorized`, `internal`). Close codes: 1009 frame/message too big,
+//! 1007 bad UTF-8, 1003 binary frame, 1008 policy (auth failed, token expired, flood, slow
+//! consumer), 1000 idle timeout, 1001 server shutdown (after `goodbye{reconnect_after_ms}`),
+//! 4001 replaced by a newer session of the same device.
+//!
+//! | client -> server | fields |
+//! |---|---|
+//! | `auth` | `token` |
+//! | `invite` | `to`, `offer: SessionDesc`, `req?`, `from?` (must be self) |
+//! | `ringing` / `decline` / `cancel` / `hangup` / `end_of_candidates` | `call_id` |
+//! | `accept` | `call_id`, `answer: SessionDesc` |
+//! | `candidate` | `call_id`, `candidate: Candidate` |
+//! | `send_message` | `id`, `to`, `body`, `from?` (must be self) |
+//! | `ack` | `seq` |
+//! | `add_contact` / `remove_contact` | `username` |
+//! | `list_contacts` | — |
+//! | `set_presence` | `status` (`online` / `away`) |
+//!
+//! | server -> client | fields |
+//! |---|---|
+//! | `welcome` | `user`, `device`, `node`, `resume`, `acked_seq`, `max_message_bytes`, `token_expires_at` |
+//! | `resync` | `reason`, `from_seq` |
+//! | `error` | `code`, `message`, `id?` |
+//! | `auth_ok` | `token_expires_at` |
+//! | `invite_sent` | `req?`, `call_id`, `devices` (0 -> `call_ended{unavailable}` follows) |
+//! | `incoming_call` | `call_id`, `from`, `from_device`, `offer` |
+//! | `ringing` | `call_id`, `device` |
+//! | `call_accepted` | `call_id`, `device`, `answer` |
+//! | `answered_elsewhere` | `call_id` |
+//! | `call_ended` | `call_id`, `reason` (`declined`, `cancelled`, `timeout`, `hangup`, `unavailable`, `disconnected`) |
+//! | `candidate` / `end_of_candidates` | `call_id`, (`candidate`) |
+//! | `message_ack` | `id`, `stored_at_ms` |
+//! | `message` | `seq`, `id`, `from`, `body`, `sent_at_ms` |
+//! | `contacts` | `contacts: [{username, status}]` |
+//! | `presence` | `user`, `status` (`online`, `away`, `offline`) |
+//! | `goodbye` | `reason`, `reconnect_after_ms` |
+//!
+//! `SessionDesc` = `{ice_ufrag (4-256), ice_pwd (22-256), public_key (base64 X25519, 32 bytes),
+//! candidates: [Candidate] (<= 32), end_of_candidates}`; `Candidate` = `{foundation, component,
+//! transport: "udp", priority, address, port, type: host|srflx|prflx|relay, related_address?,
+//! related_port?}`. Candidates in loopback/private/link-local/multicast ranges are refused
+//! unless the node runs with `--allow-private-candidates`.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Server-generated random call identifier (32 lowercase hex digits).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CallId(pub String);
+
+impl CallId {
+    /// Wrap 16 random bytes as a call id.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(hex::encode(bytes))
+    }
+    /// Whether the string has the shape of a server-generated call id.
+    pub fn is_well_formed(&self) -> bool {
+        self.0.len() == 32
+            && self
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
+}
+
+impl std::fmt::Display for CallId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// ICE candidate type (RFC 8445 section 5.1.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CandidateType {
+    /// A local interface address.
+    Host,
+    /// Server-reflexive: the NAT mapping learned from STUN.
+    Srflx,
+    /// Peer-reflexive: learned from an incoming connectivity check.
+    Prflx,
+    /// A TURN relayed address.
+    Relay,
+}
+
+/// Candidate transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// UDP (the only transport peerlink's agent uses).
+    Udp,
+}
+
+/// One ICE candidate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Foundation (1-32 ice-chars).
+    pub foundation: String,
+    /// Component id (1 = RTP/data).
+    pub component: u8,
+    /// Transport protocol.
+    pub transport: Transport,
+    /// Candidate priority.
+    pub priority: u32,
+    /// Transport address.
+    pub address: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Candidate type.
+    #[serde(rename = "type")]
+    pub kind: CandidateType,
+    /// Related address (base of a reflexive/relayed candidate), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub related_address: Option<IpAddr>,
+    /// Related port, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub related_port: Option<u16>,
+}
+
+/// A party's side of a call: ICE credentials, media key and the candidates gathered so far.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionDesc {
+    /// ICE username fragment (4-256 chars).
+    pub ice_ufrag: String,
+    /// ICE password (22-256 chars).
+    pub ice_pwd: String,
+    /// X25519 public key, standard base64 of 32 bytes.
+    pub public_key: String,
+    /// Candidates known now; more may trickle with `candidate`.
+    #[serde(default)]
+    pub candidates: Vec<Candidate>,
+    /// True when no more candidates will follow.
+    #[serde(default)]
+    pub end_of_candidates: bool,
+}
+
+/// Presence status shown to contacts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceStatus {
+    /// Connected and available.
+    Online,
+    /// Connected, away.
+    Away,
+    /// No session anywhere.
+    Offline,
+}
+
+/// Frames a client sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// Authenticate (first frame, when the token was not in the URL) or refresh the session's
+    /// token before it expires (must name the same user).
+    Auth {
+        /// Access token from `/v1/login` or `/v1/refresh`.
+        token: String,
+    },
+    /// Start a call to `to`; answered with `invite_sent{req, call_id}`.
+    Invite {
+        /// Callee username.
+        to: String,
+        /// Optional; when present it must equal the authenticated user.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+        /// Client correlation token echoed in `invite_sent` (max 64 chars).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req: Option<String>,
+        /// Caller's ICE credentials, key and candidates.
+        offer: SessionDesc,
+    },
+    /// Callee device: the invite arrived and rings.
+    Ringing {
+        /// Call.
+        call_id: CallId,
+    },
+    /// Callee device answers.
+    Accept {
+        /// Call.
+        call_id: CallId,
+        /// Callee's ICE credentials, key and candidates.
+        answer: SessionDesc,
+    },
+    /// Callee refuses the call (ends it on every device).
+    Decline {
+        /// Call.
+        call_id: CallId,
+    },
+    /// Caller withdraws the invite before it is answered.
+    Cancel {
+        /// Call.
+        call_id: CallId,
+    },
+    /// Either party ends an accepted call.
+    Hangup {
+        /// Call.
+        call_id: CallId,
+    },
+    /// Trickle one more candidate to the other party.
+    Candidate {
+        /// Call.
+        call_id: CallId,
+        /// The candidate.
+        candidate: Candidate,
+    },
+    /// No more candidates from this party.
+    EndOfCandidates {
+        /// Call.
+        call_id: CallId,
+    },
+    /// Send a durable text message.
+    SendMessage {
+        /// Client message id (1-64 chars of [A-Za-z0-9._:-]); resends reuse it.
+        id: String,
+        /// Recipient username.
+        to: String,
+        /// Optional; when present it must equal the authenticated user.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+        /// UTF-8 text.
+        body: String,
+    },
+    /// Cumulative acknowledgement of every `message` with `seq` up to this one.
+    Ack {
+        /// Highest processed sequence.
+        seq: u64,
+    },
+    /// Add a user to the buddy list.
+    AddContact {
+        /// Username.
+        username: String,
+    },
+    /// Remove a user from the buddy list.
+    RemoveContact {
+        /// Username.
+        username: String,
+    },
+    /// Ask for the buddy list with presence (answered with `contacts`).
+    ListContacts,
+    /// Set own presence (online/away) shown to contacts.
+    SetPresence {
+        /// New status (offline is not settable).
+        status: PresenceStatus,
+    },
+}
+
+impl ClientMsg {
+    /// Every `type` value a client may send.
+    pub const TYPES: &'static [&'static str] = &[
+        "auth",
+        "invite",
+        "ringing",
+        "accept",
+        "decline",
+        "cancel",
+        "hangup",
+        "candidate",
+        "end_of_candidates",
+        "send_message",
+        "ack",
+        "add_contact",
+        "remove_contact",
+        "list_contacts",
+        "set_presence",
+    ];
+}
+
+/// How a session's `resume_from` was handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeOutcome {
+    /// No `resume_from` given: a fresh session; pending messages follow.
+    Fresh,
+    /// Resumed: messages after `resume_from` that are still unacked follow.
+    Resumed,
+    /// `resume_from` could not be honoured; a `resync` frame follows.
+    Resync,
+}
+
+/// Why a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The callee declined.
+    Declined,
+    /// The caller cancelled before an answer.
+    Cancelled,
+    /// Nobody answered within the ring timeout.
+    Timeout,
+    /// A party hung up.
+    Hangup,
+    /// The callee has no online device.
+    Unavailable,
+    /// A party's session went away.
+    Disconnected,
+}
+
+/// Machine-readable error codes in `error` frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON or misses the `type` field.
+    BadJson,
+    /// `type` names no known client message.
+    UnknownType,
+    /// A field is missing, has the wrong type or an invalid value.
+    Invalid,
+    /// `from` names someone else than the authenticated user.
+    ForgedFrom,
+    /// Too many candidates.
+    TooManyCandidates,
+    /// A candidate points at a forbidden (private/loopback/...) address.
+    ForbiddenCandidate,
+    /// The user does not exist.
+    NoSuchUser,
+    /// The call does not exist or is not in a state for this message.
+    NoSuchCall,
+    /// Not allowed for this session (e.g. wrong party of the call).
+    NotAllowed,
+    /// Too many frames: slow down (the connection closes if it goes on).
+    RateLimited,
+    /// The same client message id was used for different content.
+    Conflict,
+    /// The message could not be stored durably; it was NOT accepted.
+    Storage,
+    /// The token is invalid or for another user.
+    Unauthorized,
+    /// A server-side failure (e.g. another node unreachable).
+    Internal,
+}
+
+/// One buddy-list entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactEntry {
+    /// Username.
+    pub username: String,
+    /// Current presence.
+    pub status: PresenceStatus,
+}
+
+/// Frames the server sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// First frame of an authenticated session.
+    Welcome {
+        /// Authenticated username.
+        user: String,
+        /// Device id of this session.
+        device: String,
+        /// Node serving the session.
+        node: String,
+        /// How `resume_from` was handled.
+        resume: ResumeOutcome,
+        /// Highest message `seq` the server holds as acknowledged by this device.
+        acked_seq: u64,
+        /// Largest accepted text frame, bytes.
+        max_message_bytes: usize,
+        /// Unix seconds at which the session's token expires (send `auth` before).
+        token_expires_at: u64,
+    },
+    /// The client's resume point could not be honoured; pending messages are replayed from
+    /// `from_seq` and the client should rebuild live state (contacts, calls).
+    Resync {
+        /// Why.
+        reason: String,
+        /// Messages after this seq follow.
+        from_seq: u64,
+    },
+    /// An error about one client frame; the session stays open unless a close follows.
+    Error {
+        /// Code.
+        code: ErrorCode,
+        /// Human-readable detail naming the problem.
+        message: String,
+        /// The client message id or request token it refers to, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// `auth` mid-session accepted: the session now expires later.
+    AuthOk {
+        /// New expiry, unix seconds.
+        token_expires_at: u64,
+    },
+    /// The invite was accepted for delivery; the server's call id.
+    InviteSent {
+        /// Echo of the invite's `req`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req: Option<String>,
+        /// Call id.
+        call_id: CallId,
+        /// How many callee devices it reached.
+        devices: u32,
+    },
+    /// An invite to this user (sent to every online device).
+    IncomingCall {
+        /// Call id.
+        call_id: CallId,
+        /// Caller username (always the authenticated caller).
+        from: String,
+        /// Caller's device.
+        from_device: String,
+        /// Caller's ICE credentials, key and candidates.
+        offer: SessionDesc,
+    },
+    /// A callee device rings.
+    Ringing {
+        /// Call.
+        call_id: CallId,
+        /// The ringing device.
+        device: String,
+    },
+    /// The callee answered on `device`.
+    CallAccepted {
+        /// Call.
+        call_id: CallId,
+        /// Answering device.
+        device: String,
+        /// Callee's ICE credentials, key and candidates.
+        answer: SessionDesc,
+    },
+    /// Another device of this user answered the call.
+    AnsweredElsewhere {
+        /// Call.
+        call_id: CallId,
+    },
+    /// The call is over.
+    CallEnded {
+        /// Call.
+        call_id: CallId,
+        /// Why.
+        reason: EndReason,
+    },
+    /// A trickled candidate from the other party.
+    Candidate {
+        /// Call.
+        call_id: CallId,
+        /// The candidate.
+        candidate: Candidate,
+    },
+    /// The other party has no more candidates.
+    EndOfCandidates {
+        /// Call.
+        call_id: CallId,
+    },
+    /// The sender's message is durable (or was already: a resend with the same id).
+    MessageAck {
+        /// Client message id.
+        id: String,
+        /// Server time the message was first stored, unix ms.
+        stored_at_ms: u64,
+    },
+    /// A text message for this user.
+    Message {
+        /// Per-recipient monotonic sequence (ack it with `ack{seq}`).
+        seq: u64,
+        /// The sender's client message id.
+        id: String,
+        /// Sender username.
+        from: String,
+        /// Text.
+        body: String,
+        /// Server time it was stored, unix ms.
+        sent_at_ms: u64,
+    },
+    /// The buddy list.
+    Contacts {
+        /// Entries.
+        contacts: Vec<ContactEntry>,
+    },
+    /// A contact's presence changed.
+    Presence {
+        /// Username.
+        user: String,
+        /// New status.
+        status: PresenceStatus,
+    },
+    /// The server is about to close the session (shutdown, expiry); reconnect later.
+    Goodbye {
+        /// Why.
+        reason: String,
+        /// Suggested delay before reconnecting, ms.
+        reconnect_after_ms: u64,
+    },
+}
+
+/// Body of `POST /v1/register` and `POST /v1/login`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Credentials {
+    /// Username (normalised by the server: trimmed, ASCII-lowercased).
+    pub username: String,
+    /// Password (8-256 bytes).
+    pub password: String,
+}
+
+/// Answer of `POST /v1/login` and `POST /v1/refresh`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// Normalised username.
+    pub username: String,
+    /// Short-lived access token (HS256 JWT) for the API and `/v1/ws`.
+    pub access_token: String,
+    /// Lifetime of `access_token`, seconds.
+    pub expires_in: u64,
+    /// Longer-lived refresh token for `POST /v1/refresh`.
+    pub refresh_token: String,
+}
+
+/// Body of `POST /v1/refresh`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RefreshRequest {
+    /// Refresh token from login.
+    pub refresh_token: String,
+}
+
+/// Answer of `POST /v1/turn-credentials` (coturn REST API format).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TurnCredentials {
+    /// `expiry_unix:username`.
+    pub username: String,
+    /// base64(HMAC-SHA1(secret, username)).
+    pub password: String,
+    /// Seconds the credentials stay valid.
+    pub ttl: u64,
+    /// Relay URIs (`turn:host:port?transport=udp`).
+    pub uris: Vec<String>,
+}
+
+/// JSON error body of the HTTP API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HttpError {
+    /// Short machine-readable code.
+    pub error: String,
+    /// Human-readable text.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_types_list_matches_enum() {
+        for t in ClientMsg::TYPES {
+            let v = serde_json::json!({"type": t});
+            let err = serde_json::from_value::<ClientMsg>(v).err();
+            if let Some(e) = err {
+                assert!(!e.to_string().contains("unknown variant"), "{t}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn invite_roundtrip_and_shape() {
+        let m = ClientMsg::Invite {
+            to: "bob".into(),
+            from: None,
+            req: Some("r1".into()),
+            offer: SessionDesc {
+                ice_ufrag: "abcd".into(),
+                ice_pwd: "0123456789012345678901".into(),
+                public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+                candidates: vec![Candidate {
+                    foundation: "1".into(),
+                    component: 1,
+                    transport: Transport::Udp,
+                    priority: 2130706431,
+                    address: "192.0.2.1".parse().unwrap(),
+                    port: 5000,
+                    kind: CandidateType::Host,
+                    related_address: None,
+                    related_port: None,
+                }],
+                end_of_candidates: false,
+            },
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert!(s.contains(r#""type":"invite""#), "{s}");
+        assert!(s.contains(r#""type":"host""#), "{s}");
+        assert_eq!(serde_json::from_str::<ClientMsg>(&s).unwrap(), m);
+        let e = ServerMsg::CallEnded {
+            call_id: CallId("x".into()),
+            reason: EndReason::Timeout,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"call_ended","call_id":"x","reason":"timeout"}"#
+        );
+    }
+}

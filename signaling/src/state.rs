@@ -1,0 +1,178 @@
+//! Shared node state handed to every handler and session.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{HashError, PasswordHasher, Throttle, Tokens};
+use crate::calls::Calls;
+use crate::cluster::Cluster;
+use crate::config::{Config, ConfigError};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::{Db, Store};
+
+/// Most keys each login throttle table tracks.
+const THROTTLE_MAX_KEYS: usize = 100_000;
+
+/// Failure to build the node state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Password hasher setup failed.
+    #[error(transparent)]
+    Hash(#[from] HashError),
+    /// Cluster client setup failed.
+    #[error("cluster setup: {0}")]
+    Cluster(String),
+}
+
+/// Everything shared by handlers and sessions of one node.
+pub struct Shared {
+    /// Configuration.
+    pub cfg: Config,
+    /// Storage.
+    pub db: Db,
+    /// Password hashing.
+    pub hasher: PasswordHasher,
+    /// Token issuing/verification.
+    pub tokens: Tokens,
+    /// Login failures per account.
+    pub throttle_account: Throttle,
+    /// Login failures per IP.
+    pub throttle_ip: Throttle,
+    /// Live sessions.
+    pub hub: Arc<Hub>,
+    /// Calls arbitrated here.
+    pub calls: Calls,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Other nodes and the directory (None = standalone).
+    pub cluster: Option<Cluster>,
+    /// Set when shutdown begins: upgrades get 503.
+    pub draining: AtomicBool,
+    /// Cancelled when shutdown begins.
+    pub shutdown: CancellationToken,
+    /// Session tasks (awaited at shutdown).
+    pub tasks: TaskTracker,
+}
+
+/// Cheap-to-clone handle to [`Shared`].
+#[derive(Clone)]
+pub struct AppState(pub Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// Current unix time, seconds.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Current unix time, milliseconds.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl AppState {
+    /// Build the state of a node (validates `cfg`; computes the dummy password hash).
+    pub fn new(cfg: Config, store: Arc<dyn Store>) -> Result<Self, StateError> {
+        cfg.validate()?;
+        let hasher = PasswordHasher::new(cfg.argon2, cfg.hash_concurrency)?;
+        let tokens = Tokens::new(
+            &cfg.token_secret,
+            &cfg.token_issuer,
+            cfg.token_ttl,
+            cfg.refresh_ttl,
+        );
+        let cluster = match (&cfg.directory, &cfg.internal_url, &cfg.cluster_token) {
+            (Some(dir), Some(internal), Some(token)) => Some(
+                Cluster::new(dir, internal, token, &cfg)
+                    .map_err(|e| StateError::Cluster(e.to_string()))?,
+            ),
+            (Some(_), _, _) => {
+                return Err(StateError::Cluster(
+                    "a directory needs an internal URL and a cluster token".into(),
+                ));
+            }
+            _ => None,
+        };
+        Ok(Self(Arc::new(Shared {
+            throttle_account: Throttle::new(
+                cfg.login_failures_per_account,
+                cfg.login_window,
+                THROTTLE_MAX_KEYS,
+            ),
+            throttle_ip: Throttle::new(
+                cfg.login_failures_per_ip,
+                cfg.login_window,
+                THROTTLE_MAX_KEYS,
+            ),
+            cfg,
+            db: Db(store),
+            hasher,
+            tokens,
+            hub: Arc::new(Hub::default()),
+            calls: Calls::default(),
+            metrics: Metrics::default(),
+            cluster,
+            draining: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })))
+    }
+
+    /// Periodic housekeeping: forget message ids older than the dedup retention.
+    pub async fn maintain(&self) {
+        let before = now_unix_ms().saturating_sub(
+            u64::try_from(self.cfg.dedup_retention.as_millis()).unwrap_or(u64::MAX),
+        );
+        match self.db.call(move |s| s.prune_message_ids(before)).await {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "old message ids forgotten"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "message id pruning failed"),
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Begin shutdown: refuse new upgrades, say goodbye to every session and close it with
+    /// 1001, then wait (at most `wait`) for the sessions to end.
+    pub async fn drain(&self, wait: Duration) {
+        self.draining.store(true, Ordering::Release);
+        self.shutdown.cancel();
+        let hint = u64::try_from(self.cfg.reconnect_hint.as_millis()).unwrap_or(u64::MAX);
+        let bye = crate::protocol::ServerMsg::Goodbye {
+            reason: "server shutting down".into(),
+            reconnect_after_ms: hint,
+        };
+        let frame = crate::hub::encode(&bye);
+        for s in self.hub.all_sessions() {
+            let _ = s.tx.try_send(frame.clone());
+            s.ctl.close(
+                1001,
+                &format!("server shutting down; reconnect in {hint} ms"),
+            );
+        }
+        self.tasks.close();
+        let _ = tokio::time::timeout(wait, self.tasks.wait()).await;
+    }
+}

@@ -1,0 +1,265 @@
+//! Harness for tests that run the real `peerlink-signaling` binary on loopback and drive it
+//! with a WebSocket client. Children are killed on drop; every wait is bounded.
+// Test helpers outside #[test] fns: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+#![allow(dead_code)]
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const TOKEN_SECRET: &str = "integration-token-secret-0123456789";
+pub const TURN_SECRET: &str = "integration-turn-secret";
+/// Bound on any single wait for a frame.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A running signaling node.
+pub struct Node {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub stun: Vec<SocketAddr>,
+    pub db: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Arguments every test node gets (cheap Argon2 for debug builds).
+pub fn base_args(db: &Path) -> Vec<String> {
+    [
+        "--listen",
+        "127.0.0.1:0",
+        "--stun",
+        "127.0.0.1:0",
+        "--argon2-m-kib",
+        "64",
+        "--argon2-t",
+        "1",
+        "--log",
+        "warn",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(["--db".to_string(), db.display().to_string()])
+    .collect()
+}
+
+impl Node {
+    /// Start the binary with `base_args(db)` plus `extra`; waits for its `http=` line.
+    pub fn start(db: &Path, extra: &[&str]) -> Node {
+        let mut args = base_args(db);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_raw(db, &args)
+    }
+
+    /// Start with exactly `args`.
+    pub fn start_raw(db: &Path, args: &[String]) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_peerlink-signaling"))
+            .args(args)
+            .env("PEERLINK_TOKEN_SECRET", TOKEN_SECRET)
+            .env("PEERLINK_TURN_SECRET", TURN_SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn peerlink-signaling");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut http = None;
+        let mut stun = Vec::new();
+        let want_stun = !args.iter().any(|a| a == "--no-stun");
+        while http.is_none() || (want_stun && stun.is_empty()) {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("node did not announce its addresses");
+            if let Some(a) = line.strip_prefix("http=") {
+                http = Some(a.parse().expect("http addr"));
+            } else if let Some(a) = line.strip_prefix("stun=") {
+                stun = a
+                    .split(',')
+                    .map(|s| s.parse().expect("stun addr"))
+                    .collect();
+            }
+        }
+        Node {
+            child,
+            http: http.expect("http addr"),
+            stun,
+            db: db.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/v1/ws?{}", self.http, query)
+    }
+
+    /// Register (ignoring "taken") and log in; returns the access token.
+    pub async fn token(&self, user: &str) -> String {
+        let c = reqwest::Client::new();
+        let body = json!({"username": user, "password": "password-123"});
+        let r = tokio::time::timeout(WAIT, c.post(self.url("/v1/register")).json(&body).send())
+            .await
+            .expect("register timeout")
+            .expect("register");
+        assert!(
+            r.status().is_success() || r.status() == 409,
+            "register {user}: {}",
+            r.status()
+        );
+        let r = tokio::time::timeout(WAIT, c.post(self.url("/v1/login")).json(&body).send())
+            .await
+            .expect("login timeout")
+            .expect("login");
+        assert!(r.status().is_success(), "login {user}: {}", r.status());
+        let v: Value = r.json().await.expect("login json");
+        v["access_token"].as_str().expect("access_token").to_owned()
+    }
+
+    /// Connect a device of `user` (registering/logging in first).
+    pub async fn connect(&self, user: &str, device: &str) -> Ws {
+        let token = self.token(user).await;
+        let mut ws = Ws::connect(&self.ws_url(&format!("token={token}&device={device}"))).await;
+        let w = ws.recv_type("welcome").await;
+        assert_eq!(w["user"], user);
+        ws
+    }
+
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("peerlink_signaling_{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+pub type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client.
+pub struct Ws {
+    pub s: Stream,
+}
+
+/// What the server did instead of sending a frame.
+#[derive(Debug)]
+pub enum Ended {
+    Closed(Option<(u16, String)>),
+    Gone,
+}
+
+impl Ws {
+    pub async fn connect(url: &str) -> Ws {
+        let (s, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timeout")
+            .expect("connect");
+        Ws { s }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        tokio::time::timeout(WAIT, self.s.send(Message::Text(v.to_string().into())))
+            .await
+            .expect("send timeout")
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        let _ = tokio::time::timeout(WAIT, self.s.send(m))
+            .await
+            .expect("send timeout");
+    }
+
+    /// Next JSON frame, or how the connection ended.
+    pub async fn next(&mut self) -> Result<Value, Ended> {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.s.next())
+                .await
+                .expect("no frame within the wait");
+            match m {
+                Some(Ok(Message::Text(t))) => {
+                    return Ok(serde_json::from_str(t.as_str()).expect("server sent JSON"));
+                }
+                Some(Ok(Message::Close(c))) => {
+                    return Err(Ended::Closed(c.map(|CloseFrame { code, reason }| {
+                        (u16::from(code), reason.to_string())
+                    })));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Err(Ended::Gone),
+            }
+        }
+    }
+
+    /// Next frame, which must exist.
+    pub async fn recv(&mut self) -> Value {
+        match self.next().await {
+            Ok(v) => v,
+            Err(e) => panic!("connection ended: {e:?}"),
+        }
+    }
+
+    /// Next frame, which must be of type `ty`.
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        let v = self.recv().await;
+        assert_eq!(v["type"], ty, "expected {ty}, got {v}");
+        v
+    }
+
+    /// Skip frames until the connection closes; returns the close code and reason.
+    pub async fn closed(&mut self) -> Option<(u16, String)> {
+        for _ in 0..100_000 {
+            match self.next().await {
+                Ok(_) => continue,
+                Err(Ended::Closed(c)) => return c,
+                Err(Ended::Gone) => return None,
+            }
+        }
+        panic!("connection did not close")
+    }
+}
+
+/// A valid session description with `n` candidates on `ip`.
+pub fn desc(ip: &str, n: usize) -> Value {
+    let cands: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"foundation": format!("f{i}"), "component": 1, "transport": "udp",
+                   "priority": 2130706431u32 - i as u32, "address": ip, "port": 40000 + i, "type": "host"})
+        })
+        .collect();
+    json!({
+        "ice_ufrag": "ufrg",
+        "ice_pwd": "abcdefghijklmnopqrstuvwx",
+        "public_key": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        "candidates": cands,
+        "end_of_candidates": false,
+    })
+}

@@ -1,0 +1,335 @@
+//! Two signaling nodes and the real directory binary on loopback: a call (invite, ringing,
+//! accept, candidates both ways, hangup) and a message between users on different nodes.
+//! The nodes share one SQLite file (accounts and messages), as a fleet shares PostgreSQL.
+// Test helpers outside #[test] fns: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Node, desc};
+use serde_json::json;
+
+const CLUSTER_TOKEN: &str = "two-node-cluster-token";
+
+struct Directory {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Directory {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The directory binary next to ours; built on demand when this package was built alone.
+fn directory_bin() -> PathBuf {
+    let ours = PathBuf::from(env!("CARGO_BIN_EXE_peerlink-signaling"));
+    let bin = ours.with_file_name("peerlink-directory");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "peerlink-directory",
+                "--bin",
+                "peerlink-directory",
+            ])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("cargo build peerlink-directory");
+        assert!(status.success(), "building peerlink-directory failed");
+    }
+    bin
+}
+
+fn start_directory() -> Directory {
+    start_directory_with(&["--listen", "127.0.0.1:0"])
+}
+
+fn start_directory_with(args: &[&str]) -> Directory {
+    let child = Command::new(directory_bin())
+        .args(args)
+        .env("PEERLINK_CLUSTER_TOKEN", CLUSTER_TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn peerlink-directory");
+    // Owned (killed on drop) before anything can fail.
+    let mut dir = Directory {
+        child,
+        url: String::new(),
+    };
+    let stdout = dir.child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("directory did not start");
+        if let Some(a) = line.strip_prefix("listening on ") {
+            dir.url = format!("http://{}", a.trim());
+            return dir;
+        }
+    }
+}
+
+fn node(db: &std::path::Path, dir: &Directory, id: &str) -> Node {
+    let mut args = common::base_args(db);
+    for a in [
+        "--directory",
+        &dir.url,
+        "--node-id",
+        id,
+        "--allow-private-candidates",
+        "--cluster-token",
+        CLUSTER_TOKEN,
+    ] {
+        args.push(a.to_string());
+    }
+    Node::start_raw(db, &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_and_message_across_nodes() {
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("shared.db");
+    let dir = start_directory();
+    let a = node(&db, &dir, "node-a");
+    let b = node(&db, &dir, "node-b");
+
+    let mut bob = b.connect("bob", "phone").await;
+    let mut alice = a.connect("alice", "laptop").await;
+
+    // Call: alice on A invites bob on B.
+    let offer = desc("127.0.0.1", 2);
+    alice
+        .send(json!({"type": "invite", "to": "bob", "offer": offer}))
+        .await;
+    let sent = alice.recv_type("invite_sent").await;
+    assert_eq!(sent["devices"], 1, "{sent}");
+    let id = sent["call_id"].clone();
+    let inc = bob.recv_type("incoming_call").await;
+    assert_eq!(
+        (
+            inc["call_id"].clone(),
+            inc["from"].clone(),
+            inc["offer"].clone()
+        ),
+        (id.clone(), json!("alice"), offer)
+    );
+    bob.send(json!({"type": "ringing", "call_id": id})).await;
+    assert_eq!(alice.recv_type("ringing").await["device"], "phone");
+    let answer = desc("127.0.0.1", 1);
+    bob.send(json!({"type": "accept", "call_id": id, "answer": answer}))
+        .await;
+    let acc = alice.recv_type("call_accepted").await;
+    assert_eq!(acc["answer"], answer);
+    let cand = json!({"foundation": "r1", "component": 1, "transport": "udp", "priority": 16777215,
+                      "address": "127.0.0.1", "port": 61000, "type": "relay"});
+    alice
+        .send(json!({"type": "candidate", "call_id": id, "candidate": cand}))
+        .await;
+    assert_eq!(bob.recv_type("candidate").await["candidate"], cand);
+    bob.send(json!({"type": "candidate", "call_id": id, "candidate": cand}))
+        .await;
+    assert_eq!(alice.recv_type("candidate").await["candidate"], cand);
+    bob.send(json!({"type": "end_of_candidates", "call_id": id}))
+        .await;
+    alice.recv_type("end_of_candidates").await;
+    bob.send(json!({"type": "hangup", "call_id": id})).await;
+    let e = alice.recv_type("call_ended").await;
+    assert_eq!(
+        (e["call_id"].clone(), e["reason"].clone()),
+        (id, json!("hangup"))
+    );
+
+    // Message: alice on A -> bob on B, delivered live.
+    alice
+        .send(json!({"type": "send_message", "id": "x-1", "to": "bob", "body": "across"}))
+        .await;
+    alice.recv_type("message_ack").await;
+    let m = bob.recv_type("message").await;
+    assert_eq!(
+        (m["from"].as_str(), m["body"].as_str()),
+        (Some("alice"), Some("across"))
+    );
+    assert!(a.metric("forwards_total").await >= 3);
+    assert_eq!(a.metric("forward_errors_total").await, 0);
+
+    // Presence across nodes: alice adds bob and sees him online (he is on node B).
+    alice
+        .send(json!({"type": "add_contact", "username": "bob"}))
+        .await;
+    assert_eq!(
+        alice.recv_type("contacts").await["contacts"],
+        json!([{"username": "bob", "status": "online"}])
+    );
+
+    // bob answers a second call and his connection drops: alice is told the call ended (the
+    // callee's node hangs up for him), then that bob went offline.
+    alice
+        .send(json!({"type": "invite", "to": "bob", "offer": desc("127.0.0.1", 1)}))
+        .await;
+    let id = alice.recv_type("invite_sent").await["call_id"].clone();
+    bob.recv_type("incoming_call").await;
+    bob.send(json!({"type": "accept", "call_id": id, "answer": desc("127.0.0.1", 1)}))
+        .await;
+    alice.recv_type("call_accepted").await;
+    drop(bob);
+    let e = alice.recv_type("call_ended").await;
+    assert_eq!(
+        (e["call_id"].clone(), e["reason"].clone()),
+        (id, json!("disconnected"))
+    );
+    assert_eq!(alice.recv_type("presence").await["status"], "offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_credentials_name_the_relay_the_directory_chose() {
+    use peerlink_directory::api::RegisterRelayRequest;
+    use peerlink_directory::client::DirectoryClient;
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("shared.db");
+    let dir = start_directory();
+    let a = node(&db, &dir, "node-a");
+    let relay = RegisterRelayRequest {
+        relay_id: "relay-1".into(),
+        turn_addr: "127.0.0.1:3478".parse().unwrap(),
+        metrics_addr: "127.0.0.1:9641".parse().unwrap(),
+        region: "default".into(),
+        capacity: 1000,
+        load: 0.0,
+        allocations: 0,
+        draining: false,
+    };
+    let client = DirectoryClient::new(&dir.url, CLUSTER_TOKEN).unwrap();
+    tokio::time::timeout(common::WAIT, client.register_relay(&relay))
+        .await
+        .unwrap()
+        .unwrap();
+    let token = a.token("alice").await;
+    let r = reqwest::Client::new()
+        .post(a.url("/v1/turn-credentials"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let c: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(c["uris"], json!(["turn:127.0.0.1:3478?transport=udp"]));
+    let user = c["username"].as_str().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let checked =
+        peerlink_proto::auth::rest::validate([common::TURN_SECRET.as_bytes()], user, now, 3600)
+            .unwrap();
+    assert_eq!(checked.first(), c["password"].as_str().unwrap());
+}
+
+/// Poll `cond` every 100 ms for at most 20 s (waiting on another process's timers).
+async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_restart_and_node_failover() {
+    use peerlink_directory::client::DirectoryClient;
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("shared.db");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let dir_args = [
+        "--listen",
+        listen.as_str(),
+        "--node-ttl",
+        "1.5",
+        "--presence-ttl",
+        "3",
+    ];
+    let dir = start_directory_with(&dir_args);
+    let a = node(&db, &dir, "node-a");
+    let mut b = node(&db, &dir, "node-b");
+    let mut bob = b.connect("bob", "phone").await;
+    let mut alice = a.connect("alice", "laptop").await;
+    let client = DirectoryClient::new(&dir.url, CLUSTER_TOKEN).unwrap();
+
+    // The directory restarts empty; node B re-registers and republishes bob within a heartbeat.
+    drop(dir);
+    let dir = start_directory_with(&dir_args);
+    eventually("bob republished", || async {
+        client
+            .lookup_user("bob")
+            .await
+            .is_ok_and(|l| l.devices.len() == 1)
+    })
+    .await;
+    alice
+        .send(json!({"type": "invite", "to": "bob", "offer": desc("127.0.0.1", 1)}))
+        .await;
+    let sent = alice.recv_type("invite_sent").await;
+    assert_eq!(sent["devices"], 1, "{sent}");
+    bob.recv_type("incoming_call").await;
+    alice
+        .send(json!({"type": "cancel", "call_id": sent["call_id"]}))
+        .await;
+    assert_eq!(bob.recv_type("call_ended").await["reason"], "cancelled");
+
+    // Node B dies: bob shows offline within the presence TTL.
+    let token = a.token("bob").await;
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    drop(bob);
+    eventually("bob offline", || async {
+        client
+            .lookup_user("bob")
+            .await
+            .is_ok_and(|l| l.devices.is_empty())
+    })
+    .await;
+    // A message sent meanwhile is stored; bob reconnects to node A and gets it.
+    alice
+        .send(json!({"type": "send_message", "id": "while-away", "to": "bob", "body": "hi"}))
+        .await;
+    alice.recv_type("message_ack").await;
+    let mut bob =
+        common::Ws::connect(&a.ws_url(&format!("token={token}&device=phone&resume_from=0"))).await;
+    assert_eq!(bob.recv_type("welcome").await["node"], "node-a");
+    let m = bob.recv_type("message").await;
+    assert_eq!(m["id"], "while-away");
+    drop(dir);
+}
