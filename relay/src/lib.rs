@@ -1,2 +1,22 @@
 //! peerlink-relay: the TURN relay (RFC 8656 over UDP) that carries calls whose NATs defeat hole
 //! punching. A sans-IO core driven by io_uring (default) and epoll backends. Issue #3.
+//!
+//! What it is: [`core`] (protocol state, owned by the core engineer; no I/O), two I/O backends
+//! ([`uring`], [`epoll`]) that move datagrams between sockets and the core without copying,
+//! [`worker`] (what both backends share), [`metrics`] + [`http`] (Prometheus, JSON percentiles,
+//! HdrHistogram interval logs), [`config`] (TOML + CLI), and [`server`] (wiring, signals, drain).
+//!
+//! What it is not: no TCP/TLS TURN transports, no directory registration (yet), no ICE.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod core;
+pub mod epoll;
+pub mod http;
+pub mod metrics;
+pub mod net;
+pub mod server;
+pub mod stats_client;
+pub mod uring;
+pub mod worker;

@@ -1,0 +1,362 @@
+//! The relay's configuration: a serde struct read from TOML (`--config PATH`), overridden field
+//! by field by the command line, validated as a whole before any socket is bound.
+//!
+//! Each field's doc states its default. Unknown keys are an error.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::core::CoreConfig;
+
+/// Which I/O backend to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// io_uring when the kernel allows it, else epoll (one log line says so).
+    #[default]
+    Auto,
+    /// io_uring, or a startup error when unavailable.
+    Uring,
+    /// epoll with recvmmsg/sendmmsg.
+    Epoll,
+}
+
+/// The relay configuration (TOML keys are the field names; CLI flags use dashes).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// UDP address of the TURN/STUN listener. Default `0.0.0.0:3478`.
+    pub listen: SocketAddr,
+    /// Addresses relayed sockets bind on (one per family). Default: the listen IP when it is
+    /// not a wildcard; required otherwise.
+    pub relay_ip: Vec<IpAddr>,
+    /// REALM. Default `peerlink`. Must not be empty.
+    pub realm: String,
+    /// Static users as `NAME:PASSWORD`. Default none.
+    pub users: Vec<String>,
+    /// TURN REST shared secrets (all accepted, for rotation); also from the environment
+    /// variable `PEERLINK_RELAY_AUTH_SECRET` (comma-separated). Default none.
+    pub auth_secrets: Vec<String>,
+    /// Peer ranges allowed even where the built-in policy denies (labs, tests). Default none.
+    pub allow_peers: Vec<ipnet::IpNet>,
+    /// Extra peer ranges denied. Default none.
+    pub deny_peers: Vec<ipnet::IpNet>,
+    /// Worker threads (one io_uring/epoll loop each). Default: available cores.
+    pub workers: Option<usize>,
+    /// I/O backend: `auto`, `uring` or `epoll`. Default `auto`.
+    pub io: IoMode,
+    /// Metrics/health HTTP address. Default `127.0.0.1:9641`.
+    pub metrics: SocketAddr,
+    /// Lowest relayed port. Default 49152.
+    pub min_port: u16,
+    /// Highest relayed port. Default 65535.
+    pub max_port: u16,
+    /// Allocations over all workers. Default 100000.
+    pub max_allocations: usize,
+    /// Allocations per username. Default 100.
+    pub user_quota: usize,
+    /// Seconds a drain (SIGTERM/SIGUSR1) waits for allocations to end. Default 30.
+    pub drain_timeout: u64,
+    /// HdrHistogram interval log of in-relay latency (V2 compressed). Default none.
+    pub histogram_log: Option<PathBuf>,
+    /// Log filter (tracing `EnvFilter` syntax). Default `info`.
+    pub log_level: String,
+    /// SOFTWARE attribute on responses. Default `peerlink-relay`; empty = omitted.
+    pub software: String,
+    /// Maximum allocation lifetime in seconds. Default 3600.
+    pub max_lifetime: u64,
+    /// Per-allocation bandwidth cap in bytes/s (each direction). Default none.
+    pub bandwidth_limit: Option<u64>,
+    /// Accept ChannelBind numbers 0x4000-0x7FFF (RFC 5766; coturn and its `turnutils_uclient`
+    /// use them) instead of RFC 8656's 0x4000-0x4FFF. Default false.
+    pub legacy_channel_range: bool,
+    /// Seconds ahead a TURN REST username's expiry may lie. Default 86700: coturn's tools and
+    /// typical REST services issue 24 h credentials, plus 5 minutes of clock-skew allowance.
+    pub rest_max_ttl: u64,
+    /// Provided receive buffers per io_uring worker (power of two, 4 KiB each). Default 1024.
+    pub uring_buffers: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            relay_ip: Vec::new(),
+            realm: "peerlink".into(),
+            users: Vec::new(),
+            auth_secrets: Vec::new(),
+            allow_peers: Vec::new(),
+            deny_peers: Vec::new(),
+            workers: None,
+            io: IoMode::Auto,
+            metrics: SocketAddr::from(([127, 0, 0, 1], 9641)),
+            min_port: 49152,
+            max_port: 65535,
+            max_allocations: 100_000,
+            user_quota: 100,
+            drain_timeout: 30,
+            histogram_log: None,
+            log_level: "info".into(),
+            software: "peerlink-relay".into(),
+            max_lifetime: 3600,
+            bandwidth_limit: None,
+            legacy_channel_range: false,
+            rest_max_ttl: 86_700,
+            uring_buffers: crate::uring::BUF_ENTRIES,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// Path given.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for [`Config`] (bad value, unknown key, ...).
+    #[error("parsing config {path}: {message}")]
+    Parse {
+        /// Path given.
+        path: PathBuf,
+        /// Parser message (names the key).
+        message: String,
+    },
+    /// A semantic check failed.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// A validated configuration plus what was derived from it.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    /// The configuration as given.
+    pub config: Config,
+    /// Worker count resolved.
+    pub workers: usize,
+    /// Relay addresses resolved.
+    pub relay_ips: Vec<IpAddr>,
+}
+
+impl Config {
+    /// Read a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Check everything that can be checked without binding a socket.
+    pub fn validate(self) -> Result<Validated, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.realm.trim().is_empty() {
+            return bad("realm must not be empty".into());
+        }
+        if self.realm.len() > 127 {
+            return bad("realm longer than 127 characters".into());
+        }
+        for u in &self.users {
+            match u.split_once(':') {
+                Some((name, pass)) if !name.is_empty() && !pass.is_empty() => {
+                    if name.len() > 512 {
+                        return bad("user name longer than 512 bytes".into());
+                    }
+                }
+                _ => return bad("user must be NAME:PASSWORD with both parts non-empty".into()),
+            }
+        }
+        if self.auth_secrets.iter().any(|s| s.is_empty()) {
+            return bad("empty auth secret".into());
+        }
+        if self.auth_secrets.len() > peerlink_proto::auth::rest::MAX_SECRETS {
+            return bad(format!(
+                "more than {} auth secrets",
+                peerlink_proto::auth::rest::MAX_SECRETS
+            ));
+        }
+        if self.users.is_empty() && self.auth_secrets.is_empty() {
+            return bad(
+                "no credentials: give at least one --user NAME:PASS or --auth-secret \
+                 (or PEERLINK_RELAY_AUTH_SECRET)"
+                    .into(),
+            );
+        }
+        if self.min_port > self.max_port {
+            return bad(format!(
+                "min-port {} > max-port {}",
+                self.min_port, self.max_port
+            ));
+        }
+        if self.min_port == 0 {
+            return bad("min-port must be at least 1".into());
+        }
+        if self.listen.port() == 0 {
+            return bad("listen port must not be 0".into());
+        }
+        let workers = match self.workers {
+            Some(0) => return bad("workers must be at least 1".into()),
+            Some(n) if n > 1024 => return bad(format!("workers {n} is more than 1024")),
+            Some(n) => n,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        };
+        if self.max_allocations == 0 {
+            return bad("max-allocations must be at least 1".into());
+        }
+        if self.user_quota == 0 {
+            return bad("user-quota must be at least 1".into());
+        }
+        if self.max_lifetime < 600 {
+            return bad("max-lifetime must be at least 600 seconds (RFC 8656 default)".into());
+        }
+        let relay_ips = if self.relay_ip.is_empty() {
+            if self.listen.ip().is_unspecified() {
+                return bad("relay-ip is required when listen is a wildcard address".into());
+            }
+            vec![self.listen.ip()]
+        } else {
+            self.relay_ip.clone()
+        };
+        for ip in &relay_ips {
+            if ip.is_unspecified() || ip.is_multicast() {
+                return bad(format!("relay-ip {ip} is not a unicast address"));
+            }
+        }
+        if relay_ips.iter().filter(|i| i.is_ipv4()).count() > 1
+            || relay_ips.iter().filter(|i| i.is_ipv6()).count() > 1
+        {
+            return bad("at most one relay-ip per address family".into());
+        }
+        if !self.uring_buffers.is_power_of_two() || !(2..=32768).contains(&self.uring_buffers) {
+            return bad(format!(
+                "uring-buffers {} must be a power of two in 2..=32768",
+                self.uring_buffers
+            ));
+        }
+        if self.metrics.port() != 0 && self.metrics == self.listen {
+            return bad("metrics address equals the listen address".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return bad(format!("log-level {:?}: {e}", self.log_level));
+        }
+        Ok(Validated {
+            config: self,
+            workers,
+            relay_ips,
+        })
+    }
+}
+
+impl Validated {
+    /// Build the core's configuration (fresh random nonce key). `metrics` is the metrics
+    /// address actually bound (denied as a peer, like the listener).
+    pub fn core_config(&self, metrics: std::net::SocketAddr) -> Arc<CoreConfig> {
+        let c = &self.config;
+        let mut nonce_key = [0u8; 32];
+        rand::Rng::fill(&mut rand::rng(), &mut nonce_key);
+        let mut core =
+            CoreConfig::new(c.realm.clone(), c.listen, self.relay_ips.clone(), nonce_key);
+        core.software = (!c.software.is_empty()).then(|| c.software.clone());
+        for u in &c.users {
+            if let Some((name, pass)) = u.split_once(':') {
+                core.users.insert(
+                    name.to_string(),
+                    peerlink_proto::auth::long_term_key(name, &c.realm, pass),
+                );
+            }
+        }
+        core.auth_secrets = c
+            .auth_secrets
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        core.port_range = c.min_port..=c.max_port;
+        core.service_ports = vec![metrics];
+        core.allow_peers = c.allow_peers.clone();
+        core.deny_peers = c.deny_peers.clone();
+        core.max_allocations = c.max_allocations;
+        core.max_allocations_per_user = c.user_quota;
+        core.max_lifetime = Duration::from_secs(c.max_lifetime);
+        core.bandwidth_limit_bps = c.bandwidth_limit;
+        core.legacy_channel_range = c.legacy_channel_range;
+        core.rest_max_ttl = Duration::from_secs(c.rest_max_ttl);
+        Arc::new(core)
+    }
+
+    /// The drain timeout.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.drain_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_base() -> Config {
+        Config {
+            listen: "127.0.0.1:3478".parse().unwrap(),
+            users: vec!["alice:pw".into()],
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn defaults_and_toml_round() {
+        let c: Config = toml::from_str(
+            "listen = \"127.0.0.1:4000\"\nusers = [\"a:b\"]\nallow_peers = [\"127.0.0.0/8\"]\nio = \"epoll\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.io, IoMode::Epoll);
+        assert_eq!(c.min_port, 49152);
+        let v = c.validate().unwrap();
+        assert_eq!(v.relay_ips, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert!(v.workers >= 1);
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        assert!(
+            toml::from_str::<Config>("lisen = \"1.2.3.4:5\"").is_err(),
+            "unknown key"
+        );
+        assert!(
+            toml::from_str::<Config>("listen = \"nope\"").is_err(),
+            "bad address"
+        );
+        type Case = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<Case> = vec![
+            Box::new(|c| c.realm = " ".into()),
+            Box::new(|c| c.users.clear()),
+            Box::new(|c| c.users = vec!["nopass".into()]),
+            Box::new(|c| {
+                c.min_port = 6000;
+                c.max_port = 5000;
+            }),
+            Box::new(|c| c.workers = Some(0)),
+            Box::new(|c| c.listen = "0.0.0.0:3478".parse().unwrap()),
+            Box::new(|c| c.auth_secrets = vec![String::new()]),
+            Box::new(|c| c.log_level = "[[[".into()),
+        ];
+        for (i, f) in cases.iter().enumerate() {
+            let mut c = ok_base();
+            f(&mut c);
+            assert!(c.validate().is_err(), "case {i} should fail");
+        }
+        assert!(ok_base().validate().is_ok());
+    }
+}

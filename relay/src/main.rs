@@ -1,0 +1,192 @@
+//! `peerlink-relay`: command line, configuration and wiring only (logic lives in the library).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use peerlink_relay::config::{Config, IoMode};
+use peerlink_relay::server::{self, Exit};
+use peerlink_relay::stats_client;
+
+/// peerlink TURN relay (RFC 8656 over UDP) with io_uring and epoll backends.
+#[derive(Parser, Debug)]
+#[command(
+    name = "peerlink-relay",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print live latency percentiles and counters from a running relay's /stats.
+    Stats {
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// The relay's metrics address.
+        #[arg(long, default_value = "127.0.0.1:9641")]
+        metrics: SocketAddr,
+    },
+}
+
+/// Every flag overrides the same key of the config file (see `Config` for defaults).
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// TOML config file; flags override its keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// TURN/STUN UDP listen address [default 0.0.0.0:3478].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Relayed sockets bind here (one per family) [default: the listen IP].
+    #[arg(long)]
+    relay_ip: Vec<IpAddr>,
+    /// REALM [default peerlink].
+    #[arg(long)]
+    realm: Option<String>,
+    /// TURN REST shared secret(s), comma-separated for rotation.
+    #[arg(
+        long,
+        env = "PEERLINK_RELAY_AUTH_SECRET",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    auth_secret: Vec<String>,
+    /// Static user NAME:PASSWORD (repeatable).
+    #[arg(long)]
+    user: Vec<String>,
+    /// Peer range allowed even where the built-in policy denies it (repeatable).
+    #[arg(long)]
+    allow_peer: Vec<ipnet::IpNet>,
+    /// Extra peer range denied (repeatable).
+    #[arg(long)]
+    deny_peer: Vec<ipnet::IpNet>,
+    /// Worker threads [default: available cores].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// I/O backend [default auto].
+    #[arg(long, value_enum)]
+    io: Option<IoMode>,
+    /// Metrics/health HTTP address [default 127.0.0.1:9641].
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Lowest relayed port [default 49152].
+    #[arg(long)]
+    min_port: Option<u16>,
+    /// Highest relayed port [default 65535].
+    #[arg(long)]
+    max_port: Option<u16>,
+    /// Allocation cap over all workers [default 100000].
+    #[arg(long)]
+    max_allocations: Option<usize>,
+    /// Allocations per username [default 100].
+    #[arg(long)]
+    user_quota: Option<usize>,
+    /// Seconds a drain waits for allocations to end [default 30].
+    #[arg(long)]
+    drain_timeout: Option<u64>,
+    /// Write an HdrHistogram interval log (V2 compressed) of in-relay latency here.
+    #[arg(long)]
+    histogram_log: Option<PathBuf>,
+    /// Log filter, tracing EnvFilter syntax [default info].
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Accept ChannelBind numbers up to 0x7FFF (RFC 5766 clients such as coturn's uclient).
+    #[arg(long)]
+    legacy_channel_range: bool,
+    /// Provided receive buffers per io_uring worker (power of two) [default 1024].
+    #[arg(long)]
+    uring_buffers: Option<u32>,
+}
+
+fn build_config(a: RunArgs) -> anyhow::Result<Config> {
+    let mut c = match &a.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    macro_rules! set {
+        ($($field:ident <- $arg:ident),* $(,)?) => { $(if let Some(v) = a.$arg { c.$field = v; })* };
+    }
+    macro_rules! set_vec {
+        ($($field:ident <- $arg:ident),* $(,)?) => { $(if !a.$arg.is_empty() { c.$field = a.$arg; })* };
+    }
+    set!(listen <- listen, realm <- realm, io <- io, metrics <- metrics, min_port <- min_port,
+         max_port <- max_port, max_allocations <- max_allocations, user_quota <- user_quota,
+         drain_timeout <- drain_timeout, log_level <- log_level, uring_buffers <- uring_buffers);
+    if a.legacy_channel_range {
+        c.legacy_channel_range = true;
+    }
+    if let Some(w) = a.workers {
+        c.workers = Some(w);
+    }
+    if let Some(p) = a.histogram_log {
+        c.histogram_log = Some(p);
+    }
+    set_vec!(relay_ip <- relay_ip, auth_secrets <- auth_secret, users <- user,
+             allow_peers <- allow_peer, deny_peers <- deny_peer);
+    Ok(c)
+}
+
+fn stats(watch: bool, metrics: SocketAddr) -> anyhow::Result<()> {
+    loop {
+        let s = stats_client::fetch(metrics, Duration::from_secs(5))
+            .with_context(|| format!("fetching /stats from {metrics}"))?;
+        print!("{}", stats_client::format(&s));
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        println!();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Cmd::Stats { watch, metrics }) = cli.cmd {
+        return match stats(watch, metrics) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("peerlink-relay stats: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // Configuration is read and validated completely before any socket is bound.
+    let validated = match build_config(cli.run).and_then(|c| Ok(c.validate()?)) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("peerlink-relay: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&validated.config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match server::run(validated) {
+        Ok(exit) => {
+            tracing::info!(?exit, "peerlink-relay stopped");
+            debug_assert!(matches!(
+                exit,
+                Exit::Interrupted | Exit::Drained | Exit::DrainTimeout
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("peerlink-relay: {e}");
+            eprintln!("peerlink-relay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

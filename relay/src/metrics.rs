@@ -1,0 +1,831 @@
+//! Metrics off the hot path: workers keep plain counters and an interval HdrHistogram of
+//! in-relay latency, and once a second send a [`WorkerReport`] over a crossbeam channel. The
+//! metrics thread ([`run_metrics_thread`]) merges them into a [`MetricsHub`], which the HTTP
+//! server renders as Prometheus text ([`MetricsHub::prometheus`]) and JSON ([`MetricsHub::stats`]),
+//! and optionally appends each merged interval to an HdrHistogram interval log (V2, deflate).
+//!
+//! No per-user labels; every metric has HELP/TYPE lines and its unit in the name.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::V2DeflateSerializer;
+use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
+use serde::Serialize;
+
+use crate::core::{CoreCounters, DropReason, ERROR_CODES};
+
+/// Highest latency the histograms track (µs): 60 s; larger values saturate.
+pub const LATENCY_MAX_US: u64 = 60_000_000;
+/// Significant figures of the latency histograms (3 = 0.1 % resolution).
+pub const LATENCY_SIGFIG: u8 = 3;
+/// Upper bounds (µs) of the Prometheus latency histogram buckets (plus `+Inf`).
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
+];
+/// How often workers report and the metrics thread merges.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A fresh latency histogram (µs).
+pub fn new_latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, LATENCY_SIGFIG)
+        .expect("constant bounds 1..60e6 with 3 significant figures are valid")
+}
+
+/// Socket a datagram arrived on / left from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketKind {
+    /// The TURN listener (client side).
+    Listener = 0,
+    /// A relayed socket (peer side).
+    Relayed = 1,
+}
+
+/// Direction of a forwarded (zero-copy) datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client -> peer (received on the listener, sent from a relayed socket).
+    ClientToPeer = 0,
+    /// Peer -> client (received on a relayed socket, sent from the listener).
+    PeerToClient = 1,
+    /// Client -> client short-circuited inside one worker (listener to listener).
+    ClientToClient = 2,
+}
+
+impl Direction {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToPeer => "client_to_peer",
+            Direction::PeerToClient => "peer_to_client",
+            Direction::ClientToClient => "client_to_client",
+        }
+    }
+    /// All directions in index order.
+    pub const ALL: [Direction; 3] = [
+        Direction::ClientToPeer,
+        Direction::PeerToClient,
+        Direction::ClientToClient,
+    ];
+}
+
+/// Per-worker I/O counters (plain u64, cumulative since the worker started).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IoCounters {
+    /// Datagrams received, by [`SocketKind`].
+    pub rx_packets: [u64; 2],
+    /// Bytes received, by [`SocketKind`].
+    pub rx_bytes: [u64; 2],
+    /// Datagrams forwarded (send completed), by [`Direction`].
+    pub fwd_packets: [u64; 3],
+    /// Bytes forwarded (send completed), by [`Direction`].
+    pub fwd_bytes: [u64; 3],
+    /// STUN replies / Data indications sent.
+    pub reply_packets: u64,
+    /// Bytes of replies sent.
+    pub reply_bytes: u64,
+    /// Datagrams dropped, by [`DropReason::index`] (what the core returned plus io's truncation).
+    pub drops: Vec<u64>,
+    /// Sends that failed (packet dropped, allocation kept).
+    pub send_errors: u64,
+    /// Receive completions with an error other than ENOBUFS.
+    pub recv_errors: u64,
+    /// Receives that found the buffer ring empty (ENOBUFS) and were re-armed.
+    pub enobufs: u64,
+    /// Times the completion queue overflowed (back-pressure applied).
+    pub cq_overflow: u64,
+    /// Forwards dropped because the submission queue stayed full (completion back-pressure).
+    pub sq_full_drops: u64,
+    /// Multishot receives re-armed after a completion without MORE.
+    pub rearms: u64,
+    /// Datagrams the kernel dropped on our sockets' full receive buffers (SO_RXQ_OVFL).
+    pub kernel_rx_drops: u64,
+    /// Relayed sockets that could not be opened (no port, socket error).
+    pub relay_open_failures: u64,
+    /// Sum of recorded in-relay latencies (µs), for the Prometheus `_sum`.
+    pub latency_sum_us: u64,
+    /// Relayed sockets open now.
+    pub relayed_sockets: u64,
+}
+
+impl IoCounters {
+    /// Zeroed counters with the drop array sized for every reason.
+    pub fn new() -> Self {
+        Self {
+            drops: vec![0; DropReason::COUNT],
+            ..Default::default()
+        }
+    }
+
+    fn add(&mut self, o: &IoCounters) {
+        for i in 0..2 {
+            self.rx_packets[i] += o.rx_packets[i];
+            self.rx_bytes[i] += o.rx_bytes[i];
+        }
+        for i in 0..3 {
+            self.fwd_packets[i] += o.fwd_packets[i];
+            self.fwd_bytes[i] += o.fwd_bytes[i];
+        }
+        self.reply_packets += o.reply_packets;
+        self.reply_bytes += o.reply_bytes;
+        if self.drops.len() < o.drops.len() {
+            self.drops.resize(o.drops.len(), 0);
+        }
+        for (a, b) in self.drops.iter_mut().zip(&o.drops) {
+            *a += b;
+        }
+        self.send_errors += o.send_errors;
+        self.recv_errors += o.recv_errors;
+        self.enobufs += o.enobufs;
+        self.cq_overflow += o.cq_overflow;
+        self.rearms += o.rearms;
+        self.sq_full_drops += o.sq_full_drops;
+        self.kernel_rx_drops += o.kernel_rx_drops;
+        self.relay_open_failures += o.relay_open_failures;
+        self.latency_sum_us += o.latency_sum_us;
+        self.relayed_sockets += o.relayed_sockets;
+    }
+}
+
+/// What a worker sends to the metrics thread once a second.
+pub struct WorkerReport {
+    /// Worker index.
+    pub worker: usize,
+    /// Latency recorded since the previous report (the worker resets its own).
+    pub interval: Histogram<u64>,
+    /// Cumulative io counters.
+    pub io: IoCounters,
+    /// Cumulative core counters.
+    pub core: CoreCounters,
+    /// Live allocations on this worker.
+    pub allocations: usize,
+}
+
+/// Percentiles of one histogram (µs).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Maximum.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Percentiles {
+    /// Summarise `h`.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
+    }
+}
+
+/// The `/stats` document.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// Seconds since start.
+    pub uptime_s: f64,
+    /// Whether the relay is draining.
+    pub draining: bool,
+    /// Workers running.
+    pub workers: usize,
+    /// I/O backend in use ("uring" or "epoll").
+    pub io: String,
+    /// In-relay latency (µs) over the last interval.
+    pub latency_interval_us: Percentiles,
+    /// In-relay latency (µs) since start.
+    pub latency_total_us: Percentiles,
+    /// Live allocations.
+    pub allocations_active: u64,
+    /// Counters (name -> value), same names as the Prometheus metrics without prefix.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// Merged state, updated by the metrics thread, read by HTTP handlers.
+struct MergedState {
+    io: Vec<IoCounters>,
+    core: Vec<CoreCounters>,
+    allocations: Vec<usize>,
+    total: Histogram<u64>,
+    last_interval: Histogram<u64>,
+}
+
+/// Shared metrics state: readiness flags plus the merged counters and histograms.
+pub struct MetricsHub {
+    started: Instant,
+    workers: usize,
+    io_backend: &'static str,
+    draining: AtomicBool,
+    state: Mutex<MergedState>,
+}
+
+impl MetricsHub {
+    /// A hub for `workers` workers running the `io_backend` backend.
+    pub fn new(workers: usize, io_backend: &'static str) -> Self {
+        Self {
+            started: Instant::now(),
+            workers,
+            io_backend,
+            draining: AtomicBool::new(false),
+            state: Mutex::new(MergedState {
+                io: vec![IoCounters::new(); workers],
+                core: vec![CoreCounters::default(); workers],
+                allocations: vec![0; workers],
+                total: new_latency_histogram(),
+                last_interval: new_latency_histogram(),
+            }),
+        }
+    }
+
+    /// Mark draining (readiness false).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Ready = not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Live allocations over all workers as last reported.
+    pub fn allocations(&self) -> usize {
+        self.lock().allocations.iter().sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MergedState> {
+        // A panic while holding this lock would already have taken the process down; recover
+        // the data rather than poisoning every later scrape.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fold one worker report in (counters replace, interval histogram accumulates into
+    /// `pending` and the since-start histogram).
+    fn apply(&self, report: WorkerReport, pending: &mut Histogram<u64>) {
+        let mut st = self.lock();
+        let w = report.worker;
+        if w < st.io.len() {
+            st.io[w] = report.io;
+            st.core[w] = report.core;
+            st.allocations[w] = report.allocations;
+        }
+        let _ = st.total.add(&report.interval);
+        let _ = pending.add(&report.interval);
+    }
+
+    fn set_interval(&self, h: &Histogram<u64>) {
+        let mut st = self.lock();
+        st.last_interval.reset();
+        let _ = st.last_interval.add(h);
+    }
+
+    fn merged(
+        &self,
+    ) -> (
+        IoCounters,
+        CoreCounters,
+        u64,
+        Histogram<u64>,
+        Histogram<u64>,
+    ) {
+        let st = self.lock();
+        let mut io = IoCounters::new();
+        for w in &st.io {
+            io.add(w);
+        }
+        let core = sum_core(&st.core);
+        // Drops are counted where they are decided: the core's plus io's own (truncation, ...).
+        for (a, b) in io.drops.iter_mut().zip(core.drops.iter()) {
+            *a += b;
+        }
+        let allocs = st.allocations.iter().sum::<usize>() as u64;
+        (io, core, allocs, st.total.clone(), st.last_interval.clone())
+    }
+
+    /// Flat counter list (name without prefix, value) shared by `/stats` and tests.
+    fn counter_list(io: &IoCounters, core: &CoreCounters) -> Vec<(String, u64)> {
+        let mut v = Vec::new();
+        for d in Direction::ALL {
+            v.push((
+                format!("forwarded_packets_{}", d.as_str()),
+                io.fwd_packets[d as usize],
+            ));
+            v.push((
+                format!("forwarded_bytes_{}", d.as_str()),
+                io.fwd_bytes[d as usize],
+            ));
+        }
+        v.push(("received_packets_listener".into(), io.rx_packets[0]));
+        v.push(("received_packets_relayed".into(), io.rx_packets[1]));
+        v.push(("received_bytes_listener".into(), io.rx_bytes[0]));
+        v.push(("received_bytes_relayed".into(), io.rx_bytes[1]));
+        v.push(("reply_packets".into(), io.reply_packets));
+        v.push(("reply_bytes".into(), io.reply_bytes));
+        for r in DropReason::ALL {
+            v.push((
+                format!("dropped_{}", r.as_str()),
+                io.drops.get(r.index()).copied().unwrap_or(0),
+            ));
+        }
+        v.push(("send_errors".into(), io.send_errors));
+        v.push(("recv_errors".into(), io.recv_errors));
+        v.push(("enobufs".into(), io.enobufs));
+        v.push(("cq_overflow".into(), io.cq_overflow));
+        v.push(("rearms".into(), io.rearms));
+        v.push(("sq_full_drops".into(), io.sq_full_drops));
+        v.push(("kernel_rx_drops".into(), io.kernel_rx_drops));
+        v.push(("relay_open_failures".into(), io.relay_open_failures));
+        v.push(("relayed_sockets".into(), io.relayed_sockets));
+        v.push(("allocations_created".into(), core.allocations_created));
+        v.push(("allocations_expired".into(), core.allocations_expired));
+        v.push(("allocations_deleted".into(), core.allocations_deleted));
+        v.push(("auth_failures".into(), core.auth_failures));
+        v.push(("stale_nonces".into(), core.stale_nonces));
+        v
+    }
+
+    /// The `/stats` document.
+    pub fn stats(&self) -> Stats {
+        let (io, core, allocs, total, interval) = self.merged();
+        Stats {
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            draining: !self.is_ready(),
+            workers: self.workers,
+            io: self.io_backend.to_string(),
+            latency_interval_us: Percentiles::of(&interval),
+            latency_total_us: Percentiles::of(&total),
+            allocations_active: allocs,
+            counters: Self::counter_list(&io, &core).into_iter().collect(),
+        }
+    }
+
+    /// Prometheus text exposition (format 0.0.4).
+    pub fn prometheus(&self) -> String {
+        let (io, core, allocs, total, _) = self.merged();
+        let mut out = String::with_capacity(8192);
+        let p = "peerlink_relay";
+        let section =
+            |out: &mut String, name: &str, kind: &str, help: &str, lines: &[(String, u64)]| {
+                let _ = writeln!(out, "# HELP {p}_{name} {help}\n# TYPE {p}_{name} {kind}");
+                for (labels, v) in lines {
+                    if labels.is_empty() {
+                        let _ = writeln!(out, "{p}_{name} {v}");
+                    } else {
+                        let _ = writeln!(out, "{p}_{name}{{{labels}}} {v}");
+                    }
+                }
+            };
+        let dir = |a: &[u64; 3]| -> Vec<(String, u64)> {
+            Direction::ALL
+                .iter()
+                .map(|d| (format!("direction=\"{}\"", d.as_str()), a[*d as usize]))
+                .collect()
+        };
+        let sock = |a: &[u64; 2]| -> Vec<(String, u64)> {
+            vec![
+                ("socket=\"listener\"".into(), a[0]),
+                ("socket=\"relayed\"".into(), a[1]),
+            ]
+        };
+        let one = |v: u64| vec![(String::new(), v)];
+        section(
+            &mut out,
+            "forwarded_packets_total",
+            "counter",
+            "Datagrams relayed, by direction.",
+            &dir(&io.fwd_packets),
+        );
+        section(
+            &mut out,
+            "forwarded_bytes_total",
+            "counter",
+            "Bytes relayed (datagram payload as sent), by direction.",
+            &dir(&io.fwd_bytes),
+        );
+        section(
+            &mut out,
+            "received_packets_total",
+            "counter",
+            "Datagrams received, by socket kind.",
+            &sock(&io.rx_packets),
+        );
+        section(
+            &mut out,
+            "received_bytes_total",
+            "counter",
+            "Bytes received, by socket kind.",
+            &sock(&io.rx_bytes),
+        );
+        section(
+            &mut out,
+            "reply_packets_total",
+            "counter",
+            "STUN responses and Data indications sent.",
+            &one(io.reply_packets),
+        );
+        section(
+            &mut out,
+            "reply_bytes_total",
+            "counter",
+            "Bytes of STUN responses and Data indications sent.",
+            &one(io.reply_bytes),
+        );
+        let drops: Vec<(String, u64)> = DropReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    format!("reason=\"{}\"", r.as_str()),
+                    io.drops.get(r.index()).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        section(
+            &mut out,
+            "dropped_packets_total",
+            "counter",
+            "Datagrams dropped without a reply, by reason.",
+            &drops,
+        );
+        section(
+            &mut out,
+            "send_errors_total",
+            "counter",
+            "Sends that failed (packet dropped, allocation kept).",
+            &one(io.send_errors),
+        );
+        section(
+            &mut out,
+            "receive_errors_total",
+            "counter",
+            "Receive completions with an error other than ENOBUFS.",
+            &one(io.recv_errors),
+        );
+        section(
+            &mut out,
+            "buffer_ring_empty_total",
+            "counter",
+            "Receives that found the provided-buffer ring empty (ENOBUFS); replenished and re-armed.",
+            &one(io.enobufs),
+        );
+        section(
+            &mut out,
+            "completion_queue_overflow_total",
+            "counter",
+            "io_uring completion queue overflows (back-pressure applied).",
+            &one(io.cq_overflow),
+        );
+        section(
+            &mut out,
+            "submission_queue_full_drops_total",
+            "counter",
+            "Forwards dropped because the submission queue stayed full under completion back-pressure.",
+            &one(io.sq_full_drops),
+        );
+        section(
+            &mut out,
+            "multishot_rearms_total",
+            "counter",
+            "Multishot receives re-armed after ending without MORE.",
+            &one(io.rearms),
+        );
+        section(
+            &mut out,
+            "kernel_receive_buffer_drops_total",
+            "counter",
+            "Datagrams the kernel dropped on full socket receive buffers (SO_RXQ_OVFL).",
+            &one(io.kernel_rx_drops),
+        );
+        section(
+            &mut out,
+            "relay_socket_open_failures_total",
+            "counter",
+            "Relayed sockets that could not be opened.",
+            &one(io.relay_open_failures),
+        );
+        section(
+            &mut out,
+            "relayed_sockets",
+            "gauge",
+            "Relayed sockets open.",
+            &one(io.relayed_sockets),
+        );
+        section(
+            &mut out,
+            "allocations_active",
+            "gauge",
+            "Allocations alive.",
+            &one(allocs),
+        );
+        section(
+            &mut out,
+            "allocations_created_total",
+            "counter",
+            "Allocations created.",
+            &one(core.allocations_created),
+        );
+        section(
+            &mut out,
+            "allocations_expired_total",
+            "counter",
+            "Allocations freed because their lifetime ran out.",
+            &one(core.allocations_expired),
+        );
+        section(
+            &mut out,
+            "allocations_deleted_total",
+            "counter",
+            "Allocations freed by Refresh with LIFETIME 0.",
+            &one(core.allocations_deleted),
+        );
+        section(
+            &mut out,
+            "auth_failures_total",
+            "counter",
+            "Requests rejected for bad credentials (401 after credentials were presented).",
+            &one(core.auth_failures),
+        );
+        section(
+            &mut out,
+            "stale_nonces_total",
+            "counter",
+            "Requests answered 438 (stale, forged or other-address nonce).",
+            &one(core.stale_nonces),
+        );
+        let reqs = vec![
+            ("method=\"binding\"".to_string(), core.req_binding),
+            ("method=\"allocate\"".to_string(), core.req_allocate),
+            ("method=\"refresh\"".to_string(), core.req_refresh),
+            (
+                "method=\"create_permission\"".to_string(),
+                core.req_create_permission,
+            ),
+            ("method=\"channel_bind\"".to_string(), core.req_channel_bind),
+            ("method=\"send_indication\"".to_string(), core.ind_send),
+            ("method=\"other\"".to_string(), core.req_other),
+        ];
+        section(
+            &mut out,
+            "requests_total",
+            "counter",
+            "STUN/TURN requests and indications received, by method.",
+            &reqs,
+        );
+        let mut resps = vec![("code=\"success\"".to_string(), core.resp_success)];
+        for (i, code) in ERROR_CODES.iter().enumerate() {
+            let label = if *code == 0 {
+                "other".to_string()
+            } else {
+                code.to_string()
+            };
+            resps.push((
+                format!("code=\"{label}\""),
+                core.resp_error.get(i).copied().unwrap_or(0),
+            ));
+        }
+        section(
+            &mut out,
+            "responses_total",
+            "counter",
+            "STUN responses sent, by result (success or error code).",
+            &resps,
+        );
+        // The in-relay latency histogram (µs), cumulative since start.
+        let name = "in_relay_latency_microseconds";
+        let _ = writeln!(
+            out,
+            "# HELP {p}_{name} Kernel receive timestamp to send submission, per forwarded datagram, in microseconds.\n# TYPE {p}_{name} histogram"
+        );
+        for b in LATENCY_BUCKETS_US {
+            let c = if total.is_empty() {
+                0
+            } else {
+                total.count_between(0, b)
+            };
+            let _ = writeln!(out, "{p}_{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{p}_{name}_bucket{{le=\"+Inf\"}} {}", total.len());
+        let _ = writeln!(out, "{p}_{name}_sum {}", io.latency_sum_us);
+        let _ = writeln!(out, "{p}_{name}_count {}", total.len());
+        section(
+            &mut out,
+            "workers",
+            "gauge",
+            "Worker threads.",
+            &one(self.workers as u64),
+        );
+        section(
+            &mut out,
+            "draining",
+            "gauge",
+            "1 while draining (not ready).",
+            &one(u64::from(!self.is_ready())),
+        );
+        out
+    }
+}
+
+fn sum_core(all: &[CoreCounters]) -> CoreCounters {
+    let mut t = CoreCounters::default();
+    for c in all {
+        t.req_binding += c.req_binding;
+        t.req_allocate += c.req_allocate;
+        t.req_refresh += c.req_refresh;
+        t.req_create_permission += c.req_create_permission;
+        t.req_channel_bind += c.req_channel_bind;
+        t.ind_send += c.ind_send;
+        t.req_other += c.req_other;
+        t.resp_success += c.resp_success;
+        for (a, b) in t.resp_error.iter_mut().zip(c.resp_error.iter()) {
+            *a += b;
+        }
+        t.allocations_created += c.allocations_created;
+        t.allocations_expired += c.allocations_expired;
+        t.allocations_deleted += c.allocations_deleted;
+        for (a, b) in t.drops.iter_mut().zip(c.drops.iter()) {
+            *a += b;
+        }
+        t.auth_failures += c.auth_failures;
+        t.stale_nonces += c.stale_nonces;
+        t.packets_client_to_peer += c.packets_client_to_peer;
+        t.bytes_client_to_peer += c.bytes_client_to_peer;
+        t.packets_peer_to_client += c.packets_peer_to_client;
+        t.bytes_peer_to_client += c.bytes_peer_to_client;
+        t.short_circuited += c.short_circuited;
+    }
+    t
+}
+
+/// Errors of the metrics thread.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The histogram log file could not be created or written.
+    #[error("histogram log {path}: {source}")]
+    Log {
+        /// Log path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Run the metrics thread: merge reports into `hub` every [`REPORT_INTERVAL`], append each merged
+/// interval to `histogram_log` if given. Returns when every sender is gone.
+pub fn run_metrics_thread(
+    hub: Arc<MetricsHub>,
+    rx: Receiver<WorkerReport>,
+    histogram_log: Option<PathBuf>,
+) -> Result<(), MetricsError> {
+    let start_wall = SystemTime::now();
+    let start = Instant::now();
+    let mut file = match &histogram_log {
+        // Unbuffered: one interval line a second, visible to readers as soon as it is written.
+        Some(path) => Some(File::create(path).map_err(|source| MetricsError::Log {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let mut serializer = V2DeflateSerializer::new();
+    let log_err = |e: std::io::Error| MetricsError::Log {
+        path: histogram_log.clone().unwrap_or_default(),
+        source: e,
+    };
+    let mut writer = match file.as_mut() {
+        Some(f) => Some(
+            IntervalLogWriterBuilder::new()
+                .add_comment("peerlink-relay in-relay latency, microseconds")
+                .with_start_time(start_wall)
+                .with_base_time(start_wall)
+                .begin_log_with(f, &mut serializer)
+                .map_err(log_err)?,
+        ),
+        None => None,
+    };
+    let mut pending = new_latency_histogram();
+    let mut interval_start = Instant::now();
+    let mut finished = false;
+    while !finished {
+        let deadline = interval_start + REPORT_INTERVAL;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(report) => {
+                hub.apply(report, &mut pending);
+                continue;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            // Workers gone: close the last (partial) interval below, then stop.
+            Err(RecvTimeoutError::Disconnected) => finished = true,
+        }
+        let now = Instant::now();
+        hub.set_interval(&pending);
+        if let Some(w) = writer.as_mut() {
+            let begin = interval_start.duration_since(start);
+            let dur = now.duration_since(interval_start);
+            w.write_histogram(&pending, begin, dur, None)
+                .map_err(|e| match e {
+                    hdrhistogram::serialization::interval_log::IntervalLogWriterError::IoError(
+                        e,
+                    ) => log_err(e),
+                    other => log_err(std::io::Error::other(format!("{other:?}"))),
+                })?;
+        }
+        pending.reset();
+        interval_start = now;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_and_stats_reflect_reports() {
+        let hub = Arc::new(MetricsHub::new(2, "uring"));
+        let mut pending = new_latency_histogram();
+        for w in 0..2 {
+            let mut io = IoCounters::new();
+            io.fwd_packets[Direction::ClientToPeer as usize] = 10;
+            io.drops[DropReason::NoPermission.index()] = 1;
+            io.latency_sum_us = 100;
+            let mut h = new_latency_histogram();
+            for v in [7u64, 8, 9, 30, 2000] {
+                h.record(v).unwrap();
+            }
+            let mut core = CoreCounters {
+                allocations_created: 5,
+                ..Default::default()
+            };
+            core.drops[DropReason::NoPermission.index()] = 2;
+            hub.apply(
+                WorkerReport {
+                    worker: w,
+                    interval: h,
+                    io,
+                    core,
+                    allocations: 2,
+                },
+                &mut pending,
+            );
+        }
+        hub.set_interval(&pending);
+        let text = hub.prometheus();
+        assert!(
+            text.contains(
+                "peerlink_relay_forwarded_packets_total{direction=\"client_to_peer\"} 20"
+            )
+        );
+        assert!(text.contains("peerlink_relay_dropped_packets_total{reason=\"no_permission\"} 6"));
+        assert!(text.contains("peerlink_relay_allocations_active 4"));
+        assert!(text.contains("peerlink_relay_allocations_created_total 10"));
+        assert!(text.contains("peerlink_relay_in_relay_latency_microseconds_bucket{le=\"10\"} 6"));
+        assert!(text.contains("peerlink_relay_in_relay_latency_microseconds_count 10"));
+        assert!(text.contains("peerlink_relay_in_relay_latency_microseconds_sum 200"));
+        // Every sample line belongs to a family declared with HELP and TYPE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let base = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {base} "))
+                    || text.contains(&format!("# TYPE {name} ")),
+                "{line}"
+            );
+        }
+        let stats = hub.stats();
+        assert_eq!(stats.latency_total_us.count, 10);
+        assert_eq!(stats.latency_interval_us.count, 10);
+        assert_eq!(stats.latency_total_us.max, hub.lock().total.max());
+        assert!(stats.latency_total_us.p50 >= 8 && stats.latency_total_us.p50 <= 9);
+        assert_eq!(stats.counters["dropped_no_permission"], 6);
+        assert!(hub.is_ready());
+        hub.set_draining();
+        assert!(!hub.is_ready());
+        assert!(hub.prometheus().contains("peerlink_relay_draining 1"));
+    }
+}

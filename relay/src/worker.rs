@@ -1,0 +1,440 @@
+//! What both backends share: the per-worker table of relayed sockets (the core's
+//! [`RelaySockets`]), the dispatch of one received datagram through the core, counters, the
+//! latency histogram and the once-a-second report to the metrics thread.
+//!
+//! A backend owns the sockets' readiness/completion machinery; this module owns what the core
+//! asked for. Nothing here allocates per packet.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::ops::{Range, RangeInclusive};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use hdrhistogram::Histogram;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use slab::Slab;
+
+use crate::core::{
+    AddrFamily, AllocationId, Core, DropReason, HEADROOM, OpenError, Output, RelaySockets,
+    SCRATCH_LEN, SocketRef,
+};
+use crate::metrics::{Direction, IoCounters, REPORT_INTERVAL, SocketKind, WorkerReport};
+use crate::net;
+
+/// Multiplicative hasher for `AllocationId` keys (a u32 the core already made unique; no
+/// attacker controls it, so SipHash's DoS resistance buys nothing on this per-packet lookup).
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// One relayed socket.
+pub struct RelayedEntry {
+    /// The socket.
+    pub sock: UdpSocket,
+    /// Allocation it belongs to.
+    pub id: AllocationId,
+    /// Generation (distinguishes a reused slab key from the previous occupant).
+    pub generation: u32,
+    /// Last SO_RXQ_OVFL value seen on it.
+    pub last_ovfl: u32,
+}
+
+/// The relayed sockets of one worker, keyed by slab index and by `AllocationId`.
+pub struct SocketTable {
+    /// Entries; the key goes into completion tokens.
+    pub slab: Slab<RelayedEntry>,
+    by_id: HashMap<AllocationId, usize, BuildHasherDefault<IdHasher>>,
+    relay_v4: Option<IpAddr>,
+    relay_v6: Option<IpAddr>,
+    ports: RangeInclusive<u16>,
+    rng: ChaCha8Rng,
+    next_generation: u32,
+    /// Opened since the backend last looked: (key, generation) to arm.
+    pub opened: Vec<(usize, u32)>,
+    /// Closed since the backend last looked: (key, generation, socket) to disarm and drop.
+    pub closed: Vec<(usize, u32, UdpSocket)>,
+    /// Sockets that failed to open.
+    pub open_failures: u64,
+}
+
+impl SocketTable {
+    /// An empty table binding on `relay_ips` within `ports`.
+    pub fn new(relay_ips: &[IpAddr], ports: RangeInclusive<u16>, seed: u64) -> Self {
+        Self {
+            slab: Slab::with_capacity(1024),
+            by_id: HashMap::with_capacity_and_hasher(1024, Default::default()),
+            relay_v4: relay_ips.iter().copied().find(IpAddr::is_ipv4),
+            relay_v6: relay_ips.iter().copied().find(IpAddr::is_ipv6),
+            ports,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            next_generation: 1,
+            opened: Vec::with_capacity(64),
+            closed: Vec::with_capacity(64),
+            open_failures: 0,
+        }
+    }
+
+    /// Raw fd of `id`'s relayed socket.
+    pub fn fd_of(&self, id: AllocationId) -> Option<RawFd> {
+        let key = *self.by_id.get(&id)?;
+        self.slab.get(key).map(|e| e.sock.as_raw_fd())
+    }
+
+    /// Entry `key` if it still has generation `generation`.
+    pub fn live(&mut self, key: usize, generation: u32) -> Option<&mut RelayedEntry> {
+        self.slab
+            .get_mut(key)
+            .filter(|e| e.generation == generation)
+    }
+
+    /// Relayed sockets open.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// No relayed sockets open.
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+}
+
+impl RelaySockets for SocketTable {
+    fn open(
+        &mut self,
+        id: AllocationId,
+        family: AddrFamily,
+        even: bool,
+    ) -> Result<SocketAddr, OpenError> {
+        let ip = match family {
+            AddrFamily::V4 => self.relay_v4,
+            AddrFamily::V6 => self.relay_v6,
+        }
+        .ok_or(OpenError::FamilyNotSupported)?;
+        if self.by_id.contains_key(&id) {
+            // The core never reuses a live id; refuse rather than leak the old socket.
+            return Err(OpenError::Io(std::io::Error::other(
+                "allocation id already has a socket",
+            )));
+        }
+        let bound = net::bind_relayed(ip, self.ports.clone(), even, &mut self.rng);
+        let (sock, addr) = match bound {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                self.open_failures += 1;
+                return Err(OpenError::NoPorts);
+            }
+            Err(e) => {
+                self.open_failures += 1;
+                return Err(OpenError::Io(e));
+            }
+        };
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1) & GEN_MASK;
+        if self.next_generation == 0 {
+            self.next_generation = 1;
+        }
+        let key = self.slab.insert(RelayedEntry {
+            sock,
+            id,
+            generation,
+            last_ovfl: 0,
+        });
+        self.by_id.insert(id, key);
+        self.opened.push((key, generation));
+        Ok(addr)
+    }
+
+    fn close(&mut self, id: AllocationId) {
+        if let Some(key) = self.by_id.remove(&id)
+            && let Some(entry) = self.slab.try_remove(key)
+        {
+            self.closed.push((key, entry.generation, entry.sock));
+        }
+    }
+}
+
+/// Generations fit in 24 bits (completion tokens carry them next to the slab key).
+pub const GEN_MASK: u32 = 0x00FF_FFFF;
+
+/// Where a datagram came from.
+#[derive(Clone, Copy, Debug)]
+pub enum Source {
+    /// The worker's listener.
+    Listener,
+    /// A relayed socket: slab key and its allocation.
+    Relayed(usize, AllocationId),
+}
+
+/// A zero-copy send the backend must perform: `frame[range]` from `fd` to `to`.
+#[derive(Clone, Debug)]
+pub struct ForwardAction {
+    /// Socket to send from.
+    pub fd: RawFd,
+    /// Destination.
+    pub to: SocketAddr,
+    /// Bytes of the frame (the slice handed to the core) to send.
+    pub range: Range<usize>,
+    /// For counters.
+    pub direction: Direction,
+}
+
+/// Everything a worker owns besides its backend machinery.
+pub struct WorkerCtx {
+    /// Worker index.
+    pub index: usize,
+    /// The sans-IO core.
+    pub core: Core,
+    /// Relayed sockets.
+    pub sockets: SocketTable,
+    /// I/O counters.
+    pub counters: IoCounters,
+    /// Latency since the last report (µs).
+    pub histogram: Histogram<u64>,
+    /// Scratch buffer the core writes replies into.
+    pub scratch: Box<[u8]>,
+    /// The listener.
+    pub listener: UdpSocket,
+    /// SO_RXQ_OVFL last seen on the listener.
+    pub listener_ovfl: u32,
+    reports: Sender<WorkerReport>,
+    next_report: Instant,
+    stop: Arc<AtomicBool>,
+}
+
+impl WorkerCtx {
+    /// A worker context.
+    pub fn new(
+        index: usize,
+        core: Core,
+        sockets: SocketTable,
+        listener: UdpSocket,
+        reports: Sender<WorkerReport>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            index,
+            core,
+            sockets,
+            counters: IoCounters::new(),
+            histogram: crate::metrics::new_latency_histogram(),
+            scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
+            listener,
+            listener_ovfl: 0,
+            reports,
+            next_report: Instant::now() + REPORT_INTERVAL,
+            stop,
+        }
+    }
+
+    /// Whether the process asked workers to stop.
+    pub fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Record one in-relay latency sample from a kernel receive timestamp to `sent_ns`.
+    #[inline]
+    pub fn record_latency(&mut self, rx_ns: u64, sent_ns: u64) {
+        if rx_ns == 0 {
+            return;
+        }
+        let us = sent_ns.saturating_sub(rx_ns) / 1_000;
+        self.histogram.saturating_record(us.max(1));
+        self.counters.latency_sum_us += us;
+    }
+
+    /// Count a drop.
+    #[inline]
+    pub fn count_drop(&mut self, reason: DropReason) {
+        if let Some(c) = self.counters.drops.get_mut(reason.index()) {
+            *c += 1;
+        }
+    }
+
+    /// Account SO_RXQ_OVFL growth on a socket.
+    #[inline]
+    pub fn account_ovfl(&mut self, src: Source, ovfl: Option<u32>) {
+        let Some(v) = ovfl else { return };
+        let last = match src {
+            Source::Listener => &mut self.listener_ovfl,
+            Source::Relayed(key, _) => match self.sockets.slab.get_mut(key) {
+                Some(e) => &mut e.last_ovfl,
+                None => return,
+            },
+        };
+        self.counters.kernel_rx_drops += u64::from(v.wrapping_sub(*last));
+        *last = v;
+    }
+
+    /// Hand one datagram (`frame[HEADROOM..HEADROOM+len]`) to the core. Replies are sent here
+    /// (synchronously: the scratch buffer is reused for the next datagram); a forward comes back
+    /// for the backend to send zero-copy; drops are counted.
+    pub fn dispatch(
+        &mut self,
+        now: Instant,
+        src_kind: Source,
+        src: SocketAddr,
+        frame: &mut [u8],
+        len: usize,
+    ) -> Option<ForwardAction> {
+        let kind = match src_kind {
+            Source::Listener => SocketKind::Listener,
+            Source::Relayed(..) => SocketKind::Relayed,
+        };
+        self.counters.rx_packets[kind as usize] += 1;
+        self.counters.rx_bytes[kind as usize] += len as u64;
+        if frame.len() < HEADROOM + len {
+            self.count_drop(DropReason::Truncated);
+            return None;
+        }
+        let out = match src_kind {
+            Source::Listener => self.core.handle_listener(
+                now,
+                src,
+                frame,
+                len,
+                &mut self.scratch,
+                &mut self.sockets,
+            ),
+            Source::Relayed(_, id) => {
+                self.core
+                    .handle_relayed(now, id, src, frame, len, &mut self.scratch)
+            }
+        };
+        match out {
+            Output::Forward { from, to, range } => {
+                if range.start > range.end || range.end > frame.len() {
+                    self.count_drop(DropReason::Malformed);
+                    return None;
+                }
+                let (fd, direction) = match (from, kind) {
+                    (SocketRef::Listener, SocketKind::Listener) => {
+                        (self.listener.as_raw_fd(), Direction::ClientToClient)
+                    }
+                    (SocketRef::Listener, SocketKind::Relayed) => {
+                        (self.listener.as_raw_fd(), Direction::PeerToClient)
+                    }
+                    (SocketRef::Relayed(id), _) => match self.sockets.fd_of(id) {
+                        Some(fd) => (fd, Direction::ClientToPeer),
+                        None => {
+                            self.count_drop(DropReason::NoAllocation);
+                            return None;
+                        }
+                    },
+                };
+                Some(ForwardAction {
+                    fd,
+                    to,
+                    range,
+                    direction,
+                })
+            }
+            Output::Reply { from, to, len } => {
+                let fd = match from {
+                    SocketRef::Listener => Some(self.listener.as_raw_fd()),
+                    SocketRef::Relayed(id) => self.sockets.fd_of(id),
+                };
+                match (fd, self.scratch.get(..len)) {
+                    (Some(fd), Some(bytes)) => match net::send_to(fd, bytes, to) {
+                        Ok(n) => {
+                            self.counters.reply_packets += 1;
+                            self.counters.reply_bytes += n as u64;
+                        }
+                        Err(e) => {
+                            self.counters.send_errors += 1;
+                            tracing::trace!(worker = self.index, %to, error = %e, "reply send failed");
+                        }
+                    },
+                    _ => self.count_drop(DropReason::NoAllocation),
+                }
+                None
+            }
+            // The core counts its own drops (CoreCounters::drops); io counts only the drops it
+            // decides itself (truncation, vanished socket, bad range). Metrics add the two.
+            Output::Drop(_) => None,
+        }
+    }
+
+    /// A relayed socket the core just opened: apply per-allocation options (DONT-FRAGMENT ->
+    /// `IP_PMTUDISC_DO`, best effort) and return its fd for the backend to watch.
+    pub fn prepare_opened(&mut self, key: usize, generation: u32) -> Option<RawFd> {
+        let entry = self
+            .sockets
+            .slab
+            .get(key)
+            .filter(|e| e.generation == generation)?;
+        let fd = entry.sock.as_raw_fd();
+        if self.core.dont_fragment(entry.id) {
+            let _ = net::set_dont_fragment(&entry.sock);
+        }
+        Some(fd)
+    }
+
+    /// Run the core's timers if due.
+    pub fn poll_timers(&mut self, now: Instant) {
+        if self.core.poll_timeout().is_some_and(|t| t <= now) {
+            self.core.handle_timeout(now, &mut self.sockets);
+        }
+    }
+
+    /// The next instant the loop must wake for (core timer or report), capped at `cap` from now.
+    pub fn next_wake(&self, now: Instant, cap: std::time::Duration) -> Instant {
+        let mut t = (now + cap).min(self.next_report);
+        if let Some(c) = self.core.poll_timeout() {
+            t = t.min(c);
+        }
+        t
+    }
+
+    /// Send the periodic report if due (one histogram clone a second; never blocks).
+    pub fn maybe_report(&mut self, now: Instant) {
+        if now < self.next_report {
+            return;
+        }
+        self.next_report = now + REPORT_INTERVAL;
+        self.force_report();
+    }
+
+    /// Free every allocation (end of a drain or stop) and send the final report. The sockets
+    /// are closed when the backend drops the `closed` list (after its last submission).
+    pub fn finish(&mut self) {
+        self.core.shutdown(&mut self.sockets);
+        self.sockets.opened.clear();
+        self.force_report();
+    }
+
+    /// Send a report now.
+    pub fn force_report(&mut self) {
+        self.counters.relay_open_failures = self.sockets.open_failures;
+        self.counters.relayed_sockets = self.sockets.len() as u64;
+        let report = WorkerReport {
+            worker: self.index,
+            interval: self.histogram.clone(),
+            io: self.counters.clone(),
+            core: self.core.counters().clone(),
+            allocations: self.core.allocations(),
+        };
+        self.histogram.reset();
+        // A full channel means the metrics thread is behind: skip this one (counters are
+        // cumulative; only the interval's latency samples are lost, never the worker blocked).
+        let _ = self.reports.try_send(report);
+    }
+}

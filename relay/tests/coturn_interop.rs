@@ -1,0 +1,271 @@
+//! Interop with coturn's own clients (Debian package `coturn`): `turnutils_uclient` in
+//! ChannelData, send-indication and client-to-client modes, against `turnutils_peer`, with a
+//! static user and with a TURN REST secret; `turnutils_stunclient` for Binding. Every scenario
+//! runs on both backends. Each run is small (`-n 50 -m 5 -l 170`) and bounded by a timeout.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{KillOnDrop, Relay, free_udp_port, wait_child};
+
+const MESSAGES: u64 = 50;
+const CLIENTS: u64 = 5;
+const LEN: u64 = 170;
+
+/// What uclient reported.
+#[derive(Debug, Default)]
+struct Outcome {
+    sent: Option<u64>,
+    received: Option<u64>,
+    lost: Option<u64>,
+    errors: Vec<String>,
+}
+
+fn parse_uclient(out: &str) -> Outcome {
+    let mut o = Outcome::default();
+    let num_after = |line: &str, key: &str| -> Option<u64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    };
+    for line in out.lines() {
+        // Final totals line: "start_mclient: tot_send_msgs=250, tot_recv_msgs=250"
+        if line.contains("tot_send_msgs=") && !line.contains("msz=") {
+            o.sent = num_after(line, "tot_send_msgs=");
+            o.received = num_after(line, "tot_recv_msgs=");
+        }
+        if line.contains("Total lost packets") {
+            o.lost = num_after(line, "Total lost packets ");
+        }
+        if line.contains("error") || line.contains("Cannot") || line.contains("cannot") {
+            o.errors.push(line.to_string());
+        }
+    }
+    o
+}
+
+#[derive(Clone, Copy)]
+enum Auth {
+    User,
+    Rest,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// ChannelData towards turnutils_peer.
+    Channel,
+    /// Send/Data indications towards turnutils_peer (`-s`).
+    Send,
+    /// Client to client through two allocations (`-y`), ChannelData.
+    C2c,
+    /// Client to client with Send/Data indications (`-y -s`).
+    C2cSend,
+}
+
+fn run_uclient(io: &str, mode: Mode, auth: Auth) {
+    run_uclient_on(io, mode, auth, false);
+}
+
+fn run_uclient_on(io: &str, mode: Mode, auth: Auth, ipv6: bool) {
+    // coturn's uclient picks channel numbers in RFC 5766's 0x4000-0x7FFF.
+    let relay = if ipv6 {
+        Relay::start_v6(io, &["--legacy-channel-range"])
+    } else {
+        Relay::start(io, &["--legacy-channel-range"])
+    };
+    let host = relay.listen.ip().to_string();
+    let peer_port = free_udp_port();
+    let _peer = if matches!(mode, Mode::Channel | Mode::Send) {
+        let child = Command::new("turnutils_peer")
+            .args(["-L", &host, "-p", &peer_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turnutils_peer (Debian package coturn) must be installed");
+        // The peer binds at once; give it a moment without relying on it for correctness (a
+        // missing peer would show up as lost packets, failing the test loudly).
+        std::thread::sleep(Duration::from_millis(200));
+        Some(KillOnDrop(child))
+    } else {
+        None
+    };
+    let mut args: Vec<String> = vec![
+        "-c".into(), // no RTCP allocations (they need EVEN-PORT reservations; see IO-NOTES.md)
+        "-n".into(),
+        MESSAGES.to_string(),
+        "-m".into(),
+        CLIENTS.to_string(),
+        "-l".into(),
+        LEN.to_string(),
+        "-e".into(),
+        host.clone(),
+        "-r".into(),
+        peer_port.to_string(),
+        "-p".into(),
+        relay.listen.port().to_string(),
+        "-z".into(),
+        "5".into(),
+    ];
+    match mode {
+        Mode::Channel => {}
+        Mode::Send => args.push("-s".into()),
+        Mode::C2c => args.push("-y".into()),
+        Mode::C2cSend => {
+            args.push("-y".into());
+            args.push("-s".into());
+        }
+    }
+    match auth {
+        Auth::User => args.extend(["-u", "user", "-w", "pass"].map(String::from)),
+        Auth::Rest => args.extend(["-u", "alice", "-W", "secret"].map(String::from)),
+    }
+    if ipv6 {
+        args.push("-x".into()); // ask for an IPv6 relayed address
+    }
+    args.push(host.clone());
+    let out_path = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new("turnutils_uclient")
+        .args(&args)
+        .stdout(out_path.reopen().unwrap())
+        .stderr(out_path.reopen().unwrap())
+        .spawn()
+        .expect("turnutils_uclient (Debian package coturn) must be installed");
+    let mut child = KillOnDrop(child);
+    let status = wait_child(&mut child.0, Duration::from_secs(90));
+    let out = std::fs::read_to_string(out_path.path()).unwrap();
+    assert!(
+        status.is_some(),
+        "uclient did not finish in time:\n{out}\nrelay:\n{}",
+        relay.log_text()
+    );
+    let o = parse_uclient(&out);
+    // In client-to-client mode uclient pairs clients up, rounding an odd -m up to even.
+    let clients = if matches!(mode, Mode::C2c | Mode::C2cSend) {
+        CLIENTS.div_ceil(2) * 2
+    } else {
+        CLIENTS
+    };
+    let expected = MESSAGES * clients;
+    assert!(o.errors.is_empty(), "uclient errors: {:?}\n{out}", o.errors);
+    assert_eq!(o.sent, Some(expected), "sent count\n{out}");
+    assert_eq!(o.received, Some(expected), "received count\n{out}");
+    assert_eq!(o.lost, Some(0), "lost packets\n{out}");
+    // The relay's own counters saw the traffic. Client -> peer and ChannelData between clients
+    // are zero-copy forwards; Send indications between two allocations of one worker become a
+    // Data indication built by the core (a reply), so for that mode count what arrived instead.
+    relay.wait_until("relay counters", Duration::from_secs(5), || {
+        if mode == Mode::C2cSend {
+            relay.stat("received_packets_listener") >= expected
+        } else {
+            relay.stat("forwarded_packets_client_to_peer")
+                + relay.stat("forwarded_packets_client_to_client")
+                >= expected
+        }
+    });
+    assert_eq!(relay.stat("send_errors"), 0);
+}
+
+macro_rules! interop {
+    ($($name:ident: $mode:expr, $auth:expr;)*) => {
+        mod uring {
+            use super::*;
+            $(#[test] fn $name() { run_uclient("uring", $mode, $auth); })*
+        }
+        mod epoll {
+            use super::*;
+            $(#[test] fn $name() { run_uclient("epoll", $mode, $auth); })*
+        }
+    };
+}
+
+interop! {
+    channel_data_static_user: Mode::Channel, Auth::User;
+    channel_data_rest_secret: Mode::Channel, Auth::Rest;
+    send_indication_static_user: Mode::Send, Auth::User;
+    send_indication_rest_secret: Mode::Send, Auth::Rest;
+    client_to_client_static_user: Mode::C2c, Auth::User;
+    client_to_client_rest_secret: Mode::C2c, Auth::Rest;
+    client_to_client_send_static_user: Mode::C2cSend, Auth::User;
+    client_to_client_send_rest_secret: Mode::C2cSend, Auth::Rest;
+}
+
+fn run_stunclient(io: &str) {
+    let relay = Relay::start(io, &[]);
+    // Bind the client on a loopback address other than 127.0.0.1, so that a correct mapping
+    // (the address the relay saw) is distinguishable from a default.
+    let local_ip = "127.0.0.5";
+    let out = Command::new("timeout")
+        .args(["20", "turnutils_stunclient", "-L", local_ip, "-p"])
+        .arg(relay.listen.port().to_string())
+        .arg("127.0.0.1")
+        .output()
+        .expect("turnutils_stunclient must be installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "stunclient failed:\n{text}\nrelay:\n{}",
+        relay.log_text()
+    );
+    // stunclient prints "IPv4. UDP reflexive addr: 127.0.0.5:41234". It does not print its own
+    // port, so the exact address is checked by `binding_maps_exact_client_address` in
+    // lifecycle.rs with our own client; here the IP must be the one the client bound.
+    let reflexive = text
+        .lines()
+        .find(|l| l.contains("reflexive addr"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|a| a.trim().parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no reflexive address in stunclient output:\n{text}"));
+    assert_eq!(reflexive.ip().to_string(), local_ip, "{text}");
+    assert_ne!(reflexive.port(), 0);
+    assert_ne!(reflexive.port(), relay.listen.port());
+}
+
+#[test]
+fn ipv6_channel_data_uring() {
+    run_uclient_on("uring", Mode::Channel, Auth::User, true);
+}
+
+#[test]
+fn ipv6_channel_data_epoll() {
+    run_uclient_on("epoll", Mode::Channel, Auth::User, true);
+}
+
+#[test]
+fn ipv6_client_to_client_uring() {
+    run_uclient_on("uring", Mode::C2c, Auth::Rest, true);
+}
+
+#[test]
+fn ipv6_client_to_client_epoll() {
+    run_uclient_on("epoll", Mode::C2c, Auth::Rest, true);
+}
+
+#[test]
+fn stunclient_mapping_uring() {
+    run_stunclient("uring");
+}
+
+#[test]
+fn stunclient_mapping_epoll() {
+    run_stunclient("epoll");
+}
+
+#[test]
+fn parses_uclient_output() {
+    let sample = "7: : start_mclient: msz=5, tot_send_msgs=203, tot_recv_msgs=203\n\
+                  7: : start_mclient: tot_send_msgs=250, tot_recv_msgs=249\n\
+                  7: : Total lost packets 1 (0.400000%), total send dropped 0 (0.000000%)\n";
+    let o = parse_uclient(sample);
+    assert_eq!(
+        (o.sent, o.received, o.lost),
+        (Some(250), Some(249), Some(1))
+    );
+}

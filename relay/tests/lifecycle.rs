@@ -1,0 +1,619 @@
+//! Process-level behaviour of `peerlink-relay` (HARDENING.md "io_uring and runtime" and
+//! "Resources and lifetimes"), each on both backends: allocate/free cycles leave fds, the
+//! allocation gauge and memory at baseline; drain on SIGTERM; a send error keeps the allocation;
+//! metrics/stats/health shapes; the histogram log reads back; bad config and forced io_uring
+//! fail before binding.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Relay, TurnClient, free_udp_port, peer, recv_from, wait_child};
+
+const CHANNEL: u16 = 0x4001;
+
+/// Allocate, permit `peer_addr`, bind `CHANNEL` to it; returns the relayed address.
+fn setup_client(relay: &Relay, peer_addr: SocketAddr) -> (TurnClient, SocketAddr) {
+    let mut c = TurnClient::new(relay.listen, "user", "pass");
+    let relayed = c
+        .allocate()
+        .unwrap_or_else(|e| panic!("allocate: {e}\n{}", relay.log_text()));
+    c.create_permission(peer_addr).expect("permission");
+    c.channel_bind(CHANNEL, peer_addr).expect("channel bind");
+    (c, relayed)
+}
+
+/// Send one ChannelData and one Send indication to `peer_sock` through the relay; both must
+/// arrive from the relayed address with the right payload.
+fn assert_relays(c: &TurnClient, peer_sock: &UdpSocket, relayed: SocketAddr, tag: &[u8]) {
+    let peer_addr = peer_sock.local_addr().unwrap();
+    c.send_channel(CHANNEL, tag);
+    let (got, from) = recv_from(peer_sock, common::STEP).expect("ChannelData relayed to peer");
+    assert_eq!(got, tag);
+    assert_eq!(from, relayed);
+    c.send_indication(peer_addr, tag);
+    let (got, from) = recv_from(peer_sock, common::STEP).expect("Send indication relayed");
+    assert_eq!(got, tag);
+    assert_eq!(from, relayed);
+    // And back: peer -> relayed address -> client as ChannelData.
+    peer_sock.send_to(tag, relayed).unwrap();
+    let back = c
+        .recv(common::STEP)
+        .expect("peer data relayed back to the client");
+    assert_eq!(&back[0..2], &CHANNEL.to_be_bytes());
+    assert_eq!(&back[4..4 + tag.len()], tag);
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod uring { $(#[test] fn $name() { super::$name("uring"); })* }
+        mod epoll { $(#[test] fn $name() { super::$name("epoll"); })* }
+    };
+}
+
+both!(
+    alloc_free_cycles_leave_no_residue,
+    drain_on_sigterm_serves_existing_refuses_new,
+    drain_timeout_exits_zero_with_allocations_left,
+    send_error_keeps_allocation,
+    metrics_stats_health_shapes,
+    histogram_log_reads_back,
+    binding_maps_exact_client_address,
+    kernel_receive_buffer_drops_are_counted,
+);
+
+fn alloc_free_cycles_leave_no_residue(io: &str) {
+    const CYCLES: usize = 10_000;
+    // A private range of 8 ports below the kernel's ephemeral range: 10,000 cycles through 8
+    // ports only work if every freed port is really released, and afterwards all must be free.
+    let ports = private_port_range(8);
+    let (lo, hi) = (ports.start().to_string(), ports.end().to_string());
+    let relay = Relay::start(io, &["--min-port", &lo, "--max-port", &hi]);
+    let mut c = TurnClient::new(relay.listen, "user", "pass");
+    // Warm up (nonce, first allocation, lazily sized tables), then take the baseline.
+    for _ in 0..50 {
+        c.allocate().expect("allocate");
+        c.refresh(0).expect("free");
+    }
+    relay.wait_until("gauge back to 0", common::STEP, || {
+        relay.stat("allocations_active") == 0
+    });
+    // Baseline: the smallest of a few samples (an HTTP connection of the stats poll above may
+    // still be open for a moment).
+    let mut fds = usize::MAX;
+    let mut fd_list = Vec::new();
+    for _ in 0..5 {
+        if relay.fd_count() < fds {
+            fds = relay.fd_count();
+            fd_list = relay.fd_list();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rss = relay.rss_kib();
+    let started = Instant::now();
+    for i in 0..CYCLES {
+        let relayed = c
+            .allocate()
+            .unwrap_or_else(|e| panic!("allocate #{i}: {e}"));
+        assert!(
+            ports.contains(&relayed.port()),
+            "{relayed} outside {ports:?}"
+        );
+        c.refresh(0).unwrap_or_else(|e| panic!("free #{i}: {e}"));
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "cycles too slow"
+        );
+    }
+    // Reports arrive once a second: wait for one that covers every cycle.
+    relay.wait_until(
+        "a report covering all cycles, gauge at 0",
+        common::STEP,
+        || {
+            relay.stat("allocations_created") >= (CYCLES + 50) as u64
+                && relay.stat("allocations_active") == 0
+                && relay.stat("relayed_sockets") == 0
+        },
+    );
+    // Sockets are closed as soon as their close has been submitted; allow the loop a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay.fd_count() > fds && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        relay.fd_count() <= fds,
+        "fd count after {CYCLES} cycles: before {fd_list:#?} after {:#?}",
+        relay.fd_list()
+    );
+    for port in ports.clone() {
+        UdpSocket::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("relayed port {port} still bound after the cycles: {e}"));
+    }
+    let grown = relay.rss_kib().saturating_sub(rss);
+    assert!(
+        grown < 16 * 1024,
+        "RSS grew by {grown} KiB over {CYCLES} cycles"
+    );
+}
+
+/// `n` consecutive free UDP ports on 127.0.0.1 between 20000 and 32000 (below the kernel's
+/// ephemeral range, so other tests' `bind(0)` sockets do not land there); random start so that
+/// parallel tests rarely collide.
+fn private_port_range(n: u16) -> std::ops::RangeInclusive<u16> {
+    use rand::Rng;
+    for _ in 0..200 {
+        let lo: u16 = rand::rng().random_range(20_000..32_000 - n);
+        let hi = lo + n - 1;
+        if (lo..=hi).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
+            return lo..=hi;
+        }
+    }
+    panic!("no free private port range");
+}
+
+fn drain_on_sigterm_serves_existing_refuses_new(io: &str) {
+    let mut relay = Relay::start(io, &["--drain-timeout", "60"]);
+    let p = peer();
+    let (mut a, relayed) = setup_client(&relay, p.local_addr().unwrap());
+    assert_relays(&a, &p, relayed, b"before drain");
+    relay.signal(libc::SIGTERM);
+    relay.wait_until("readyz 503", common::STEP, || {
+        matches!(relay.get("/readyz"), Ok((503, _)))
+    });
+    assert_eq!(relay.get("/healthz").unwrap().0, 200);
+    // New allocations are refused...
+    let mut b = TurnClient::new(relay.listen, "user", "pass");
+    let err = b.allocate().expect_err("allocate while draining must fail");
+    assert!(err == 508 || err == 403, "draining allocate answered {err}");
+    // ...the existing one still relays, both ways...
+    assert_relays(&a, &p, relayed, b"during drain");
+    assert!(
+        relay.child.try_wait().unwrap().is_none(),
+        "must not exit while serving"
+    );
+    // ...and when it ends, the process exits 0.
+    a.refresh(0).expect("free");
+    let status = relay
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit after last allocation");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        relay.log_text()
+    );
+    assert!(relay.log_text().contains("drain complete"));
+}
+
+fn drain_timeout_exits_zero_with_allocations_left(io: &str) {
+    let mut relay = Relay::start(io, &["--drain-timeout", "1"]);
+    let p = peer();
+    let (_a, _relayed) = setup_client(&relay, p.local_addr().unwrap());
+    relay.signal(libc::SIGUSR1);
+    let status = relay
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit at drain timeout");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        relay.log_text().contains("drain timeout passed"),
+        "{}",
+        relay.log_text()
+    );
+}
+
+fn send_error_keeps_allocation(io: &str) {
+    let relay = Relay::start(io, &[]);
+    let p = peer();
+    let (c, relayed) = setup_client(&relay, p.local_addr().unwrap());
+    // 127.0.0.1 is permitted; port 0 makes the kernel refuse the send (EINVAL) on the relayed
+    // socket. The packet is dropped and counted; the allocation stays.
+    let bad: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    for _ in 0..3 {
+        c.send_indication(bad, b"to nowhere");
+    }
+    relay.wait_until("send error counted", common::STEP, || {
+        relay.stat("send_errors") >= 3
+    });
+    assert_relays(&c, &p, relayed, b"still relaying");
+    assert_eq!(relay.stat("allocations_active"), 1);
+}
+
+fn metrics_stats_health_shapes(io: &str) {
+    let relay = Relay::start(io, &[]);
+    let p = peer();
+    let (c, relayed) = setup_client(&relay, p.local_addr().unwrap());
+    for i in 0..20u8 {
+        assert_relays(&c, &p, relayed, &[i; 100]);
+    }
+    relay.wait_until("latency samples", common::STEP, || {
+        let (_, body) = relay.get("/stats").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["latency_total_us"]["count"].as_u64().unwrap_or(0) >= 40
+    });
+    let (status, text) = relay.get("/metrics").unwrap();
+    assert_eq!(status, 200);
+    for family in [
+        "forwarded_packets_total",
+        "forwarded_bytes_total",
+        "dropped_packets_total",
+        "allocations_active",
+        "allocations_created_total",
+        "allocations_expired_total",
+        "auth_failures_total",
+        "kernel_receive_buffer_drops_total",
+        "buffer_ring_empty_total",
+        "completion_queue_overflow_total",
+        "in_relay_latency_microseconds",
+    ] {
+        let name = format!("peerlink_relay_{family}");
+        assert!(text.contains(&format!("# HELP {name} ")), "HELP for {name}");
+        assert!(text.contains(&format!("# TYPE {name} ")), "TYPE for {name}");
+    }
+    assert!(text.contains("# TYPE peerlink_relay_in_relay_latency_microseconds histogram"));
+    let value = |prefix: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {prefix}\n{text}"))
+    };
+    assert!(value("peerlink_relay_forwarded_packets_total{direction=\"client_to_peer\"}") >= 40);
+    assert!(value("peerlink_relay_forwarded_packets_total{direction=\"peer_to_client\"}") >= 20);
+    assert_eq!(value("peerlink_relay_allocations_active "), 1);
+    // Buckets are cumulative and end at the count.
+    let buckets: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("peerlink_relay_in_relay_latency_microseconds_bucket"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(buckets.len() > 5);
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    let count = value("peerlink_relay_in_relay_latency_microseconds_count");
+    assert_eq!(*buckets.last().unwrap(), count);
+    assert!(count >= 40);
+    // No per-user labels anywhere.
+    assert!(!text.contains("user=") && !text.contains("\"user\""));
+
+    let (status, body) = relay.get("/stats").unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["io"], io);
+    assert_eq!(v["draining"], false);
+    assert_eq!(v["allocations_active"], 1);
+    for window in ["latency_interval_us", "latency_total_us"] {
+        for field in ["count", "p50", "p90", "p99", "p999", "max", "mean"] {
+            assert!(v[window][field].is_number(), "{window}.{field} in {body}");
+        }
+    }
+    let t = &v["latency_total_us"];
+    assert!(t["p50"].as_u64() <= t["p99"].as_u64() && t["p99"].as_u64() <= t["max"].as_u64());
+    assert!(
+        v["counters"]["forwarded_packets_client_to_peer"]
+            .as_u64()
+            .unwrap()
+            >= 40
+    );
+    assert_eq!(relay.get("/healthz").unwrap(), (200, "ok\n".to_string()));
+    assert_eq!(relay.get("/readyz").unwrap().0, 200);
+    assert_eq!(relay.get("/nope").unwrap().0, 404);
+
+    // The `stats` subcommand prints the same percentiles.
+    let out = Command::new(common::bin())
+        .args(["stats", "--metrics", &relay.metrics.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("p99=") && text.contains(&format!("io={io}")),
+        "{text}"
+    );
+}
+
+fn histogram_log_reads_back(io: &str) {
+    use hdrhistogram::serialization::Deserializer;
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latency.hlog");
+    let mut relay = Relay::start(io, &["--histogram-log", path.to_str().unwrap()]);
+    let p = peer();
+    let (c, relayed) = setup_client(&relay, p.local_addr().unwrap());
+    const ROUNDS: u64 = 30;
+    for i in 0..ROUNDS {
+        assert_relays(&c, &p, relayed, &(i as u32).to_be_bytes());
+    }
+    // Each round forwards at least 2 datagrams zero-copy (ChannelData out, peer data back as
+    // ChannelData), each one latency sample.
+    relay.signal(libc::SIGINT);
+    let status = relay
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit on SIGINT");
+    assert!(status.success());
+    let bytes = std::fs::read(&path).unwrap();
+    let mut deserializer = Deserializer::new();
+    let mut total = 0u64;
+    let mut intervals = 0;
+    for entry in IntervalLogIterator::new(&bytes) {
+        if let LogEntry::Interval(h) = entry.expect("log entry parses") {
+            let raw = base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                h.encoded_histogram(),
+            )
+            .unwrap();
+            let hist: hdrhistogram::Histogram<u64> =
+                deserializer.deserialize(&mut raw.as_slice()).unwrap();
+            total += hist.len();
+            intervals += 1;
+        }
+    }
+    assert!(
+        intervals >= 1,
+        "no intervals in log:\n{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert!(total >= 2 * ROUNDS, "samples in log: {total}");
+}
+
+fn binding_maps_exact_client_address(io: &str) {
+    let relay = Relay::start(io, &[]);
+    let mut c = TurnClient::new(relay.listen, "user", "pass");
+    assert_eq!(c.binding(), Some(c.local()));
+}
+
+/// Start the binary expecting it to fail; returns (exit code, stderr).
+fn run_expect_failure(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let err_path = dir.path().join("stderr");
+    let mut cmd = Command::new(common::bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .env_remove("PEERLINK_RELAY_AUTH_SECRET")
+        .env_remove("PEERLINK_RELAY_DISABLE_IO_URING");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(20));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    (status.expect("must exit promptly").code(), err)
+}
+
+#[test]
+fn invalid_config_exits_before_binding() {
+    // We hold the listen port (without SO_REUSEPORT): a relay that tried to bind before
+    // validating would fail with a bind error instead of the config reason.
+    let held = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let unknown_key = dir.path().join("unknown.toml");
+    std::fs::write(
+        &unknown_key,
+        "listen = \"127.0.0.1:1\"\nusers = [\"a:b\"]\nlisen = 3\n",
+    )
+    .unwrap();
+    let bad_addr = dir.path().join("bad.toml");
+    std::fs::write(&bad_addr, "listen = \"not-an-address\"\n").unwrap();
+    let base = ["--listen", listen.as_str(), "--relay-ip", "127.0.0.1"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--user", "a:b", "--min-port", "6000", "--max-port", "5000"],
+            "min-port",
+        ),
+        (vec!["--user", "a:b", "--realm", ""], "realm"),
+        (vec![], "no credentials"),
+        (vec!["--user", "nopass"], "NAME:PASSWORD"),
+        (vec!["--user", "a:b", "--workers", "0"], "workers"),
+        (vec!["--config", unknown_key.to_str().unwrap()], "lisen"),
+        (vec!["--config", bad_addr.to_str().unwrap()], "listen"),
+    ];
+    for (extra, reason) in cases {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(extra.iter().copied());
+        let (code, err) = run_expect_failure(&args, &[]);
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{args:?} exited {code:?}: {err}"
+        );
+        assert!(
+            err.contains(reason),
+            "{args:?}: stderr should name {reason:?}: {err}"
+        );
+        assert!(
+            !err.contains("binding"),
+            "{args:?} tried to bind first: {err}"
+        );
+    }
+    // A bad CLI value is refused by the parser, also before binding.
+    let (code, err) = run_expect_failure(&["--listen", "999.1.1.1:3478", "--user", "a:b"], &[]);
+    assert!(matches!(code, Some(c) if c != 0), "{err}");
+    drop(held);
+}
+
+#[test]
+fn forced_uring_unavailable_is_a_startup_error() {
+    let port = free_udp_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let (code, err) = run_expect_failure(
+        &[
+            "--listen",
+            &listen,
+            "--user",
+            "a:b",
+            "--io",
+            "uring",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        &[("PEERLINK_RELAY_DISABLE_IO_URING", "1")],
+    );
+    assert!(matches!(code, Some(c) if c != 0), "{err}");
+    assert!(err.contains("io_uring is unavailable"), "{err}");
+    // The port was never bound (the probe runs first).
+    UdpSocket::bind(&listen).expect("port stays free");
+}
+
+#[test]
+fn auto_falls_back_to_epoll_with_one_log_line() {
+    let relay = Relay::start_env("auto", &[], &[("PEERLINK_RELAY_DISABLE_IO_URING", "1")]);
+    let (_, body) = relay.get("/stats").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["io"], "epoll");
+    let log = relay.log_text();
+    assert_eq!(log.matches("using the epoll backend").count(), 1, "{log}");
+    // And it works.
+    let p = peer();
+    let (c, relayed) = setup_client(&relay, p.local_addr().unwrap());
+    assert_relays(&c, &p, relayed, b"epoll fallback");
+}
+
+#[test]
+fn auto_uses_uring_when_available() {
+    let relay = Relay::start("auto", &[]);
+    let (_, body) = relay.get("/stats").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["io"],
+        "uring",
+        "this kernel supports io_uring; log:\n{}",
+        relay.log_text()
+    );
+}
+
+#[test]
+fn sigint_exits_immediately_and_cleanly() {
+    let mut relay = Relay::start("uring", &[]);
+    let p = peer();
+    let (_c, _relayed) = setup_client(&relay, p.local_addr().unwrap());
+    relay.signal(libc::SIGINT);
+    let status = relay
+        .wait_exit(Duration::from_secs(10))
+        .expect("exit on SIGINT");
+    assert!(status.success());
+}
+
+#[test]
+fn toml_config_file_with_cli_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    let metrics_port = common::free_tcp_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "realm = \"filerealm\"\nusers = [\"user:pass\"]\nio = \"epoll\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n"
+        ),
+    )
+    .unwrap();
+    // The harness passes --io uring, overriding the file's epoll.
+    let relay = Relay::start("uring", &["--config", cfg.to_str().unwrap()]);
+    let (_, body) = relay.get("/stats").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["io"], "uring");
+}
+
+/// With a tiny provided-buffer ring, bursts find it empty (ENOBUFS): the receive is counted,
+/// re-armed once buffers come back, and nothing is lost (the datagrams wait in the socket).
+#[test]
+fn uring_empty_buffer_ring_is_counted_and_rearmed() {
+    use peerlink_proto::{Class, Message, MessageBuilder, MessageType, TransactionId};
+    let relay = Relay::start("uring", &["--uring-buffers", "2"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut request = [0u8; 64];
+    let mut got = 0usize;
+    const CHUNKS: usize = 20;
+    const BURST: usize = 50;
+    let mut buf = [0u8; 2048];
+    for _ in 0..CHUNKS {
+        for _ in 0..BURST {
+            let tid = TransactionId::random(&mut rand::rng());
+            let b = MessageBuilder::new(&mut request, MessageType::BINDING_REQUEST, tid).unwrap();
+            let n = b.finish();
+            sock.send_to(&request[..n], relay.listen).unwrap();
+        }
+        let deadline = Instant::now() + common::STEP;
+        let want = got + BURST;
+        while got < want && Instant::now() < deadline {
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                let m = Message::parse(&buf[..n]).expect("a STUN response");
+                assert_eq!(m.class(), Class::Success);
+                got += 1;
+            }
+        }
+        assert_eq!(got, want, "every Binding answered (re-armed after ENOBUFS)");
+    }
+    relay.wait_until("ENOBUFS counted", common::STEP, || {
+        relay.stat("enobufs") > 0
+    });
+    assert!(relay.stat("rearms") > 0);
+    assert_eq!(relay.stat("kernel_rx_drops"), 0);
+}
+
+#[test]
+fn second_relay_on_the_same_port_is_refused() {
+    let first = Relay::start("epoll", &[]);
+    let listen = first.listen.to_string();
+    let (code, err) = run_expect_failure(
+        &[
+            "--listen",
+            &listen,
+            "--user",
+            "a:b",
+            "--io",
+            "epoll",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("binding TURN listener"), "{err}");
+    // The first one is unaffected.
+    assert_eq!(first.get("/readyz").unwrap().0, 200);
+}
+
+/// Datagrams the kernel drops on a full listener receive buffer (the relay stopped with
+/// SIGSTOP while a flood arrives) are counted via SO_RXQ_OVFL once the relay runs again.
+fn kernel_receive_buffer_drops_are_counted(io: &str) {
+    use peerlink_proto::{Message, MessageBuilder, MessageType, TransactionId};
+    let relay = Relay::start(io, &[]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    relay.signal(libc::SIGSTOP);
+    let junk = [0xFFu8; 32]; // neither STUN nor ChannelData: dropped as not_stun once read
+    for _ in 0..60_000 {
+        let _ = sock.send_to(&junk, relay.listen);
+    }
+    relay.signal(libc::SIGCONT);
+    // A Binding after the flood is still answered, and its control data carries the count.
+    let mut req = [0u8; 64];
+    let tid = TransactionId::random(&mut rand::rng());
+    let n = MessageBuilder::new(&mut req, MessageType::BINDING_REQUEST, tid)
+        .unwrap()
+        .finish();
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + common::STEP;
+    let mut answered = false;
+    while !answered && Instant::now() < deadline {
+        sock.send_to(&req[..n], relay.listen).unwrap();
+        if let Ok((len, _)) = sock.recv_from(&mut buf) {
+            answered = Message::parse(&buf[..len]).is_ok_and(|m| m.transaction_id() == tid);
+        }
+    }
+    assert!(answered, "relay answers after the flood");
+    relay.wait_until("kernel drops counted", common::STEP, || {
+        relay.stat("kernel_rx_drops") > 0
+    });
+    assert!(relay.stat("dropped_not_stun") > 0);
+}
