@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use peerlink_directory::client::DirectoryClient;
+
 use crate::core::CoreConfig;
+use crate::registration::{DirectorySettings, REQUEST_TIMEOUT};
 
 /// Which I/O backend to run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -79,6 +82,19 @@ pub struct Config {
     pub rest_max_ttl: u64,
     /// Provided receive buffers per io_uring worker (power of two, 4 KiB each). Default 1024.
     pub uring_buffers: u32,
+    /// Base URL of the peerlink directory (`http://HOST:PORT`) to register and heartbeat with.
+    /// Default none (no registration).
+    pub directory: Option<String>,
+    /// Cluster bearer token for the directory; also from `PEERLINK_CLUSTER_TOKEN`. Required
+    /// with `directory`. Default none.
+    pub cluster_token: Option<String>,
+    /// Relay id announced to the directory. Default `HOSTNAME-LISTENPORT`.
+    pub relay_id: Option<String>,
+    /// Region announced to the directory. Default `local`.
+    pub region: String,
+    /// TURN address clients should use, announced to the directory. Default: the listen
+    /// address, or the first relay-ip with the listen port when listening on a wildcard.
+    pub public_addr: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -107,6 +123,11 @@ impl Default for Config {
             legacy_channel_range: false,
             rest_max_ttl: 86_700,
             uring_buffers: crate::uring::BUF_ENTRIES,
+            directory: None,
+            cluster_token: None,
+            relay_id: None,
+            region: "local".into(),
+            public_addr: None,
         }
     }
 }
@@ -144,6 +165,8 @@ pub struct Validated {
     pub workers: usize,
     /// Relay addresses resolved.
     pub relay_ips: Vec<IpAddr>,
+    /// Directory registration, when `directory` is set.
+    pub directory: Option<DirectorySettings>,
 }
 
 impl Config {
@@ -253,12 +276,93 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return bad(format!("log-level {:?}: {e}", self.log_level));
         }
+        let directory = match &self.directory {
+            Some(url) => Some(self.directory_settings(url, &relay_ips)?),
+            None => None,
+        };
         Ok(Validated {
             config: self,
             workers,
             relay_ips,
+            directory,
         })
     }
+
+    /// Check and resolve the directory registration settings.
+    fn directory_settings(
+        &self,
+        url: &str,
+        relay_ips: &[IpAddr],
+    ) -> Result<DirectorySettings, ConfigError> {
+        use peerlink_directory::api::{MAX_ID_LEN, MAX_REGION_LEN};
+        let bad = |m: String| ConfigError::Invalid(m);
+        let token = self.cluster_token.as_deref().unwrap_or_default();
+        if token.is_empty() {
+            return Err(bad(
+                "directory given without a cluster token: set --cluster-token or \
+                 PEERLINK_CLUSTER_TOKEN"
+                    .into(),
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad(
+                "cluster token must be printable ASCII without spaces".into()
+            ));
+        }
+        let relay_id = match &self.relay_id {
+            Some(id) => id.clone(),
+            None => format!("{}-{}", hostname(), self.listen.port()),
+        };
+        if relay_id.is_empty()
+            || relay_id.len() > MAX_ID_LEN
+            || relay_id.chars().any(char::is_control)
+        {
+            return Err(bad(format!(
+                "relay-id {relay_id:?} must be 1..={MAX_ID_LEN} bytes without control characters"
+            )));
+        }
+        if self.region.is_empty()
+            || self.region.len() > MAX_REGION_LEN
+            || self.region.chars().any(char::is_control)
+        {
+            return Err(bad(format!(
+                "region {:?} must be 1..={MAX_REGION_LEN} bytes without control characters",
+                self.region
+            )));
+        }
+        let turn_addr = match self.public_addr {
+            Some(a) => a,
+            None if !self.listen.ip().is_unspecified() => self.listen,
+            None => match relay_ips.first() {
+                Some(ip) => SocketAddr::new(*ip, self.listen.port()),
+                None => return Err(bad("public-addr is required with a wildcard listen".into())),
+            },
+        };
+        if turn_addr.ip().is_unspecified() || turn_addr.ip().is_multicast() || turn_addr.port() == 0
+        {
+            return Err(bad(format!(
+                "public-addr {turn_addr} is not a unicast address with a port"
+            )));
+        }
+        let client = DirectoryClient::with_timeout(url, token, REQUEST_TIMEOUT)
+            .map_err(|e| bad(format!("directory: {e}")))?;
+        Ok(DirectorySettings {
+            client,
+            relay_id,
+            region: self.region.clone(),
+            turn_addr,
+            capacity: self.max_allocations as u64,
+        })
+    }
+}
+
+/// This machine's host name (`relay` when it cannot be read).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "relay".into())
 }
 
 impl Validated {
@@ -316,6 +420,16 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_parses_and_validates() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/relay/peerlink-relay.toml");
+        let mut c = Config::from_file(&path).expect("deploy/relay/peerlink-relay.toml parses");
+        // The example ships without credentials (secrets come from the environment).
+        c.users = vec!["alice:pw".into()];
+        c.validate().expect("the example config validates");
+    }
+
+    #[test]
     fn defaults_and_toml_round() {
         let c: Config = toml::from_str(
             "listen = \"127.0.0.1:4000\"\nusers = [\"a:b\"]\nallow_peers = [\"127.0.0.0/8\"]\nio = \"epoll\"\n",
@@ -358,5 +472,53 @@ mod tests {
             assert!(c.validate().is_err(), "case {i} should fail");
         }
         assert!(ok_base().validate().is_ok());
+    }
+
+    #[test]
+    fn directory_settings_defaults_and_checks() {
+        let mut c = ok_base();
+        c.directory = Some("http://127.0.0.1:8500".into());
+        c.cluster_token = Some("cluster-token".into());
+        c.max_allocations = 500;
+        let d = c.clone().validate().unwrap().directory.unwrap();
+        assert_eq!(
+            d.turn_addr, c.listen,
+            "public address defaults to the listen address"
+        );
+        assert_eq!(d.region, "local");
+        assert_eq!(d.capacity, 500);
+        assert!(d.relay_id.ends_with("-3478"), "{}", d.relay_id);
+
+        let from_toml: Config = toml::from_str(
+            "listen = \"0.0.0.0:3478\"\nrelay_ip = [\"10.1.2.3\"]\nusers = [\"a:b\"]\n\
+             directory = \"http://127.0.0.1:8500\"\ncluster_token = \"tok-tok-tok\"\n\
+             relay_id = \"r1\"\nregion = \"eu\"\n",
+        )
+        .unwrap();
+        let d = from_toml.validate().unwrap().directory.unwrap();
+        assert_eq!(d.turn_addr, "10.1.2.3:3478".parse().unwrap());
+        assert_eq!((d.relay_id.as_str(), d.region.as_str()), ("r1", "eu"));
+
+        type Case = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<Case> = vec![
+            Box::new(|c| c.cluster_token = None),
+            Box::new(|c| c.cluster_token = Some("has space".into())),
+            Box::new(|c| c.directory = Some("not a url".into())),
+            Box::new(|c| c.directory = Some("https://127.0.0.1:8500".into())),
+            Box::new(|c| c.relay_id = Some(String::new())),
+            Box::new(|c| c.relay_id = Some("x".repeat(129))),
+            Box::new(|c| c.region = String::new()),
+            Box::new(|c| c.public_addr = Some("0.0.0.0:3478".parse().unwrap())),
+            Box::new(|c| c.public_addr = Some("127.0.0.1:0".parse().unwrap())),
+        ];
+        for (i, f) in cases.iter().enumerate() {
+            let mut bad = c.clone();
+            f(&mut bad);
+            assert!(bad.validate().is_err(), "case {i} should fail");
+        }
+        // Without a directory the registration keys are inert.
+        let mut plain = ok_base();
+        plain.region = String::new();
+        assert!(plain.validate().unwrap().directory.is_none());
     }
 }

@@ -4,9 +4,10 @@
 //! What it is: [`core`] (protocol state, owned by the core engineer; no I/O), two I/O backends
 //! ([`uring`], [`epoll`]) that move datagrams between sockets and the core without copying,
 //! [`worker`] (what both backends share), [`metrics`] + [`http`] (Prometheus, JSON percentiles,
-//! HdrHistogram interval logs), [`config`] (TOML + CLI), and [`server`] (wiring, signals, drain).
+//! HdrHistogram interval logs), [`registration`] (registers and heartbeats with the peerlink
+//! directory under `--directory`), [`config`] (TOML + CLI), and [`server`] (wiring, signals, drain).
 //!
-//! What it is not: no TCP/TLS TURN transports, no directory registration (yet), no ICE.
+//! What it is not: no TCP/TLS TURN transports, no ICE, no relay choice (the directory's job).
 
 #![warn(missing_docs)]
 
@@ -16,6 +17,7 @@ pub mod epoll;
 pub mod http;
 pub mod metrics;
 pub mod net;
+pub mod registration;
 pub mod server;
 pub mod stats_client;
 pub mod uring;

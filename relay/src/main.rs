@@ -106,6 +106,21 @@ struct RunArgs {
     /// Provided receive buffers per io_uring worker (power of two) [default 1024].
     #[arg(long)]
     uring_buffers: Option<u32>,
+    /// peerlink directory base URL (http://HOST:PORT): register and heartbeat there.
+    #[arg(long)]
+    directory: Option<String>,
+    /// Cluster bearer token for the directory.
+    #[arg(long, env = "PEERLINK_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: Option<String>,
+    /// Relay id announced to the directory [default HOSTNAME-LISTENPORT].
+    #[arg(long)]
+    relay_id: Option<String>,
+    /// Region announced to the directory [default local].
+    #[arg(long)]
+    region: Option<String>,
+    /// TURN address clients should use, announced to the directory [default: the listen address].
+    #[arg(long)]
+    public_addr: Option<SocketAddr>,
 }
 
 fn build_config(a: RunArgs) -> anyhow::Result<Config> {
@@ -121,7 +136,13 @@ fn build_config(a: RunArgs) -> anyhow::Result<Config> {
     }
     set!(listen <- listen, realm <- realm, io <- io, metrics <- metrics, min_port <- min_port,
          max_port <- max_port, max_allocations <- max_allocations, user_quota <- user_quota,
-         drain_timeout <- drain_timeout, log_level <- log_level, uring_buffers <- uring_buffers);
+         drain_timeout <- drain_timeout, log_level <- log_level, uring_buffers <- uring_buffers,
+         region <- region);
+    macro_rules! set_opt {
+        ($($field:ident <- $arg:ident),* $(,)?) => { $(if a.$arg.is_some() { c.$field = a.$arg; })* };
+    }
+    set_opt!(directory <- directory, cluster_token <- cluster_token, relay_id <- relay_id,
+             public_addr <- public_addr);
     if a.legacy_channel_range {
         c.legacy_channel_range = true;
     }

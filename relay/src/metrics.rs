@@ -3,6 +3,8 @@
 //! metrics thread ([`run_metrics_thread`]) merges them into a [`MetricsHub`], which the HTTP
 //! server renders as Prometheus text ([`MetricsHub::prometheus`]) and JSON ([`MetricsHub::stats`]),
 //! and optionally appends each merged interval to an HdrHistogram interval log (V2, deflate).
+//! The metrics thread also owns a current-thread tokio runtime that drives the directory
+//! registration ([`crate::registration`]) while it sleeps between merges.
 //!
 //! No per-user labels; every metric has HELP/TYPE lines and its unit in the name.
 
@@ -13,13 +15,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
 use serde::Serialize;
 
 use crate::core::{CoreCounters, DropReason, ERROR_CODES};
+use crate::registration::Registrar;
 
 /// Highest latency the histograms track (µs): 60 s; larger values saturate.
 pub const LATENCY_MAX_US: u64 = 60_000_000;
@@ -31,6 +34,8 @@ pub const LATENCY_BUCKETS_US: [u64; 14] = [
 ];
 /// How often workers report and the metrics thread merges.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the metrics thread takes reports off the channel (hub figures lag at most this).
+pub const MERGE_TICK: Duration = Duration::from_millis(100);
 
 /// A fresh latency histogram (µs).
 pub fn new_latency_histogram() -> Histogram<u64> {
@@ -681,6 +686,9 @@ fn sum_core(all: &[CoreCounters]) -> CoreCounters {
 /// Errors of the metrics thread.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
+    /// The thread's tokio runtime (timers, directory registration) could not be built.
+    #[error("metrics thread runtime: {0}")]
+    Runtime(std::io::Error),
     /// The histogram log file could not be created or written.
     #[error("histogram log {path}: {source}")]
     Log {
@@ -692,10 +700,33 @@ pub enum MetricsError {
 }
 
 /// Run the metrics thread: merge reports into `hub` every [`REPORT_INTERVAL`], append each merged
-/// interval to `histogram_log` if given. Returns when every sender is gone.
+/// interval to `histogram_log` if given, and drive `registrar` (directory registration) on this
+/// thread's current-thread tokio runtime. Returns when every sender is gone, after the
+/// registration deregistered (bounded).
 pub fn run_metrics_thread(
     hub: Arc<MetricsHub>,
     rx: Receiver<WorkerReport>,
+    histogram_log: Option<PathBuf>,
+    registrar: Option<Registrar>,
+) -> Result<(), MetricsError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(MetricsError::Runtime)?;
+    let registration = registrar.map(|r| rt.block_on(async { r.start() }));
+    let merged = merge_loop(&rt, &hub, &rx, histogram_log);
+    if let Some(r) = registration {
+        rt.block_on(r.shutdown());
+    }
+    merged
+}
+
+/// The merge loop. Reports are taken off the channel every [`MERGE_TICK`]; between ticks the
+/// thread sleeps inside `rt`, which is what drives the runtime's tasks (the registration).
+fn merge_loop(
+    rt: &tokio::runtime::Runtime,
+    hub: &MetricsHub,
+    rx: &Receiver<WorkerReport>,
     histogram_log: Option<PathBuf>,
 ) -> Result<(), MetricsError> {
     let start_wall = SystemTime::now();
@@ -729,15 +760,21 @@ pub fn run_metrics_thread(
     let mut finished = false;
     while !finished {
         let deadline = interval_start + REPORT_INTERVAL;
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(report) => {
-                hub.apply(report, &mut pending);
-                continue;
+        let wake = deadline.min(Instant::now() + MERGE_TICK);
+        rt.block_on(async move { tokio::time::sleep_until(wake.into()).await });
+        loop {
+            match rx.try_recv() {
+                Ok(report) => hub.apply(report, &mut pending),
+                Err(TryRecvError::Empty) => break,
+                // Workers gone: close the last (partial) interval below, then stop.
+                Err(TryRecvError::Disconnected) => {
+                    finished = true;
+                    break;
+                }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            // Workers gone: close the last (partial) interval below, then stop.
-            Err(RecvTimeoutError::Disconnected) => finished = true,
+        }
+        if !finished && Instant::now() < deadline {
+            continue;
         }
         let now = Instant::now();
         hub.set_interval(&pending);

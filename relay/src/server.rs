@@ -1,6 +1,7 @@
 //! Process wiring: pick the backend, bind every socket, start workers, the metrics thread and the
 //! HTTP thread, then supervise: signals (SIGTERM/SIGUSR1 drain, SIGINT stop), drain completion,
-//! and worker death (which takes the process down with an error).
+//! and worker death (which takes the process down with an error). With `--directory`, the
+//! metrics thread also registers the relay; a drain start is announced to it at once.
 
 use std::net::{TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::{IoMode, Validated};
 use crate::core::{Core, Shared};
 use crate::metrics::{MetricsHub, run_metrics_thread};
+use crate::registration::Registrar;
 use crate::worker::{SocketTable, WorkerCtx};
 use crate::{epoll, http, net, uring};
 
@@ -166,9 +168,16 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
 
     let metrics_hub = hub.clone();
     let log_path = cfg.histogram_log.clone();
+    let (registrar, drain_notice) = match &v.directory {
+        Some(d) => {
+            let (r, n) = Registrar::new(d.clone(), metrics_addr, hub.clone());
+            (Some(r), Some(n))
+        }
+        None => (None, None),
+    };
     let metrics_thread = std::thread::Builder::new()
         .name("relay-metrics".into())
-        .spawn(move || run_metrics_thread(metrics_hub, report_rx, log_path))
+        .spawn(move || run_metrics_thread(metrics_hub, report_rx, log_path, registrar))
         .map_err(ServerError::Start)?;
 
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel();
@@ -244,6 +253,9 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
                 );
                 hub.set_draining();
                 shared.set_draining(true);
+                if let Some(n) = &drain_notice {
+                    n.drain_started();
+                }
                 drain_deadline = Some(Instant::now() + v.drain_timeout());
             }
         }
