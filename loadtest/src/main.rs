@@ -1,0 +1,265 @@
+//! `peerlink-loadtest`: command line and wiring only (the benchmark lives in the library).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use peerlink_loadtest::relay_bench::server::{self, ServerKind};
+use peerlink_loadtest::relay_bench::traffic::{self, SendIo};
+use peerlink_loadtest::relay_bench::{self, AllocConfig, Placement, TrafficConfig};
+
+#[path = "fleet/cli.rs"]
+mod fleet_cli;
+
+/// peerlink load tester.
+#[derive(Parser, Debug)]
+#[command(name = "peerlink-loadtest", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// TURN relay forwarding benchmark: peerlink-relay vs coturn, side by side.
+    Relay(RelayArgs),
+    /// TURN allocation benchmark: allocations/s, RSS per idle allocation, `--hold N`.
+    RelayAlloc(AllocArgs),
+    /// Signaling and directory benchmarks (idle-sessions, invites, logins, directory).
+    #[command(flatten)]
+    Fleet(fleet_cli::FleetCmd),
+}
+
+/// Where and what to run (shared by both subcommands).
+#[derive(Args, Debug)]
+struct PlacementArgs {
+    /// Servers to compare (repeat or comma-separate).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ServerKind::PeerlinkUring, ServerKind::PeerlinkEpoll, ServerKind::Coturn])]
+    servers: Vec<ServerKind>,
+    /// CPU the servers are pinned to (-1: unpinned).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    server_cpu: i64,
+    /// CPU the generator threads are pinned to (-1: unpinned).
+    #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
+    gen_cpu: i64,
+    /// peerlink-relay binary [default: <workspace>/target/release/peerlink-relay].
+    #[arg(long)]
+    peerlink_bin: Option<PathBuf>,
+    /// coturn's turnserver binary.
+    #[arg(long, default_value = "/usr/bin/turnserver")]
+    coturn_bin: PathBuf,
+    /// Relay IPs, comma-separated (all loopback 127.0.0.x work); client sockets spread over
+    /// them too. peerlink-relay gets the first (one per family).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    relay_ips: Vec<IpAddr>,
+    /// Relayed port range shared (split) between the servers.
+    #[arg(long, default_value_t = 10000)]
+    port_min: u16,
+    /// Relayed port range, inclusive.
+    #[arg(long, default_value_t = 31999)]
+    port_max: u16,
+    /// Spread client sockets over this many loopback source IPs (127.1.x.y); 1 = all on the
+    /// server's IP. Servers may limit unauthenticated replies per source IP.
+    #[arg(long, default_value_t = 64)]
+    client_ips: usize,
+    /// Nice value for the servers and the generator threads (e.g. -10 on a shared machine so
+    /// other work does not preempt the measured processes; same for every server).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    nice: i32,
+    /// Overall time limit in seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+    /// Seed for transaction ids.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the full JSON report on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RelayArgs {
+    #[command(flatten)]
+    place: PlacementArgs,
+    /// Allocations per server (>= 2, even; BENCHMARKS.md asks for >= 100).
+    #[arg(long, default_value_t = 200)]
+    allocations: usize,
+    /// Fixed offered rate, packets/s over all flows (0: skip fixed-rate rounds).
+    #[arg(long, default_value_t = 30_000.0)]
+    rate: f64,
+    /// Also find the highest rate with loss <= --loss-threshold.
+    #[arg(long)]
+    max: bool,
+    /// Rounds per server (A/B alternating; the first is discarded).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds of sending per fixed-rate round.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// Seconds of sending per max-search step.
+    #[arg(long, default_value_t = 1.0)]
+    search_duration: f64,
+    /// Max-search steps per round.
+    #[arg(long, default_value_t = 8)]
+    search_steps: usize,
+    /// First rate the max search tries.
+    #[arg(long, default_value_t = 50_000.0)]
+    search_start: f64,
+    /// Loss allowed in the max search, percent.
+    #[arg(long, default_value_t = 0.1)]
+    loss_threshold: f64,
+    /// Milliseconds to keep receiving after the sender stops.
+    #[arg(long, default_value_t = 300)]
+    drain_ms: u64,
+    /// Pacing step in microseconds (packets due are sent as one burst per step).
+    #[arg(long, default_value_t = 500)]
+    burst_us: u64,
+    /// Sender I/O [default: uring when available].
+    #[arg(long, value_enum)]
+    send_io: Option<SendIo>,
+    /// Skip peerlink's half-load /stats probe.
+    #[arg(long)]
+    no_half_load: bool,
+    /// Skip the generator-only ceiling (with --max: the same search over direct socket
+    /// pairs, no relay).
+    #[arg(long)]
+    no_baseline: bool,
+}
+
+#[derive(Args, Debug)]
+struct AllocArgs {
+    #[command(flatten)]
+    place: PlacementArgs,
+    /// Allocations per round.
+    #[arg(long, default_value_t = 2000)]
+    count: usize,
+    /// Allocations in flight at once.
+    #[arg(long, default_value_t = 500)]
+    concurrency: usize,
+    /// Rounds per server (the first is discarded).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Hold N allocations (overrides --count), keep them refreshed for --hold-secs, then
+    /// refresh all and count the survivors.
+    #[arg(long)]
+    hold: Option<usize>,
+    /// Seconds to hold.
+    #[arg(long, default_value_t = 10)]
+    hold_secs: u64,
+}
+
+fn cpu(v: i64) -> Option<usize> {
+    usize::try_from(v).ok()
+}
+
+fn placement(a: &PlacementArgs) -> anyhow::Result<Placement> {
+    let bin = a
+        .peerlink_bin
+        .clone()
+        .unwrap_or_else(|| server::default_peerlink_bin("release"));
+    let mut p = Placement::new(bin);
+    p.servers = a.servers.clone();
+    p.server_cpu = cpu(a.server_cpu);
+    p.gen_cpu = cpu(a.gen_cpu);
+    p.coturn_bin = a.coturn_bin.clone();
+    anyhow::ensure!(
+        !a.relay_ips.is_empty(),
+        "--relay-ips must name at least one address"
+    );
+    p.relay_ips = a.relay_ips.clone();
+    anyhow::ensure!(
+        a.port_min < a.port_max,
+        "--port-min must be below --port-max"
+    );
+    p.port_min = a.port_min;
+    p.port_max = a.port_max;
+    p.timeout = Duration::from_secs(a.timeout);
+    p.client_ips = a.client_ips.max(1);
+    anyhow::ensure!((-20..=19).contains(&a.nice), "--nice must be in -20..=19");
+    p.nice = a.nice;
+    p.seed = a.seed;
+    Ok(p)
+}
+
+fn secs(v: f64, name: &str) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        v.is_finite() && v > 0.0 && v < 3600.0,
+        "{name} must be in (0, 3600) seconds"
+    );
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn relay(a: RelayArgs) -> anyhow::Result<()> {
+    let mut c = TrafficConfig::new(placement(&a.place)?);
+    anyhow::ensure!(
+        a.allocations >= 2 && a.allocations.is_multiple_of(2),
+        "--allocations must be even and >= 2"
+    );
+    c.allocations = a.allocations;
+    anyhow::ensure!(a.rate >= 0.0 && a.rate.is_finite(), "--rate must be >= 0");
+    c.rate = (a.rate > 0.0).then_some(a.rate);
+    c.max = a.max;
+    anyhow::ensure!(a.rounds >= 1, "--rounds must be >= 1");
+    c.rounds = a.rounds;
+    c.duration = secs(a.duration, "--duration")?;
+    c.search_duration = secs(a.search_duration, "--search-duration")?;
+    c.search_steps = a.search_steps.max(1);
+    c.search_start = a.search_start.max(100.0);
+    c.loss_threshold = a.loss_threshold / 100.0;
+    c.drain = Duration::from_millis(a.drain_ms);
+    c.tick = Duration::from_micros(a.burst_us.max(50));
+    c.half_load_probe = !a.no_half_load;
+    c.baseline = !a.no_baseline;
+    if let Some(io) = a.send_io {
+        anyhow::ensure!(
+            io != SendIo::Uring || traffic::uring_available(),
+            "io_uring is not available here"
+        );
+        c.send_io = io;
+    }
+    let json = a.place.json;
+    let report = relay_bench::run_traffic(&c).context("relay benchmark")?;
+    if json {
+        eprint!("{}", report.table());
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn relay_alloc(a: AllocArgs) -> anyhow::Result<()> {
+    let mut c = AllocConfig::new(placement(&a.place)?);
+    c.count = a.hold.unwrap_or(a.count);
+    c.concurrency = a.concurrency.max(1);
+    c.rounds = a.rounds.max(1);
+    c.hold = a.hold.map(|_| Duration::from_secs(a.hold_secs));
+    let json = a.place.json;
+    let report = relay_bench::run_alloc(&c).context("allocation benchmark")?;
+    if json {
+        eprint!("{}", report.table());
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Relay(a) => relay(a),
+        Cmd::RelayAlloc(a) => relay_alloc(a),
+        Cmd::Fleet(c) => fleet_cli::run(c),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,928 @@
+//! `peerlink-loadtest relay`: peerlink-relay against coturn, side by side in one run.
+//!
+//! Flow of a traffic run (BENCHMARKS.md, relay section): every server under test is started
+//! as a child pinned to one core (`--server-cpu`, default 0); N allocations (distinct client
+//! sockets = distinct 5-tuples) are made on each, paired A<->B, and every allocation binds a
+//! channel to its partner's relayed address, so each packet goes client -> relay -> relay ->
+//! client. Then rounds alternate between servers (the order rotates each round); per round
+//! and server: a fixed-rate measurement (`--rate`) and/or a max-rate search (`--max`:
+//! highest rate with loss <= `--loss-threshold`, by doubling then bisection over short
+//! rounds). The first round of each server is discarded; medians of the rest are reported,
+//! with the ratios peerlink/coturn. The generator (sender + receiver threads) runs on
+//! `--gen-cpu` (default 1) and reports its own CPU so a generator-bound figure is flagged.
+//!
+//! The allocation run (`relay-alloc`) measures allocations per second with many clients
+//! allocating concurrently, the RSS growth per idle allocation, and (`--hold N`) how many
+//! allocations a server holds and still refreshes.
+
+pub mod report;
+pub mod server;
+pub mod session;
+pub mod traffic;
+
+use std::cell::Cell;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use peerlink_sim::turn::{AllocationState, Event, TurnConfig};
+use serde::Serialize;
+
+use report::{
+    AllocReport, AllocServerReport, MaxSearch, RoundFigures, ServerReport, TrafficReport,
+};
+use server::{BENCH_PASS, BENCH_USER, ServerKind, ServerProcess, ServerSpec};
+use session::{PumpStats, Sessions};
+use traffic::{Flow, RoundSpec, SendIo};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A server failed to start or be observed.
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    /// Socket setup failed.
+    #[error("socket setup: {0}")]
+    Io(#[from] std::io::Error),
+    /// The generator failed.
+    #[error(transparent)]
+    Traffic(#[from] traffic::TrafficError),
+    /// Allocations or channel bindings did not all succeed.
+    #[error("{server}: {what}: {ok}/{wanted} succeeded; first error: {first_error}")]
+    Setup {
+        /// Server label.
+        server: &'static str,
+        /// What was being set up.
+        what: &'static str,
+        /// Successes.
+        ok: usize,
+        /// Wanted.
+        wanted: usize,
+        /// The first client error seen.
+        first_error: String,
+    },
+    /// The overall `--timeout` passed.
+    #[error("overall timeout of {0:?} reached")]
+    Timeout(Duration),
+    /// A bad parameter.
+    #[error("invalid parameter: {0}")]
+    Invalid(String),
+}
+
+/// Where servers run and how they are reached; shared by both runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct Placement {
+    /// Servers to run, in order.
+    pub servers: Vec<ServerKind>,
+    /// CPU for the servers (`None`: unpinned).
+    pub server_cpu: Option<usize>,
+    /// CPU for the generator threads (`None`: unpinned).
+    pub gen_cpu: Option<usize>,
+    /// peerlink-relay binary.
+    pub peerlink_bin: PathBuf,
+    /// coturn binary.
+    pub coturn_bin: PathBuf,
+    /// Relay IPs (several for `--hold` beyond one IP's ports).
+    pub relay_ips: Vec<IpAddr>,
+    /// Lowest relayed port; the range up to `port_max` is split between servers.
+    pub port_min: u16,
+    /// Highest relayed port.
+    pub port_max: u16,
+    /// Nice value for servers and generator threads (0: unchanged). A negative value keeps
+    /// other work on a shared machine from preempting the measured processes.
+    pub nice: i32,
+    /// Client source addresses: sockets spread over this many loopback IPs (127.1.x.y) when
+    /// > 1, as distinct clients would come from distinct addresses (per-source limits apply).
+    pub client_ips: usize,
+    /// Socket buffer size for generator sockets (bytes).
+    pub sock_buf: usize,
+    /// Overall time limit.
+    pub timeout: Duration,
+    /// Seed for transaction ids.
+    pub seed: u64,
+}
+
+impl Placement {
+    /// Defaults: all three servers, server on CPU 0, generator on CPU 1, relayed ports
+    /// 10000-31999 (below the ephemeral range the client sockets use).
+    pub fn new(peerlink_bin: PathBuf) -> Self {
+        Self {
+            servers: vec![
+                ServerKind::PeerlinkUring,
+                ServerKind::PeerlinkEpoll,
+                ServerKind::Coturn,
+            ],
+            server_cpu: Some(0),
+            gen_cpu: Some(1),
+            peerlink_bin,
+            coturn_bin: PathBuf::from("/usr/bin/turnserver"),
+            relay_ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            port_min: 10000,
+            port_max: 31999,
+            client_ips: 64,
+            nice: 0,
+            sock_buf: 4 << 20,
+            timeout: Duration::from_secs(900),
+            seed: 1,
+        }
+    }
+
+    /// The spec of server `idx` of `of` sharing the port range.
+    fn spec(&self, kind: ServerKind, idx: usize, of: usize) -> Result<ServerSpec, BenchError> {
+        let ip = self
+            .relay_ips
+            .first()
+            .copied()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let span = (usize::from(self.port_max) - usize::from(self.port_min) + 1) / of.max(1);
+        if span < 16 {
+            return Err(BenchError::Invalid(format!(
+                "port range {}-{} too small for {of} servers",
+                self.port_min, self.port_max
+            )));
+        }
+        let lo = usize::from(self.port_min) + idx * span;
+        let hi = lo + span - 1;
+        let relay_ips = if kind.is_peerlink() {
+            // peerlink-relay takes one relay IP per address family.
+            vec![ip]
+        } else {
+            self.relay_ips.clone()
+        };
+        Ok(ServerSpec {
+            kind,
+            listen: SocketAddr::new(ip, server::free_udp_port(ip)?),
+            relay_ips,
+            min_port: lo as u16,
+            max_port: hi as u16,
+            cpu: self.server_cpu,
+            nice: self.nice,
+            metrics: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), server::free_tcp_port(ip)?),
+            peerlink_bin: self.peerlink_bin.clone(),
+            coturn_bin: self.coturn_bin.clone(),
+            max_allocations: 200_000,
+        })
+    }
+
+    /// The client source IPs: `client_ips` loopback addresses, or the server's IP.
+    fn client_addrs(&self, server: SocketAddr) -> Vec<IpAddr> {
+        if self.client_ips <= 1 {
+            return vec![server.ip()];
+        }
+        (0..self.client_ips.min(250 * 250 * 200))
+            .map(|k| {
+                let hi = 1 + (k / 62_500) as u8;
+                let mid = ((k / 250) % 250) as u8 + 1;
+                let lo = (k % 250) as u8 + 1;
+                IpAddr::V4(Ipv4Addr::new(127, hi, mid, lo))
+            })
+            .collect()
+    }
+
+    fn client_config(&self, server: SocketAddr, i: usize) -> TurnConfig {
+        let mut c = TurnConfig::new(server, BENCH_USER, BENCH_PASS)
+            .with_seed(self.seed.wrapping_mul(1_000_003) ^ i as u64);
+        c.fingerprint = true;
+        c
+    }
+}
+
+/// Parameters of a traffic run (`peerlink-loadtest relay`).
+#[derive(Clone, Debug, Serialize)]
+pub struct TrafficConfig {
+    /// Servers, CPUs, binaries.
+    pub placement: Placement,
+    /// Allocations per server (even; paired).
+    pub allocations: usize,
+    /// Fixed offered rate (packets/s over all flows); `None` skips the fixed-rate rounds.
+    pub rate: Option<f64>,
+    /// Run the max-rate search.
+    pub max: bool,
+    /// Rounds per server (the first is discarded).
+    pub rounds: usize,
+    /// Sending time of a fixed-rate round.
+    pub duration: Duration,
+    /// Sending time of a max-search step.
+    pub search_duration: Duration,
+    /// Receive time after the sender stops.
+    pub drain: Duration,
+    /// Pacing step.
+    pub tick: Duration,
+    /// Loss allowed in the max search (fraction).
+    pub loss_threshold: f64,
+    /// First rate the search tries.
+    pub search_start: f64,
+    /// Highest rate the search tries.
+    pub search_cap: f64,
+    /// Steps per search.
+    pub search_steps: usize,
+    /// Measure peerlink's in-relay p99 from `/stats` at half its max rate.
+    pub half_load_probe: bool,
+    /// Sender I/O.
+    pub send_io: SendIo,
+    /// With `max`: also search the generator's own ceiling over direct socket pairs.
+    pub baseline: bool,
+}
+
+impl TrafficConfig {
+    /// BENCHMARKS.md defaults: 200 allocations, 5 rounds, 2 s fixed rounds, 1 s search steps.
+    pub fn new(placement: Placement) -> Self {
+        Self {
+            placement,
+            allocations: 200,
+            rate: Some(30_000.0),
+            max: false,
+            rounds: 5,
+            duration: Duration::from_secs(2),
+            search_duration: Duration::from_secs(1),
+            drain: Duration::from_millis(300),
+            tick: Duration::from_micros(500),
+            loss_threshold: 0.001,
+            search_start: 50_000.0,
+            search_cap: 2_000_000.0,
+            search_steps: 10,
+            half_load_probe: true,
+            baseline: true,
+            send_io: if traffic::uring_available() {
+                SendIo::Uring
+            } else {
+                SendIo::Syscall
+            },
+        }
+    }
+}
+
+/// A server with its allocations paired and channels bound.
+struct Prepared {
+    server: ServerProcess,
+    sessions: Sessions,
+    flows: Vec<Flow>,
+}
+
+/// Allocates `n` sessions (at most `window` in flight) until done or `deadline`.
+fn allocate_all(sessions: &mut Sessions, window: usize, deadline: Instant) -> (usize, Duration) {
+    let n = sessions.len();
+    let start = Instant::now();
+    let mut next = 0usize;
+    let mut stats = PumpStats::default();
+    let last_ok = Cell::new(start);
+    let ok = Cell::new(0usize);
+    let failed = Cell::new(0usize);
+    sessions.pump(
+        deadline,
+        |_, ev, _, now| match ev {
+            Event::Allocated { .. } => {
+                ok.set(ok.get() + 1);
+                last_ok.set(now);
+            }
+            Event::AllocationFailed(_) => failed.set(failed.get() + 1),
+            _ => {}
+        },
+        |ss, now| {
+            let done = ok.get() + failed.get();
+            let in_flight = next.saturating_sub(done);
+            if next < n && in_flight < window {
+                let k = (window - in_flight).min(n - next);
+                ss.start_allocations(next..next + k, now, &mut PumpStats::default());
+                next += k;
+            }
+            done >= n
+        },
+        &mut stats,
+    );
+    (ok.get(), last_ok.get().duration_since(start))
+}
+
+fn prepare(
+    p: &Placement,
+    spec: ServerSpec,
+    n: usize,
+    sock_buf: usize,
+    deadline: Instant,
+) -> Result<Prepared, BenchError> {
+    let label = spec.kind.label();
+    let listen = spec.listen;
+    let server = ServerProcess::start(spec, Duration::from_secs(20))?;
+    let mut sessions = Sessions::open(
+        n,
+        &p.client_addrs(listen),
+        listen,
+        |i| p.client_config(listen, i),
+        sock_buf,
+    )?;
+    let setup_deadline = deadline.min(Instant::now() + Duration::from_secs(60));
+    let (ok, _) = allocate_all(&mut sessions, 256, setup_deadline);
+    if ok < n {
+        return Err(BenchError::Setup {
+            server: label,
+            what: "allocations",
+            ok,
+            wanted: n,
+            first_error: sessions.first_error().unwrap_or("timeout").to_owned(),
+        });
+    }
+    let now = Instant::now();
+    let mut stats = PumpStats::default();
+    for i in 0..n {
+        let partner = i ^ 1;
+        let peer = sessions.list[partner].client.relayed_addr();
+        sessions.with_client(i, &mut stats, |s| {
+            s.peer = peer;
+            if let Some(peer) = peer
+                && let Err(e) = s.client.bind_channel(now, peer)
+            {
+                s.last_error = Some(e.to_string());
+            }
+        });
+    }
+    sessions.pump(
+        setup_deadline,
+        |_, _, _, _| {},
+        |ss, _| {
+            ss.list
+                .iter()
+                .all(|s| s.channel.is_some() || s.last_error.is_some())
+        },
+        &mut stats,
+    );
+    let bound = sessions.list.iter().filter(|s| s.channel.is_some()).count();
+    if bound < n {
+        return Err(BenchError::Setup {
+            server: label,
+            what: "channel bindings",
+            ok: bound,
+            wanted: n,
+            first_error: sessions.first_error().unwrap_or("timeout").to_owned(),
+        });
+    }
+    let fds = sessions.fds();
+    let flows = sessions
+        .list
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Flow {
+            fd: fds[i],
+            channel: s.channel.unwrap_or(0),
+            dest: i ^ 1,
+        })
+        .collect();
+    Ok(Prepared {
+        server,
+        sessions,
+        flows,
+    })
+}
+
+/// `n` sockets connected pairwise (0<->1, 2<->3, ...) on the client IPs: the generator
+/// talking to itself, for its own ceiling.
+fn direct_pairs(p: &Placement, n: usize) -> Result<(Vec<UdpSocket>, Vec<Flow>), BenchError> {
+    let ips = p.client_addrs(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
+    let mut socks = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = UdpSocket::bind((ips[i % ips.len()], 0))?;
+        let _ = socket2::SockRef::from(&s).set_recv_buffer_size(p.sock_buf);
+        let _ = socket2::SockRef::from(&s).set_send_buffer_size(p.sock_buf);
+        s.set_nonblocking(true)?;
+        socks.push(s);
+    }
+    for i in (0..n).step_by(2) {
+        let (a, b) = (socks[i].local_addr()?, socks[i + 1].local_addr()?);
+        socks[i].connect(b)?;
+        socks[i + 1].connect(a)?;
+    }
+    let flows = socks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Flow {
+            fd: s.as_raw_fd(),
+            channel: peerlink_proto::channel::CHANNEL_MIN,
+            dest: i ^ 1,
+        })
+        .collect();
+    Ok((socks, flows))
+}
+
+/// Lets due refreshes (permissions every 4 min, channels, allocation) happen between rounds.
+fn maintain(prep: &mut Prepared) {
+    let mut stats = PumpStats::default();
+    prep.sessions.pump(
+        Instant::now() + Duration::from_millis(500),
+        |_, _, _, _| {},
+        |ss, _| ss.busy() == 0,
+        &mut stats,
+    );
+}
+
+/// One measured round with the server's CPU time around it.
+fn measured_round(
+    prep: &mut Prepared,
+    spec: &RoundSpec,
+    probe: Option<(Duration, &mut dyn FnMut())>,
+) -> Result<RoundFigures, BenchError> {
+    maintain(prep);
+    let cpu0 = prep.server.cpu_time()?;
+    let r = traffic::run_round(&prep.flows, spec, probe)?;
+    prep.server.check_alive()?;
+    let cpu1 = prep.server.cpu_time()?;
+    Ok(RoundFigures::new(&r, cpu1.saturating_sub(cpu0)))
+}
+
+/// Re-measurements of one step when the generator fell short without a busy core.
+const MAX_HICCUP_RETRIES: usize = 2;
+
+/// The max-rate search on one server: doubling until loss, then bisection.
+fn search_max(
+    cfg: &TrafficConfig,
+    round_id: &mut u32,
+    mut measure: impl FnMut(&RoundSpec) -> Result<RoundFigures, BenchError>,
+) -> Result<MaxSearch, BenchError> {
+    let mut lo: Option<RoundFigures> = None;
+    let mut hi: Option<f64> = None;
+    let mut rate = cfg.search_start;
+    let mut steps = Vec::new();
+    let mut generator_limited = false;
+    let mut retries = 0;
+    for _ in 0..cfg.search_steps {
+        *round_id += 1;
+        let spec = RoundSpec {
+            round_id: *round_id,
+            rate_pps: rate,
+            duration: cfg.search_duration,
+            drain: cfg.drain,
+            tick: cfg.tick,
+            cpu: cfg.placement.gen_cpu,
+            send_io: cfg.send_io,
+            nice: cfg.placement.nice,
+        };
+        let f = measure(&spec)?;
+        let ok = f.loss_fraction <= cfg.loss_threshold;
+        steps.push(f.clone());
+        let saturated = f.gen_core_fraction > traffic::GENERATOR_BUSY;
+        if f.generator_limited && !saturated && retries < MAX_HICCUP_RETRIES {
+            // The generator fell short with its core not busy: it was descheduled (a shared
+            // or virtualised machine). Measure this rate again.
+            retries += 1;
+            continue;
+        }
+        retries = 0;
+        if ok {
+            if lo.as_ref().is_none_or(|l| l.received_pps < f.received_pps) {
+                lo = Some(f);
+            }
+            if saturated {
+                // The generator's core is full: it cannot offer more; the server was not
+                // the limit.
+                generator_limited = true;
+                break;
+            }
+        } else {
+            hi = Some(hi.map_or(rate, |h: f64| h.min(rate)));
+        }
+        let lo_rate = lo.as_ref().map_or(0.0, |l| l.offered_pps);
+        rate = match hi {
+            None => (rate * 2.0).min(cfg.search_cap),
+            Some(h) => {
+                if lo_rate > 0.0 && h / lo_rate < 1.03 {
+                    break;
+                }
+                if lo_rate == 0.0 {
+                    // Start below what got through at the lossy rate.
+                    (steps
+                        .last()
+                        .map_or(h / 2.0, |s: &RoundFigures| s.received_pps)
+                        * 0.9)
+                        .min(h / 1.5)
+                } else {
+                    (lo_rate + h) / 2.0
+                }
+            }
+        };
+        if lo_rate >= cfg.search_cap {
+            break;
+        }
+    }
+    Ok(MaxSearch {
+        best: lo,
+        steps,
+        generator_limited,
+    })
+}
+
+/// Runs the traffic benchmark.
+pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
+    if cfg.allocations < 2 || !cfg.allocations.is_multiple_of(2) {
+        return Err(BenchError::Invalid(
+            "allocations must be even and >= 2".into(),
+        ));
+    }
+    if cfg.rate.is_none() && !cfg.max {
+        return Err(BenchError::Invalid(
+            "nothing to measure: give --rate and/or --max".into(),
+        ));
+    }
+    if cfg.placement.servers.is_empty() || cfg.rounds == 0 {
+        return Err(BenchError::Invalid(
+            "need at least one server and one round".into(),
+        ));
+    }
+    let started = Instant::now();
+    let deadline = started + cfg.placement.timeout;
+    // Setup and between-round maintenance run on this thread, next to the generator.
+    traffic::pin(cfg.placement.gen_cpu, cfg.placement.nice);
+    session::raise_nofile_limit();
+    let servers = &cfg.placement.servers;
+    let mut preps = Vec::new();
+    for (i, kind) in servers.iter().enumerate() {
+        let spec = cfg.placement.spec(*kind, i, servers.len())?;
+        preps.push(prepare(
+            &cfg.placement,
+            spec,
+            cfg.allocations,
+            cfg.placement.sock_buf,
+            deadline,
+        )?);
+    }
+    // The generator's own ceiling: the same search over direct socket pairs, no relay.
+    let generator_baseline = if cfg.baseline && cfg.max {
+        let (_socks, flows) = direct_pairs(&cfg.placement, cfg.allocations)?;
+        // Round ids of their own (the sockets are not shared with the servers' rounds).
+        let mut baseline_round = 0x8000_0000u32;
+        Some(search_max(cfg, &mut baseline_round, |spec| {
+            let r = traffic::run_round(&flows, spec, None)?;
+            Ok(RoundFigures::new(&r, Duration::ZERO))
+        })?)
+    } else {
+        None
+    };
+    let mut reports: Vec<ServerReport> = servers.iter().map(|k| ServerReport::new(*k)).collect();
+    let mut round_id = 0u32;
+    for r in 0..cfg.rounds {
+        // Alternate: rotate the order every round.
+        for j in 0..servers.len() {
+            if Instant::now() >= deadline {
+                return Err(BenchError::Timeout(cfg.placement.timeout));
+            }
+            let s = (j + r) % servers.len();
+            let prep = &mut preps[s];
+            if let Some(rate) = cfg.rate {
+                round_id += 1;
+                let spec = RoundSpec {
+                    round_id,
+                    rate_pps: rate,
+                    duration: cfg.duration,
+                    drain: cfg.drain,
+                    tick: cfg.tick,
+                    cpu: cfg.placement.gen_cpu,
+                    send_io: cfg.send_io,
+                    nice: cfg.placement.nice,
+                };
+                let f = measured_round(prep, &spec, None)?;
+                reports[s].fixed.push(f);
+            }
+            if cfg.max {
+                let m = search_max(cfg, &mut round_id, |spec| measured_round(prep, spec, None))?;
+                reports[s].max.push(m);
+            }
+        }
+    }
+    // peerlink's in-relay latency at half of its (median) max rate, from /stats.
+    if cfg.max && cfg.half_load_probe {
+        for (s, prep) in preps.iter_mut().enumerate() {
+            if !prep.server.spec.kind.is_peerlink() {
+                continue;
+            }
+            let Some(max) = reports[s].max_pps_median() else {
+                continue;
+            };
+            round_id += 1;
+            let dur = cfg.duration.max(Duration::from_millis(2500));
+            let spec = RoundSpec {
+                round_id,
+                rate_pps: max / 2.0,
+                duration: dur,
+                drain: cfg.drain,
+                tick: cfg.tick,
+                cpu: cfg.placement.gen_cpu,
+                send_io: cfg.send_io,
+                nice: cfg.placement.nice,
+            };
+            let metrics = prep.server.spec.metrics;
+            let mut stats: Option<serde_json::Value> = None;
+            let mut probe = || {
+                stats = server::fetch_stats(metrics, Duration::from_secs(1)).ok();
+            };
+            let f = measured_round(
+                prep,
+                &spec,
+                Some((dur - Duration::from_millis(400), &mut probe)),
+            )?;
+            reports[s].half_load = Some(report::HalfLoad::new(f, stats));
+        }
+    }
+    for (s, prep) in preps.iter_mut().enumerate() {
+        if prep.server.spec.kind.is_peerlink()
+            && let Ok(v) = server::fetch_stats(prep.server.spec.metrics, Duration::from_secs(1))
+        {
+            reports[s].final_stats = Some(v);
+        }
+        reports[s].allocations = prep.sessions.count(AllocationState::Allocated);
+    }
+    let mut report = TrafficReport::new(cfg, reports, started.elapsed());
+    report.set_generator_baseline(generator_baseline);
+    Ok(report)
+}
+
+/// Parameters of an allocation run (`peerlink-loadtest relay-alloc`).
+#[derive(Clone, Debug, Serialize)]
+pub struct AllocConfig {
+    /// Servers, CPUs, binaries.
+    pub placement: Placement,
+    /// Allocations per round.
+    pub count: usize,
+    /// Allocations in flight at once.
+    pub concurrency: usize,
+    /// Rounds per server (the first is discarded).
+    pub rounds: usize,
+    /// Hold the allocations this long, then refresh them all and count the survivors.
+    pub hold: Option<Duration>,
+    /// Idle time before reading RSS after allocating.
+    pub settle: Duration,
+}
+
+impl AllocConfig {
+    /// Defaults: 2000 allocations, 500 in flight, 3 rounds.
+    pub fn new(placement: Placement) -> Self {
+        Self {
+            placement,
+            count: 2000,
+            concurrency: 500,
+            rounds: 3,
+            hold: None,
+            settle: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One allocation round on a fresh server.
+fn alloc_round(
+    cfg: &AllocConfig,
+    kind: ServerKind,
+    deadline: Instant,
+) -> Result<report::AllocRound, BenchError> {
+    let p = &cfg.placement;
+    let spec = p.spec(kind, 0, 1)?;
+    let listen = spec.listen;
+    let server = ServerProcess::start(spec, Duration::from_secs(20))?;
+    // Client sockets spread over client IPs (ephemeral ports per IP are limited, too).
+    let mut sessions = Sessions::open(
+        cfg.count,
+        &p.client_addrs(listen),
+        listen,
+        |i| p.client_config(listen, i),
+        0,
+    )?;
+    std::thread::sleep(cfg.settle);
+    let rss_before = server.rss_bytes()?;
+    let cpu0 = server.cpu_time()?;
+    let gen0 = traffic::thread_cpu();
+    let round_deadline = deadline.min(Instant::now() + Duration::from_secs(120));
+    let (ok, elapsed) = allocate_all(&mut sessions, cfg.concurrency, round_deadline);
+    let gen_cpu = traffic::thread_cpu().saturating_sub(gen0);
+    let cpu = server.cpu_time()?.saturating_sub(cpu0);
+    std::thread::sleep(cfg.settle);
+    let rss_after = server.rss_bytes()?;
+    let mut held = None;
+    if let Some(hold) = cfg.hold {
+        let mut stats = PumpStats::default();
+        // Keep the allocations alive (timers run) for the hold period.
+        sessions.pump(
+            (Instant::now() + hold).min(deadline),
+            |_, _, _, _| {},
+            |_, _| false,
+            &mut stats,
+        );
+        let now = Instant::now();
+        let mut refreshed = 0usize;
+        for i in 0..sessions.len() {
+            sessions.with_client(i, &mut stats, |s| {
+                let _ = s.client.refresh(now);
+            });
+        }
+        sessions.pump(
+            deadline.min(now + Duration::from_secs(60)),
+            |_, ev, _, _| {
+                if matches!(ev, Event::Refreshed { .. }) {
+                    refreshed += 1;
+                }
+            },
+            |ss, _| ss.busy() == 0,
+            &mut stats,
+        );
+        held = Some(refreshed);
+    }
+    let first_error = sessions.first_error().map(str::to_owned);
+    let relay_ips_used = sessions
+        .list
+        .iter()
+        .filter_map(|s| s.client.relayed_addr().map(|a| a.ip()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let released = sessions.deallocate_all(Duration::from_secs(10));
+    drop(sessions);
+    Ok(report::AllocRound {
+        attempted: cfg.count,
+        succeeded: ok,
+        elapsed_s: elapsed.as_secs_f64(),
+        allocs_per_s: if elapsed.is_zero() {
+            0.0
+        } else {
+            ok as f64 / elapsed.as_secs_f64()
+        },
+        server_cpu_us_per_alloc: if ok == 0 {
+            0.0
+        } else {
+            cpu.as_secs_f64() * 1e6 / ok as f64
+        },
+        gen_core_fraction: gen_cpu.as_secs_f64() / elapsed.as_secs_f64().max(1e-9),
+        rss_before,
+        rss_after,
+        rss_bytes_per_alloc: if ok == 0 {
+            0.0
+        } else {
+            (rss_after as f64 - rss_before as f64) / ok as f64
+        },
+        held_and_refreshed: held,
+        relay_ips_used,
+        released,
+        first_error,
+    })
+}
+
+/// Runs the allocation benchmark (rate, memory, optional hold).
+pub fn run_alloc(cfg: &AllocConfig) -> Result<AllocReport, BenchError> {
+    if cfg.count == 0 || cfg.rounds == 0 || cfg.concurrency == 0 {
+        return Err(BenchError::Invalid(
+            "count, rounds and concurrency must be > 0".into(),
+        ));
+    }
+    let started = Instant::now();
+    let deadline = started + cfg.placement.timeout;
+    // The allocating generator runs on this thread.
+    traffic::pin(cfg.placement.gen_cpu, cfg.placement.nice);
+    let limit = session::raise_nofile_limit();
+    if cfg.count as u64 + 64 > limit {
+        return Err(BenchError::Invalid(format!(
+            "{} allocations need {} client sockets but RLIMIT_NOFILE is {limit}",
+            cfg.count,
+            cfg.count + 64
+        )));
+    }
+    let servers = &cfg.placement.servers;
+    let mut reports: Vec<AllocServerReport> =
+        servers.iter().map(|k| AllocServerReport::new(*k)).collect();
+    for r in 0..cfg.rounds {
+        for j in 0..servers.len() {
+            if Instant::now() >= deadline {
+                return Err(BenchError::Timeout(cfg.placement.timeout));
+            }
+            let s = (j + r) % servers.len();
+            let round = alloc_round(cfg, servers[s], deadline)?;
+            reports[s].rounds.push(round);
+        }
+    }
+    Ok(AllocReport::new(cfg, reports, started.elapsed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Figures of a synthetic round: loss above `capacity`, generator shortfall above `gen_max`.
+    fn synthetic(rate: f64, capacity: f64, gen_max: f64) -> RoundFigures {
+        let offered = rate;
+        let sent_pps = rate.min(gen_max);
+        let received_pps = sent_pps.min(capacity);
+        let sent = sent_pps as u64;
+        let received = received_pps as u64;
+        RoundFigures {
+            offered_pps: offered,
+            sent_pps,
+            received_pps,
+            sent,
+            received,
+            lost: sent - received,
+            loss_fraction: (sent - received) as f64 / sent as f64,
+            duplicated: 0,
+            misrouted: 0,
+            stray: 0,
+            send_errors: 0,
+            e2e_p50_us: 10,
+            e2e_p90_us: 20,
+            e2e_p99_us: 30,
+            e2e_p999_us: 40,
+            e2e_max_us: 50,
+            server_cpu_s: 0.5,
+            server_cpu_us_per_pkt: 5.0,
+            server_core_fraction: 0.5,
+            gen_core_fraction: 0.5,
+            generator_limited: sent_pps < traffic::GENERATOR_SHORTFALL * offered,
+        }
+    }
+
+    fn cfg(steps: usize) -> TrafficConfig {
+        let mut c = TrafficConfig::new(Placement::new(PathBuf::from("/nonexistent")));
+        c.search_steps = steps;
+        c.search_start = 50_000.0;
+        c
+    }
+
+    #[test]
+    fn search_converges_below_capacity() {
+        let mut id = 0;
+        let m = search_max(&cfg(10), &mut id, |s| {
+            Ok(synthetic(s.rate_pps, 123_000.0, 1e9))
+        })
+        .unwrap();
+        let best = m.best.unwrap().received_pps;
+        assert!(
+            (123_000.0 * 0.95..=123_000.0).contains(&best),
+            "best {best}"
+        );
+        assert!(!m.generator_limited);
+        assert!(m.steps.len() <= 10);
+        assert_eq!(id as usize, m.steps.len(), "one round id per step");
+    }
+
+    #[test]
+    fn search_stops_when_the_generator_core_is_full() {
+        let mut id = 0;
+        let m = search_max(&cfg(10), &mut id, |s| {
+            let mut f = synthetic(s.rate_pps, 1e9, 150_000.0);
+            f.gen_core_fraction = if f.generator_limited { 0.99 } else { 0.5 };
+            Ok(f)
+        })
+        .unwrap();
+        assert!(m.generator_limited);
+        // 50k, 100k ok; 200k: generator full -> stop with what it delivered.
+        assert_eq!(m.steps.len(), 3);
+        assert_eq!(m.best.unwrap().received_pps, 150_000.0);
+    }
+
+    #[test]
+    fn search_retries_a_step_the_generator_fell_short_on() {
+        let mut id = 0;
+        let mut calls = 0;
+        let m = search_max(&cfg(10), &mut id, |s| {
+            calls += 1;
+            // The second measurement is a hiccup: generator short, core idle.
+            let gen_max = if calls == 2 { s.rate_pps * 0.5 } else { 1e9 };
+            Ok(synthetic(s.rate_pps, 123_000.0, gen_max))
+        })
+        .unwrap();
+        assert!(!m.generator_limited);
+        assert_eq!(
+            m.steps[1].offered_pps, m.steps[2].offered_pps,
+            "hiccup step repeated"
+        );
+        let best = m.best.unwrap().received_pps;
+        assert!(best >= 123_000.0 * 0.9, "best {best}");
+    }
+
+    #[test]
+    fn search_from_a_lossy_start_goes_down() {
+        let mut id = 0;
+        let m = search_max(&cfg(8), &mut id, |s| {
+            Ok(synthetic(s.rate_pps, 20_000.0, 1e9))
+        })
+        .unwrap();
+        let best = m.best.unwrap().received_pps;
+        assert!((20_000.0 * 0.8..=20_000.0).contains(&best), "best {best}");
+    }
+
+    #[test]
+    fn client_addrs_are_distinct_loopback() {
+        let mut p = Placement::new(PathBuf::from("/nonexistent"));
+        p.client_ips = 70_000;
+        let server = SocketAddr::from(([127, 0, 0, 1], 3478));
+        let ips = p.client_addrs(server);
+        assert_eq!(ips.len(), 70_000);
+        let set: std::collections::HashSet<_> = ips.iter().collect();
+        assert_eq!(set.len(), ips.len());
+        assert!(ips.iter().all(|ip| ip.is_loopback()));
+        p.client_ips = 1;
+        assert_eq!(p.client_addrs(server), vec![server.ip()]);
+    }
+
+    #[test]
+    fn port_ranges_split_without_overlap() {
+        let p = Placement::new(PathBuf::from("/nonexistent"));
+        let specs: Vec<ServerSpec> = (0..3)
+            .map(|i| p.spec(ServerKind::Coturn, i, 3).unwrap())
+            .collect();
+        for w in specs.windows(2) {
+            assert!(w[0].max_port < w[1].min_port);
+        }
+        assert!(specs[0].min_port >= p.port_min && specs[2].max_port <= p.port_max);
+    }
+}

@@ -1,0 +1,162 @@
+//! Short, bounded smoke runs of the relay benchmark against the real servers: coturn's
+//! `turnserver` and peerlink-relay. They assert that packets were forwarded and counted and
+//! that the report is well-formed — never speed.
+//!
+//! peerlink-relay's binary must be built first (`cargo build -p peerlink-relay`; a workspace
+//! `cargo nextest run --workspace` builds it). If it is missing the test fails and says so.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use peerlink_loadtest::relay_bench::report::{RoundFigures, TrafficReport};
+use peerlink_loadtest::relay_bench::server::{ServerKind, default_peerlink_bin};
+use peerlink_loadtest::relay_bench::traffic::SendIo;
+use peerlink_loadtest::relay_bench::{self, AllocConfig, Placement, TrafficConfig};
+
+fn coturn_bin() -> PathBuf {
+    let p = PathBuf::from("/usr/bin/turnserver");
+    assert!(
+        p.is_file(),
+        "coturn's turnserver is not installed at {}: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+fn peerlink_bin() -> PathBuf {
+    let p = default_peerlink_bin("debug");
+    assert!(
+        p.is_file(),
+        "peerlink-relay binary missing at {}: build it first with `cargo build -p peerlink-relay` \
+         (scripts/test.sh builds the whole workspace before running tests)",
+        p.display()
+    );
+    p
+}
+
+/// A small, unpinned placement on a port range of its own (tests run in parallel).
+fn placement(servers: Vec<ServerKind>, port_min: u16, port_max: u16) -> Placement {
+    let mut p = Placement::new(default_peerlink_bin("debug"));
+    p.servers = servers;
+    p.server_cpu = None;
+    p.gen_cpu = None;
+    p.coturn_bin = coturn_bin();
+    p.port_min = port_min;
+    p.port_max = port_max;
+    p.client_ips = 4;
+    p.timeout = Duration::from_secs(90);
+    p
+}
+
+fn small_traffic(p: Placement) -> TrafficConfig {
+    let mut c = TrafficConfig::new(p);
+    c.allocations = 20;
+    c.rate = Some(1000.0);
+    c.rounds = 2;
+    c.duration = Duration::from_secs(1);
+    c.drain = Duration::from_millis(500);
+    c.tick = Duration::from_millis(1);
+    c.send_io = SendIo::Syscall;
+    c
+}
+
+/// Every round forwarded packets and the books balance.
+fn check_round(f: &RoundFigures) {
+    assert!(f.sent > 0, "nothing sent: {f:?}");
+    assert!(f.received > 0, "nothing received: {f:?}");
+    assert_eq!(f.misrouted, 0, "{f:?}");
+    // Per flow: lost = max(0, sent - received), duplicated = max(0, received - sent).
+    assert_eq!(f.sent + f.duplicated, f.received + f.lost, "{f:?}");
+    let loss = f.lost as f64 / f.sent as f64;
+    assert!((f.loss_fraction - loss).abs() < 1e-12);
+    assert!(
+        f.e2e_p50_us > 0 && f.e2e_p50_us <= f.e2e_p99_us && f.e2e_p99_us <= f.e2e_max_us,
+        "{f:?}"
+    );
+    assert!(f.server_cpu_s > 0.0, "server CPU not observed: {f:?}");
+}
+
+fn check_report(r: &TrafficReport, servers: &[ServerKind], allocations: usize) {
+    assert_eq!(r.servers.len(), servers.len());
+    for (s, kind) in r.servers.iter().zip(servers) {
+        assert_eq!(s.server, *kind);
+        assert_eq!(
+            s.allocations, allocations,
+            "{kind:?}: allocations alive at the end"
+        );
+        assert_eq!(s.fixed.len(), 2, "{kind:?}: one fixed round per round");
+        s.fixed.iter().for_each(check_round);
+    }
+    for (sum, kind) in r.summary.iter().zip(servers) {
+        assert_eq!(sum.server, kind.label());
+        assert!(sum.cpu_us_per_pkt.is_some_and(|c| c > 0.0));
+        assert!(sum.e2e_p99_us.is_some());
+    }
+    // JSON is well-formed and carries the summary.
+    let json = serde_json::to_string(r).expect("report serialises");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("report JSON parses");
+    assert_eq!(
+        v["summary"].as_array().expect("summary is an array").len(),
+        servers.len()
+    );
+    assert_eq!(v["config"]["allocations"], allocations);
+    let table = r.table();
+    for kind in servers {
+        assert!(
+            table.contains(kind.label()),
+            "table lacks {}:\n{table}",
+            kind.label()
+        );
+    }
+}
+
+#[test]
+fn coturn_smoke_forwards_and_counts() {
+    let servers = vec![ServerKind::Coturn];
+    let mut c = small_traffic(placement(servers.clone(), 12000, 12999));
+    // A tiny max search too: two short steps.
+    c.max = true;
+    c.search_start = 1000.0;
+    c.search_steps = 2;
+    c.search_duration = Duration::from_millis(400);
+    let r = relay_bench::run_traffic(&c).expect("benchmark against coturn");
+    check_report(&r, &servers, 20);
+    let m = &r.servers[0].max;
+    assert_eq!(m.len(), 2);
+    assert!(m.iter().all(|m| !m.steps.is_empty() && m.steps.len() <= 2));
+    m.iter().flat_map(|m| &m.steps).for_each(check_round);
+}
+
+#[test]
+fn peerlink_smoke_forwards_and_counts_on_both_backends() {
+    let bin = peerlink_bin();
+    let servers = vec![ServerKind::PeerlinkUring, ServerKind::PeerlinkEpoll];
+    let mut p = placement(servers.clone(), 13000, 14999);
+    p.peerlink_bin = bin;
+    let r = relay_bench::run_traffic(&small_traffic(p)).expect("benchmark against peerlink-relay");
+    check_report(&r, &servers, 20);
+    for s in &r.servers {
+        let stats = s.final_stats.as_ref().expect("peerlink /stats read");
+        assert!(stats.get("latency_total_us").is_some(), "{stats}");
+    }
+}
+
+#[test]
+fn coturn_alloc_smoke_counts_allocations_memory_and_hold() {
+    let mut c = AllocConfig::new(placement(vec![ServerKind::Coturn], 15000, 15999));
+    c.count = 40;
+    c.concurrency = 10;
+    c.rounds = 1;
+    c.hold = Some(Duration::from_millis(500));
+    c.settle = Duration::from_millis(200);
+    let r = relay_bench::run_alloc(&c).expect("allocation benchmark against coturn");
+    let round = &r.servers[0].rounds[0];
+    assert_eq!(round.succeeded, 40, "{round:?}");
+    assert_eq!(round.held_and_refreshed, Some(40), "{round:?}");
+    assert_eq!(round.released, 40, "{round:?}");
+    assert_eq!(round.relay_ips_used, 1, "{round:?}");
+    assert!(round.allocs_per_s > 0.0 && round.rss_before > 0 && round.rss_after > 0);
+    assert!(r.table().contains("coturn"));
+    let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    assert_eq!(v["summary"][0]["server"], "coturn");
+}
