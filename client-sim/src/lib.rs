@@ -6,3 +6,7 @@ pub mod turn;
 
 pub mod media;
 pub mod netsim;
+pub mod signal_client;
+pub mod fleet;
+pub mod demo;
+pub mod call;

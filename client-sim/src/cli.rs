@@ -1,0 +1,552 @@
+//! The `peerlink-sim` command line (clap derive) and its commands. Credentials are cached in a
+//! small JSON state file (`--state`, mode 0600): server URL, username, device, tokens and the
+//! last message seq this device processed (for `inbox` resume).
+//!
+//! Not here: `send-file` — the transfer module is not integrated into the call yet, and the
+//! CLI does not pretend to have it.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use peerlink_signaling::protocol::{ClientMsg, ServerMsg};
+use peerlink_sim::call::{self, CallOptions};
+use peerlink_sim::demo::{self, DemoOptions};
+use peerlink_sim::fleet::{Fleet, FleetOptions};
+use peerlink_sim::signal_client::{HttpApi, SignalSession, Tokens, parse_turn_uri};
+use peerlink_sim::turn::TurnConfig;
+use serde::{Deserialize, Serialize};
+
+/// peerlink reference client.
+#[derive(Parser, Debug)]
+#[command(name = "peerlink-sim", version, about = "peerlink reference client")]
+pub struct Cli {
+    /// Signaling server URL (http://host:port) [default: from the state file, else
+    /// http://127.0.0.1:8443].
+    #[arg(long, global = true, env = "PEERLINK_SERVER")]
+    pub server: Option<String>,
+    /// State file caching credentials [default: $HOME/.peerlink-sim.json].
+    #[arg(long, global = true, env = "PEERLINK_SIM_STATE")]
+    pub state: Option<PathBuf>,
+    /// Device id of this client.
+    #[arg(long, global = true, default_value = "sim")]
+    pub device: String,
+    /// Print the result as one JSON object.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Command.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Commands.
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create an account.
+    Register {
+        /// Username.
+        user: String,
+        /// Password (8-256 bytes).
+        #[arg(long, env = "PEERLINK_PASSWORD", hide_env_values = true)]
+        password: String,
+    },
+    /// Log in and cache the tokens in the state file.
+    Login {
+        /// Username.
+        user: String,
+        /// Password.
+        #[arg(long, env = "PEERLINK_PASSWORD", hide_env_values = true)]
+        password: String,
+    },
+    /// Send a text message (waits for the server's durable ack).
+    Chat {
+        /// Recipient.
+        user: String,
+        /// Text.
+        text: String,
+    },
+    /// Fetch messages pending for this device (resuming after the last one processed),
+    /// acknowledge them and print them.
+    Inbox {
+        /// How long to wait for messages after connecting.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Call USER over a real UDP socket: ICE via the connectivity agent, Opus media on the
+    /// selected path (direct or relay), record what is heard, print the call report.
+    Call {
+        /// Callee.
+        user: String,
+        /// WAV to send (48 kHz mono 16-bit) [default: speech-like generator].
+        #[arg(long)]
+        audio: Option<PathBuf>,
+        /// Record what is heard to this WAV.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Media duration once connected.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Wait for a call, answer it automatically, record what is heard until the caller hangs
+    /// up; print the call report.
+    Listen {
+        /// Record what is heard to this WAV.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// WAV to send back [default: speech-like generator].
+        #[arg(long)]
+        audio: Option<PathBuf>,
+        /// How long to wait for a call.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        wait: Duration,
+        /// Longest call accepted before hanging up.
+        #[arg(long, default_value = "600s", value_parser = parse_duration)]
+        max_duration: Duration,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Add a contact and print the contact list with presence.
+    Contacts {
+        /// Add this user first.
+        #[arg(long)]
+        add: Option<String>,
+    },
+    /// Get TURN credentials and make a real allocation on the first relay, then release it.
+    TurnCheck,
+    /// Start a local fleet (directory, relay, signaling) on loopback and keep it running
+    /// until Ctrl-C.
+    Fleet,
+    /// Start a local fleet (or use --server), register two users and exercise presence,
+    /// chat, offline delivery, a call, TURN and media through the relay; print the report.
+    Demo {
+        /// Seconds of media in the call and through the relay (0 = neither).
+        #[arg(long, default_value_t = 4.0)]
+        media_seconds: f64,
+        /// WAV (48 kHz mono 16-bit) alice sends [default: speech-like generator].
+        #[arg(long)]
+        audio: Option<PathBuf>,
+        /// Directory for the recorded WAVs.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Relay metrics address for /stats when using --server.
+        #[arg(long)]
+        relay_metrics: Option<SocketAddr>,
+        /// Signaling's STUN address when using --server.
+        #[arg(long)]
+        stun: Option<SocketAddr>,
+    },
+}
+
+/// Network settings of a call.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NetArgs {
+    /// Host address the call's UDP socket binds on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
+    /// Signaling's STUN responder (for the server-reflexive candidate).
+    #[arg(long)]
+    pub stun: Option<SocketAddr>,
+    /// Do not ask for TURN credentials (no relayed candidate).
+    #[arg(long, conflicts_with = "relay_only")]
+    pub no_turn: bool,
+    /// Signal only relayed candidates: host addresses stay private, media goes via the relay.
+    #[arg(long)]
+    pub relay_only: bool,
+}
+
+impl NetArgs {
+    fn options(&self) -> CallOptions {
+        CallOptions {
+            bind_ip: self.bind,
+            stun: self.stun,
+            use_turn: !self.no_turn,
+            relay_only: self.relay_only,
+            ..CallOptions::default()
+        }
+    }
+}
+
+/// Parse `500ms`, `10s`, `2m` (bare numbers are seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (n, ms) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1u64)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (s, 1000)
+    };
+    let v: u64 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 500ms, 10s, 2m)"))?;
+    v.checked_mul(ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| "duration overflows".to_owned())
+}
+
+/// The cached client state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Server URL the tokens belong to.
+    pub server: Option<String>,
+    /// Tokens of the logged-in user.
+    pub tokens: Option<Tokens>,
+    /// Last message seq processed, per device.
+    #[serde(default)]
+    pub last_seq: std::collections::BTreeMap<String, u64>,
+}
+
+fn default_state_path() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".peerlink-sim.json"),
+        None => PathBuf::from(".peerlink-sim.json"),
+    }
+}
+
+fn load_state(path: &Path) -> anyhow::Result<State> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => serde_json::from_str(&t).with_context(|| format!("parsing {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn save_state(path: &Path, s: &State) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(s)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            opts.mode(0o600);
+        }
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+struct Ctx {
+    server: String,
+    state_path: PathBuf,
+    state: State,
+    device: String,
+    json: bool,
+}
+
+impl Ctx {
+    fn api(&self) -> anyhow::Result<HttpApi> {
+        Ok(HttpApi::new(
+            &self.server,
+            peerlink_sim::signal_client::DEFAULT_IO_TIMEOUT,
+        )?)
+    }
+
+    /// Cached tokens for this server, refreshed when due (and saved).
+    async fn tokens(&mut self) -> anyhow::Result<Tokens> {
+        let Some(t) = self.state.tokens.clone() else {
+            bail!("not logged in: run `peerlink-sim login USER` first");
+        };
+        if self.state.server.as_deref() != Some(self.server.as_str()) {
+            bail!(
+                "cached login is for {:?}, not {}: log in again",
+                self.state.server,
+                self.server
+            );
+        }
+        if t.needs_refresh() {
+            let t = self
+                .api()?
+                .refresh(&t.refresh_token)
+                .await
+                .context("refreshing the access token (log in again if this persists)")?;
+            self.state.tokens = Some(t.clone());
+            save_state(&self.state_path, &self.state)?;
+            return Ok(t);
+        }
+        Ok(t)
+    }
+
+    async fn session(&mut self, resume: bool) -> anyhow::Result<SignalSession> {
+        let tokens = self.tokens().await?;
+        let resume_from = if resume {
+            self.state.last_seq.get(&self.device).copied()
+        } else {
+            None
+        };
+        Ok(SignalSession::connect(self.api()?, tokens, &self.device, resume_from).await?)
+    }
+
+    fn print(&self, v: serde_json::Value, human: String) {
+        if self.json {
+            println!("{v}");
+        } else {
+            println!("{human}");
+        }
+    }
+}
+
+/// Run the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let state_path = cli.state.clone().unwrap_or_else(default_state_path);
+    let state = load_state(&state_path)?;
+    let server = cli
+        .server
+        .clone()
+        .or_else(|| state.server.clone())
+        .unwrap_or_else(|| "http://127.0.0.1:8443".to_owned());
+    let mut ctx = Ctx {
+        server,
+        state_path,
+        state,
+        device: cli.device.clone(),
+        json: cli.json,
+    };
+    match cli.cmd {
+        Cmd::Register { user, password } => {
+            ctx.api()?.register(&user, &password).await?;
+            ctx.print(
+                serde_json::json!({"registered": user, "server": ctx.server}),
+                format!("registered {user} on {}", ctx.server),
+            );
+        }
+        Cmd::Login { user, password } => {
+            let t = ctx.api()?.login(&user, &password).await?;
+            let name = t.username.clone();
+            if ctx.state.tokens.as_ref().map(|t| &t.username) != Some(&name)
+                || ctx.state.server.as_deref() != Some(ctx.server.as_str())
+            {
+                ctx.state.last_seq.clear();
+            }
+            ctx.state.server = Some(ctx.server.clone());
+            ctx.state.tokens = Some(t);
+            save_state(&ctx.state_path, &ctx.state)?;
+            ctx.print(
+                serde_json::json!({"logged_in": name, "server": ctx.server,
+                    "state": ctx.state_path.display().to_string()}),
+                format!(
+                    "logged in as {name}; tokens cached in {}",
+                    ctx.state_path.display()
+                ),
+            );
+        }
+        Cmd::Chat { user, text } => {
+            let mut s = ctx.session(false).await?;
+            let (id, stored) = s
+                .send_message(&user, &text, Duration::from_secs(15))
+                .await?;
+            s.close().await;
+            ctx.print(
+                serde_json::json!({"sent": id, "to": user, "stored_at_ms": stored}),
+                format!("sent to {user} (id {id}); stored durably at {stored} ms"),
+            );
+        }
+        Cmd::Inbox { wait } => {
+            let mut s = ctx.session(true).await?;
+            let mut got = Vec::new();
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                match tokio::time::timeout_at(deadline, s.recv()).await {
+                    Err(_) => break,
+                    Ok(Err(e)) => return Err(e.into()),
+                    Ok(Ok(ServerMsg::Message {
+                        seq,
+                        id,
+                        from,
+                        body,
+                        sent_at_ms,
+                    })) => {
+                        s.ack(seq).await?;
+                        got.push(serde_json::json!({"seq": seq, "id": id, "from": from,
+                            "body": body, "sent_at_ms": sent_at_ms}));
+                    }
+                    Ok(Ok(_)) => {}
+                }
+            }
+            let acked = s.acked_seq();
+            s.close().await;
+            ctx.state.last_seq.insert(ctx.device.clone(), acked);
+            save_state(&ctx.state_path, &ctx.state)?;
+            let human = if got.is_empty() {
+                "no new messages".to_owned()
+            } else {
+                got.iter()
+                    .map(|m| {
+                        format!(
+                            "[{}] {}: {}",
+                            m["seq"],
+                            m["from"].as_str().unwrap_or("?"),
+                            m["body"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            ctx.print(
+                serde_json::json!({"messages": got, "acked_seq": acked}),
+                human,
+            );
+        }
+        Cmd::Call {
+            user,
+            audio,
+            record,
+            duration,
+            net,
+        } => {
+            let mut s = ctx.session(false).await?;
+            let opts = CallOptions {
+                audio,
+                record,
+                duration,
+                ..net.options()
+            };
+            if !ctx.json {
+                eprintln!("calling {user}…");
+            }
+            let r = call::call(&mut s, &user, &opts).await?;
+            s.close().await;
+            ctx.print(serde_json::to_value(&r)?, demo::render_call(&r));
+        }
+        Cmd::Listen {
+            record,
+            audio,
+            wait,
+            max_duration,
+            net,
+        } => {
+            let mut s = ctx.session(false).await?;
+            let opts = CallOptions {
+                audio,
+                record,
+                ..net.options()
+            };
+            if !ctx.json {
+                eprintln!("listening for a call as {}…", s.user());
+            }
+            let r = call::answer_next(&mut s, wait, max_duration, &opts).await?;
+            s.close().await;
+            ctx.print(serde_json::to_value(&r)?, demo::render_call(&r));
+        }
+        Cmd::Contacts { add } => {
+            let mut s = ctx.session(false).await?;
+            let msg = match add {
+                Some(u) => ClientMsg::AddContact { username: u },
+                None => ClientMsg::ListContacts,
+            };
+            s.send(&msg).await?;
+            let m = s
+                .wait_for(Duration::from_secs(15), "contacts", None, |m| {
+                    matches!(m, ServerMsg::Contacts { .. } | ServerMsg::Error { .. })
+                })
+                .await?;
+            s.close().await;
+            match m {
+                ServerMsg::Contacts { contacts } => {
+                    let human = contacts
+                        .iter()
+                        .map(|c| format!("{} {:?}", c.username, c.status).to_lowercase())
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    ctx.print(serde_json::to_value(&contacts)?, human);
+                }
+                ServerMsg::Error { code, message, .. } => bail!("{code:?}: {message}"),
+                _ => bail!("unexpected answer"),
+            }
+        }
+        Cmd::TurnCheck => {
+            let tokens = ctx.tokens().await?;
+            let creds = ctx.api()?.turn_credentials(&tokens.access_token).await?;
+            let Some(relay) = creds.uris.iter().find_map(|u| parse_turn_uri(u)) else {
+                bail!("signaling offered no usable relay: {:?}", creds.uris);
+            };
+            let mut ep = demo::turn_path::TurnEndpoint::bind(TurnConfig::new(
+                relay,
+                creds.username,
+                creds.password,
+            ))
+            .await?;
+            let a = ep.allocate(Duration::from_secs(15)).await?;
+            ep.deallocate(Duration::from_secs(15)).await?;
+            ctx.print(
+                serde_json::json!({"relay": relay.to_string(), "allocation": a}),
+                format!(
+                    "relay {relay}: allocated {} for {} (mapped {:?}, lifetime {} s) in {:.1} ms; released",
+                    a.relayed, a.local, a.mapped, a.lifetime_s, a.took_ms
+                ),
+            );
+        }
+        Cmd::Fleet => {
+            let f = Fleet::start(FleetOptions::default()).await?;
+            let relay = f.relay;
+            ctx.print(
+                serde_json::json!({"directory": f.directory_url, "signaling": f.signaling_url,
+                    "stun": f.stun.map(|s| s.to_string()),
+                    "relay": relay.map(|r| r.turn.to_string()),
+                    "relay_metrics": relay.map(|r| r.metrics.to_string()),
+                    "logs": f.dir().display().to_string()}),
+                format!(
+                    "directory {}\nsignaling {}\nstun {}\nrelay {} (metrics {})\nlogs in {}\nCtrl-C stops the fleet",
+                    f.directory_url,
+                    f.signaling_url,
+                    f.stun.map(|s| s.to_string()).unwrap_or_default(),
+                    relay.map(|r| r.turn.to_string()).unwrap_or_default(),
+                    relay.map(|r| r.metrics.to_string()).unwrap_or_default(),
+                    f.dir().display()
+                ),
+            );
+            let _ = tokio::signal::ctrl_c().await;
+            f.stop().await;
+        }
+        Cmd::Demo {
+            media_seconds,
+            audio,
+            out,
+            relay_metrics,
+            stun,
+        } => {
+            let opts = DemoOptions {
+                server: cli.server.clone(),
+                relay_metrics,
+                out_dir: out,
+                media_seconds,
+                stun,
+                audio,
+            };
+            if !ctx.json {
+                eprintln!("peerlink-sim demo: running…");
+            }
+            let r = demo::run(opts, !ctx.json).await?;
+            ctx.print(serde_json::to_value(&r)?, demo::render(&r));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("x").is_err());
+    }
+}

@@ -1,0 +1,693 @@
+//! Async client of a peerlink signaling node: the HTTP API (register, login, token refresh,
+//! TURN credentials) and the WebSocket session (`/v1/ws`) with typed frames
+//! ([`ServerMsg`] in, [`ClientMsg`] out), cumulative message acks, duplicate suppression by
+//! `seq`, reconnect with `resume_from`, and mid-session token refresh (`auth` frame).
+//!
+//! What it is: the transport for everything the reference client says to signaling (chat,
+//! presence, call invitations and trickled candidates). What it is not: no automatic
+//! background reconnect loop (the caller decides when to [`SignalSession::reconnect`]), no TLS
+//! (plain `http://`/`ws://`; put a TLS terminator in front for anything beyond a lab), no
+//! call state machine (see [`crate::call`] when present).
+//!
+//! Every network await is bounded by [`SignalSession::io_timeout`] or the HTTP client's timeout.
+
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use peerlink_signaling::protocol::{
+    ClientMsg, Credentials, HttpError, RefreshRequest, ResumeOutcome, ServerMsg, TokenResponse,
+    TurnCredentials,
+};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Default bound on one HTTP request or one WebSocket handshake/write.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Refresh the access token when it has less than this left.
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
+/// What went wrong talking to signaling.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    /// The server URL is not `http://host:port[/]`.
+    #[error("bad server URL {0:?} (want http://host:port)")]
+    BadUrl(String),
+    /// Transport failure of an HTTP request.
+    #[error("HTTP request to {url} failed: {source}")]
+    Http {
+        /// Request URL.
+        url: String,
+        /// Cause.
+        source: reqwest::Error,
+    },
+    /// The server answered an HTTP error.
+    #[error("{url}: HTTP {status} {code}: {message}")]
+    Api {
+        /// Request URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// Machine-readable code (e.g. `username_taken`, `invalid_credentials`).
+        code: String,
+        /// Human-readable text.
+        message: String,
+    },
+    /// WebSocket failure.
+    #[error("WebSocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The session was closed by the server.
+    #[error("session closed by server (code {code}: {reason})")]
+    Closed {
+        /// Close code (1000 if none was given).
+        code: u16,
+        /// Close reason text.
+        reason: String,
+    },
+    /// A server frame did not parse or broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The server answered a frame with an `error` frame.
+    #[error("server error {code:?}: {message}")]
+    Server {
+        /// Code.
+        code: peerlink_signaling::protocol::ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// A bounded wait ran out.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+}
+
+impl SignalError {
+    /// HTTP status of an API error, if this is one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SignalError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// The signaling node's HTTP API.
+#[derive(Clone, Debug)]
+pub struct HttpApi {
+    base: String,
+    http: reqwest::Client,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl HttpApi {
+    /// A client for `server` (`http://host:port`), requests bounded by `timeout`.
+    pub fn new(server: &str, timeout: Duration) -> Result<Self, SignalError> {
+        let base = server.trim_end_matches('/').to_owned();
+        let rest = base
+            .strip_prefix("http://")
+            .ok_or_else(|| SignalError::BadUrl(server.to_owned()))?;
+        if rest.is_empty() || rest.contains('/') {
+            return Err(SignalError::BadUrl(server.to_owned()));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|source| SignalError::Http {
+                url: base.clone(),
+                source,
+            })?;
+        Ok(Self { base, http })
+    }
+
+    /// Base URL (`http://host:port`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// WebSocket URL of `/v1/ws` with the given query.
+    fn ws_url(&self, query: &str) -> String {
+        let hostport = self.base.trim_start_matches("http://");
+        format!("ws://{hostport}/v1/ws?{query}")
+    }
+
+    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<&B>,
+    ) -> Result<T, SignalError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.post(&url);
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let http_err = |source| SignalError::Http {
+            url: url.clone(),
+            source,
+        };
+        let resp = req.send().await.map_err(http_err)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(http_err)?;
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_slice::<HttpError>(&bytes) {
+                Ok(e) => (e.error, e.message),
+                Err(_) => (
+                    "http".to_owned(),
+                    String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                ),
+            };
+            return Err(SignalError::Api {
+                url,
+                status: status.as_u16(),
+                code,
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| SignalError::Protocol(format!("{url}: bad JSON answer: {e}")))
+    }
+
+    /// `POST /v1/register`. A taken name is `Api{status: 409}`.
+    pub async fn register(&self, username: &str, password: &str) -> Result<(), SignalError> {
+        let body = Credentials {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        };
+        let _: serde_json::Value = self.post("/v1/register", None, Some(&body)).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/login`.
+    pub async fn login(&self, username: &str, password: &str) -> Result<Tokens, SignalError> {
+        let body = Credentials {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        };
+        let t: TokenResponse = self.post("/v1/login", None, Some(&body)).await?;
+        Ok(Tokens::from_response(t))
+    }
+
+    /// `POST /v1/refresh`.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens, SignalError> {
+        let body = RefreshRequest {
+            refresh_token: refresh_token.to_owned(),
+        };
+        let t: TokenResponse = self.post("/v1/refresh", None, Some(&body)).await?;
+        Ok(Tokens::from_response(t))
+    }
+
+    /// `POST /v1/turn-credentials` (TURN REST ephemeral credentials and relay URIs).
+    pub async fn turn_credentials(
+        &self,
+        access_token: &str,
+    ) -> Result<TurnCredentials, SignalError> {
+        self.post::<(), _>("/v1/turn-credentials", Some(access_token), None)
+            .await
+    }
+}
+
+/// Tokens of a logged-in user.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tokens {
+    /// Normalised username.
+    pub username: String,
+    /// Access token for the API and `/v1/ws`.
+    pub access_token: String,
+    /// Unix seconds at which the access token expires (computed at receipt).
+    pub access_expires_at: u64,
+    /// Refresh token.
+    pub refresh_token: String,
+}
+
+impl Tokens {
+    fn from_response(t: TokenResponse) -> Self {
+        Self {
+            username: t.username,
+            access_token: t.access_token,
+            access_expires_at: unix_now().saturating_add(t.expires_in),
+            refresh_token: t.refresh_token,
+        }
+    }
+
+    /// Whether the access token has less than [`REFRESH_MARGIN`] left.
+    pub fn needs_refresh(&self) -> bool {
+        unix_now().saturating_add(REFRESH_MARGIN.as_secs()) >= self.access_expires_at
+    }
+}
+
+/// What `welcome` said about the session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    /// Authenticated user.
+    pub user: String,
+    /// Device id.
+    pub device: String,
+    /// Node serving the session.
+    pub node: String,
+    /// How `resume_from` was handled.
+    pub resume: ResumeOutcome,
+    /// Highest seq the server holds as acked by this device.
+    pub acked_seq: u64,
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// One WebSocket session of one device, plus the state needed to resume it.
+pub struct SignalSession {
+    api: HttpApi,
+    tokens: Tokens,
+    device: String,
+    ws: Ws,
+    welcome: Welcome,
+    /// Highest message seq handed to the application.
+    delivered_seq: u64,
+    /// Highest seq acked to the server (= processed).
+    acked_seq: u64,
+    /// Frames read while waiting for something else, handed out first by `recv`.
+    backlog: VecDeque<ServerMsg>,
+    io_timeout: Duration,
+    msg_counter: u64,
+}
+
+impl std::fmt::Debug for SignalSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalSession")
+            .field("user", &self.tokens.username)
+            .field("device", &self.device)
+            .field("acked_seq", &self.acked_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_device(device: &str) -> Result<(), SignalError> {
+    let ok = (1..=64).contains(&device.len())
+        && device
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SignalError::Protocol(format!(
+            "device id {device:?} must be 1-64 of [A-Za-z0-9_-]"
+        )))
+    }
+}
+
+impl SignalSession {
+    /// Open `/v1/ws` as `device` with `tokens`; `resume_from` = the last seq this device
+    /// processed (None for a fresh session). Waits (bounded) for `welcome`.
+    pub async fn connect(
+        api: HttpApi,
+        tokens: Tokens,
+        device: &str,
+        resume_from: Option<u64>,
+    ) -> Result<Self, SignalError> {
+        check_device(device)?;
+        let io_timeout = DEFAULT_IO_TIMEOUT;
+        let (ws, welcome, backlog) =
+            Self::open(&api, &tokens, device, resume_from, io_timeout).await?;
+        let start = resume_from.unwrap_or(welcome.acked_seq);
+        Ok(Self {
+            api,
+            tokens,
+            device: device.to_owned(),
+            ws,
+            welcome,
+            delivered_seq: start,
+            acked_seq: start,
+            backlog,
+            io_timeout,
+            msg_counter: 0,
+        })
+    }
+
+    async fn open(
+        api: &HttpApi,
+        tokens: &Tokens,
+        device: &str,
+        resume_from: Option<u64>,
+        io_timeout: Duration,
+    ) -> Result<(Ws, Welcome, VecDeque<ServerMsg>), SignalError> {
+        let mut query = format!("token={}&device={device}", tokens.access_token);
+        if let Some(seq) = resume_from {
+            query.push_str(&format!("&resume_from={seq}"));
+        }
+        let url = api.ws_url(&query);
+        let (mut ws, _) = tokio::time::timeout(io_timeout, tokio_tungstenite::connect_async(url))
+            .await
+            .map_err(|_| SignalError::Timeout(io_timeout, "WebSocket handshake"))??;
+        // The first frame is `welcome`; a `resync` may follow it (read later by `recv`).
+        let first = tokio::time::timeout(io_timeout, read_frame(&mut ws))
+            .await
+            .map_err(|_| SignalError::Timeout(io_timeout, "welcome"))??;
+        let welcome = match first {
+            ServerMsg::Welcome {
+                user,
+                device,
+                node,
+                resume,
+                acked_seq,
+                ..
+            } => Welcome {
+                user,
+                device,
+                node,
+                resume,
+                acked_seq,
+            },
+            ServerMsg::Error { code, message, .. } => {
+                return Err(SignalError::Server { code, message });
+            }
+            other => {
+                return Err(SignalError::Protocol(format!(
+                    "expected welcome first, got {other:?}"
+                )));
+            }
+        };
+        Ok((ws, welcome, VecDeque::new()))
+    }
+
+    /// Log in over HTTP and connect in one step.
+    pub async fn login_and_connect(
+        server: &str,
+        username: &str,
+        password: &str,
+        device: &str,
+    ) -> Result<Self, SignalError> {
+        let api = HttpApi::new(server, DEFAULT_IO_TIMEOUT)?;
+        let tokens = api.login(username, password).await?;
+        Self::connect(api, tokens, device, None).await
+    }
+
+    /// The `welcome` of the current connection.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// Current tokens (persist them to skip the next login).
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// The HTTP API of the same node.
+    pub fn api(&self) -> &HttpApi {
+        &self.api
+    }
+
+    /// This session's username.
+    pub fn user(&self) -> &str {
+        &self.tokens.username
+    }
+
+    /// Highest message seq acknowledged (processed) by this device.
+    pub fn acked_seq(&self) -> u64 {
+        self.acked_seq
+    }
+
+    /// Bound on handshakes and writes (default [`DEFAULT_IO_TIMEOUT`]).
+    pub fn io_timeout(&self) -> Duration {
+        self.io_timeout
+    }
+
+    /// Send one frame (bounded by the I/O timeout).
+    pub async fn send(&mut self, msg: &ClientMsg) -> Result<(), SignalError> {
+        let text = serde_json::to_string(msg)
+            .map_err(|e| SignalError::Protocol(format!("encoding {msg:?}: {e}")))?;
+        tokio::time::timeout(self.io_timeout, self.ws.send(Message::text(text)))
+            .await
+            .map_err(|_| SignalError::Timeout(self.io_timeout, "WebSocket send"))??;
+        Ok(())
+    }
+
+    /// Next server frame. `message` frames with a seq already handed out are dropped here.
+    /// Cancel-safe (usable in `select!`) as long as the backlog is empty or the future is
+    /// polled to completion. Not bounded by itself: wrap it in a timeout or use
+    /// [`wait_for`](Self::wait_for).
+    pub async fn recv(&mut self) -> Result<ServerMsg, SignalError> {
+        if let Some(m) = self.backlog.pop_front() {
+            return Ok(m);
+        }
+        loop {
+            let m = read_frame(&mut self.ws).await?;
+            if let Some(m) = self.filter(m) {
+                return Ok(m);
+            }
+        }
+    }
+
+    fn filter(&mut self, m: ServerMsg) -> Option<ServerMsg> {
+        match &m {
+            ServerMsg::Message { seq, .. } => {
+                if *seq <= self.delivered_seq {
+                    return None;
+                }
+                self.delivered_seq = *seq;
+            }
+            ServerMsg::Resync { from_seq, .. } => {
+                // The server replays from `from_seq`: accept those seqs again.
+                self.delivered_seq = *from_seq;
+                self.acked_seq = self.acked_seq.min(*from_seq);
+            }
+            ServerMsg::AuthOk { .. } => {}
+            _ => {}
+        }
+        Some(m)
+    }
+
+    /// Read frames until `pred` matches one (returned); the others are kept, in order, for
+    /// later [`recv`](Self::recv) calls. An `error` frame whose `id` equals `error_id` fails
+    /// the wait. Bounded by `timeout`.
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        what: &'static str,
+        error_id: Option<&str>,
+        mut pred: impl FnMut(&ServerMsg) -> bool,
+    ) -> Result<ServerMsg, SignalError> {
+        // Look in the backlog first.
+        if let Some(i) = self.backlog.iter().position(&mut pred)
+            && let Some(m) = self.backlog.remove(i)
+        {
+            return Ok(m);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let m = tokio::time::timeout_at(deadline, read_frame(&mut self.ws))
+                .await
+                .map_err(|_| SignalError::Timeout(timeout, what))??;
+            let Some(m) = self.filter(m) else { continue };
+            if pred(&m) {
+                return Ok(m);
+            }
+            if let ServerMsg::Error { code, message, id } = &m
+                && id.is_some()
+                && id.as_deref() == error_id
+            {
+                return Err(SignalError::Server {
+                    code: *code,
+                    message: message.clone(),
+                });
+            }
+            self.backlog.push_back(m);
+        }
+    }
+
+    /// Acknowledge every message up to `seq` (cumulative); no-op if already acked.
+    pub async fn ack(&mut self, seq: u64) -> Result<(), SignalError> {
+        if seq <= self.acked_seq {
+            return Ok(());
+        }
+        self.send(&ClientMsg::Ack { seq }).await?;
+        self.acked_seq = seq;
+        Ok(())
+    }
+
+    /// A fresh client message id (unique per session and time).
+    pub fn next_message_id(&mut self) -> String {
+        self.msg_counter += 1;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!(
+            "{}-{}-{nanos:x}-{}",
+            self.user(),
+            self.device,
+            self.msg_counter
+        )
+    }
+
+    /// Send a durable text message and wait (bounded) for its `message_ack`; returns
+    /// `(id, stored_at_ms)`.
+    pub async fn send_message(
+        &mut self,
+        to: &str,
+        body: &str,
+        timeout: Duration,
+    ) -> Result<(String, u64), SignalError> {
+        let id = self.next_message_id();
+        self.send(&ClientMsg::SendMessage {
+            id: id.clone(),
+            to: to.to_owned(),
+            from: None,
+            body: body.to_owned(),
+        })
+        .await?;
+        let want = id.clone();
+        let m = self
+            .wait_for(
+                timeout,
+                "message_ack",
+                Some(&id),
+                |m| matches!(m, ServerMsg::MessageAck { id, .. } if *id == want),
+            )
+            .await?;
+        match m {
+            ServerMsg::MessageAck { stored_at_ms, .. } => Ok((id, stored_at_ms)),
+            other => Err(SignalError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Refresh the access token over HTTP and hand it to the session (`auth` frame); waits
+    /// (bounded) for `auth_ok`.
+    pub async fn refresh_token(&mut self) -> Result<(), SignalError> {
+        let t = self.api.refresh(&self.tokens.refresh_token).await?;
+        self.tokens = t;
+        let token = self.tokens.access_token.clone();
+        self.send(&ClientMsg::Auth { token }).await?;
+        let to = self.io_timeout;
+        self.wait_for(to, "auth_ok", None, |m| {
+            matches!(m, ServerMsg::AuthOk { .. })
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Refresh the token if it expires within [`REFRESH_MARGIN`].
+    pub async fn refresh_if_due(&mut self) -> Result<bool, SignalError> {
+        if self.tokens.needs_refresh() {
+            self.refresh_token().await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Reconnect (e.g. after a drop) with `resume_from` = the last acked seq: unacked
+    /// messages after it are replayed, duplicates of ones already handed out are dropped.
+    /// Refreshes the access token first when due. Returns how the server handled it.
+    pub async fn reconnect(&mut self) -> Result<ResumeOutcome, SignalError> {
+        if self.tokens.needs_refresh() {
+            self.tokens = self.api.refresh(&self.tokens.refresh_token).await?;
+        }
+        // Close the old socket politely; ignore failures (it may already be gone).
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+        let (ws, welcome, backlog) = Self::open(
+            &self.api,
+            &self.tokens,
+            &self.device,
+            Some(self.acked_seq),
+            self.io_timeout,
+        )
+        .await?;
+        self.ws = ws;
+        // Messages after the acked seq that were handed out but not acked will be replayed;
+        // deliver them again only if the application never acked them.
+        self.delivered_seq = self.acked_seq;
+        self.backlog = backlog;
+        let outcome = welcome.resume;
+        self.welcome = welcome;
+        Ok(outcome)
+    }
+
+    /// Get TURN credentials with this session's token.
+    pub async fn turn_credentials(&self) -> Result<TurnCredentials, SignalError> {
+        self.api.turn_credentials(&self.tokens.access_token).await
+    }
+
+    /// Close the WebSocket (normal closure), bounded.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+    }
+}
+
+/// Read the next text frame as a [`ServerMsg`]; control frames are handled by tungstenite
+/// (pongs are queued automatically), binary frames are a protocol error.
+async fn read_frame(ws: &mut Ws) -> Result<ServerMsg, SignalError> {
+    loop {
+        let Some(frame) = ws.next().await else {
+            return Err(SignalError::Closed {
+                code: 1006,
+                reason: "connection ended".into(),
+            });
+        };
+        match frame? {
+            Message::Text(t) => {
+                return serde_json::from_str(t.as_str())
+                    .map_err(|e| SignalError::Protocol(format!("bad server frame: {e}")));
+            }
+            Message::Close(c) => {
+                let (code, reason) = c
+                    .map(|c| (u16::from(c.code), c.reason.to_string()))
+                    .unwrap_or((1000, String::new()));
+                return Err(SignalError::Closed { code, reason });
+            }
+            Message::Binary(_) => {
+                return Err(SignalError::Protocol("unexpected binary frame".into()));
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    }
+}
+
+/// Parse a TURN URI of the form `turn:host:port?transport=udp` into a socket address
+/// (IP literals or `localhost` only; no DNS).
+pub fn parse_turn_uri(uri: &str) -> Option<std::net::SocketAddr> {
+    let rest = uri.strip_prefix("turn:")?;
+    let hostport = rest.split('?').next()?;
+    if let Ok(a) = hostport.parse() {
+        return Some(a);
+    }
+    let (host, port) = hostport.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    if host == "localhost" {
+        return Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_uris() {
+        assert!(HttpApi::new("https://x:1", Duration::from_secs(1)).is_err());
+        assert!(HttpApi::new("http://", Duration::from_secs(1)).is_err());
+        let a = HttpApi::new("http://127.0.0.1:8443/", Duration::from_secs(1)).unwrap();
+        assert_eq!(a.base(), "http://127.0.0.1:8443");
+        assert_eq!(a.ws_url("a=b"), "ws://127.0.0.1:8443/v1/ws?a=b");
+        assert_eq!(
+            parse_turn_uri("turn:127.0.0.1:3478?transport=udp"),
+            Some("127.0.0.1:3478".parse().unwrap())
+        );
+        assert_eq!(
+            parse_turn_uri("turn:localhost:9"),
+            Some("127.0.0.1:9".parse().unwrap())
+        );
+        assert_eq!(parse_turn_uri("turn:example.com:9"), None);
+        assert_eq!(parse_turn_uri("stun:1.2.3.4:9"), None);
+        assert!(check_device("phone-1").is_ok());
+        assert!(check_device("").is_err());
+        assert!(check_device("a b").is_err());
+    }
+}
