@@ -474,89 +474,16 @@ async fn run_with(
         ),
     );
 
-    // A call over real UDP sockets.
-    let calls = if opts.media_seconds > 0.0 {
-        let t = Instant::now();
+    // A call over real UDP sockets, then the same call with relay-only candidates: media
+    // through the TURN relay.
+    let (calls, relay_calls) = if opts.media_seconds > 0.0 {
         std::fs::create_dir_all(&opts.out_dir)
             .map_err(|e| other("output dir", format!("{}: {e}", opts.out_dir.display())))?;
-        let base = CallOptions {
-            stun,
-            duration: Duration::from_secs_f64(opts.media_seconds.clamp(0.5, 600.0)),
-            audio: opts.audio.clone(),
-            ..CallOptions::default()
-        };
-        let oa = CallOptions {
-            record: Some(opts.out_dir.join("call-heard-by-alice.wav")),
-            ..base.clone()
-        };
-        let ob = CallOptions {
-            record: Some(opts.out_dir.join("call-heard-by-bob.wav")),
-            audio: None,
-            ..base
-        };
-        let (ra, rb) = tokio::join!(
-            call::call(&mut alice, &bob_name, &oa),
-            call::answer_next(&mut bob, STEP_TIMEOUT, Duration::from_secs(600), &ob)
-        );
-        let (ra, rb) = (ra?, rb?);
-        steps.push(
-            "call alice -> bob",
-            t,
-            format!(
-                "path {} ({} -> {}), answer->first media {:.1} ms, MOS {:.2}/{:.2}",
-                ra.path.as_deref().unwrap_or("none"),
-                ra.local.as_deref().unwrap_or("?"),
-                ra.remote.as_deref().unwrap_or("?"),
-                ra.answer_to_first_media_ms.unwrap_or(f64::NAN),
-                ra.media.mos,
-                rb.media.mos
-            ),
-        );
-        Some((ra, rb))
+        let [ra, rb] = demo_call(&mut alice, &mut bob, &bob_name, opts, stun, false, steps).await?;
+        let relay = demo_call(&mut alice, &mut bob, &bob_name, opts, stun, true, steps).await?;
+        (Some((ra, rb)), Some(relay))
     } else {
-        None
-    };
-
-    // The same call with relay-only candidates: media through the TURN relay.
-    let relay_calls = if opts.media_seconds > 0.0 {
-        let t = Instant::now();
-        let base = CallOptions {
-            stun,
-            relay_only: true,
-            duration: Duration::from_secs_f64(opts.media_seconds.clamp(0.5, 600.0)),
-            audio: opts.audio.clone(),
-            ..CallOptions::default()
-        };
-        let oa = CallOptions {
-            record: Some(opts.out_dir.join("relay-call-heard-by-alice.wav")),
-            ..base.clone()
-        };
-        let ob = CallOptions {
-            record: Some(opts.out_dir.join("relay-call-heard-by-bob.wav")),
-            audio: None,
-            ..base
-        };
-        let (ra, rb) = tokio::join!(
-            call::call(&mut alice, &bob_name, &oa),
-            call::answer_next(&mut bob, STEP_TIMEOUT, Duration::from_secs(600), &ob)
-        );
-        let (ra, rb) = (ra?, rb?);
-        steps.push(
-            "call alice -> bob (relay-only)",
-            t,
-            format!(
-                "path {} ({} -> {}), answer->first media {:.1} ms, MOS {:.2}/{:.2}",
-                ra.path.as_deref().unwrap_or("none"),
-                ra.local.as_deref().unwrap_or("?"),
-                ra.remote.as_deref().unwrap_or("?"),
-                ra.answer_to_first_media_ms.unwrap_or(f64::NAN),
-                ra.media.mos,
-                rb.media.mos
-            ),
-        );
-        Some([ra, rb])
-    } else {
-        None
+        (None, None)
     };
 
     // TURN.
@@ -704,6 +631,60 @@ async fn run_with(
         calls,
         relay_calls,
     ))
+}
+
+/// One demo call alice -> bob over real UDP sockets (`relay_only`: only relayed candidates are
+/// signalled, so media goes through the TURN relay); records what each side heard.
+async fn demo_call(
+    alice: &mut SignalSession,
+    bob: &mut SignalSession,
+    bob_name: &str,
+    opts: &DemoOptions,
+    stun: Option<SocketAddr>,
+    relay_only: bool,
+    steps: &mut Steps,
+) -> Result<[CallReport; 2], DemoError> {
+    let (prefix, step) = if relay_only {
+        ("relay-call", "call alice -> bob (relay-only)")
+    } else {
+        ("call", "call alice -> bob")
+    };
+    let t = Instant::now();
+    let base = CallOptions {
+        stun,
+        relay_only,
+        duration: Duration::from_secs_f64(opts.media_seconds.clamp(0.5, 600.0)),
+        audio: opts.audio.clone(),
+        ..CallOptions::default()
+    };
+    let oa = CallOptions {
+        record: Some(opts.out_dir.join(format!("{prefix}-heard-by-alice.wav"))),
+        ..base.clone()
+    };
+    let ob = CallOptions {
+        record: Some(opts.out_dir.join(format!("{prefix}-heard-by-bob.wav"))),
+        audio: None,
+        ..base
+    };
+    let (ra, rb) = tokio::join!(
+        call::call(alice, bob_name, &oa),
+        call::answer_next(bob, STEP_TIMEOUT, Duration::from_secs(600), &ob)
+    );
+    let (ra, rb) = (ra?, rb?);
+    steps.push(
+        step,
+        t,
+        format!(
+            "path {} ({} -> {}), answer->first media {:.1} ms, MOS {:.2}/{:.2}",
+            ra.path.as_deref().unwrap_or("none"),
+            ra.local.as_deref().unwrap_or("?"),
+            ra.remote.as_deref().unwrap_or("?"),
+            ra.answer_to_first_media_ms.unwrap_or(f64::NAN),
+            ra.media.mos,
+            rb.media.mos
+        ),
+    );
+    Ok([ra, rb])
 }
 
 #[allow(clippy::too_many_arguments)]
