@@ -94,7 +94,7 @@ fn run_uclient_on(io: &str, mode: Mode, auth: Auth, ipv6: bool) {
         None
     };
     let mut args: Vec<String> = vec![
-        "-c".into(), // no RTCP allocations (they need EVEN-PORT reservations; see IO-NOTES.md)
+        "-c".into(), // no RTCP allocations (they need EVEN-PORT reservations; see README.md)
         "-n".into(),
         MESSAGES.to_string(),
         "-m".into(),
