@@ -293,6 +293,8 @@ impl Leg {
             public_key: base64::engine::general_purpose::STANDARD.encode(self.keys.public_key()),
             candidates,
             end_of_candidates: false,
+            purpose: Default::default(),
+            transfer_fingerprint: None,
         }
     }
 

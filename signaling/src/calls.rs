@@ -14,7 +14,9 @@ use tokio::task::AbortHandle;
 
 use crate::auth::normalize_username;
 use crate::cluster::{CallForward, DeliverRequest, Party};
-use crate::protocol::{CallId, Candidate, ClientMsg, EndReason, ErrorCode, ServerMsg, SessionDesc};
+use crate::protocol::{
+    CallId, Candidate, ClientMsg, EndReason, ErrorCode, ServerMsg, SessionDesc, SessionPurpose,
+};
 use crate::state::AppState;
 
 /// Most calls one user may have ringing or active at once (as caller).
@@ -36,6 +38,9 @@ struct Call {
     timer: Option<AbortHandle>,
     caller_candidates: usize,
     callee_candidates: usize,
+    /// Public keys of the offer and the answer: an ICE restart must keep its party's key.
+    caller_key: String,
+    callee_key: String,
 }
 
 /// Calls arbitrated by this node.
@@ -176,6 +181,29 @@ fn check_desc(st: &AppState, d: &SessionDesc) -> Result<(), (ErrorCode, String)>
             ),
         ));
     }
+    if let Some(fp) = &d.transfer_fingerprint
+        && (fp.len() != 64 || !fp.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    {
+        return Err((
+            ErrorCode::Invalid,
+            String::from("transfer_fingerprint must be 64 lowercase hex digits"),
+        ));
+    }
+    if let SessionPurpose::File { name, .. } = &d.purpose
+        && (name.is_empty()
+            || name.len() > 255
+            || name.contains(['/', '\\'])
+            || name.chars().any(char::is_control)
+            || name == "."
+            || name == "..")
+    {
+        return Err((
+            ErrorCode::Invalid,
+            String::from(
+                "file name must be 1-255 bytes, not `.` or `..`, without path separators or control characters",
+            ),
+        ));
+    }
     d.candidates.iter().try_for_each(|c| check_candidate(st, c))
 }
 
@@ -188,7 +216,8 @@ pub fn call_id_of(msg: &ClientMsg) -> Option<&CallId> {
         | ClientMsg::Cancel { call_id }
         | ClientMsg::Hangup { call_id }
         | ClientMsg::Candidate { call_id, .. }
-        | ClientMsg::EndOfCandidates { call_id } => Some(call_id),
+        | ClientMsg::EndOfCandidates { call_id }
+        | ClientMsg::IceRestart { call_id, .. } => Some(call_id),
         _ => None,
     }
 }
@@ -294,6 +323,8 @@ async fn invite(
                 timer: None,
                 caller_candidates: offer.candidates.len(),
                 callee_candidates: 0,
+                caller_key: offer.public_key.clone(),
+                callee_key: String::new(),
             },
         );
     }
@@ -396,8 +427,8 @@ pub async fn arbitrate(st: &AppState, from: Party, msg: ClientMsg) -> Vec<Server
     };
     // Validate candidate payloads before touching state.
     match &msg {
-        ClientMsg::Accept { answer, .. } => {
-            if let Err((code, message)) = check_desc(st, answer) {
+        ClientMsg::Accept { answer: d, .. } | ClientMsg::IceRestart { desc: d, .. } => {
+            if let Err((code, message)) = check_desc(st, d) {
                 return vec![err(code, message, None)];
             }
         }
@@ -438,6 +469,7 @@ pub async fn arbitrate(st: &AppState, from: Party, msg: ClientMsg) -> Vec<Server
             }
             (ClientMsg::Accept { answer, .. }, CallState::Ringing) if is_callee => {
                 call.callee_candidates = answer.candidates.len();
+                call.callee_key.clone_from(&answer.public_key);
                 call.state = CallState::Active(from.clone());
                 if let Some(t) = call.timer.take() {
                     t.abort();
@@ -539,6 +571,40 @@ pub async fn arbitrate(st: &AppState, from: Party, msg: ClientMsg) -> Vec<Server
                     to,
                     msg: ServerMsg::EndOfCandidates {
                         call_id: id.clone(),
+                    },
+                });
+            }
+            (ClientMsg::IceRestart { desc, .. }, CallState::Active(callee))
+                if is_caller || is_answerer =>
+            {
+                // A restart begins a new candidate generation for the restarting party; its
+                // key (which the media keys derive from) stays the one of the offer/answer.
+                let (count, key, other) = if is_caller {
+                    (
+                        &mut call.caller_candidates,
+                        &call.caller_key,
+                        callee.clone(),
+                    )
+                } else {
+                    (
+                        &mut call.callee_candidates,
+                        &call.callee_key,
+                        call.caller.clone(),
+                    )
+                };
+                if desc.public_key != *key {
+                    return vec![err(
+                        ErrorCode::Invalid,
+                        "an ICE restart must keep the public key of the offer/answer",
+                        None,
+                    )];
+                }
+                *count = desc.candidates.len();
+                fx.push(Effect {
+                    to: Target::Party(other),
+                    msg: ServerMsg::IceRestart {
+                        call_id: id.clone(),
+                        desc,
                     },
                 });
             }

@@ -129,9 +129,12 @@ impl Cluster {
     ) -> Result<Self, ClusterError> {
         let dir = DirectoryClient::with_timeout(directory, token, FORWARD_TIMEOUT)
             .map_err(|e| ClusterError::Request(e.to_string()))?;
+        // Other nodes close a keep-alive connection that stays idle for their header timeout;
+        // dropping pooled connections well before that avoids sending on one being closed.
         let http = reqwest::Client::builder()
             .timeout(FORWARD_TIMEOUT)
             .connect_timeout(FORWARD_TIMEOUT)
+            .pool_idle_timeout(cfg.header_timeout / 2)
             .build()
             .map_err(|e| ClusterError::Request(e.to_string()))?;
         Ok(Self {

@@ -164,8 +164,12 @@ impl Config {
         if self.node_id.is_empty() || self.node_id.len() > 64 {
             return bad("node id must be 1-64 characters");
         }
-        if self.token_ttl.is_zero() || self.ring_timeout.is_zero() || self.idle_timeout.is_zero() {
-            return bad("token ttl, ring timeout and idle timeout must be positive");
+        if self.token_ttl.is_zero()
+            || self.ring_timeout.is_zero()
+            || self.idle_timeout.is_zero()
+            || self.auth_timeout.is_zero()
+        {
+            return bad("token ttl, ring, idle and auth timeouts must be positive");
         }
         if self.max_ws_message < 1024 || self.max_body_bytes > self.max_ws_message {
             return bad("max ws message must be >= 1024 and >= max body bytes");

@@ -132,6 +132,9 @@ struct Settings {
     /// Idle timeout [default: 60s].
     #[arg(long)]
     idle_timeout: Option<String>,
+    /// Time for the first `auth` frame of a session opened without a token [default: 10s].
+    #[arg(long)]
+    auth_timeout: Option<String>,
     /// Client frames per second per session [default: 20].
     #[arg(long)]
     msg_rate: Option<u32>,
@@ -236,6 +239,7 @@ fn load() -> anyhow::Result<(Settings, Config)> {
             write_timeout,
             ping_interval,
             idle_timeout,
+            auth_timeout,
             msg_rate,
             msg_burst,
             flood_close_after,
@@ -287,6 +291,7 @@ fn load() -> anyhow::Result<(Settings, Config)> {
     c.write_timeout = d(&s.write_timeout, c.write_timeout)?;
     c.ping_interval = d(&s.ping_interval, c.ping_interval)?;
     c.idle_timeout = d(&s.idle_timeout, c.idle_timeout)?;
+    c.auth_timeout = d(&s.auth_timeout, c.auth_timeout)?;
     c.msg_rate = s.msg_rate.unwrap_or(c.msg_rate);
     c.msg_burst = s.msg_burst.unwrap_or(c.msg_burst);
     c.flood_close_after = s.flood_close_after.unwrap_or(c.flood_close_after);

@@ -52,6 +52,7 @@
 //! | `ringing` / `decline` / `cancel` / `hangup` / `end_of_candidates` | `call_id` |
 //! | `accept` | `call_id`, `answer: SessionDesc` |
 //! | `candidate` | `call_id`, `candidate: Candidate` |
+//! | `ice_restart` | `call_id`, `desc: SessionDesc` (accepted calls only; forwarded to the other party) |
 //! | `send_message` | `id`, `to`, `body`, `from?` (must be self) |
 //! | `ack` | `seq` |
 //! | `add_contact` / `remove_contact` | `username` |
@@ -71,6 +72,7 @@
 //! | `answered_elsewhere` | `call_id` |
 //! | `call_ended` | `call_id`, `reason` (`declined`, `cancelled`, `timeout`, `hangup`, `unavailable`, `disconnected`) |
 //! | `candidate` / `end_of_candidates` | `call_id`, (`candidate`) |
+//! | `ice_restart` | `call_id`, `desc` (the other party's new ICE credentials and candidates) |
 //! | `message_ack` | `id`, `stored_at_ms` |
 //! | `message` | `seq`, `id`, `from`, `body`, `sent_at_ms` |
 //! | `contacts` | `contacts: [{username, status}]` |
@@ -78,7 +80,8 @@
 //! | `goodbye` | `reason`, `reconnect_after_ms` |
 //!
 //! `SessionDesc` = `{ice_ufrag (4-256), ice_pwd (22-256), public_key (base64 X25519, 32 bytes),
-//! candidates: [Candidate] (<= 32), end_of_candidates}`; `Candidate` = `{foundation, component,
+//! candidates: [Candidate] (<= 32), end_of_candidates, purpose?: {kind: "call"} | {kind: "file",
+//! name (1-255 bytes, not `.`/`..`, no `/`, `\\` or control characters), size}, transfer_fingerprint? (64 lowercase hex)}`; `Candidate` = `{foundation, component,
 //! transport: "udp", priority, address, port, type: host|srflx|prflx|relay, related_address?,
 //! related_port?}`. Candidates in loopback/private/link-local/multicast ranges are refused
 //! unless the node runs with `--allow-private-candidates`.
@@ -176,6 +179,36 @@ pub struct SessionDesc {
     /// True when no more candidates will follow.
     #[serde(default)]
     pub end_of_candidates: bool,
+    /// What the session carries: an audio call (the default) or one file transfer.
+    #[serde(default, skip_serializing_if = "SessionPurpose::is_call")]
+    pub purpose: SessionPurpose,
+    /// SHA-256 fingerprint (64 lowercase hex digits) of this party's per-session QUIC/TLS
+    /// certificate, pinned by the other party for file transfer; absent when it sends none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_fingerprint: Option<String>,
+}
+
+/// What a session carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SessionPurpose {
+    /// An audio call (Opus media).
+    #[default]
+    Call,
+    /// One file sent by the caller (QUIC over the session's path).
+    File {
+        /// File name (1-255 bytes, not `.`/`..`, no path separators or control characters).
+        name: String,
+        /// Size in bytes.
+        size: u64,
+    },
+}
+
+impl SessionPurpose {
+    /// True for an audio call (the default, left out of the JSON).
+    pub fn is_call(&self) -> bool {
+        matches!(self, SessionPurpose::Call)
+    }
 }
 
 /// Presence status shown to contacts.
@@ -252,6 +285,16 @@ pub enum ClientMsg {
         /// Call.
         call_id: CallId,
     },
+    /// ICE restart in an accepted call: new ICE credentials and candidates of this party (the
+    /// public key must stay the one of its offer/answer, else `invalid`); forwarded to the
+    /// other party as `ice_restart`. Refused (`not_allowed`) while ringing and from anyone but
+    /// the caller's device and the answering device.
+    IceRestart {
+        /// Call.
+        call_id: CallId,
+        /// This party's new ICE credentials and candidates.
+        desc: SessionDesc,
+    },
     /// Send a durable text message.
     SendMessage {
         /// Client message id (1-64 chars of [A-Za-z0-9._:-]); resends reuse it.
@@ -300,6 +343,7 @@ impl ClientMsg {
         "hangup",
         "candidate",
         "end_of_candidates",
+        "ice_restart",
         "send_message",
         "ack",
         "add_contact",
@@ -487,6 +531,13 @@ pub enum ServerMsg {
         /// Call.
         call_id: CallId,
     },
+    /// The other party restarted ICE: its new credentials and candidates.
+    IceRestart {
+        /// Call.
+        call_id: CallId,
+        /// The other party's new ICE credentials and candidates.
+        desc: SessionDesc,
+    },
     /// The sender's message is durable (or was already: a resend with the same id).
     MessageAck {
         /// Client message id.
@@ -594,6 +645,132 @@ mod tests {
         }
     }
 
+    /// The `type` of a client frame; the match has no wildcard, so a new variant fails to
+    /// compile here until it is named (and then must be in `TYPES`, checked below).
+    fn type_name(m: &ClientMsg) -> &'static str {
+        match m {
+            ClientMsg::Auth { .. } => "auth",
+            ClientMsg::Invite { .. } => "invite",
+            ClientMsg::Ringing { .. } => "ringing",
+            ClientMsg::Accept { .. } => "accept",
+            ClientMsg::Decline { .. } => "decline",
+            ClientMsg::Cancel { .. } => "cancel",
+            ClientMsg::Hangup { .. } => "hangup",
+            ClientMsg::Candidate { .. } => "candidate",
+            ClientMsg::EndOfCandidates { .. } => "end_of_candidates",
+            ClientMsg::IceRestart { .. } => "ice_restart",
+            ClientMsg::SendMessage { .. } => "send_message",
+            ClientMsg::Ack { .. } => "ack",
+            ClientMsg::AddContact { .. } => "add_contact",
+            ClientMsg::RemoveContact { .. } => "remove_contact",
+            ClientMsg::ListContacts => "list_contacts",
+            ClientMsg::SetPresence { .. } => "set_presence",
+        }
+    }
+
+    #[test]
+    fn every_client_variant_is_listed_in_types() {
+        let desc = SessionDesc {
+            ice_ufrag: "abcd".into(),
+            ice_pwd: "0123456789012345678901".into(),
+            public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+            candidates: Vec::new(),
+            end_of_candidates: false,
+            purpose: SessionPurpose::Call,
+            transfer_fingerprint: None,
+        };
+        let id = || CallId("0".repeat(32));
+        let cand = Candidate {
+            foundation: "1".into(),
+            component: 1,
+            transport: Transport::Udp,
+            priority: 1,
+            address: "192.0.2.1".parse().unwrap(),
+            port: 5000,
+            kind: CandidateType::Host,
+            related_address: None,
+            related_port: None,
+        };
+        let all = [
+            ClientMsg::Auth { token: "t".into() },
+            ClientMsg::Invite {
+                to: "bob".into(),
+                from: None,
+                req: None,
+                offer: desc.clone(),
+            },
+            ClientMsg::Ringing { call_id: id() },
+            ClientMsg::Accept {
+                call_id: id(),
+                answer: desc.clone(),
+            },
+            ClientMsg::Decline { call_id: id() },
+            ClientMsg::Cancel { call_id: id() },
+            ClientMsg::Hangup { call_id: id() },
+            ClientMsg::Candidate {
+                call_id: id(),
+                candidate: cand,
+            },
+            ClientMsg::EndOfCandidates { call_id: id() },
+            ClientMsg::IceRestart {
+                call_id: id(),
+                desc,
+            },
+            ClientMsg::SendMessage {
+                id: "m".into(),
+                to: "bob".into(),
+                from: None,
+                body: "b".into(),
+            },
+            ClientMsg::Ack { seq: 1 },
+            ClientMsg::AddContact {
+                username: "bob".into(),
+            },
+            ClientMsg::RemoveContact {
+                username: "bob".into(),
+            },
+            ClientMsg::ListContacts,
+            ClientMsg::SetPresence {
+                status: PresenceStatus::Away,
+            },
+        ];
+        assert_eq!(all.len(), ClientMsg::TYPES.len());
+        for m in &all {
+            let v = serde_json::to_value(m).unwrap();
+            let ty = v["type"].as_str().unwrap();
+            assert_eq!(ty, type_name(m));
+            assert!(ClientMsg::TYPES.contains(&ty), "{ty} missing from TYPES");
+            assert_eq!(&serde_json::from_value::<ClientMsg>(v).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn purpose_and_fingerprint_shape() {
+        let v = serde_json::json!({"ice_ufrag": "abcd", "ice_pwd": "0123456789012345678901",
+            "public_key": "k", "candidates": [],
+            "purpose": {"kind": "file", "name": "a.txt", "size": 12},
+            "transfer_fingerprint": "ab".repeat(32)});
+        let d: SessionDesc = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(
+            d.purpose,
+            SessionPurpose::File {
+                name: "a.txt".into(),
+                size: 12
+            }
+        );
+        let mut back = serde_json::to_value(&d).unwrap();
+        back.as_object_mut().unwrap().remove("end_of_candidates");
+        assert_eq!(back, v);
+        // The default purpose (a call) and an absent fingerprint stay off the wire.
+        let plain = SessionDesc {
+            purpose: SessionPurpose::Call,
+            transfer_fingerprint: None,
+            ..d
+        };
+        let s = serde_json::to_string(&plain).unwrap();
+        assert!(!s.contains("purpose") && !s.contains("fingerprint"), "{s}");
+    }
+
     #[test]
     fn invite_roundtrip_and_shape() {
         let m = ClientMsg::Invite {
@@ -616,6 +793,8 @@ mod tests {
                     related_port: None,
                 }],
                 end_of_candidates: false,
+                purpose: Default::default(),
+                transfer_fingerprint: None,
             },
         };
         let s = serde_json::to_string(&m).unwrap();

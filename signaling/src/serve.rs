@@ -1,9 +1,13 @@
 //! The HTTP accept loop: like `axum::serve` (HTTP/1 and HTTP/2 with upgrades, `ConnectInfo`
 //! of the peer, graceful shutdown) plus a header read timeout, so slow-header (slowloris)
-//! connections are closed. `axum::serve` sets no timer, which leaves hyper's timeout inert.
+//! connections are closed: hyper's own timer for HTTP/1 headers (`axum::serve` sets no timer,
+//! which leaves it inert) and a first-request deadline covering the protocol sniffing before
+//! it (a silent socket sends nothing hyper would time).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -48,7 +52,15 @@ pub async fn serve(
         let router = router.clone();
         let stop = stop.clone();
         conns.spawn(async move {
+            // Set by the first request. hyper's header timeout only runs once hyper-util has
+            // sniffed the protocol (HTTP/1 vs the HTTP/2 preface), which waits for bytes
+            // without a deadline: a silent socket, or one trickling a preface, would stay
+            // open for ever. So a connection without a request after `header_timeout` is
+            // dropped here.
+            let seen = Arc::new(AtomicBool::new(false));
+            let seen_svc = seen.clone();
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                seen_svc.store(true, Ordering::Release);
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                 let r = router.clone();
                 async move {
@@ -67,15 +79,29 @@ pub async fn serve(
             builder.http2().timer(TokioTimer::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
             let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::trace!(error = %e, %peer, "connection ended with an error");
+            let first_request = tokio::time::sleep(header_timeout);
+            let mut first_request = std::pin::pin!(first_request);
+            let mut armed = true;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::trace!(error = %e, %peer, "connection ended with an error");
+                        }
+                        break;
                     }
-                }
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(CONN_DRAIN, conn).await;
+                    _ = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(CONN_DRAIN, conn).await;
+                        break;
+                    }
+                    _ = &mut first_request, if armed => {
+                        if !seen.load(Ordering::Acquire) {
+                            tracing::trace!(%peer, "no request within the header timeout");
+                            break;
+                        }
+                        armed = false;
+                    }
                 }
             }
         });

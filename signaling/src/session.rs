@@ -587,7 +587,8 @@ async fn dispatch(sess: &mut Sess, msg: ClientMsg) {
         | ClientMsg::Cancel { .. }
         | ClientMsg::Hangup { .. }
         | ClientMsg::Candidate { .. }
-        | ClientMsg::EndOfCandidates { .. }) => {
+        | ClientMsg::EndOfCandidates { .. }
+        | ClientMsg::IceRestart { .. }) => {
             for r in calls::client_msg(&st, sess.party(), m).await {
                 if matches!(r, ServerMsg::Error { .. }) {
                     Metrics::inc(&st.metrics.frame_errors_total);

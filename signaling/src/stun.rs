@@ -8,16 +8,19 @@
 //! OTHER-ADDRESS when an alternate address exists. CHANGE-REQUEST is honoured by answering
 //! from the slot with the other IP and/or port; a change the addresses cannot provide is
 //! answered 420 (UNKNOWN-ATTRIBUTES: CHANGE-REQUEST), as RFC 5780 section 7.2 says of a server
-//! without that alternate. Anything that is not a well-formed Binding request is dropped
-//! silently and counted. [`respond`] is the sans-IO core; [`StunResponder`] drives sockets.
+//! without that alternate. A malformed CHANGE-REQUEST, or an oversized / non-UTF-8 USERNAME,
+//! REALM or NONCE, is answered 400; an unknown comprehension-required attribute 420 with
+//! UNKNOWN-ATTRIBUTES. Anything that is not a well-formed Binding request (short, wrong magic
+//! cookie, bad lengths, bad FINGERPRINT, truncated, not a request) is dropped silently and
+//! counted. [`respond`] is the sans-IO core; [`StunResponder`] drives sockets.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use peerlink_proto::attrs::{
-    ChangeRequest, ErrorCode, OtherAddress, ResponseOrigin, Software, UnknownAttributes,
-    XorMappedAddress,
+    ChangeRequest, ErrorCode, Nonce, OtherAddress, Realm, ResponseOrigin, Software,
+    UnknownAttributes, Username, XorMappedAddress,
 };
 use peerlink_proto::{Class, Message, MessageBuilder, MessageType, Method, attr_type};
 use tokio::net::UdpSocket;
@@ -78,6 +81,14 @@ pub fn respond(
     let unknown = msg.unknown_comprehension_required();
     if !unknown.is_empty() {
         return error(out, on, tid, 420, Some(unknown));
+    }
+    // The responder authenticates nobody, but a USERNAME, REALM or NONCE that is oversized or
+    // not valid UTF-8 marks a malformed (or hostile) request: 400, and nothing of it is kept.
+    if msg.get::<Username>().is_some_and(|r| r.is_err())
+        || msg.get::<Realm>().is_some_and(|r| r.is_err())
+        || msg.get::<Nonce>().is_some_and(|r| r.is_err())
+    {
+        return error(out, on, tid, 400, None);
     }
     let mut from = on;
     if let Some(cr) = msg.get::<ChangeRequest>() {

@@ -333,3 +333,155 @@ async fn directory_restart_and_node_failover() {
     assert_eq!(m["id"], "while-away");
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_restart_across_nodes() {
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("shared.db");
+    let dir = start_directory();
+    let a = node(&db, &dir, "node-a");
+    let b = node(&db, &dir, "node-b");
+    let mut phone = b.connect("bob", "phone").await;
+    let mut desk = b.connect("bob", "desk").await;
+    let mut eve = b.connect("eve", "e1").await;
+    let mut alice = a.connect("alice", "laptop").await;
+
+    alice
+        .send(json!({"type": "invite", "to": "bob", "offer": desc("127.0.0.1", 1)}))
+        .await;
+    let sent = alice.recv_type("invite_sent").await;
+    assert_eq!(sent["devices"], 2, "{sent}");
+    let id = sent["call_id"].clone();
+    phone.recv_type("incoming_call").await;
+    desk.recv_type("incoming_call").await;
+    let restart = |ufrag: &str, n: usize| {
+        let mut d = desc("127.0.0.1", n);
+        d["ice_ufrag"] = json!(ufrag);
+        d["ice_pwd"] = json!(format!("{ufrag}newpassword0123456789"));
+        json!({"type": "ice_restart", "call_id": id, "desc": d})
+    };
+    // Ringing: the callee's restart is forwarded to the arbiter (node A) and refused there.
+    phone.send(restart("ring", 1)).await;
+    assert_eq!(phone.recv_type("error").await["code"], "not_allowed");
+
+    phone
+        .send(json!({"type": "accept", "call_id": id, "answer": desc("127.0.0.1", 1)}))
+        .await;
+    alice.recv_type("call_accepted").await;
+    desk.recv_type("answered_elsewhere").await;
+
+    // Caller (node A) -> callee (node B).
+    let f = restart("acr1", 2);
+    alice.send(f.clone()).await;
+    let r = phone.recv_type("ice_restart").await;
+    assert_eq!(
+        (r["call_id"].clone(), r["desc"].clone()),
+        (id.clone(), f["desc"].clone())
+    );
+    // Callee (node B) -> caller (node A).
+    let f = restart("bcr1", 3);
+    phone.send(f.clone()).await;
+    let r = alice.recv_type("ice_restart").await;
+    assert_eq!(
+        (r["call_id"].clone(), r["desc"].clone()),
+        (id.clone(), f["desc"].clone())
+    );
+
+    // Refused across nodes too: the callee's other device, a stranger on the callee's node
+    // that knows the call id, and bad descriptions from either side.
+    desk.send(restart("desk", 1)).await;
+    assert_eq!(desk.recv_type("error").await["code"], "not_allowed");
+    eve.send(restart("evee", 1)).await;
+    assert_eq!(eve.recv_type("error").await["code"], "not_allowed");
+    let mut f = restart("bad1", 1);
+    f["desc"]["transfer_fingerprint"] = json!("XYZ");
+    phone.send(f).await;
+    assert_eq!(phone.recv_type("error").await["code"], "invalid");
+    phone.send(restart("bad2", 33)).await;
+    assert_eq!(
+        phone.recv_type("error").await["code"],
+        "too_many_candidates"
+    );
+    let mut f = restart("bad3", 1);
+    f["desc"]["purpose"] = json!({"kind": "file", "name": "..", "size": 3});
+    alice.send(f).await;
+    assert_eq!(alice.recv_type("error").await["code"], "invalid");
+
+    // Nothing of the refused restarts reached anyone: the next frames are these answers.
+    for ws in [&mut phone, &mut desk, &mut eve, &mut alice] {
+        ws.send(json!({"type": "list_contacts"})).await;
+        ws.recv_type("contacts").await;
+    }
+    alice.send(json!({"type": "hangup", "call_id": id})).await;
+    assert_eq!(phone.recv_type("call_ended").await["reason"], "hangup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_purges_its_old_presence_and_stale_epochs_lose() {
+    use peerlink_directory::api::{
+        PresenceStatus, PresenceUpdate, RegisterNodeRequest, UpdateOutcome,
+    };
+    use peerlink_directory::client::DirectoryClient;
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("shared.db");
+    // A long presence TTL: what happens below is the epoch rule, not expiry.
+    let dir = start_directory_with(&["--listen", "127.0.0.1:0", "--presence-ttl", "600"]);
+    let a = node(&db, &dir, "node-a");
+    let mut b = node(&db, &dir, "node-b");
+    let client = DirectoryClient::new(&dir.url, CLUSTER_TOKEN).unwrap();
+    let bob = b.connect("bob", "phone").await;
+    let loc = client.lookup_user("bob").await.unwrap();
+    assert_eq!(loc.devices.len(), 1);
+    let old_epoch = loc.devices[0].node_epoch;
+
+    // Node B dies without deregistering and comes back under the same id: a new epoch.
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    drop(bob);
+    let b = node(&db, &dir, "node-b");
+    eventually("node-b re-registered", || async {
+        client.list_nodes().await.is_ok_and(|n| {
+            n.iter()
+                .any(|n| n.node_id == "node-b" && n.epoch > old_epoch)
+        })
+    })
+    .await;
+    // bob's entry from the dead epoch is gone at once (the TTL is ten minutes).
+    assert!(client.lookup_user("bob").await.unwrap().devices.is_empty());
+    // A late write from the old epoch (a zombie of the dead process) is ignored.
+    let zombie = PresenceUpdate {
+        user: "bob".into(),
+        device: "phone".into(),
+        node_id: "node-b".into(),
+        node_epoch: old_epoch,
+        status: PresenceStatus::Online,
+    };
+    assert!(matches!(
+        client.update_presence(&zombie).await.unwrap(),
+        UpdateOutcome::Stale { current_epoch } if current_epoch > old_epoch
+    ));
+    assert!(client.lookup_user("bob").await.unwrap().devices.is_empty());
+    // ...and so is re-registering with it.
+    let stale = RegisterNodeRequest {
+        node_id: "node-b".into(),
+        internal_url: "http://127.0.0.1:9".into(),
+        epoch: old_epoch,
+        load: 0.0,
+    };
+    assert!(client.register_node(&stale).await.is_err());
+    // An invite for bob now reaches nobody (no ghost delivery to the dead node)...
+    let mut alice = a.connect("alice", "laptop").await;
+    alice
+        .send(json!({"type": "invite", "to": "bob", "offer": desc("127.0.0.1", 1)}))
+        .await;
+    assert_eq!(alice.recv_type("invite_sent").await["devices"], 0);
+    alice.recv_type("call_ended").await;
+    // ...until he reconnects to the restarted node.
+    let mut bob = b.connect("bob", "phone").await;
+    alice
+        .send(json!({"type": "invite", "to": "bob", "offer": desc("127.0.0.1", 1)}))
+        .await;
+    assert_eq!(alice.recv_type("invite_sent").await["devices"], 1);
+    bob.recv_type("incoming_call").await;
+    assert_eq!(a.metric("forward_errors_total").await, 0);
+}

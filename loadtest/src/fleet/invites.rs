@@ -193,6 +193,8 @@ fn offer(k: usize) -> SessionDesc {
             related_port: None,
         }],
         end_of_candidates: true,
+        purpose: Default::default(),
+        transfer_fingerprint: None,
     }
 }
 

@@ -67,14 +67,23 @@ impl Node {
 
     /// Start with exactly `args`.
     pub fn start_raw(db: &Path, args: &[String]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_peerlink-signaling"))
-            .args(args)
+        Self::start_raw_with(db, args, |_| {})
+    }
+
+    /// Start with exactly `args`, after `configure` adjusted the command (e.g. a `pre_exec`).
+    pub fn start_raw_with(
+        db: &Path,
+        args: &[String],
+        configure: impl FnOnce(&mut Command),
+    ) -> Node {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_peerlink-signaling"));
+        cmd.args(args)
             .env("PEERLINK_TOKEN_SECRET", TOKEN_SECRET)
             .env("PEERLINK_TURN_SECRET", TURN_SECRET)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn peerlink-signaling");
+            .stderr(Stdio::inherit());
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn peerlink-signaling");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
