@@ -48,6 +48,10 @@ struct PlacementArgs {
     /// peerlink-relay binary [default: <workspace>/target/release/peerlink-relay].
     #[arg(long)]
     peerlink_bin: Option<PathBuf>,
+    /// A second peerlink-relay build, run as the servers `base-uring` / `base-epoll` (compare
+    /// two builds, e.g. before and after a change, in the same run).
+    #[arg(long)]
+    peerlink_base_bin: Option<PathBuf>,
     /// coturn's turnserver binary.
     #[arg(long, default_value = "/usr/bin/turnserver")]
     coturn_bin: PathBuf,
@@ -162,6 +166,7 @@ fn placement(a: &PlacementArgs) -> anyhow::Result<Placement> {
         .unwrap_or_else(|| server::default_peerlink_bin("release"));
     let mut p = Placement::new(bin);
     p.servers = a.servers.clone();
+    p.peerlink_base_bin = a.peerlink_base_bin.clone();
     p.server_cpu = cpu(a.server_cpu);
     p.gen_cpu = cpu(a.gen_cpu);
     p.coturn_bin = a.coturn_bin.clone();

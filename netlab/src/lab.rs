@@ -712,10 +712,47 @@ impl Router {
         })
     }
 
+    /// UDP datagrams this router has forwarded so far, `(inbound, outbound)` across its WAN,
+    /// counted after its filter (dropped datagrams are not counted).
+    pub fn udp_forwarded(&self) -> Result<(u64, u64)> {
+        let read = |name: &str| -> Result<u64> {
+            let out = self
+                .ns
+                .exec(&["nft", "list", "counter", "ip", "acct", name])?;
+            nat::parse_counter_packets(&out).ok_or_else(|| LabError::Command {
+                cmd: format!("nft list counter ip acct {name}"),
+                status: "0".into(),
+                stderr: format!("no packet count in: {out}"),
+            })
+        };
+        Ok((read(nat::UDP_IN)?, read(nat::UDP_OUT)?))
+    }
+
     /// Forget every NAT mapping and filter permission, as a NAT reboot or rebinding would:
     /// `conntrack -F` in the router plus flushing the `fullcone` map and `contacted` set.
+    ///
+    /// This also breaks TCP connections through the router (their translations are gone);
+    /// see [`Router::flush_udp_nat`] for a UDP-only rebinding.
     pub fn flush_nat(&self) -> Result<()> {
         self.ns.flush_conntrack()?;
+        self.flush_nat_sets()
+    }
+
+    /// Forget the UDP mappings and permissions only (`conntrack -D -p udp` plus the
+    /// `fullcone` map and `contacted` set, which hold only UDP), as a NAT whose UDP timeout
+    /// expired would: TCP connections through the router survive.
+    pub fn flush_udp_nat(&self) -> Result<()> {
+        match self.ns.exec(&["conntrack", "-D", "-p", "udp"]) {
+            Ok(_) => {}
+            // Exit status 1 with nothing (or "0 flow entries ...") on stderr: nothing to delete.
+            Err(LabError::Command { stderr, .. })
+                if stderr.trim().is_empty() || stderr.contains("0 flow entries") => {}
+            Err(e) => return Err(e),
+        }
+        self.flush_nat_sets()
+    }
+
+    fn flush_nat_sets(&self) -> Result<()> {
         let mut script = String::new();
         if self.kind.has_fullcone_map() {
             script.push_str("flush map ip nat fullcone\n");

@@ -6,7 +6,8 @@
 //! LAN. Tests then own sockets, threads and processes inside any of those namespaces from
 //! one test process. Per-link conditions ([`LinkConditions`]) add loss (nftables),
 //! rate (`tbf`) and delay/jitter (a user-space delay line, since this kernel has no `netem`);
-//! routers can forget their mappings ([`Router::flush_nat`]) to simulate NAT rebinding.
+//! routers can forget their mappings ([`Router::flush_nat`]) to simulate NAT rebinding, and
+//! count the UDP datagrams they forward ([`Router::udp_forwarded`]) so tests can see traffic flow.
 //!
 //! What it is not: a network emulator for timing-sensitive logic (use the deterministic
 //! in-process harness for that), nor portable — it needs Linux, root, `ip`, `nft`, `tc`

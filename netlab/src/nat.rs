@@ -92,6 +92,22 @@ pub fn expected_path(a: NatKind, b: NatKind) -> ExpectedPath {
     }
 }
 
+/// Named nftables counter (table `ip acct`) of UDP datagrams forwarded from the WAN inwards.
+pub(crate) const UDP_IN: &str = "udp_in";
+/// Named nftables counter (table `ip acct`) of UDP datagrams forwarded out of the WAN.
+pub(crate) const UDP_OUT: &str = "udp_out";
+
+/// Parse the `packets N` figure out of `nft list counter` output.
+pub(crate) fn parse_counter_packets(listing: &str) -> Option<u64> {
+    let mut words = listing.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "packets" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
 /// The nftables ruleset of a router of `kind` with WAN address `wan`.
 ///
 /// Recipes exactly as NETLAB.md gives them, plus the WAN input drop every router needs.
@@ -108,6 +124,21 @@ pub(crate) fn router_ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
         type filter hook input priority 0; policy accept;
         iif "{WAN_IF}" ct state established,related accept
         iif "{WAN_IF}" drop
+    }}
+}}
+"#
+    );
+    // Accounting: UDP datagrams the router forwarded (after its filter) in each direction,
+    // so tests can see traffic flow without timing guesses.
+    let _ = write!(
+        s,
+        r#"table ip acct {{
+    counter {UDP_IN} {{ }}
+    counter {UDP_OUT} {{ }}
+    chain forward {{
+        type filter hook forward priority 10; policy accept;
+        iif "{WAN_IF}" meta l4proto udp counter name "{UDP_IN}"
+        oif "{WAN_IF}" meta l4proto udp counter name "{UDP_OUT}"
     }}
 }}
 "#
@@ -241,5 +272,14 @@ mod tests {
         // The map update must precede the snat (NETLAB.md).
         let fc = router_ruleset(NatKind::FullCone, wan);
         assert!(fc.find("update @fullcone") < fc.find("snat to"));
+        assert!(fc.contains("counter name \"udp_in\"") && fc.contains("priority 10"));
+    }
+
+    #[test]
+    fn counter_listing_parses() {
+        let out = "table ip acct {\n\tcounter udp_in {\n\t\tpackets 42 bytes 1234\n\t}\n}\n";
+        assert_eq!(parse_counter_packets(out), Some(42));
+        assert_eq!(parse_counter_packets("nothing here"), None);
+        assert_eq!(parse_counter_packets("packets x"), None);
     }
 }

@@ -192,10 +192,10 @@ fn a_panic_inside_a_test_still_cleans_up() {
 #[test]
 fn sweep_removes_only_dead_runs_of_our_family() {
     with_deadline(Duration::from_secs(30), || {
-        // A pid that is certainly dead: a child we started and reaped.
-        let mut child = Command::new("true").spawn().unwrap();
-        child.wait().unwrap();
-        let dead = child.id();
+        // A pid that is certainly dead: above the kernel's largest possible pid_max (2^22), so
+        // no process can hold it (a reaped child's pid can be reused at once when the lab
+        // tests running beside this one churn through a small pid space).
+        let dead: u32 = 4_000_000_000;
         let me = std::process::id();
         let stale = format!("pl{dead}x0-stale");
         let alive = format!("pl{me}x999999-alive");

@@ -153,3 +153,41 @@ fn every_kind_maps_and_filters_per_rfc4787() {
         }
     });
 }
+
+#[test]
+fn forwarded_udp_is_counted_after_the_filter() {
+    with_deadline(Duration::from_secs(60), || {
+        let lab = lab();
+        let a = lab
+            .add_public_host("srv-a", "203.0.113.200".parse().unwrap())
+            .unwrap();
+        let srv = a.udp_socket("203.0.113.200:4000".parse().unwrap()).unwrap();
+        let other = a.udp_socket("203.0.113.200:4001".parse().unwrap()).unwrap();
+        let router = lab.add_nat(NatKind::PortRestricted).unwrap();
+        let host = router.add_host("c").unwrap();
+        let client = host.udp_socket("0.0.0.0:0".parse().unwrap()).unwrap();
+        assert_eq!(router.udp_forwarded().unwrap(), (0, 0));
+        let mut mapped = None;
+        for i in 0..10u8 {
+            let tok = [b'o', i];
+            client.send_to(&tok, srv.local_addr().unwrap()).unwrap();
+            mapped = recv_payload(&srv, &tok, WAIT);
+            assert!(mapped.is_some(), "datagram {i} did not arrive");
+        }
+        let mapped = mapped.unwrap();
+        for i in 0..10u8 {
+            let tok = [b'i', i];
+            srv.send_to(&tok, mapped).unwrap();
+            assert!(
+                recv_payload(&client, &tok, WAIT).is_some(),
+                "reply {i} lost"
+            );
+        }
+        // Unsolicited from a port the host never contacted: filtered, so not counted.
+        for _ in 0..5 {
+            other.send_to(b"x", mapped).unwrap();
+        }
+        assert!(drain(&client, Duration::from_millis(200)).is_empty());
+        assert_eq!(router.udp_forwarded().unwrap(), (10, 10));
+    });
+}

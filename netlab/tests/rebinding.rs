@@ -1,5 +1,6 @@
-//! NAT state knobs: flushing mappings rebinds a symmetric NAT and recreates a full-cone
-//! mapping; a short conntrack UDP timeout closes an idle port-restricted pinhole.
+//! NAT state knobs: flushing mappings (all, or UDP only, which TCP survives) rebinds a symmetric
+//! NAT and recreates a full-cone mapping; a short conntrack UDP timeout closes an idle
+//! port-restricted pinhole.
 #![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns, unwrap
 
 mod common;
@@ -151,5 +152,44 @@ fn a_short_conntrack_udp_timeout_closes_an_idle_pinhole() {
             !seen.iter().any(|p| p == b"reply-stale"),
             "the idle pinhole should have expired"
         );
+    });
+}
+
+#[test]
+fn flushing_only_udp_rebinds_udp_and_keeps_tcp_connections() {
+    with_deadline(Duration::from_secs(30), || {
+        use std::io::{Read, Write};
+        let lab = lab();
+        let (a, sa, _sb) = servers(&lab);
+        let listener = a
+            .tcp_listener("203.0.113.200:8080".parse().unwrap())
+            .unwrap();
+        let router = lab.add_nat(NatKind::Symmetric).unwrap();
+        let host = router.add_host("alice").unwrap();
+        let mut tcp = host
+            .tcp_connect("203.0.113.200:8080".parse().unwrap(), WAIT)
+            .unwrap();
+        let (mut server_side, _) = listener.accept().unwrap();
+        for s in [&tcp, &server_side] {
+            s.set_read_timeout(Some(WAIT)).unwrap();
+        }
+        let client = host.udp_socket(any()).unwrap();
+        let before = observed(&client, &sa, "one");
+
+        router.flush_udp_nat().unwrap();
+        let after = observed(&client, &sa, "two");
+        assert_ne!(after.port(), before.port(), "UDP must rebind");
+        // The TCP connection's translation survived: both directions still work.
+        tcp.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        server_side.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        server_side.write_all(b"pong").unwrap();
+        tcp.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+        // An empty UDP table is not an error.
+        drop(client);
+        router.flush_udp_nat().unwrap();
+        router.flush_udp_nat().unwrap();
     });
 }

@@ -95,8 +95,13 @@ impl SocketTable {
 
     /// Raw fd of `id`'s relayed socket.
     pub fn fd_of(&self, id: AllocationId) -> Option<RawFd> {
+        self.key_fd_of(id).map(|(_, fd)| fd)
+    }
+
+    /// Slab key and raw fd of `id`'s relayed socket.
+    pub fn key_fd_of(&self, id: AllocationId) -> Option<(usize, RawFd)> {
         let key = *self.by_id.get(&id)?;
-        self.slab.get(key).map(|e| e.sock.as_raw_fd())
+        self.slab.get(key).map(|e| (key, e.sock.as_raw_fd()))
     }
 
     /// Entry `key` if it still has generation `generation`.
@@ -189,6 +194,8 @@ pub enum Source {
 pub struct ForwardAction {
     /// Socket to send from.
     pub fd: RawFd,
+    /// Slab key of that socket when it is a relayed one (`None`: the listener).
+    pub key: Option<usize>,
     /// Destination.
     pub to: SocketAddr,
     /// Bytes of the frame (the slice handed to the core) to send.
@@ -325,15 +332,15 @@ impl WorkerCtx {
                     self.count_drop(DropReason::Malformed);
                     return None;
                 }
-                let (fd, direction) = match (from, kind) {
+                let (fd, key, direction) = match (from, kind) {
                     (SocketRef::Listener, SocketKind::Listener) => {
-                        (self.listener.as_raw_fd(), Direction::ClientToClient)
+                        (self.listener.as_raw_fd(), None, Direction::ClientToClient)
                     }
                     (SocketRef::Listener, SocketKind::Relayed) => {
-                        (self.listener.as_raw_fd(), Direction::PeerToClient)
+                        (self.listener.as_raw_fd(), None, Direction::PeerToClient)
                     }
-                    (SocketRef::Relayed(id), _) => match self.sockets.fd_of(id) {
-                        Some(fd) => (fd, Direction::ClientToPeer),
+                    (SocketRef::Relayed(id), _) => match self.sockets.key_fd_of(id) {
+                        Some((key, fd)) => (fd, Some(key), Direction::ClientToPeer),
                         None => {
                             self.count_drop(DropReason::NoAllocation);
                             return None;
@@ -342,6 +349,7 @@ impl WorkerCtx {
                 };
                 Some(ForwardAction {
                     fd,
+                    key,
                     to,
                     range,
                     direction,

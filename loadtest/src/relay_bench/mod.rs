@@ -81,6 +81,8 @@ pub struct Placement {
     pub gen_cpu: Option<usize>,
     /// peerlink-relay binary.
     pub peerlink_bin: PathBuf,
+    /// A second peerlink-relay build for the `base-*` servers (before/after a change).
+    pub peerlink_base_bin: Option<PathBuf>,
     /// coturn binary.
     pub coturn_bin: PathBuf,
     /// Relay IPs (several for `--hold` beyond one IP's ports).
@@ -116,6 +118,7 @@ impl Placement {
             server_cpu: Some(0),
             gen_cpu: Some(1),
             peerlink_bin,
+            peerlink_base_bin: None,
             coturn_bin: PathBuf::from("/usr/bin/turnserver"),
             relay_ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             port_min: 10000,
@@ -159,7 +162,13 @@ impl Placement {
             cpu: self.server_cpu,
             nice: self.nice,
             metrics: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), server::free_tcp_port(ip)?),
-            peerlink_bin: self.peerlink_bin.clone(),
+            peerlink_bin: if kind.is_base() {
+                self.peerlink_base_bin.clone().ok_or_else(|| {
+                    BenchError::Invalid(format!("{} needs --peerlink-base-bin", kind.label()))
+                })?
+            } else {
+                self.peerlink_bin.clone()
+            },
             coturn_bin: self.coturn_bin.clone(),
             max_allocations: 200_000,
         })
@@ -421,11 +430,14 @@ fn measured_round(
     probe: Option<(Duration, &mut dyn FnMut())>,
 ) -> Result<RoundFigures, BenchError> {
     maintain(prep);
+    let sleeps0 = prep.server.voluntary_switches()?;
     let cpu0 = prep.server.cpu_time()?;
     let r = traffic::run_round(&prep.flows, spec, probe)?;
     prep.server.check_alive()?;
     let cpu1 = prep.server.cpu_time()?;
-    Ok(RoundFigures::new(&r, cpu1.saturating_sub(cpu0)))
+    let sleeps1 = prep.server.voluntary_switches()?;
+    Ok(RoundFigures::new(&r, cpu1.saturating_sub(cpu0))
+        .with_server_sleeps(sleeps1.saturating_sub(sleeps0)))
 }
 
 /// Re-measurements of one step when the generator fell short without a busy core.
@@ -827,6 +839,7 @@ mod tests {
             server_core_fraction: 0.5,
             gen_core_fraction: 0.5,
             generator_limited: sent_pps < traffic::GENERATOR_SHORTFALL * offered,
+            server_sleeps_per_kpkt: 0.0,
         }
     }
 

@@ -54,6 +54,9 @@ pub struct RoundFigures {
     pub gen_core_fraction: f64,
     /// The generator, not the server, was the limit in this round.
     pub generator_limited: bool,
+    /// Times the server's threads went to sleep (voluntary context switches) per 1000
+    /// forwarded packets: wake-ups dominate CPU per packet at a fixed rate.
+    pub server_sleeps_per_kpkt: f64,
 }
 
 impl RoundFigures {
@@ -93,7 +96,18 @@ impl RoundFigures {
             server_core_fraction: server_cpu.as_secs_f64() / r.wall.as_secs_f64().max(1e-9),
             gen_core_fraction: r.generator_core_fraction(),
             generator_limited: r.generator_limited(),
+            server_sleeps_per_kpkt: 0.0,
         }
+    }
+
+    /// Adds the server's voluntary context switches during the round.
+    pub fn with_server_sleeps(mut self, sleeps: u64) -> Self {
+        self.server_sleeps_per_kpkt = if self.received == 0 {
+            0.0
+        } else {
+            sleeps as f64 * 1000.0 / self.received as f64
+        };
+        self
     }
 }
 
@@ -234,6 +248,7 @@ impl ServerReport {
                 .collect(),
             cpu_us_per_pkt_at_max: self.max_cpu_us_per_pkt_median(),
             cpu_us_per_pkt: self.fixed_median(|f| f.server_cpu_us_per_pkt),
+            sleeps_per_kpkt: self.fixed_median(|f| f.server_sleeps_per_kpkt),
             cpu_us_per_pkt_rounds: kept(&self.fixed)
                 .iter()
                 .map(|f| f.server_cpu_us_per_pkt)
@@ -265,6 +280,9 @@ pub struct ServerSummary {
     pub cpu_us_per_pkt_at_max: Option<f64>,
     /// Server CPU µs per forwarded packet at the fixed rate (median).
     pub cpu_us_per_pkt: Option<f64>,
+    /// Server sleeps (voluntary context switches) per 1000 forwarded packets at the fixed
+    /// rate (median).
+    pub sleeps_per_kpkt: Option<f64>,
     /// Per kept round.
     pub cpu_us_per_pkt_rounds: Vec<f64>,
     /// End-to-end p50 at the fixed rate (µs, median over rounds).
@@ -421,6 +439,30 @@ impl TrafficReport {
                 "< 1.0",
             ));
         }
+        for (new, base) in [
+            (ServerKind::PeerlinkUring, ServerKind::BaseUring),
+            (ServerKind::PeerlinkEpoll, ServerKind::BaseEpoll),
+        ] {
+            let (Some(a), Some(b)) = (find(new), find(base)) else {
+                continue;
+            };
+            ratios.extend(ratio(
+                "this build / base build pkt/s",
+                a,
+                b,
+                a.max_pps,
+                b.max_pps,
+                "(info)",
+            ));
+            ratios.extend(ratio(
+                "this build / base build CPU at fixed rate",
+                a,
+                b,
+                a.cpu_us_per_pkt,
+                b.cpu_us_per_pkt,
+                "(info)",
+            ));
+        }
         let mut notes = vec![
             "server CPU = sum of the server's threads' run time (/proc/<pid>/task/*/schedstat) over the round incl. drain; \
              on loopback the sender's kernel delivers into the receiver's socket, so each side's receive-path softirq \
@@ -504,11 +546,12 @@ impl TrafficReport {
         );
         let _ = writeln!(
             o,
-            "{:<16} {:>12} {:>10} {:>12} {:>9} {:>9} {:>8} {:>8} {:>12}",
+            "{:<16} {:>12} {:>10} {:>12} {:>11} {:>9} {:>9} {:>8} {:>8} {:>12}",
             "server",
             "max pkt/s",
             "us/pkt@max",
             "us/pkt@rate",
+            "sleeps/kpkt",
             "p50 us",
             "p99 us",
             "loss",
@@ -518,11 +561,12 @@ impl TrafficReport {
         for s in &self.summary {
             let _ = writeln!(
                 o,
-                "{:<16} {:>12} {:>10} {:>12} {:>9} {:>9} {:>8} {:>8} {:>12}{}",
+                "{:<16} {:>12} {:>10} {:>12} {:>11} {:>9} {:>9} {:>8} {:>8} {:>12}{}",
                 s.server,
                 fmt0(s.max_pps),
                 fmt2(s.cpu_us_per_pkt_at_max),
                 fmt2(s.cpu_us_per_pkt),
+                fmt0(s.sleeps_per_kpkt),
                 fmt0(s.e2e_p50_us),
                 fmt0(s.e2e_p99_us),
                 s.fixed_loss
@@ -553,7 +597,7 @@ impl TrafficReport {
         if let Some(r) = c.rate {
             let _ = writeln!(
                 o,
-                "(us/pkt@rate, p50, p99, loss at fixed {r:.0} pkt/s; max = highest rate with loss <= {:.2}%)",
+                "(us/pkt@rate, sleeps/kpkt, p50, p99, loss at fixed {r:.0} pkt/s; max = highest rate with loss <= {:.2}%)",
                 c.loss_threshold * 100.0
             );
         }

@@ -27,6 +27,11 @@ pub enum ServerKind {
     PeerlinkEpoll,
     /// coturn `turnserver`, one relay thread.
     Coturn,
+    /// A second peerlink-relay build (`--peerlink-base-bin`), `--io uring`: before/after a
+    /// change in one run.
+    BaseUring,
+    /// The second build with `--io epoll`.
+    BaseEpoll,
 }
 
 impl ServerKind {
@@ -36,11 +41,24 @@ impl ServerKind {
             ServerKind::PeerlinkUring => "peerlink-uring",
             ServerKind::PeerlinkEpoll => "peerlink-epoll",
             ServerKind::Coturn => "coturn",
+            ServerKind::BaseUring => "base-uring",
+            ServerKind::BaseEpoll => "base-epoll",
         }
     }
     /// True for peerlink-relay variants.
     pub fn is_peerlink(self) -> bool {
         !matches!(self, ServerKind::Coturn)
+    }
+    /// True for the second peerlink-relay build.
+    pub fn is_base(self) -> bool {
+        matches!(self, ServerKind::BaseUring | ServerKind::BaseEpoll)
+    }
+    /// The `--io` a peerlink-relay variant runs with.
+    fn io(self) -> &'static str {
+        match self {
+            ServerKind::PeerlinkUring | ServerKind::BaseUring => "uring",
+            _ => "epoll",
+        }
     }
 }
 
@@ -144,7 +162,7 @@ impl ServerProcess {
         let what = spec.kind.label();
         let mut cmd = match spec.kind {
             ServerKind::Coturn => coturn_command(&spec, dir.path(), &log)?,
-            ServerKind::PeerlinkUring | ServerKind::PeerlinkEpoll => peerlink_command(&spec)?,
+            _ => peerlink_command(&spec)?,
         };
         let log_file =
             std::fs::File::create(&log).map_err(|e| ServerError::Spawn { what, source: e })?;
@@ -260,6 +278,12 @@ impl ServerProcess {
         process_cpu_time(self.pid())
     }
 
+    /// Voluntary context switches (all threads) so far: how often the server slept and was
+    /// woken again. Per forwarded packet this says how well it batches.
+    pub fn voluntary_switches(&self) -> Result<u64, ServerError> {
+        process_voluntary_switches(self.pid())
+    }
+
     /// Resident set size (VmRSS) in bytes.
     pub fn rss_bytes(&self) -> Result<u64, ServerError> {
         process_rss(self.pid())
@@ -301,11 +325,7 @@ fn peerlink_command(spec: &ServerSpec) -> Result<Command, ServerError> {
         "build it first: cargo build --release -p peerlink-relay (or pass --peerlink-bin)",
     )?;
     let mut cmd = Command::new(&spec.peerlink_bin);
-    let io = if spec.kind == ServerKind::PeerlinkUring {
-        "uring"
-    } else {
-        "epoll"
-    };
+    let io = spec.kind.io();
     cmd.arg("--listen").arg(spec.listen.to_string());
     for ip in &spec.relay_ips {
         cmd.arg("--relay-ip").arg(ip.to_string());
@@ -418,6 +438,24 @@ pub fn stat_cpu_time(stat: &str) -> Option<Duration> {
     Some(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
 }
 
+/// Sum of `voluntary_ctxt_switches` over the threads of `pid` (`/proc/<pid>/task/*/status`).
+pub fn process_voluntary_switches(pid: u32) -> Result<u64, ServerError> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| ServerError::Proc { pid, source: e })?;
+    let mut total = 0u64;
+    for e in entries.flatten() {
+        let Ok(s) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        total += s
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
 /// VmRSS of `pid` in bytes.
 pub fn process_rss(pid: u32) -> Result<u64, ServerError> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -497,5 +535,7 @@ mod tests {
         let pid = std::process::id();
         assert!(process_rss(pid).unwrap() > 0);
         assert!(process_cpu_time(pid).is_ok());
+        // This thread has slept at least once by now (test harness start-up).
+        assert!(process_voluntary_switches(pid).is_ok());
     }
 }

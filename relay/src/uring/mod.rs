@@ -1,6 +1,7 @@
 //! The io_uring backend: one ring per worker (`SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN`),
 //! multishot `RECVMSG` on the listener and on every relayed socket, all drawing from one
-//! provided-buffer ring; forwards are `SENDMSG` of the very receive buffer.
+//! provided-buffer ring; forwards are `SEND`s with a destination address (sendto) of the very
+//! receive buffer. The listener and the relayed sockets sit in the ring's registered file table.
 //!
 //! # Buffer layout (headroom)
 //!
@@ -24,15 +25,21 @@
 //!
 //! # Loop
 //!
-//! One `io_uring_enter` per iteration submits everything queued and waits for at least one
-//! completion or the next timer (core timeout, 1 s report, 50 ms stop-flag poll). Before it,
-//! returned buffers are published (one tail store) and the send-submission time is taken for the
-//! latency histogram. Multishot receives that end without `IORING_CQE_F_MORE` are re-armed;
-//! ENOBUFS (ring empty) is counted and the receive re-armed once buffers are back; a full
-//! completion queue (EBUSY from enter, or the overflow flag) is counted and the loop drains
-//! completions before submitting more. Replies (STUN responses, Data indications) are written by
-//! the core into a per-worker scratch buffer reused for the next datagram, so they are sent with
-//! a direct non-blocking `sendto` rather than queued.
+//! One `io_uring_enter` per iteration submits everything queued and waits. Sends carry
+//! `MSG_DONTWAIT`, so each completes during the enter that submits it; the wait therefore asks
+//! for one completion more than the sends it carries, and ends at the next receive or timer
+//! (core timeout, 1 s report, 50 ms stop-flag poll) rather than at those inline completions.
+//! Under heavy load (more than 1/8 of the buffers held) the sends are submitted without waiting
+//! instead, and their buffers recycled before the next wait. While a batch of completions is
+//! handled, forwards are submitted every `FLUSH_EVERY` so a long batch does not hold its first
+//! ones back; the latency clock (kernel receive timestamp -> send submission) is read once per
+//! submission. Before the wait, returned buffers are published (one tail store). Multishot
+//! receives that end without `IORING_CQE_F_MORE` are re-armed; ENOBUFS (ring empty) is counted
+//! and the receive re-armed once buffers are back; a full completion queue (EBUSY from enter, or
+//! the overflow flag) is counted and the loop drains completions before submitting more.
+//! Replies (STUN responses, Data indications) are written by the core into a per-worker scratch
+//! buffer reused for the next datagram, so they are sent with a direct non-blocking `sendto`
+//! rather than queued (one syscall per reply: requests, and peer data without a channel).
 
 pub mod bufring;
 
@@ -41,7 +48,7 @@ use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use io_uring::types::{Fd, SubmitArgs, Timespec};
+use io_uring::types::{self, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
 use crate::core::{DropReason, HEADROOM};
@@ -79,6 +86,12 @@ const SQ_ENTRIES: u32 = 2048;
 const CQ_PER_BUFFER: u32 = 8;
 /// Longest wait in the kernel before the stop flag is looked at.
 const MAX_WAIT: Duration = Duration::from_millis(50);
+/// Forwards queued while handling one batch of completions are submitted (without waiting)
+/// every this many, so the first forwards of a long batch do not wait for its end.
+const FLUSH_EVERY: u32 = 32;
+/// With more than `entries / HELD_FOR_SEPARATE_WAIT` buffers held, sends are submitted without
+/// waiting and the wait comes after their buffers went back to the ring.
+const HELD_FOR_SEPARATE_WAIT: usize = 8;
 
 const KIND_LISTENER: u64 = 1;
 const KIND_RELAYED: u64 = 2;
@@ -113,7 +126,8 @@ pub enum UringError {
 }
 
 /// Check that io_uring with everything this backend uses works here: ring setup, a provided
-/// buffer ring, and a multishot `recvmsg` that delivers one datagram. Fails with
+/// buffer ring, a multishot `recvmsg` that delivers one datagram, and a `SEND` with a
+/// destination address (sendto; Linux 6.0) that sends one. Fails with
 /// [`UringError::Unavailable`] when [`DISABLE_ENV`] is set to a non-empty value other than `0`.
 pub fn probe() -> Result<(), UringError> {
     if std::env::var(DISABLE_ENV).is_ok_and(|v| !v.is_empty() && v != "0") {
@@ -158,6 +172,37 @@ pub fn probe() -> Result<(), UringError> {
             io::Error::from_raw_os_error(-cqe.result()),
         ));
     }
+    // sendto through io_uring: a loopback UDP socket sends one datagram to itself.
+    let udp = UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    let mut to = RawAddr::zeroed();
+    to.set(udp.local_addr()?);
+    let payload = *b"probe";
+    let sqe = send_sqe(
+        Target::Fd(udp.as_raw_fd()),
+        payload.as_ptr(),
+        payload.len() as u32,
+        &to,
+        2,
+    );
+    // SAFETY: `payload` and `to` outlive the operation: it completes within the submit below
+    // (MSG_DONTWAIT) and the ring is dropped before them in any case.
+    unsafe { ring.submission().push(&sqe) }
+        .map_err(|_| UringError::Unavailable("submission queue full".into()))?;
+    match ring.submitter().submit_with_args(1, &args) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+        Err(e) => return Err(unavailable("io_uring_enter", e)),
+    }
+    let sent = ring
+        .completion()
+        .find(|c| c.user_data() == 2)
+        .ok_or_else(|| UringError::Unavailable("send produced no completion".into()))?;
+    if sent.result() != payload.len() as i32 {
+        return Err(unavailable(
+            "send with destination address",
+            io::Error::from_raw_os_error(-sent.result().min(0)),
+        ));
+    }
     drop(ring);
     drop(bufs);
     Ok(())
@@ -168,13 +213,138 @@ fn zeroed_msghdr() -> libc::msghdr {
     unsafe { std::mem::zeroed() }
 }
 
-/// Where a send's buffer and address live while the kernel owns them (one slot per buffer id:
+/// Where a send's destination lives while the kernel owns the buffer (one slot per buffer id:
 /// a buffer is in at most one send).
 struct SendSlot {
     addr: RawAddr,
-    iov: libc::iovec,
-    msg: libc::msghdr,
     direction: Direction,
+}
+
+/// How an SQE names a socket: a slot of the ring's registered file table (no file lookup and
+/// reference count per operation), or a plain fd when the table is unavailable or full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Fixed(u32),
+    Fd(RawFd),
+}
+
+/// A multishot `RECVMSG` on `target` into the buffer group.
+fn recv_sqe(target: Target, msg: *const libc::msghdr, tok: u64) -> squeue::Entry {
+    match target {
+        Target::Fixed(i) => opcode::RecvMsgMulti::new(types::Fixed(i), msg, BGID).build(),
+        Target::Fd(fd) => opcode::RecvMsgMulti::new(Fd(fd), msg, BGID).build(),
+    }
+    .user_data(tok)
+}
+
+/// A `SEND` of `len` bytes at `buf` to `addr` (sendto semantics). `MSG_DONTWAIT`: the kernel
+/// completes it (or fails it with EAGAIN, a drop like epoll's `sendmmsg`) while we submit,
+/// instead of parking it on the socket's poll queue; so every send of a submission has its
+/// completion posted when `io_uring_enter` returns, which the wait count relies on.
+fn send_sqe(target: Target, buf: *const u8, len: u32, addr: &RawAddr, tok: u64) -> squeue::Entry {
+    let dest = addr.as_ptr().cast::<libc::sockaddr>();
+    match target {
+        Target::Fixed(i) => opcode::Send::new(types::Fixed(i), buf, len)
+            .dest_addr(dest)
+            .dest_addr_len(addr.len)
+            .flags(libc::MSG_DONTWAIT)
+            .build(),
+        Target::Fd(fd) => opcode::Send::new(Fd(fd), buf, len)
+            .dest_addr(dest)
+            .dest_addr_len(addr.len)
+            .flags(libc::MSG_DONTWAIT)
+            .build(),
+    }
+    .user_data(tok)
+}
+
+/// The ring's registered file table: slot 0 is the listener, slot `key + 1` the relayed socket
+/// with slab key `key`. Sockets whose slot would be past the table (or all of them, if the
+/// kernel refused the table) are used by plain fd.
+struct FixedFiles {
+    /// Slots in the table (0: no table).
+    cap: u32,
+    /// `registered[key]`: the relayed socket with this slab key is in slot `key + 1`.
+    registered: Vec<bool>,
+}
+
+impl FixedFiles {
+    /// Largest table asked for (the kernel also caps it at RLIMIT_NOFILE).
+    const MAX_SLOTS: u32 = 1 << 16;
+
+    fn new(submitter: &io_uring::Submitter<'_>, listener_fd: RawFd) -> Self {
+        let none = Self {
+            cap: 0,
+            registered: Vec::new(),
+        };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid out pointer for the call.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return none;
+        }
+        let cap = u32::try_from(lim.rlim_cur)
+            .unwrap_or(u32::MAX)
+            .min(Self::MAX_SLOTS);
+        if cap == 0 || submitter.register_files_sparse(cap).is_err() {
+            return none;
+        }
+        if submitter.register_files_update(0, &[listener_fd]).is_err() {
+            let _ = submitter.unregister_files();
+            return none;
+        }
+        Self {
+            cap,
+            registered: vec![false; cap as usize - 1],
+        }
+    }
+
+    fn listener(&self, fd: RawFd) -> Target {
+        if self.cap > 0 {
+            Target::Fixed(0)
+        } else {
+            Target::Fd(fd)
+        }
+    }
+
+    fn relayed(&self, key: usize, fd: RawFd) -> Target {
+        match self.registered.get(key) {
+            Some(true) => Target::Fixed(key as u32 + 1),
+            _ => Target::Fd(fd),
+        }
+    }
+
+    /// Put a socket the core opened into its slot (one `io_uring_register`, per allocation).
+    fn register(&mut self, submitter: &io_uring::Submitter<'_>, key: usize, fd: RawFd) -> Target {
+        if let Some(r) = self.registered.get_mut(key)
+            && submitter
+                .register_files_update(key as u32 + 1, &[fd])
+                .is_ok()
+        {
+            *r = true;
+            return Target::Fixed(key as u32 + 1);
+        }
+        Target::Fd(fd)
+    }
+
+    /// Empty the slot of a closed socket, so the kernel drops its reference to the file (the
+    /// port is released when our fd is closed, too).
+    fn unregister(&mut self, submitter: &io_uring::Submitter<'_>, key: usize) {
+        if let Some(r) = self.registered.get_mut(key)
+            && *r
+        {
+            *r = false;
+            // -1 empties a slot; failure would leave the file referenced until the ring ends.
+            if submitter
+                .register_files_update(key as u32 + 1, &[-1])
+                .is_err()
+            {
+                tracing::warn!(key, "could not clear a registered file slot");
+            }
+        }
+    }
 }
 
 /// The parts of a multishot `recvmsg` result the worker needs.
@@ -211,13 +381,87 @@ pub fn parse_recvmsg_out(buf: &[u8], res: usize) -> Option<RecvLayout> {
     })
 }
 
-/// One worker's ring and its bookkeeping.
+/// One worker's ring bookkeeping.
 struct Uring {
-    starved: Vec<(u64, RawFd)>,
+    /// Multishot receives to (re-)arm once the buffer ring has room: token and socket.
+    starved: Vec<(u64, Target)>,
     pending_cancels: Vec<u64>,
+    /// Kernel receive timestamps of forwards queued but not yet submitted.
     pending_latency: Vec<u64>,
+    /// `SEND`s queued since the last submission (each posts exactly one completion during
+    /// the submission that carries it).
+    unsubmitted_sends: u32,
     deferred_close: Vec<UdpSocket>,
     overflow_seen: u32,
+    fixed: FixedFiles,
+    /// Receive msghdr shared by every multishot receive (boxed for the worker's life).
+    recv_msg: *const libc::msghdr,
+}
+
+impl Uring {
+    /// Queue the multishot receive `tok` on `target`; `false` when the queue stays full.
+    fn arm(
+        &mut self,
+        sq: &mut squeue::SubmissionQueue<'_>,
+        submitter: &io_uring::Submitter<'_>,
+        tok: u64,
+        target: Target,
+    ) -> io::Result<bool> {
+        let sqe = recv_sqe(target, self.recv_msg, tok);
+        push(sq, submitter, &sqe, &mut self.unsubmitted_sends)
+    }
+
+    /// Queue the cancellation of the multishot receive `tok` (its socket was closed). `false`
+    /// when the submission queue is full (retried next iteration: until the cancel lands, the
+    /// kernel keeps the socket's file, and so its port, alive).
+    fn cancel(
+        &mut self,
+        sq: &mut squeue::SubmissionQueue<'_>,
+        submitter: &io_uring::Submitter<'_>,
+        tok: u64,
+    ) -> io::Result<bool> {
+        let cancel = opcode::AsyncCancel::new(tok)
+            .build()
+            .user_data(token(KIND_CANCEL, 0, 0));
+        push(sq, submitter, &cancel, &mut self.unsubmitted_sends)
+    }
+
+    /// Record the latency of every queued forward as of now (one clock read) and submit them
+    /// without waiting: a long batch does not hold its first forwards back until its end.
+    fn flush(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        sq: &mut squeue::SubmissionQueue<'_>,
+        submitter: &io_uring::Submitter<'_>,
+    ) -> io::Result<()> {
+        self.record_latency(ctx);
+        sq.sync();
+        match submitter.submit() {
+            Ok(_) => {}
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EBUSY) => ctx.counters.cq_overflow += 1,
+                Some(libc::EINTR) | Some(libc::EAGAIN) => {}
+                _ => return Err(e),
+            },
+        }
+        sq.sync();
+        if sq.is_empty() {
+            self.unsubmitted_sends = 0;
+        }
+        Ok(())
+    }
+
+    /// Latency: kernel receive timestamp -> this submission, for every queued forward.
+    fn record_latency(&mut self, ctx: &mut WorkerCtx) {
+        if self.pending_latency.is_empty() {
+            return;
+        }
+        let sent = net::realtime_ns();
+        for &rx in &self.pending_latency {
+            ctx.record_latency(rx, sent);
+        }
+        self.pending_latency.clear();
+    }
 }
 
 fn build_ring(cq_entries: u32) -> io::Result<IoUring> {
@@ -247,11 +491,6 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
     let mut slots: Vec<SendSlot> = (0..buffers)
         .map(|_| SendSlot {
             addr: RawAddr::zeroed(),
-            iov: libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            },
-            msg: zeroed_msghdr(),
             direction: Direction::ClientToPeer,
         })
         .collect();
@@ -265,28 +504,30 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
             .register_buf_ring_with_flags(bufs.ring_addr(), bufs.entries(), BGID, 0)?;
     }
     let (submitter, mut sq, mut cq) = ring.split();
+    let listener_fd = ctx.listener.as_raw_fd();
     let mut st = Uring {
         starved: Vec::with_capacity(64),
         pending_cancels: Vec::with_capacity(64),
         pending_latency: Vec::with_capacity(buffers as usize),
+        unsubmitted_sends: 0,
         deferred_close: Vec::with_capacity(64),
         overflow_seen: 0,
+        fixed: FixedFiles::new(&submitter, listener_fd),
+        recv_msg: &*recv_msg,
     };
-    let listener_fd = ctx.listener.as_raw_fd();
-    let recv_ptr: *const libc::msghdr = &*recv_msg;
-    let arm = |sq: &mut squeue::SubmissionQueue<'_>, tok: u64, fd: RawFd| -> io::Result<bool> {
-        let sqe = opcode::RecvMsgMulti::new(Fd(fd), recv_ptr, BGID)
-            .build()
-            .user_data(tok);
-        push(sq, &submitter, &sqe)
-    };
-    if !arm(&mut sq, token(KIND_LISTENER, 0, 0), listener_fd)? {
+    let listener = st.fixed.listener(listener_fd);
+    if !st.arm(&mut sq, &submitter, token(KIND_LISTENER, 0, 0), listener)? {
         return Err(UringError::Setup(io::Error::other(
             "cannot queue the listener receive",
         )));
     }
-    tracing::debug!(worker = ctx.index, "io_uring worker started");
+    tracing::debug!(
+        worker = ctx.index,
+        registered_files = st.fixed.cap,
+        "io_uring worker started"
+    );
 
+    let mut now = Instant::now();
     loop {
         if ctx.should_stop() {
             break;
@@ -294,9 +535,9 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
         // Re-arm receives that ended (ring empty: ENOBUFS, or any end without MORE) once the
         // ring has buffers again.
         if !st.starved.is_empty() && bufs.held() < bufs.entries() as usize {
-            while let Some((tok, fd)) = st.starved.pop() {
-                if !arm(&mut sq, tok, fd)? {
-                    st.starved.push((tok, fd));
+            while let Some((tok, target)) = st.starved.pop() {
+                if !st.arm(&mut sq, &submitter, tok, target)? {
+                    st.starved.push((tok, target));
                     break;
                 }
                 ctx.counters.rearms += 1;
@@ -304,28 +545,32 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
         }
         // Cancels that found the submission queue full last time.
         while let Some(tok) = st.pending_cancels.pop() {
-            if !queue_cancel(&mut sq, &submitter, tok)? {
+            if !st.cancel(&mut sq, &submitter, tok)? {
                 st.pending_cancels.push(tok);
                 break;
             }
         }
         bufs.publish();
-        let now = Instant::now();
+        // One io_uring_enter submits everything queued and sleeps until a completion beyond
+        // those of the sends it carries arrives (they complete during the submission), or the
+        // next timer. The completion queue is empty here: every completion was handled below.
         let wake = ctx.next_wake(now, MAX_WAIT);
-        let wait = wake.saturating_duration_since(now);
-        let ts = Timespec::from(wait);
+        let ts = Timespec::from(wake.saturating_duration_since(now));
         let args = SubmitArgs::new().timespec(&ts);
+        st.record_latency(&mut ctx);
         sq.sync();
-        // Latency: kernel receive timestamp -> this submission.
-        if !st.pending_latency.is_empty() {
-            let sent = net::realtime_ns();
-            for i in 0..st.pending_latency.len() {
-                let rx = st.pending_latency[i];
-                ctx.record_latency(rx, sent);
-            }
-            st.pending_latency.clear();
-        }
-        let want = if cq.is_empty() { 1 } else { 0 };
+        // Light load: sleep in the same enter that submits the sends (one syscall per
+        // batch; the sent buffers wait in the completion queue until the next wake-up).
+        // Heavy load (many buffers held): submit without waiting, recycle the sent buffers at
+        // once, and wait in the next iteration, so the buffer ring never runs dry because
+        // sent buffers sat in the completion queue.
+        let want = if sq.is_empty() || st.unsubmitted_sends == 0 {
+            1
+        } else if bufs.held() > bufs.entries() as usize / HELD_FOR_SEPARATE_WAIT {
+            0
+        } else {
+            st.unsubmitted_sends as usize + 1
+        };
         match submitter.submit_with_args(want, &args) {
             Ok(_) => {}
             Err(e) => match e.raw_os_error() {
@@ -337,108 +582,40 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
                 _ => return Err(UringError::Setup(e)),
             },
         }
+        sq.sync();
+        if sq.is_empty() {
+            st.unsubmitted_sends = 0;
+        }
         // Sockets closed by the core are released only now that the SQEs that might name their
         // fd were submitted (the kernel holds its own file reference from here on).
         st.deferred_close.clear();
         if sq.cq_overflow() {
             ctx.counters.cq_overflow += 1;
         }
-        cq.sync();
-        let overflow = cq.overflow();
-        if overflow != st.overflow_seen {
-            ctx.counters.cq_overflow += u64::from(overflow.wrapping_sub(st.overflow_seen));
-            st.overflow_seen = overflow;
-        }
-        let now = Instant::now();
-        for cqe in &mut cq {
-            let (kind, generation, key) = untoken(cqe.user_data());
-            let res = cqe.result();
-            let flags = cqe.flags();
-            match kind {
-                KIND_SEND => {
-                    let bid = key as u16;
-                    if let Some(slot) = slots.get(bid as usize) {
-                        if res < 0 {
-                            ctx.counters.send_errors += 1;
-                            tracing::trace!(
-                                worker = ctx.index,
-                                errno = -res,
-                                "forward send failed"
-                            );
-                        } else {
-                            let d = slot.direction as usize;
-                            ctx.counters.fwd_packets[d] += 1;
-                            ctx.counters.fwd_bytes[d] += res as u64;
-                        }
-                    }
-                    bufs.recycle(bid);
-                }
-                KIND_LISTENER | KIND_RELAYED => {
-                    let source = if kind == KIND_LISTENER {
-                        Some((Source::Listener, listener_fd))
-                    } else {
-                        ctx.sockets
-                            .live(key, generation)
-                            .map(|e| (Source::Relayed(key, e.id), e.sock.as_raw_fd()))
-                    };
-                    let more = cqueue::more(flags);
-                    let bid = cqueue::buffer_select(flags);
-                    // A multishot receive that ended (no MORE) is re-armed at the top of the next
-                    // iteration, once the ring has a free buffer; cancelled ones (socket closed)
-                    // and those of vanished sockets are not.
-                    if !more
-                        && res != -libc::ECANCELED
-                        && let Some((_, fd)) = source
-                    {
-                        st.starved.push((cqe.user_data(), fd));
-                    }
-                    if res < 0 {
-                        if let Some(bid) = bid
-                            && bufs.take(bid)
-                        {
-                            bufs.recycle(bid);
-                        }
-                        if res == -libc::ENOBUFS {
-                            ctx.counters.enobufs += 1;
-                        } else if res != -libc::ECANCELED {
-                            ctx.counters.recv_errors += 1;
-                        }
-                        continue;
-                    }
-                    let Some(bid) = bid else {
-                        ctx.counters.recv_errors += 1;
-                        continue;
-                    };
-                    if !bufs.take(bid) {
-                        // Kernel handed us a buffer we think we hold: bookkeeping bug. Count it
-                        // and leave the buffer alone rather than corrupt an in-flight send.
-                        ctx.counters.recv_errors += 1;
-                        continue;
-                    }
-                    match source {
-                        Some((src_kind, _)) => handle_datagram(
-                            &mut ctx,
-                            &mut bufs,
-                            &mut slots,
-                            &mut st,
-                            &mut sq,
-                            &submitter,
-                            now,
-                            src_kind,
-                            bid,
-                            res as usize,
-                        )?,
-                        None => {
-                            bufs.recycle(bid);
-                        }
-                    }
-                }
-                _ => {} // KIND_CANCEL: nothing to do.
+        now = Instant::now();
+        // Drain the completion queue, including the send completions of mid-batch flushes.
+        loop {
+            cq.sync();
+            let overflow = cq.overflow();
+            if overflow != st.overflow_seen {
+                ctx.counters.cq_overflow += u64::from(overflow.wrapping_sub(st.overflow_seen));
+                st.overflow_seen = overflow;
             }
-            after_core(&mut ctx, &mut st, &mut sq, &submitter, &arm)?;
+            if cq.is_empty() {
+                break;
+            }
+            for cqe in &mut cq {
+                handle_cqe(
+                    &mut ctx, &mut bufs, &mut slots, &mut st, &mut sq, &submitter, now, &cqe,
+                )?;
+                after_core(&mut ctx, &mut st, &mut sq, &submitter)?;
+                if st.unsubmitted_sends >= FLUSH_EVERY {
+                    st.flush(&mut ctx, &mut sq, &submitter)?;
+                }
+            }
         }
         ctx.poll_timers(now);
-        after_core(&mut ctx, &mut st, &mut sq, &submitter, &arm)?;
+        after_core(&mut ctx, &mut st, &mut sq, &submitter)?;
         ctx.maybe_report(now);
     }
     ctx.finish();
@@ -449,6 +626,7 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
         &opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any())
             .build()
             .user_data(token(KIND_CANCEL, 0, 0)),
+        &mut st.unsubmitted_sends,
     );
     sq.sync();
     let ts = Timespec::new().nsec(100_000_000);
@@ -460,48 +638,137 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
     drop(ring);
     drop(slots);
     drop(bufs);
+    drop(recv_msg);
     Ok(())
 }
 
-/// Arm receives on sockets the core opened, cancel those it closed.
+/// Handle one completion: a send that finished (its buffer goes back to the ring) or a
+/// received datagram (through the core; a forward is queued as a `SEND` of the same buffer).
+#[allow(clippy::too_many_arguments)]
+fn handle_cqe(
+    ctx: &mut WorkerCtx,
+    bufs: &mut BufRing,
+    slots: &mut [SendSlot],
+    st: &mut Uring,
+    sq: &mut squeue::SubmissionQueue<'_>,
+    submitter: &io_uring::Submitter<'_>,
+    now: Instant,
+    cqe: &cqueue::Entry,
+) -> io::Result<()> {
+    let (kind, generation, key) = untoken(cqe.user_data());
+    let res = cqe.result();
+    let flags = cqe.flags();
+    match kind {
+        KIND_SEND => {
+            let bid = key as u16;
+            if let Some(slot) = slots.get(bid as usize) {
+                if res < 0 {
+                    ctx.counters.send_errors += 1;
+                    tracing::trace!(worker = ctx.index, errno = -res, "forward send failed");
+                } else {
+                    let d = slot.direction as usize;
+                    ctx.counters.fwd_packets[d] += 1;
+                    ctx.counters.fwd_bytes[d] += res as u64;
+                }
+            }
+            bufs.recycle(bid);
+        }
+        KIND_LISTENER | KIND_RELAYED => {
+            let source = if kind == KIND_LISTENER {
+                Some((
+                    Source::Listener,
+                    st.fixed.listener(ctx.listener.as_raw_fd()),
+                ))
+            } else {
+                ctx.sockets.live(key, generation).map(|e| {
+                    let target = st.fixed.relayed(key, e.sock.as_raw_fd());
+                    (Source::Relayed(key, e.id), target)
+                })
+            };
+            let more = cqueue::more(flags);
+            let bid = cqueue::buffer_select(flags);
+            // A multishot receive that ended (no MORE) is re-armed at the top of the next
+            // iteration, once the ring has a free buffer; cancelled ones (socket closed) and
+            // those of vanished sockets are not.
+            if !more
+                && res != -libc::ECANCELED
+                && let Some((_, target)) = source
+            {
+                st.starved.push((cqe.user_data(), target));
+            }
+            if res < 0 {
+                if let Some(bid) = bid
+                    && bufs.take(bid)
+                {
+                    bufs.recycle(bid);
+                }
+                if res == -libc::ENOBUFS {
+                    ctx.counters.enobufs += 1;
+                } else if res != -libc::ECANCELED {
+                    ctx.counters.recv_errors += 1;
+                }
+                return Ok(());
+            }
+            let Some(bid) = bid else {
+                ctx.counters.recv_errors += 1;
+                return Ok(());
+            };
+            if !bufs.take(bid) {
+                // Kernel handed us a buffer we think we hold: bookkeeping bug. Count it and
+                // leave the buffer alone rather than corrupt an in-flight send.
+                ctx.counters.recv_errors += 1;
+                return Ok(());
+            }
+            match source {
+                Some((src_kind, _)) => handle_datagram(
+                    ctx,
+                    bufs,
+                    slots,
+                    st,
+                    sq,
+                    submitter,
+                    now,
+                    src_kind,
+                    bid,
+                    res as usize,
+                )?,
+                None => {
+                    bufs.recycle(bid);
+                }
+            }
+        }
+        _ => {} // KIND_CANCEL: nothing to do.
+    }
+    Ok(())
+}
+
+/// Arm receives on sockets the core opened, cancel those it closed. Closed ones first: a slab
+/// key freed and reused within one batch must end up registered for the new socket.
 fn after_core(
     ctx: &mut WorkerCtx,
     st: &mut Uring,
     sq: &mut squeue::SubmissionQueue<'_>,
     submitter: &io_uring::Submitter<'_>,
-    arm: &impl Fn(&mut squeue::SubmissionQueue<'_>, u64, RawFd) -> io::Result<bool>,
 ) -> io::Result<()> {
-    while let Some((key, generation)) = ctx.sockets.opened.pop() {
-        if let Some(fd) = ctx.prepare_opened(key, generation) {
-            let tok = token(KIND_RELAYED, generation, key);
-            if !arm(sq, tok, fd)? {
-                st.starved.push((tok, fd));
-            }
-        }
-    }
     while let Some((key, generation, sock)) = ctx.sockets.closed.pop() {
         let tok = token(KIND_RELAYED, generation, key);
-        if !queue_cancel(sq, submitter, tok)? {
+        if !st.cancel(sq, submitter, tok)? {
             st.pending_cancels.push(tok);
         }
         st.starved.retain(|(t, _)| *t != tok);
+        st.fixed.unregister(submitter, key);
         st.deferred_close.push(sock);
     }
+    while let Some((key, generation)) = ctx.sockets.opened.pop() {
+        if let Some(fd) = ctx.prepare_opened(key, generation) {
+            let tok = token(KIND_RELAYED, generation, key);
+            let target = st.fixed.register(submitter, key, fd);
+            if !st.arm(sq, submitter, tok, target)? {
+                st.starved.push((tok, target));
+            }
+        }
+    }
     Ok(())
-}
-
-/// Queue the cancellation of the multishot receive `tok` (its socket was closed). `false` when
-/// the submission queue is full (retried next iteration: until the cancel lands, the kernel
-/// keeps the socket's file, and so its port, alive).
-fn queue_cancel(
-    sq: &mut squeue::SubmissionQueue<'_>,
-    submitter: &io_uring::Submitter<'_>,
-    tok: u64,
-) -> io::Result<bool> {
-    let cancel = opcode::AsyncCancel::new(tok)
-        .build()
-        .user_data(token(KIND_CANCEL, 0, 0));
-    push(sq, submitter, &cancel)
 }
 
 /// Push an SQE, submitting first if the queue is full. `Ok(false)` when it stays full (the
@@ -511,6 +778,7 @@ fn push(
     sq: &mut squeue::SubmissionQueue<'_>,
     submitter: &io_uring::Submitter<'_>,
     sqe: &squeue::Entry,
+    unsubmitted_sends: &mut u32,
 ) -> io::Result<bool> {
     for _ in 0..2 {
         // SAFETY: every SQE we build points at memory that outlives the operation: the shared
@@ -526,6 +794,9 @@ fn push(
             Err(e) => return Err(e),
         }
         sq.sync();
+        if sq.is_empty() {
+            *unsubmitted_sends = 0;
+        }
     }
     Ok(false)
 }
@@ -571,6 +842,7 @@ fn handle_datagram(
     let action = ctx.dispatch(now, src_kind, src, frame, layout.payload_len);
     let Some(ForwardAction {
         fd,
+        key,
         to,
         range,
         direction,
@@ -579,31 +851,37 @@ fn handle_datagram(
         bufs.recycle(bid);
         return Ok(());
     };
-    let base = frame.as_mut_ptr();
     let Some(slot) = slots.get_mut(bid as usize) else {
         bufs.recycle(bid);
         return Ok(());
     };
-    slot.addr.set(to);
+    let Ok(len) = u32::try_from(range.len()) else {
+        bufs.recycle(bid);
+        return Ok(());
+    };
     // SAFETY: `range` was checked against the frame length in `dispatch`.
-    slot.iov.iov_base = unsafe { base.add(range.start) }.cast();
-    slot.iov.iov_len = range.len();
-    slot.msg = zeroed_msghdr();
-    slot.msg.msg_name = slot.addr.as_ptr().cast_mut();
-    slot.msg.msg_namelen = slot.addr.len;
-    slot.msg.msg_iov = &mut slot.iov;
-    slot.msg.msg_iovlen = 1;
+    let data = unsafe { frame.as_ptr().add(range.start) };
+    slot.addr.set(to);
     slot.direction = direction;
+    let target = match key {
+        None => st.fixed.listener(fd),
+        Some(k) => st.fixed.relayed(k, fd),
+    };
     bufs.mark_sending(bid);
-    let sqe = opcode::SendMsg::new(Fd(fd), &slot.msg)
-        .build()
-        .user_data(token(KIND_SEND, 0, bid as usize));
-    if !push(sq, submitter, &sqe)? {
+    let sqe = send_sqe(
+        target,
+        data,
+        len,
+        &slot.addr,
+        token(KIND_SEND, 0, bid as usize),
+    );
+    if !push(sq, submitter, &sqe, &mut st.unsubmitted_sends)? {
         // Submission queue full under completion-queue back-pressure: drop this packet.
         ctx.counters.sq_full_drops += 1;
         bufs.recycle(bid);
         return Ok(());
     }
+    st.unsubmitted_sends += 1;
     if let Some(rx) = meta.rx_time_ns {
         st.pending_latency.push(rx);
     }
