@@ -2,8 +2,16 @@
 //! trickled candidates. The node that received the invite arbitrates the call (it alone
 //! decides who answered first); callee frames reach it directly or forwarded from the
 //! callee's node.
+//!
+//! Call grace: when the session of a party of an accepted call (its caller device, or the
+//! device that answered) ends without a hangup, the device is marked *away* on the node it was
+//! connected to for `call_grace` instead of ending its calls. Frames for an away device
+//! (candidates, `ice_restart`, `call_ended`, ...) are queued, bounded, and handed to its next
+//! session on this node; when the grace runs out first, its calls end as `disconnected`.
+//! Ringing calls it placed are cancelled at once, as are all its calls when the grace is 0 or
+//! the node is shutting down.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -43,15 +51,37 @@ struct Call {
     callee_key: String,
 }
 
-/// Calls arbitrated by this node.
+/// Most frames queued for one away device; older ones are dropped first.
+pub const MAX_AWAY_QUEUE: usize = 64;
+
+/// A device of this node whose session dropped during an accepted call (see the module doc).
+#[derive(Debug)]
+struct Away {
+    /// Distinguishes successive disconnects of the same device (a stale timer does nothing).
+    generation: u64,
+    timer: AbortHandle,
+    queued: VecDeque<ServerMsg>,
+}
+
+/// Calls arbitrated by this node, and this node's devices inside their call grace.
 #[derive(Default)]
 pub struct Calls {
     map: Mutex<HashMap<CallId, Call>>,
+    away: Mutex<HashMap<(String, String), Away>>,
+    next_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Calls {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CallId, Call>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn lock_away(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Away>> {
+        self.away.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Whether `user`/`device` is inside its call grace on this node.
+    pub fn is_away(&self, user: &str, device: &str) -> bool {
+        self.lock_away()
+            .contains_key(&(user.to_owned(), device.to_owned()))
     }
     /// Whether this node arbitrates `id`.
     pub fn contains(&self, id: &CallId) -> bool {
@@ -637,18 +667,153 @@ pub async fn arbitrate(st: &AppState, from: Party, msg: ClientMsg) -> Vec<Server
     replies
 }
 
-/// A session of `user`/`device` on this node ended: end the calls it was a party of, here
-/// and (through their arbiter) calls it answered that another node arbitrates.
+/// Deliver `msg` to the session of `user`/`device` on this node, or queue it while that device
+/// is inside its call grace. Returns whether it was delivered or queued.
+pub fn deliver_device(st: &AppState, user: &str, device: &str, msg: &ServerMsg) -> bool {
+    let mut away = st.calls.lock_away();
+    if let Some(a) = away.get_mut(&(user.to_owned(), device.to_owned())) {
+        if a.queued.len() >= MAX_AWAY_QUEUE {
+            a.queued.pop_front();
+        }
+        a.queued.push_back(msg.clone());
+        return true;
+    }
+    // Sent under the lock, so frames queued before a reconnect stay ahead of later ones.
+    st.hub.send_device(user, device, msg, &st.metrics)
+}
+
+/// Whether `user`/`device` (connected here) is a party of an accepted call: one this node
+/// arbitrates, or one it answered that another node arbitrates.
+fn in_accepted_call(st: &AppState, user: &str, device: &str) -> bool {
+    let here = st.calls.lock().values().any(|c| {
+        matches!(&c.state, CallState::Active(p) if
+            (p.user == user && p.device == device && p.node.is_none())
+            || (c.caller.user == user && c.caller.device == device && c.caller.node.is_none()))
+    });
+    here || !st.hub.answered_by(user, device).is_empty()
+}
+
+/// A session of `user`/`device` on this node ended (and no newer one of the device is here).
+/// With a call grace and an accepted call, the device becomes *away* (see the module doc) and
+/// only the invites it placed that still ring are cancelled; otherwise its calls end now.
 pub async fn on_disconnect(st: &AppState, user: &str, device: &str) {
+    let grace = st.cfg.call_grace;
+    if grace.is_zero() || st.is_draining() || !in_accepted_call(st, user, device) {
+        end_calls(st, user, device, false).await;
+        return;
+    }
+    end_calls(st, user, device, true).await;
+    let key = (user.to_owned(), device.to_owned());
+    let generation = st.calls.next_generation.fetch_add(1, Ordering::Relaxed);
+    {
+        // Spawned under the lock: the timer cannot look for the entry before it exists.
+        let mut away = st.calls.lock_away();
+        let (st2, u, d) = (st.clone(), user.to_owned(), device.to_owned());
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            grace_expired(&st2, &u, &d, generation).await;
+        })
+        .abort_handle();
+        let queued = match away.remove(&key) {
+            Some(old) => {
+                old.timer.abort();
+                old.queued
+            }
+            None => VecDeque::new(),
+        };
+        away.insert(
+            key,
+            Away {
+                generation,
+                timer,
+                queued,
+            },
+        );
+    }
+    tracing::info!(
+        ?grace,
+        "call party disconnected; keeping its calls for the grace"
+    );
+    // The device may have reconnected while the entry was being made.
+    if st.hub.has_device(user, device) {
+        on_reconnect(st, user, device);
+    }
+}
+
+/// A session of `user`/`device` registered on this node: if the device was inside its call
+/// grace, its calls continue and the frames queued meanwhile go to the new session.
+pub fn on_reconnect(st: &AppState, user: &str, device: &str) {
+    let mut away = st.calls.lock_away();
+    let Some(a) = away.remove(&(user.to_owned(), device.to_owned())) else {
+        return;
+    };
+    a.timer.abort();
+    crate::metrics::Metrics::inc(&st.metrics.call_grace_resumed_total);
+    tracing::info!(
+        queued = a.queued.len(),
+        "call party reconnected within the grace"
+    );
+    for m in &a.queued {
+        st.hub.send_device(user, device, m, &st.metrics);
+    }
+}
+
+async fn grace_expired(st: &AppState, user: &str, device: &str, generation: u64) {
+    {
+        let mut away = st.calls.lock_away();
+        let key = (user.to_owned(), device.to_owned());
+        if away.get(&key).is_none_or(|a| a.generation != generation) {
+            return;
+        }
+        let Some(a) = away.remove(&key) else { return };
+        if st.hub.has_device(user, device) {
+            // Back, but its registration raced with this timer: hand over as on reconnect.
+            crate::metrics::Metrics::inc(&st.metrics.call_grace_resumed_total);
+            for m in &a.queued {
+                st.hub.send_device(user, device, m, &st.metrics);
+            }
+            return;
+        }
+    }
+    crate::metrics::Metrics::inc(&st.metrics.call_grace_expired_total);
+    tracing::info!("call grace ran out; ending the calls of the disconnected party");
+    end_calls(st, user, device, false).await;
+}
+
+/// Shutdown: end at once the calls of every device inside its call grace.
+pub async fn end_graces_now(st: &AppState) {
+    let gone: Vec<(String, String)> = {
+        let mut away = st.calls.lock_away();
+        away.drain()
+            .map(|(k, a)| {
+                a.timer.abort();
+                k
+            })
+            .collect()
+    };
+    for (user, device) in gone {
+        end_calls(st, &user, &device, false).await;
+    }
+}
+
+/// End the calls `user`/`device` (connected here) is a party of, here and (through their
+/// arbiter) calls it answered that another node arbitrates; `only_ringing`: just the invites
+/// it placed that still ring.
+async fn end_calls(st: &AppState, user: &str, device: &str, only_ringing: bool) {
     let mut fx = Vec::new();
     {
         let mut map = st.calls.lock();
         let ids: Vec<CallId> = map
             .iter()
             .filter(|(_, c)| {
+                let ringing = matches!(c.state, CallState::Ringing);
                 let caller = c.caller.user == user && c.caller.device == device && c.caller.node.is_none();
                 let callee = matches!(&c.state, CallState::Active(p) if p.user == user && p.device == device && p.node.is_none());
-                caller || callee
+                if only_ringing {
+                    caller && ringing
+                } else {
+                    caller || callee
+                }
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -685,6 +850,9 @@ pub async fn on_disconnect(st: &AppState, user: &str, device: &str) {
         }
     }
     perform(st, fx).await;
+    if only_ringing {
+        return;
+    }
     if let Some(cluster) = st.cluster.as_ref() {
         for (id, url) in st.hub.answered_by(user, device) {
             st.hub.drop_route(&id);
@@ -750,9 +918,7 @@ async fn perform(st: &AppState, effects: Vec<Effect>) -> u32 {
     for e in effects {
         match e.to {
             Target::Party(p) => match &p.node {
-                None => {
-                    total += u32::from(st.hub.send_device(&p.user, &p.device, &e.msg, &st.metrics))
-                }
+                None => total += u32::from(deliver_device(st, &p.user, &p.device, &e.msg)),
                 Some(url) => {
                     let Some(cluster) = st.cluster.as_ref() else {
                         continue;

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::auth::Argon2Cost;
 
+/// Longest accepted `call_grace`.
+pub const MAX_CALL_GRACE: Duration = Duration::from_secs(600);
+
 /// Everything a node needs to run. `Default` gives the documented defaults with an empty
 /// token secret, which [`Config::validate`] refuses.
 #[derive(Clone, Debug)]
@@ -38,6 +41,9 @@ pub struct Config {
     pub login_window: Duration,
     /// Unanswered invites end after this (default 30 s).
     pub ring_timeout: Duration,
+    /// An accepted call survives its party's dropped session this long, waiting for the same
+    /// device to reconnect (default 5 s; 0 ends the call at once; at most 10 min).
+    pub call_grace: Duration,
     /// Largest WebSocket message/frame, bytes (default 64 KiB); larger -> close 1009.
     pub max_ws_message: usize,
     /// WebSocket read buffer per connection, bytes (default 1 KiB; grows for big frames).
@@ -112,6 +118,7 @@ impl Default for Config {
             login_failures_per_ip: 20,
             login_window: Duration::from_secs(300),
             ring_timeout: Duration::from_secs(30),
+            call_grace: Duration::from_secs(5),
             max_ws_message: 64 * 1024,
             ws_read_buffer: 1024,
             outbound_queue: 64,
@@ -170,6 +177,9 @@ impl Config {
             || self.auth_timeout.is_zero()
         {
             return bad("token ttl, ring, idle and auth timeouts must be positive");
+        }
+        if self.call_grace > MAX_CALL_GRACE {
+            return bad("call grace must be at most 10 minutes (0 disables it)");
         }
         if self.max_ws_message < 1024 || self.max_body_bytes > self.max_ws_message {
             return bad("max ws message must be >= 1024 and >= max body bytes");

@@ -347,7 +347,7 @@ async fn internal_deliver(
         _ => {}
     }
     let delivered = match &req.device {
-        Some(d) => u32::from(st.hub.send_device(&req.user, d, &req.msg, &st.metrics)),
+        Some(d) => u32::from(crate::calls::deliver_device(&st, &req.user, d, &req.msg)),
         None => st.hub.send_user(
             &req.user,
             req.except_device.as_deref(),

@@ -114,6 +114,10 @@ struct Settings {
     /// Ring timeout [default: 30s].
     #[arg(long)]
     ring_timeout: Option<String>,
+    /// Keep an accepted call this long after a party's session drops without a hangup,
+    /// waiting for the same device to reconnect; 0 ends it at once [default: 5s].
+    #[arg(long)]
+    call_grace: Option<String>,
     /// Largest WebSocket message, bytes [default: 65536].
     #[arg(long)]
     max_ws_message: Option<usize>,
@@ -233,6 +237,7 @@ fn load() -> anyhow::Result<(Settings, Config)> {
             login_failures_per_ip,
             login_window,
             ring_timeout,
+            call_grace,
             max_ws_message,
             ws_read_buffer,
             outbound_queue,
@@ -285,6 +290,7 @@ fn load() -> anyhow::Result<(Settings, Config)> {
     c.login_failures_per_ip = s.login_failures_per_ip.unwrap_or(c.login_failures_per_ip);
     c.login_window = d(&s.login_window, c.login_window)?;
     c.ring_timeout = d(&s.ring_timeout, c.ring_timeout)?;
+    c.call_grace = d(&s.call_grace, c.call_grace)?;
     c.max_ws_message = s.max_ws_message.unwrap_or(c.max_ws_message);
     c.ws_read_buffer = s.ws_read_buffer.unwrap_or(c.ws_read_buffer);
     c.outbound_queue = s.outbound_queue.unwrap_or(c.outbound_queue);

@@ -63,6 +63,10 @@ metrics! {
     calls_total: counter,
     /// Calls currently known to this node.
     calls_open: gauge,
+    /// Disconnected call parties that came back within the call grace.
+    call_grace_resumed_total: counter,
+    /// Disconnected call parties whose call grace ran out (their calls ended).
+    call_grace_expired_total: counter,
     /// Messages stored durably.
     messages_stored_total: counter,
     /// Message sends answered with a storage error.

@@ -17,6 +17,19 @@
 //! Instead of accepting, the callee may `decline`; the caller may `cancel` while it rings; the
 //! server ends an unanswered call after the ring timeout (`call_ended{reason: timeout}`).
 //!
+//! Call grace: when the connection of a party of an *accepted* call (the caller's device or the
+//! device that answered) drops without a `hangup` (a reset NAT, a lost network, an idle or
+//! slow-consumer close), the call is kept for `call_grace` (default 5 s, `--call-grace`; 0
+//! turns it off). If the same user and device reconnects to the same node within it, the call
+//! continues: frames for it sent meanwhile (`candidate`, `ice_restart`, `call_ended`, ...; at
+//! most 64, oldest dropped first) follow its `welcome`, and frames from either side work as
+//! before. Otherwise the other party gets `call_ended{reason: disconnected}` once the grace
+//! has run out. A connection that closes cleanly without a `hangup` gets the grace too: a
+//! client leaving for good hangs up first. An invite that still rings is cancelled as soon as
+//! its caller drops (`call_ended{disconnected}` to the callee), and when a node shuts down,
+//! calls waiting for a party end at once. A reconnect to a *different* node does not pick the
+//! call up: it ends when the grace runs out.
+//!
 //! Text messages: `send_message{id, to, body}` is answered by `message_ack{id, stored_at_ms}`
 //! only once the message is durable (fsync'd), or by `error{code: storage|conflict|..., id}`.
 //! A resend with the same `id` and content gets the original ack (one stored message); the same

@@ -360,6 +360,8 @@ async fn run(
         st.metrics.sessions_open.fetch_add(1, Ordering::Relaxed);
         Metrics::inc(&st.metrics.sessions_total);
         let first_here = st.hub.register(&user, sess.me.clone());
+        // Back within a call grace: the calls continue; frames queued meanwhile follow.
+        calls::on_reconnect(&st, &user, &device);
         tracing::debug!("session open");
         if first_here {
             Box::pin(announce_presence(&st, &user)).await;

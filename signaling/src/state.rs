@@ -154,8 +154,8 @@ impl AppState {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Begin shutdown: refuse new upgrades, say goodbye to every session and close it with
-    /// 1001, then wait (at most `wait`) for the sessions to end.
+    /// Begin shutdown: refuse new upgrades, end the calls of parties inside their call grace,
+    /// say goodbye to every session and close it with 1001, then wait (at most `wait`) for the sessions to end.
     pub async fn drain(&self, wait: Duration) {
         self.draining.store(true, Ordering::Release);
         self.shutdown.cancel();
@@ -165,6 +165,8 @@ impl AppState {
             reconnect_after_ms: hint,
         };
         let frame = crate::hub::encode(&bye);
+        // Calls waiting for a disconnected party end now, not when its grace runs out.
+        crate::calls::end_graces_now(self).await;
         for s in self.hub.all_sessions() {
             let _ = s.tx.try_send(frame.clone());
             s.ctl.close(

@@ -72,6 +72,13 @@ fn bad_configuration_exits_before_binding() {
         true,
     );
     assert_eq!(code, 2, "{err}");
+    // A call grace over the 10 minute cap.
+    let (code, err) = run_to_exit(
+        &["--listen", "127.0.0.1:0", "--call-grace", "11m", "--db", db],
+        true,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("call grace"), "{err}");
     // Nothing was created: the database is opened only after validation.
     assert!(!std::path::Path::new(db).exists());
 }

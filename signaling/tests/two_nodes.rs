@@ -183,8 +183,9 @@ async fn call_and_message_across_nodes() {
         json!([{"username": "bob", "status": "online"}])
     );
 
-    // bob answers a second call and his connection drops: alice is told the call ended (the
-    // callee's node hangs up for him), then that bob went offline.
+    // bob answers a second call and his connection drops: alice is told that bob went
+    // offline, then, once his node's call grace (default 5 s) ran out without him coming
+    // back, that the call ended (his node hangs up for him).
     alice
         .send(json!({"type": "invite", "to": "bob", "offer": desc("127.0.0.1", 1)}))
         .await;
@@ -194,12 +195,12 @@ async fn call_and_message_across_nodes() {
         .await;
     alice.recv_type("call_accepted").await;
     drop(bob);
+    assert_eq!(alice.recv_type("presence").await["status"], "offline");
     let e = alice.recv_type("call_ended").await;
     assert_eq!(
         (e["call_id"].clone(), e["reason"].clone()),
         (id, json!("disconnected"))
     );
-    assert_eq!(alice.recv_type("presence").await["status"], "offline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,6 +415,65 @@ async fn ice_restart_across_nodes() {
     }
     alice.send(json!({"type": "hangup", "call_id": id})).await;
     assert_eq!(phone.recv_type("call_ended").await["reason"], "hangup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callee_reset_and_back_on_its_node_keeps_the_call() {
+    // alice (node A, the arbiter) calls bob (node B). bob's connection is reset and he
+    // reconnects to node B within its call grace: the call goes on, and what alice sent
+    // meanwhile reaches him.
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("shared.db");
+    let dir = start_directory();
+    let a = node(&db, &dir, "node-a");
+    let b = node(&db, &dir, "node-b");
+    let mut bob = b.connect("bob", "phone").await;
+    let mut alice = a.connect("alice", "laptop").await;
+    alice
+        .send(json!({"type": "add_contact", "username": "bob"}))
+        .await;
+    alice.recv_type("contacts").await;
+    alice
+        .send(json!({"type": "invite", "to": "bob", "offer": desc("127.0.0.1", 1)}))
+        .await;
+    let id = alice.recv_skip_presence().await["call_id"].clone();
+    bob.recv_type("incoming_call").await;
+    bob.send(json!({"type": "accept", "call_id": id, "answer": desc("127.0.0.1", 1)}))
+        .await;
+    assert_eq!(alice.recv_skip_presence().await["type"], "call_accepted");
+    let restart = |ufrag: &str, n: usize| {
+        let mut d = desc("127.0.0.1", n);
+        d["ice_ufrag"] = json!(ufrag);
+        d["ice_pwd"] = json!(format!("{ufrag}newpassword0123456789"));
+        json!({"type": "ice_restart", "call_id": id, "desc": d})
+    };
+
+    bob.abort();
+    // Node B handled the disconnect (presence follows it); the call did not end.
+    alice.wait_presence("bob", "offline").await;
+    let f = restart("acr1", 2);
+    alice.send(f.clone()).await;
+    let mut bob = b.connect("bob", "phone").await;
+    let r = bob.recv_type("ice_restart").await;
+    assert_eq!(
+        (r["call_id"].clone(), r["desc"].clone()),
+        (id.clone(), f["desc"].clone())
+    );
+    let f = restart("bcr1", 1);
+    bob.send(f.clone()).await;
+    let r = alice.recv_skip_presence().await;
+    assert_eq!(
+        (r["type"].clone(), r["desc"].clone()),
+        (json!("ice_restart"), f["desc"].clone())
+    );
+    bob.send(json!({"type": "hangup", "call_id": id})).await;
+    let e = alice.recv_skip_presence().await;
+    assert_eq!(
+        (e["type"].clone(), e["reason"].clone()),
+        (json!("call_ended"), json!("hangup"))
+    );
+    assert_eq!(b.metric("call_grace_resumed_total").await, 1);
+    assert_eq!(a.metric("calls_open").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,6 +194,39 @@ impl Ws {
         Ws { s }
     }
 
+    /// Drop the connection abruptly, as a NAT reset does: no close frame, and the TCP
+    /// connection is reset (zero linger) rather than closed.
+    pub fn abort(self) {
+        if let MaybeTlsStream::Plain(tcp) = self.s.get_ref() {
+            tcp.set_zero_linger().expect("set zero linger");
+        }
+        drop(self);
+    }
+
+    /// Next frame that is not `presence` (presence changes interleave with call frames when
+    /// parties drop and come back).
+    pub async fn recv_skip_presence(&mut self) -> Value {
+        for _ in 0..100 {
+            let v = self.recv().await;
+            if v["type"] != "presence" {
+                return v;
+            }
+        }
+        panic!("only presence frames")
+    }
+
+    /// Skip frames until `presence{user, status}`; any `call_ended` on the way fails.
+    pub async fn wait_presence(&mut self, user: &str, status: &str) {
+        for _ in 0..100 {
+            let v = self.recv().await;
+            assert_ne!(v["type"], "call_ended", "call ended while waiting: {v}");
+            if v["type"] == "presence" && v["user"] == user && v["status"] == status {
+                return;
+            }
+        }
+        panic!("no presence {user} {status}")
+    }
+
     pub async fn send(&mut self, v: Value) {
         tokio::time::timeout(WAIT, self.s.send(Message::Text(v.to_string().into())))
             .await
