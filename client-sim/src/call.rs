@@ -9,8 +9,20 @@
 //! One UDP socket per call, bound on the given host address. Everything that arrives on it is
 //! handed to the agent, which keeps STUN/TURN for itself and returns media payloads.
 //!
-//! What it is not: no multi-party, no video, no ICE restart on path loss yet (a
-//! `Disconnected` event ends the call with an error), no device audio (WAV in, WAV out).
+//! Recovery: when nothing authenticated has come from the peer for `restart_after_silence`
+//! (1 s; media flows every 20 ms) or the agent reports the path lost, the call makes an ICE
+//! restart: fresh TURN credentials, new ICE credentials, fresh gathering (the relay that
+//! carried a dead relayed path is tried last, an unanswered relay is skipped after 400 ms),
+//! and an `ice_restart` through signaling; the peer restarts too once (glare: both restarting
+//! at once apply each other's description, no ping-pong). Media keys stay (the X25519 exchange
+//! is kept; a changed public key ends the call). No packet from the peer for
+//! `consent_timeout` (5 s) ends the call ("consent expired"), and it is hung up via
+//! signaling. At the end the TURN allocation is released (Refresh LIFETIME 0).
+//!
+//! Bad media input (garbage, wrong key, replays, unknown sources) is dropped and counted in
+//! [`MediaFigures`], never played.
+//!
+//! What it is not: no multi-party, no video, no device audio (WAV in, WAV out).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -18,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use peerlink_signaling::protocol::{
-    CallId, ClientMsg, EndReason, ServerMsg, SessionDesc, TurnCredentials,
+    CallId, ClientMsg, EndReason, ServerMsg, SessionDesc, SessionPurpose, TurnCredentials,
 };
 use rand::{Rng as _, RngCore as _};
 use tokio::net::UdpSocket;
@@ -28,10 +40,15 @@ use crate::agent::{
     TurnConfig,
 };
 use crate::media::{
-    FRAME, FRAME_SAMPLES, KeyExchange, MediaConfig, MediaSession, Received, Role as MediaRole,
-    audio,
+    DropReason, FRAME, FRAME_SAMPLES, KeyExchange, MediaConfig, MediaSession, ReceiveDrop,
+    Received, Role as MediaRole, audio,
 };
 use crate::signal_client::{SignalError, SignalSession, parse_turn_uri};
+use crate::transfer::path::{VIRTUAL_CLIENT_ADDR, VIRTUAL_SERVER_ADDR};
+use crate::transfer::{
+    DatagramPath, EndpointOptions, Fingerprint, Pipe, ProgressBar, TransferIdentity,
+    TransferReport, TransferRole,
+};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +77,9 @@ pub enum CallError {
     /// Audio file I/O.
     #[error("audio: {0}")]
     Audio(String),
+    /// The file transfer of a file session failed.
+    #[error("file transfer: {0}")]
+    Transfer(String),
 }
 
 /// How to run a call.
@@ -84,6 +104,36 @@ pub struct CallOptions {
     pub setup_timeout: Duration,
     /// Seed for the agent and the speech generator.
     pub seed: u64,
+    /// No packet from the peer this long ends the call ("consent expired"; default 5 s).
+    pub consent_timeout: Duration,
+    /// No packet from the peer this long (while media is expected) starts an ICE restart
+    /// (default 1 s).
+    pub restart_after_silence: Duration,
+    /// Where to send [`CallEvent`]s while the call runs (observability, tests).
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<CallEvent>>,
+    /// Callee: accept file sessions and save the files here (without it they are declined).
+    pub save_dir: Option<PathBuf>,
+    /// Draw a transfer progress bar on stderr (file sessions; hidden when not a TTY).
+    pub progress: bool,
+}
+
+/// Something that happened during a call (sent to [`CallOptions::events`]).
+#[derive(Clone, Debug)]
+pub enum CallEvent {
+    /// A path was selected (first time, or again after a restart / path change).
+    Path {
+        /// The path.
+        path: SelectedPath,
+        /// True for the first path of the call.
+        first: bool,
+    },
+    /// This side made an ICE restart.
+    Restarted {
+        /// Restarts so far.
+        restarts: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Default for CallOptions {
@@ -98,6 +148,11 @@ impl Default for CallOptions {
             duration: Duration::from_secs(10),
             setup_timeout: Duration::from_secs(40),
             seed: rand::rng().next_u64(),
+            consent_timeout: Duration::from_secs(5),
+            restart_after_silence: Duration::from_secs(1),
+            events: None,
+            save_dir: None,
+            progress: false,
         }
     }
 }
@@ -123,6 +178,14 @@ pub struct MediaFigures {
     pub mos: f64,
     /// Seconds of audio recorded.
     pub recorded_s: f64,
+    /// Datagrams dropped as unparseable (bad first byte, malformed RTP, bad payload type).
+    pub dropped_garbage: u64,
+    /// Media datagrams dropped because authentication failed (wrong key, tampering).
+    pub dropped_auth: u64,
+    /// Media datagrams dropped as replays (index seen before or behind the window).
+    pub dropped_replay: u64,
+    /// Application datagrams dropped because they came from no candidate pair's address.
+    pub dropped_unknown_source: u64,
 }
 
 /// The call report.
@@ -162,6 +225,13 @@ pub struct CallReport {
     pub recording: Option<String>,
     /// How the call ended.
     pub ended: String,
+    /// Machine-readable end: "hangup" (we hung up after the duration), "peer_hangup",
+    /// "peer_ended" (other signaling end reason), "consent_expired", "time_limit".
+    pub end: String,
+    /// ICE restarts this side made (own and in answer to the peer's).
+    pub restarts: u64,
+    /// Longest interval between two accepted media packets after the first one, ms.
+    pub max_media_gap_ms: f64,
 }
 
 fn random_token(len: usize) -> String {
@@ -212,6 +282,52 @@ struct Leg {
     next_frame: Option<Instant>,
     heard: Vec<i16>,
     packets_sent: u64,
+    use_turn: bool,
+    peer_key: Option<[u8; 32]>,
+    restarts: u64,
+    /// We restarted and wait for the peer's description (an `ice_restart` arriving now is
+    /// its answer, not a new restart).
+    awaiting_restart_answer: bool,
+    last_restart: Option<Instant>,
+    /// The agent reported the path lost since the last restart.
+    agent_lost: bool,
+    last_peer_rx: Option<Instant>,
+    last_media_rx: Option<Instant>,
+    max_media_gap: Duration,
+    dropped_garbage: u64,
+    dropped_auth: u64,
+    dropped_replay: u64,
+    consent_timeout: Duration,
+    restart_after_silence: Duration,
+    events: Option<tokio::sync::mpsc::UnboundedSender<CallEvent>>,
+    /// File session: what to transfer, the QUIC identity, the peer's fingerprint.
+    file: Option<FileSide>,
+    /// Where received QUIC datagrams go while a transfer runs.
+    quic_in: Option<Pipe>,
+}
+
+/// The file part of a file session.
+struct FileSide {
+    /// Sender: the file; receiver: the directory to save into.
+    job: FileJob,
+    name: String,
+    size: u64,
+    identity: TransferIdentity,
+    peer_fp: Option<Fingerprint>,
+    progress: bool,
+    result: Option<Result<TransferReport, String>>,
+}
+
+enum FileJob {
+    Send(PathBuf),
+    Receive(PathBuf),
+}
+
+/// What the recovery logic wants next.
+enum Recovery {
+    Fine,
+    Restart(&'static str),
+    ConsentExpired,
 }
 
 impl Leg {
@@ -232,10 +348,19 @@ impl Leg {
         let pwd = random_token(24);
         let mut cfg = AgentConfig::new(role, ufrag.clone(), pwd.clone(), opts.seed);
         cfg.stun_server = opts.stun;
+        cfg.relay_only = opts.relay_only;
+        if opts.relay_only {
+            // Every pair is relayed: nothing direct to wait for.
+            cfg.relay_fallback_after = Duration::ZERO;
+        }
         if opts.use_turn {
             // A call still works without a relay (direct paths); say why in the log.
             match sess.turn_credentials().await {
-                Ok(c) => cfg.turn = turn_config(&c),
+                Ok(c) => {
+                    let mut it = turn_configs(&c).into_iter();
+                    cfg.turn = it.next();
+                    cfg.turn_alternates = it.collect();
+                }
                 Err(e) if opts.relay_only => {
                     return Err(CallError::Connectivity(format!(
                         "relay-only call without TURN credentials: {e}"
@@ -271,6 +396,23 @@ impl Leg {
             next_frame: None,
             heard: Vec::new(),
             packets_sent: 0,
+            use_turn: opts.use_turn,
+            peer_key: None,
+            restarts: 0,
+            awaiting_restart_answer: false,
+            last_restart: None,
+            agent_lost: false,
+            last_peer_rx: None,
+            last_media_rx: None,
+            max_media_gap: Duration::ZERO,
+            dropped_garbage: 0,
+            dropped_auth: 0,
+            dropped_replay: 0,
+            consent_timeout: opts.consent_timeout,
+            restart_after_silence: opts.restart_after_silence,
+            events: opts.events.clone(),
+            file: None,
+            quic_in: None,
         })
     }
 
@@ -293,8 +435,17 @@ impl Leg {
             public_key: base64::engine::general_purpose::STANDARD.encode(self.keys.public_key()),
             candidates,
             end_of_candidates: false,
-            purpose: Default::default(),
-            transfer_fingerprint: None,
+            purpose: match &self.file {
+                Some(f) => SessionPurpose::File {
+                    name: f.name.clone(),
+                    size: f.size,
+                },
+                None => SessionPurpose::Call,
+            },
+            transfer_fingerprint: self
+                .file
+                .as_ref()
+                .map(|f| hex::encode(f.identity.fingerprint().0)),
         }
     }
 
@@ -311,6 +462,19 @@ impl Leg {
             self.agent.end_of_remote_candidates();
         }
         let peer_key = decode_key(&d.public_key)?;
+        self.peer_key = Some(peer_key);
+        if let Some(f) = self.file.as_mut() {
+            let fp = d
+                .transfer_fingerprint
+                .as_deref()
+                .ok_or_else(|| CallError::BadDesc("file session without a fingerprint".into()))?;
+            f.peer_fp = Some(
+                fp.parse()
+                    .map_err(|e| CallError::BadDesc(format!("transfer fingerprint: {e}")))?,
+            );
+            // No media in a file session.
+            return Ok(());
+        }
         let call_id = self
             .call_id
             .clone()
@@ -365,15 +529,31 @@ impl Leg {
                 Event::LocalCandidate(c) => self.pending.push(c),
                 Event::GatheringComplete => self.gathered_all = true,
                 Event::Connected { path } => {
-                    self.t_connected.get_or_insert_with(Instant::now);
+                    // After a restart the agent connects anew: a path change for the call.
+                    let first = self.t_connected.is_none();
+                    if !first {
+                        self.path_changes += 1;
+                    }
+                    let now = Instant::now();
+                    self.t_connected.get_or_insert(now);
+                    self.last_peer_rx = Some(now);
                     self.path = Some(path);
+                    self.emit(CallEvent::Path { path, first });
                 }
                 Event::PathChanged { path } => {
                     self.path = Some(path);
                     self.path_changes += 1;
+                    self.last_peer_rx = Some(Instant::now());
+                    self.emit(CallEvent::Path { path, first: false });
                 }
                 Event::Disconnected { reason } => {
-                    return Err(CallError::Connectivity(format!("{reason:?}")));
+                    if self.t_connected.is_none() && self.restarts == 0 {
+                        // Never connected (e.g. every pair failed): nothing to recover.
+                        return Err(CallError::Connectivity(format!("{reason:?}")));
+                    }
+                    // Not the end: the recovery logic restarts (or ends on consent expiry).
+                    tracing::info!("path lost ({reason:?}); recovering");
+                    self.agent_lost = true;
                 }
             }
         }
@@ -403,17 +583,259 @@ impl Leg {
         Ok(())
     }
 
+    fn emit(&self, ev: CallEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(ev);
+        }
+    }
+
     fn on_datagram(&mut self, n: usize, from: SocketAddr, buf: &[u8]) {
         let now = Instant::now();
+        let data = &buf[..n];
+        // RFC 7983: 4-63 is nobody's (ZRTP/DTLS, not used here).
+        if matches!(data.first(), None | Some(4..=63)) {
+            self.dropped_garbage += 1;
+        }
         let Some(crate::agent::AppData::Payload { data, .. }) =
-            self.agent.handle_datagram(now, 0, from, &buf[..n])
+            self.agent.handle_datagram(now, 0, from, data)
         else {
             return;
         };
-        if let Some(m) = self.media.as_mut()
-            && let Received::Media(_) = m.handle_packet(now, &data)
-        {
-            self.t_first_media.get_or_insert(now);
+        if !matches!(data.first(), Some(128..=191)) {
+            // QUIC (64-127, 192-255): the file transfer's, if one runs.
+            match &self.quic_in {
+                Some(pipe) => {
+                    self.last_peer_rx = Some(now);
+                    // A full pipe drops, like UDP; QUIC recovers.
+                    let _ = pipe.try_push(data.to_vec());
+                }
+                None => self.dropped_garbage += 1,
+            }
+            return;
+        }
+        let Some(m) = self.media.as_mut() else {
+            return;
+        };
+        match m.handle_packet(now, &data) {
+            Received::Media(_) => {
+                self.t_first_media.get_or_insert(now);
+                self.last_peer_rx = Some(now);
+                if let Some(prev) = self.last_media_rx {
+                    self.max_media_gap =
+                        self.max_media_gap.max(now.saturating_duration_since(prev));
+                }
+                self.last_media_rx = Some(now);
+            }
+            Received::Report(_) => self.last_peer_rx = Some(now),
+            Received::Dropped(ReceiveDrop::Crypto(DropReason::AuthFailed)) => {
+                self.dropped_auth += 1;
+            }
+            Received::Dropped(ReceiveDrop::Crypto(DropReason::Replayed | DropReason::TooOld)) => {
+                self.dropped_replay += 1;
+            }
+            Received::Dropped(_) => self.dropped_garbage += 1,
+        }
+    }
+
+    /// Whether the path needs an ICE restart, or the call is over (consent expired).
+    fn recovery(&self, now: Instant) -> Recovery {
+        let (Some(_), Some(mut last)) = (self.t_connected, self.last_peer_rx) else {
+            return Recovery::Fine;
+        };
+        // Authenticated consent traffic from the peer counts too.
+        if let Some(t) = self.agent.selected_last_rx() {
+            last = last.max(t);
+        }
+        let silent = now.saturating_duration_since(last);
+        if silent >= self.consent_timeout {
+            return Recovery::ConsentExpired;
+        }
+        let backoff_over = self
+            .last_restart
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.restart_backoff());
+        if !backoff_over {
+            return Recovery::Fine;
+        }
+        if self.agent_lost {
+            return Recovery::Restart("path lost");
+        }
+        if silent >= self.silence_limit() {
+            return Recovery::Restart("no packets from peer");
+        }
+        Recovery::Fine
+    }
+
+    /// Silence that starts a restart: media comes every 20 ms; a file transfer can pause
+    /// (QUIC keep-alives and consent checks every 2 s then), so it gets more.
+    fn silence_limit(&self) -> Duration {
+        if self.file.is_some() {
+            self.restart_after_silence.max(Duration::from_millis(2500))
+        } else {
+            self.restart_after_silence
+        }
+    }
+
+    /// Least time between two own restarts (a restart needs a moment to validate a path).
+    fn restart_backoff(&self) -> Duration {
+        self.restart_after_silence.max(Duration::from_millis(500)) * 3 / 2
+    }
+
+    /// ICE restart: fresh TURN credentials, new ICE credentials, fresh gathering; our new
+    /// description goes to the peer as `ice_restart`.
+    async fn restart(&mut self, sess: &mut SignalSession, reason: &str) -> Result<(), CallError> {
+        let Some(call_id) = self.call_id.clone() else {
+            return Ok(());
+        };
+        if self.use_turn {
+            match tokio::time::timeout(Duration::from_secs(2), sess.turn_credentials()).await {
+                Ok(Ok(c)) => self.agent.set_turn_servers(turn_configs(&c)),
+                Ok(Err(e)) => tracing::warn!("restart without fresh TURN credentials: {e}"),
+                Err(_) => tracing::warn!("restart without fresh TURN credentials: timed out"),
+            }
+        }
+        self.ufrag = random_token(8);
+        self.pwd = random_token(24);
+        let now = Instant::now();
+        self.agent
+            .restart(now, (self.ufrag.clone(), self.pwd.clone()));
+        self.sent_cands.clear();
+        self.pending.clear();
+        self.gathered_all = false;
+        self.sent_eoc = false;
+        self.agent_lost = false;
+        self.restarts += 1;
+        self.last_restart = Some(now);
+        self.awaiting_restart_answer = true;
+        tracing::info!("ICE restart #{} ({reason})", self.restarts);
+        self.emit(CallEvent::Restarted {
+            restarts: self.restarts,
+            reason: reason.to_owned(),
+        });
+        let desc = self.desc();
+        sess.send(&ClientMsg::IceRestart { call_id, desc }).await?;
+        Ok(())
+    }
+
+    /// The peer restarted: restart too unless this is the answer to our own restart, then
+    /// apply its credentials and candidates.
+    async fn on_remote_restart(
+        &mut self,
+        sess: &mut SignalSession,
+        d: &SessionDesc,
+    ) -> Result<(), CallError> {
+        let key = decode_key(&d.public_key)?;
+        if self.peer_key.is_some_and(|k| k != key) {
+            return Err(CallError::BadDesc(
+                "the peer's public key changed in an ICE restart".into(),
+            ));
+        }
+        if !self.awaiting_restart_answer {
+            self.restart(sess, "peer restarted").await?;
+        }
+        self.awaiting_restart_answer = false;
+        self.agent.set_remote_credentials(&d.ice_ufrag, &d.ice_pwd);
+        let now = Instant::now();
+        for c in &d.candidates {
+            if let Ok(c) = Candidate::try_from(c) {
+                self.agent.add_remote_candidate(c, now);
+                self.remote_cands += 1;
+            }
+        }
+        if d.end_of_candidates {
+            self.agent.end_of_remote_candidates();
+        }
+        Ok(())
+    }
+
+    /// Starts the QUIC transfer of a file session over the selected path (virtual addresses:
+    /// path changes and ICE restarts underneath are invisible to QUIC). Returns the pipe of
+    /// datagrams QUIC wants sent and the task's handle.
+    fn start_transfer(&mut self) -> Result<(Pipe, TransferTask), CallError> {
+        let f = self
+            .file
+            .as_ref()
+            .ok_or_else(|| CallError::Transfer("not a file session".into()))?;
+        let peer_fp = f
+            .peer_fp
+            .ok_or_else(|| CallError::Transfer("no peer fingerprint".into()))?;
+        let (role, local, peer) = match self.role {
+            IceRole::Controlling => (
+                TransferRole::Client,
+                VIRTUAL_CLIENT_ADDR,
+                VIRTUAL_SERVER_ADDR,
+            ),
+            IceRole::Controlled => (
+                TransferRole::Server,
+                VIRTUAL_SERVER_ADDR,
+                VIRTUAL_CLIENT_ADDR,
+            ),
+        };
+        let (path, handle) = DatagramPath::new(local, peer);
+        self.quic_in = Some(handle.incoming.clone());
+        let identity = f.identity.clone();
+        let bar = ProgressBar::new(&f.name, !f.progress);
+        let job = match &f.job {
+            FileJob::Send(p) => FileJob::Send(p.clone()),
+            FileJob::Receive(d) => FileJob::Receive(d.clone()),
+        };
+        let task = tokio::spawn(async move {
+            let opts = EndpointOptions::default();
+            let pc = crate::transfer::endpoint(path, &identity, peer_fp, role, &opts)
+                .await
+                .map_err(|e| format!("QUIC connection: {e}"))?;
+            match job {
+                FileJob::Send(p) => {
+                    let r = crate::transfer::send_file(&pc.connection, &p, bar.callback()).await;
+                    pc.close().await;
+                    r.map_err(|e| e.to_string())
+                }
+                FileJob::Receive(dir) => {
+                    let r =
+                        crate::transfer::receive_file(&pc.connection, &dir, bar.callback()).await;
+                    // The sender closes once it has our verdict; closing first could drop it.
+                    if r.is_ok() {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(5), pc.connection.closed())
+                                .await;
+                    }
+                    pc.close().await;
+                    r.map_err(|e| e.to_string())
+                }
+            }
+        });
+        Ok((handle.outgoing.clone(), task))
+    }
+
+    /// Releases the TURN allocation and waits (bounded) for the relay to confirm.
+    async fn close(&mut self) {
+        let now = Instant::now();
+        self.agent.close(now);
+        let deadline = now + Duration::from_secs(2);
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let _ = self.flush().await;
+            if self.agent.is_released() || Instant::now() >= deadline {
+                break;
+            }
+            let wake = self
+                .agent
+                .poll_timeout()
+                .unwrap_or(deadline)
+                .min(deadline)
+                .max(Instant::now());
+            tokio::select! {
+                r = self.sock.recv_from(&mut buf) => {
+                    if let Ok((n, from)) = r {
+                        let _ = self.agent.handle_datagram(Instant::now(), 0, from, &buf[..n]);
+                    }
+                }
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
+                    self.agent.handle_timeout(Instant::now());
+                }
+            }
+        }
+        if !self.agent.is_released() {
+            tracing::warn!("TURN allocation release not confirmed; it expires on the relay");
         }
     }
 
@@ -472,10 +894,22 @@ impl Leg {
         if send_frames && self.path.is_some() && self.media.is_some() {
             w = w.min(self.next_frame.unwrap_or_else(Instant::now));
         }
+        if let (Some(_), Some(last)) = (self.t_connected, self.last_peer_rx) {
+            w = w.min(last + self.silence_limit());
+            w = w.min(last + self.consent_timeout);
+            if let Some(r) = self.last_restart {
+                w = w.min(r + self.restart_backoff());
+            }
+        }
         w
     }
 
-    fn report(&self, peer: &str, ended: String, invite_to_answer: Option<Duration>) -> CallReport {
+    fn report(
+        &self,
+        peer: &str,
+        (end, ended): (&str, String),
+        invite_to_answer: Option<Duration>,
+    ) -> CallReport {
         let stats = self.media.as_ref().map(|m| m.stats());
         let agent_stats = self.agent.stats();
         let ta = self.t_answer;
@@ -519,21 +953,34 @@ impl Leg {
                     rtt_ms: s.rtt.map(ms),
                     mos: s.mos,
                     recorded_s: self.heard.len() as f64 / f64::from(crate::media::SAMPLE_RATE),
+                    dropped_garbage: self.dropped_garbage,
+                    dropped_auth: self.dropped_auth,
+                    dropped_replay: self.dropped_replay,
+                    dropped_unknown_source: agent_stats.app_dropped,
                 })
                 .unwrap_or_default(),
             recording: None,
             ended,
+            end: end.to_owned(),
+            restarts: self.restarts,
+            max_media_gap_ms: ms(self.max_media_gap),
         }
     }
 }
 
-fn turn_config(c: &TurnCredentials) -> Option<TurnConfig> {
-    let server = c.uris.iter().find_map(|u| parse_turn_uri(u))?;
-    Some(TurnConfig {
-        server,
-        username: c.username.clone(),
-        password: c.password.clone(),
-    })
+/// Every usable relay of the credentials, in the order signaling gave them.
+fn turn_configs(c: &TurnCredentials) -> Vec<TurnConfig> {
+    let mut out: Vec<TurnConfig> = Vec::new();
+    for server in c.uris.iter().filter_map(|u| parse_turn_uri(u)) {
+        if !out.iter().any(|t| t.server == server) {
+            out.push(TurnConfig {
+                server,
+                username: c.username.clone(),
+                password: c.password.clone(),
+            });
+        }
+    }
+    out
 }
 
 fn load_input(opts: &CallOptions, seconds: f64, seed: u64) -> Result<Vec<i16>, CallError> {
@@ -557,8 +1004,45 @@ enum Flow {
     Ended(EndReason),
 }
 
+/// The transfer task of a file session.
+type TransferTask = tokio::task::JoinHandle<Result<TransferReport, String>>;
+
+/// Next datagram QUIC wants sent (pending forever without a transfer).
+async fn next_out(pipe: Option<&Pipe>) -> Option<Vec<u8>> {
+    match pipe {
+        Some(p) => p.pop().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The transfer's outcome (pending forever without a transfer).
+async fn transfer_done(task: Option<&mut TransferTask>) -> Result<TransferReport, String> {
+    match task {
+        Some(t) => t
+            .await
+            .unwrap_or_else(|e| Err(format!("transfer task failed: {e}"))),
+        None => std::future::pending().await,
+    }
+}
+
+/// Why the call loop returned.
+enum LoopEnd {
+    /// The file transfer finished (its result is in the leg).
+    FileDone,
+    /// The media duration (caller) or the hard deadline passed.
+    TimeUp,
+    /// Signaling ended the call.
+    Peer(EndReason),
+    /// Nothing from the peer for the consent timeout.
+    ConsentExpired,
+}
+
 /// Handle one signaling frame of the call.
-fn on_signal(leg: &mut Leg, m: ServerMsg) -> Result<Flow, CallError> {
+async fn on_signal(
+    leg: &mut Leg,
+    sess: &mut SignalSession,
+    m: ServerMsg,
+) -> Result<Flow, CallError> {
     let ours = |id: &CallId| leg.call_id.as_ref() == Some(id);
     match m {
         ServerMsg::Candidate { call_id, candidate } if ours(&call_id) => {
@@ -570,6 +1054,9 @@ fn on_signal(leg: &mut Leg, m: ServerMsg) -> Result<Flow, CallError> {
         ServerMsg::EndOfCandidates { call_id } if ours(&call_id) => {
             leg.agent.end_of_remote_candidates();
         }
+        ServerMsg::IceRestart { call_id, desc } if ours(&call_id) => {
+            leg.on_remote_restart(sess, &desc).await?;
+        }
         ServerMsg::CallEnded { call_id, reason } if ours(&call_id) => {
             return Ok(Flow::Ended(reason));
         }
@@ -578,41 +1065,65 @@ fn on_signal(leg: &mut Leg, m: ServerMsg) -> Result<Flow, CallError> {
     Ok(Flow::Continue)
 }
 
-/// Drive the call until `deadline` (media for the caller's duration) or a `call_ended`.
-/// `until_connected` bounds the time to the first selected path.
+/// Drive the call until `deadline` (media for the caller's duration), a `call_ended`, or
+/// consent expiry. `connect_deadline` bounds the time to the first selected path.
 async fn run_loop(
     leg: &mut Leg,
     sess: &mut SignalSession,
     media_duration: Option<Duration>,
     hard_deadline: Instant,
     connect_deadline: Instant,
-) -> Result<Option<EndReason>, CallError> {
+) -> Result<LoopEnd, CallError> {
     let mut buf = vec![0u8; 65536];
+    let mut xfer: Option<(Pipe, TransferTask)> = None;
+    // Receiver: after the transfer, wait this long for the sender's hangup.
+    let mut linger: Option<Instant> = None;
     loop {
         leg.flush().await?;
         leg.handle_events(sess).await?;
         leg.flush().await?;
         let now = Instant::now();
-        if leg.path.is_none() && now >= connect_deadline {
+        if leg.t_connected.is_none() && now >= connect_deadline {
             return Err(CallError::Timeout("a connected path"));
+        }
+        if linger.is_some_and(|t| now >= t) {
+            return Ok(LoopEnd::FileDone);
+        }
+        if xfer.is_none()
+            && leg.t_connected.is_some()
+            && leg.file.as_ref().is_some_and(|f| f.result.is_none())
+        {
+            xfer = Some(leg.start_transfer()?);
         }
         if let (Some(d), Some(tc)) = (media_duration, leg.t_connected)
             && now >= tc + d
         {
-            return Ok(None);
+            return Ok(LoopEnd::TimeUp);
         }
         if now >= hard_deadline {
-            return Ok(None);
+            return Ok(LoopEnd::TimeUp);
+        }
+        match leg.recovery(now) {
+            Recovery::Fine => {}
+            Recovery::ConsentExpired => return Ok(LoopEnd::ConsentExpired),
+            Recovery::Restart(why) => {
+                leg.restart(sess, why).await?;
+                continue;
+            }
         }
         leg.media_tick(true).await?;
         let mut deadline = hard_deadline;
-        if leg.path.is_none() {
+        if leg.t_connected.is_none() {
             deadline = deadline.min(connect_deadline);
         }
         if let (Some(d), Some(tc)) = (media_duration, leg.t_connected) {
             deadline = deadline.min(tc + d);
         }
+        if let Some(t) = linger {
+            deadline = deadline.min(t);
+        }
         let wake = tokio::time::Instant::from_std(leg.wake(true, deadline).max(now));
+        let out = xfer.as_ref().map(|x| x.0.clone());
         tokio::select! {
             r = leg.sock.recv_from(&mut buf) => {
                 match r {
@@ -621,9 +1132,36 @@ async fn run_loop(
                     Err(e) => tracing::debug!("recv: {e}"),
                 }
             }
+            Some(d) = next_out(out.as_ref()) => {
+                leg.send_app(&d).await?;
+            }
+            r = transfer_done(xfer.as_mut().map(|x| &mut x.1)) => {
+                xfer = None;
+                if let Some(p) = leg.quic_in.take() {
+                    p.close();
+                }
+                let ok = r.is_ok();
+                if let Some(f) = leg.file.as_mut() {
+                    f.result = Some(r);
+                }
+                if leg.role == IceRole::Controlling || !ok {
+                    return Ok(LoopEnd::FileDone);
+                }
+                linger = Some(Instant::now() + Duration::from_secs(3));
+            }
             m = sess.recv() => {
-                if let Flow::Ended(r) = on_signal(leg, m?)? {
-                    return Ok(Some(r));
+                if let Flow::Ended(r) = on_signal(leg, sess, m?).await? {
+                    if let Some((_, task)) = xfer.take() {
+                        // The sender hangs up after our verdict: let the task finish.
+                        let r = tokio::time::timeout(Duration::from_secs(5), task)
+                            .await
+                            .map_err(|_| "transfer did not finish after hangup".to_owned())
+                            .and_then(|j| j.unwrap_or_else(|e| Err(e.to_string())));
+                        if let Some(f) = leg.file.as_mut() {
+                            f.result = Some(r);
+                        }
+                    }
+                    return Ok(LoopEnd::Peer(r));
                 }
             }
             _ = tokio::time::sleep_until(wake) => {
@@ -633,14 +1171,190 @@ async fn run_loop(
     }
 }
 
-/// Call `peer` and run the call for `opts.duration` of media, then hang up.
-pub async fn call(
+async fn hangup(sess: &mut SignalSession, call_id: Option<&CallId>) -> Result<(), SignalError> {
+    match call_id {
+        Some(c) => sess.send(&ClientMsg::Hangup { call_id: c.clone() }).await,
+        None => Ok(()),
+    }
+}
+
+/// Runs the connected part of a call, hangs up as needed, releases the relay allocation and
+/// says how the call ended: (machine-readable end, text).
+async fn run_and_end(
+    leg: &mut Leg,
+    sess: &mut SignalSession,
+    media_duration: Option<Duration>,
+    hard_deadline: Instant,
+    connect_deadline: Instant,
+) -> Result<(&'static str, String), CallError> {
+    let res = run_loop(leg, sess, media_duration, hard_deadline, connect_deadline).await;
+    let call_id = leg.call_id.clone();
+    let out = match res {
+        Ok(LoopEnd::Peer(EndReason::Hangup)) => Ok((
+            "peer_hangup",
+            format!("peer ended the call ({:?})", EndReason::Hangup),
+        )),
+        Ok(LoopEnd::Peer(r)) => Ok(("peer_ended", format!("peer ended the call ({r:?})"))),
+        Ok(LoopEnd::ConsentExpired) => {
+            let _ = hangup(sess, call_id.as_ref()).await;
+            Ok((
+                "consent_expired",
+                format!(
+                    "consent expired: no packets from peer for {} s",
+                    leg.consent_timeout.as_secs_f64()
+                ),
+            ))
+        }
+        Ok(LoopEnd::FileDone) => match hangup(sess, call_id.as_ref()).await {
+            Ok(()) => Ok(("hangup", "hung up after the transfer".to_owned())),
+            Err(e) => Err(e.into()),
+        },
+        Ok(LoopEnd::TimeUp) => match hangup(sess, call_id.as_ref()).await {
+            Ok(()) if media_duration.is_some() => {
+                Ok(("hangup", "hung up after the media duration".to_owned()))
+            }
+            Ok(()) => Ok(("time_limit", "hung up at the time limit".to_owned())),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => {
+            // Best effort: the peer must not wait for consent expiry.
+            let _ = hangup(sess, call_id.as_ref()).await;
+            Err(e)
+        }
+    };
+    leg.close().await;
+    out
+}
+
+/// Outcome of one file session (`send-file`, or a file accepted by `listen`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FileReport {
+    /// "sender" or "receiver".
+    pub role: String,
+    /// The other party.
+    pub peer: String,
+    /// Server call (session) id.
+    pub call_id: String,
+    /// File name as offered.
+    pub name: String,
+    /// File size, bytes.
+    pub size: u64,
+    /// Sender: the source; receiver: where the verified file was saved.
+    pub file: String,
+    /// File bytes carried in this session (less than `size` when resumed).
+    pub bytes: u64,
+    /// Transfer time (offer answered -> verdict), seconds.
+    pub duration_s: f64,
+    /// `bytes * 8 / duration`, bit/s.
+    pub throughput_bps: f64,
+    /// True when the receiver already held verified chunks (resumed download).
+    pub resumed: bool,
+    /// Bytes the receiver already held.
+    pub resumed_from: u64,
+    /// BLAKE3 of the whole file (hex), verified by the receiver.
+    pub blake3: String,
+    /// "direct" or "relay" (the path in use at the end).
+    pub path: Option<String>,
+    /// Path changes after connecting (restarts included).
+    pub path_changes: u64,
+    /// ICE restarts this side made.
+    pub restarts: u64,
+    /// QUIC smoothed RTT at the end, ms.
+    pub rtt_ms: f64,
+    /// Packets QUIC declared lost.
+    pub lost_packets: u64,
+    /// Answer -> path selected, ms.
+    pub answer_to_connected_ms: Option<f64>,
+    /// Machine-readable end (as in [`CallReport::end`]).
+    pub end: String,
+    /// How the session ended.
+    pub ended: String,
+}
+
+/// A session declined by `listen` (a file offered without `--save-dir`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeclinedReport {
+    /// The other party.
+    pub peer: String,
+    /// Server call (session) id.
+    pub call_id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// What one answered session was (one JSON line per session for `listen --json`).
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SessionReport {
+    /// An audio call.
+    Call(CallReport),
+    /// A file session.
+    File(FileReport),
+    /// A session this side declined.
+    Declined(DeclinedReport),
+}
+
+fn file_report(
+    leg: &Leg,
+    peer: &str,
+    (end, ended): (&str, String),
+) -> Result<FileReport, CallError> {
+    let f = leg
+        .file
+        .as_ref()
+        .ok_or_else(|| CallError::Transfer("not a file session".into()))?;
+    let t = match &f.result {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return Err(CallError::Transfer(e.clone())),
+        None => {
+            return Err(CallError::Transfer(format!(
+                "the session ended before the transfer finished ({ended})"
+            )));
+        }
+    };
+    let call = leg.report(peer, (end, ended), None);
+    Ok(FileReport {
+        role: match leg.role {
+            IceRole::Controlling => "sender".into(),
+            IceRole::Controlled => "receiver".into(),
+        },
+        peer: peer.to_owned(),
+        call_id: call.call_id,
+        name: t.name.clone(),
+        size: t.size,
+        file: t.path.display().to_string(),
+        bytes: t.bytes,
+        duration_s: t.duration.as_secs_f64(),
+        throughput_bps: t.goodput_bps,
+        resumed: t.resumed_from > 0,
+        resumed_from: t.resumed_from,
+        blake3: t.blake3.clone(),
+        path: call.path,
+        path_changes: call.path_changes,
+        restarts: call.restarts,
+        rtt_ms: t.rtt_ms,
+        lost_packets: t.lost_packets,
+        answer_to_connected_ms: call.answer_to_connected_ms,
+        end: call.end,
+        ended: call.ended,
+    })
+}
+
+/// Invite `peer` (a call, or a file session when `file` is set), run the session and end it.
+async fn place(
     sess: &mut SignalSession,
     peer: &str,
     opts: &CallOptions,
-) -> Result<CallReport, CallError> {
-    let input = load_input(opts, opts.duration.as_secs_f64(), opts.seed ^ 1)?;
+    file: Option<FileSide>,
+) -> Result<(Leg, (&'static str, String), Duration), CallError> {
+    let input = if file.is_some() {
+        Vec::new()
+    } else {
+        load_input(opts, opts.duration.as_secs_f64(), opts.seed ^ 1)?
+    };
+    let is_file = file.is_some();
     let mut leg = Leg::new(IceRole::Controlling, sess, opts, input).await?;
+    leg.file = file;
     let setup_deadline = Instant::now() + opts.setup_timeout;
     let offer = leg.desc();
     let req = random_token(12);
@@ -681,6 +1395,7 @@ pub async fn call(
                     call_id: call_id.clone(),
                 })
                 .await;
+            leg.close().await;
             return Err(CallError::Timeout("the callee to answer"));
         }
         let wake = tokio::time::Instant::from_std(leg.wake(false, setup_deadline).max(now));
@@ -692,13 +1407,18 @@ pub async fn call(
                 ServerMsg::CallAccepted { call_id: c, answer, .. } if c == call_id => {
                     leg.t_answer = Some(Instant::now());
                     invite_to_answer = t_invite.elapsed();
-                    leg.apply_remote(&answer)?;
+                    if let Err(e) = leg.apply_remote(&answer) {
+                        let _ = hangup(sess, Some(&call_id)).await;
+                        leg.close().await;
+                        return Err(e);
+                    }
                     break;
                 }
                 ServerMsg::CallEnded { call_id: c, reason } if c == call_id => {
+                    leg.close().await;
                     return Err(CallError::Ended(reason));
                 }
-                other => { on_signal(&mut leg, other)?; }
+                other => { on_signal(&mut leg, sess, other).await?; }
             },
             _ = tokio::time::sleep_until(wake) => leg.agent.handle_timeout(Instant::now()),
         }
@@ -706,26 +1426,65 @@ pub async fn call(
 
     let connect_deadline = setup_deadline.max(Instant::now() + Duration::from_secs(10));
     let hard = Instant::now() + opts.setup_timeout + opts.duration;
-    let ended = run_loop(&mut leg, sess, Some(opts.duration), hard, connect_deadline).await?;
-    let ended = match ended {
-        Some(r) => format!("peer ended the call ({r:?})"),
-        None => {
-            sess.send(&ClientMsg::Hangup { call_id }).await?;
-            "hung up after the media duration".into()
-        }
-    };
+    let media = (!is_file).then_some(opts.duration);
+    let ended = run_and_end(&mut leg, sess, media, hard, connect_deadline).await?;
+    Ok((leg, ended, invite_to_answer))
+}
+
+/// Call `peer` and run the call for `opts.duration` of media, then hang up.
+pub async fn call(
+    sess: &mut SignalSession,
+    peer: &str,
+    opts: &CallOptions,
+) -> Result<CallReport, CallError> {
+    let (leg, ended, invite_to_answer) = place(sess, peer, opts, None).await?;
     let r = leg.report(peer, ended, Some(invite_to_answer));
     finish(&leg, opts, r)
 }
 
-/// Wait (bounded by `wait`) for an incoming call, answer it, and run it until the caller
-/// hangs up (bounded by `opts.setup_timeout + max_duration`).
-pub async fn answer_next(
+/// Send the file at `path` to `peer` in a file session (purpose `file`, QUIC over the
+/// session's selected path, pinned certificates), bounded by `opts.setup_timeout +
+/// opts.duration`; hangs up when the receiver confirmed the BLAKE3.
+pub async fn send_file(
+    sess: &mut SignalSession,
+    peer: &str,
+    path: &std::path::Path,
+    opts: &CallOptions,
+) -> Result<FileReport, CallError> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(CallError::Transfer(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| CallError::Transfer(format!("{} has no UTF-8 name", path.display())))?
+        .to_owned();
+    let file = FileSide {
+        job: FileJob::Send(path.to_path_buf()),
+        name,
+        size: meta.len(),
+        identity: TransferIdentity::generate().map_err(|e| CallError::Transfer(e.to_string()))?,
+        peer_fp: None,
+        progress: opts.progress,
+        result: None,
+    };
+    let (leg, ended, _) = place(sess, peer, opts, Some(file)).await?;
+    file_report(&leg, peer, ended)
+}
+
+/// Wait (bounded by `wait`) for an incoming session and answer it: a call runs until the
+/// caller hangs up (bounded by `opts.setup_timeout + max_duration`); a file session is
+/// accepted into `opts.save_dir` (declined without one) and ends after the transfer.
+pub async fn answer_session(
     sess: &mut SignalSession,
     wait: Duration,
     max_duration: Duration,
     opts: &CallOptions,
-) -> Result<CallReport, CallError> {
+) -> Result<SessionReport, CallError> {
     let m = sess
         .wait_for(wait, "incoming_call", None, |m| {
             matches!(m, ServerMsg::IncomingCall { .. })
@@ -740,14 +1499,50 @@ pub async fn answer_next(
     else {
         return Err(CallError::BadDesc("not an incoming call".into()));
     };
+    let file = match &offer.purpose {
+        SessionPurpose::Call => None,
+        SessionPurpose::File { name, size } => {
+            let Some(dir) = opts.save_dir.clone() else {
+                sess.send(&ClientMsg::Decline {
+                    call_id: call_id.clone(),
+                })
+                .await?;
+                return Ok(SessionReport::Declined(DeclinedReport {
+                    peer: from,
+                    call_id: call_id.0,
+                    reason: format!("file {name:?} ({size} bytes) offered, but no --save-dir"),
+                }));
+            };
+            Some(FileSide {
+                job: FileJob::Receive(dir),
+                name: name.clone(),
+                size: *size,
+                identity: TransferIdentity::generate()
+                    .map_err(|e| CallError::Transfer(e.to_string()))?,
+                peer_fp: None,
+                progress: opts.progress,
+                result: None,
+            })
+        }
+    };
+    let is_file = file.is_some();
     sess.send(&ClientMsg::Ringing {
         call_id: call_id.clone(),
     })
     .await?;
-    let input = load_input(opts, 5.0, opts.seed ^ 2)?;
+    let input = if is_file {
+        Vec::new()
+    } else {
+        load_input(opts, 5.0, opts.seed ^ 2)?
+    };
     let mut leg = Leg::new(IceRole::Controlled, sess, opts, input).await?;
     leg.call_id = Some(call_id.clone());
-    leg.apply_remote(&offer)?;
+    leg.file = file;
+    if let Err(e) = leg.apply_remote(&offer) {
+        let _ = sess.send(&ClientMsg::Decline { call_id }).await;
+        leg.close().await;
+        return Err(e);
+    }
     let answer = leg.desc();
     sess.send(&ClientMsg::Accept {
         call_id: call_id.clone(),
@@ -758,14 +1553,32 @@ pub async fn answer_next(
     let now = Instant::now();
     let connect_deadline = now + opts.setup_timeout;
     let hard = now + opts.setup_timeout + max_duration;
-    let ended = run_loop(&mut leg, sess, None, hard, connect_deadline).await?;
-    let ended = match ended {
-        Some(r) => format!("caller ended the call ({r:?})"),
-        None => {
-            sess.send(&ClientMsg::Hangup { call_id }).await?;
-            "hung up at the time limit".into()
-        }
-    };
+    let ended = run_and_end(&mut leg, sess, None, hard, connect_deadline).await?;
+    if is_file {
+        return Ok(SessionReport::File(file_report(&leg, &from, ended)?));
+    }
     let r = leg.report(&from, ended, None);
-    finish(&leg, opts, r)
+    Ok(SessionReport::Call(finish(&leg, opts, r)?))
+}
+
+/// Wait (bounded by `wait`) for an incoming call, answer it, and run it until the caller
+/// hangs up (bounded by `opts.setup_timeout + max_duration`). A file session is declined
+/// (or, with `opts.save_dir`, received) and reported as an error: this wants a call.
+pub async fn answer_next(
+    sess: &mut SignalSession,
+    wait: Duration,
+    max_duration: Duration,
+    opts: &CallOptions,
+) -> Result<CallReport, CallError> {
+    match answer_session(sess, wait, max_duration, opts).await? {
+        SessionReport::Call(r) => Ok(r),
+        SessionReport::File(r) => Err(CallError::BadDesc(format!(
+            "expected a call, got a file session ({})",
+            r.name
+        ))),
+        SessionReport::Declined(d) => Err(CallError::BadDesc(format!(
+            "expected a call, declined a file session: {}",
+            d.reason
+        ))),
+    }
 }

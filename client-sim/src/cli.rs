@@ -2,8 +2,8 @@
 //! small JSON state file (`--state`, mode 0600): server URL, username, device, tokens and the
 //! last message seq this device processed (for `inbox` resume).
 //!
-//! Not here: `send-file` — the transfer module is not integrated into the call yet, and the
-//! CLI does not pretend to have it.
+//! `send-file` runs a file session (QUIC over the session's ICE path); `listen --save-dir`
+//! accepts them, `listen --sessions N` answers N sessions (calls or files) one after another.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -92,8 +92,23 @@ pub enum Cmd {
         #[command(flatten)]
         net: NetArgs,
     },
-    /// Wait for a call, answer it automatically, record what is heard until the caller hangs
-    /// up; print the call report.
+    /// Send a file to USER in a file session: QUIC (pinned per-session certificates, BLAKE3
+    /// verified, resumable) over the session's selected path, direct or relay; progress bar on
+    /// stderr unless --json; prints the transfer report.
+    SendFile {
+        /// Receiver (must run `listen --save-dir DIR`).
+        user: String,
+        /// The file to send.
+        path: PathBuf,
+        /// Bound on the transfer once connected.
+        #[arg(long, default_value = "600s", value_parser = parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Wait for sessions and answer them automatically: calls (record what is heard until the
+    /// caller hangs up) and, with --save-dir, file sessions; print one report per session
+    /// (one JSON line each with --json, with "kind": "call" | "file" | "declined" | "error").
     Listen {
         /// Record what is heard to this WAV.
         #[arg(long)]
@@ -107,6 +122,12 @@ pub enum Cmd {
         /// Longest call accepted before hanging up.
         #[arg(long, default_value = "600s", value_parser = parse_duration)]
         max_duration: Duration,
+        /// Accept file sessions and save the files here (declined without it).
+        #[arg(long)]
+        save_dir: Option<PathBuf>,
+        /// Sessions to handle one after another before exiting (each waits up to --wait).
+        #[arg(long, default_value_t = 1)]
+        sessions: u32,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -422,25 +443,90 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             s.close().await;
             ctx.print(serde_json::to_value(&r)?, demo::render_call(&r));
         }
+        Cmd::SendFile {
+            user,
+            path,
+            timeout,
+            net,
+        } => {
+            let mut s = ctx.session(false).await?;
+            let opts = CallOptions {
+                duration: timeout,
+                progress: !ctx.json,
+                ..net.options()
+            };
+            if !ctx.json {
+                eprintln!("sending {} to {user}…", path.display());
+            }
+            let r = call::send_file(&mut s, &user, &path, &opts).await?;
+            s.close().await;
+            ctx.print(serde_json::to_value(&r)?, demo::render_file(&r));
+        }
         Cmd::Listen {
             record,
             audio,
             wait,
             max_duration,
+            save_dir,
+            sessions,
             net,
         } => {
-            let mut s = ctx.session(false).await?;
-            let opts = CallOptions {
-                audio,
-                record,
-                ..net.options()
-            };
-            if !ctx.json {
-                eprintln!("listening for a call as {}…", s.user());
+            if let Some(d) = &save_dir
+                && !d.is_dir()
+            {
+                bail!("--save-dir {} is not a directory", d.display());
             }
-            let r = call::answer_next(&mut s, wait, max_duration, &opts).await?;
+            let mut s = ctx.session(false).await?;
+            let mut failed = 0u32;
+            for i in 0..sessions.max(1) {
+                // Several calls: one recording per session (name.wav, name-2.wav, ...).
+                let record = record.as_ref().map(|p| {
+                    if i == 0 {
+                        p.clone()
+                    } else {
+                        let stem = p.file_stem().and_then(|x| x.to_str()).unwrap_or("call");
+                        p.with_file_name(format!("{stem}-{}.wav", i + 1))
+                    }
+                });
+                let opts = CallOptions {
+                    audio: audio.clone(),
+                    record,
+                    save_dir: save_dir.clone(),
+                    progress: !ctx.json,
+                    ..net.options()
+                };
+                if !ctx.json {
+                    eprintln!("listening as {} (session {}/{sessions})…", s.user(), i + 1);
+                }
+                match call::answer_session(&mut s, wait, max_duration, &opts).await {
+                    Ok(r) => {
+                        let human = match &r {
+                            call::SessionReport::Call(c) => demo::render_call(c),
+                            call::SessionReport::File(f) => demo::render_file(f),
+                            call::SessionReport::Declined(d) => {
+                                format!("declined a session from {}: {}", d.peer, d.reason)
+                            }
+                        };
+                        ctx.print(serde_json::to_value(&r)?, human);
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        // A wait that ran out ends the listening: nobody is calling.
+                        let stop = matches!(e, call::CallError::Signal(_));
+                        ctx.print(
+                            serde_json::json!({"kind": "error", "error": e.to_string()}),
+                            format!("session failed: {e}"),
+                        );
+                        if stop {
+                            break;
+                        }
+                    }
+                }
+            }
             s.close().await;
-            ctx.print(serde_json::to_value(&r)?, demo::render_call(&r));
+            if failed > 0 {
+                bail!("{failed} session(s) failed");
+            }
         }
         Cmd::Contacts { add } => {
             let mut s = ctx.session(false).await?;

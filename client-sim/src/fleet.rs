@@ -111,6 +111,8 @@ pub struct FleetOptions {
     pub log: String,
     /// Ring timeout of the signaling node (default 30 s).
     pub ring_timeout: Duration,
+    /// Relays started besides the first (default 0); signaling lists all of them.
+    pub extra_relays: usize,
 }
 
 impl Default for FleetOptions {
@@ -120,6 +122,7 @@ impl Default for FleetOptions {
             relay_workers: 1,
             log: "warn".into(),
             ring_timeout: Duration::from_secs(30),
+            extra_relays: 0,
         }
     }
 }
@@ -137,6 +140,8 @@ struct Service {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    /// TURN address, for relays.
+    turn: Option<SocketAddr>,
 }
 
 /// A running local fleet. Dropping it kills every child.
@@ -147,8 +152,10 @@ pub struct Fleet {
     pub signaling_url: String,
     /// Signaling STUN responder address.
     pub stun: Option<SocketAddr>,
-    /// The relay, if started.
+    /// The (first) relay, if started.
     pub relay: Option<RelayInfo>,
+    /// Every relay started, the first one first.
+    pub relays: Vec<RelayInfo>,
     services: Vec<Service>,
     dir: tempfile::TempDir,
 }
@@ -218,6 +225,7 @@ impl Fleet {
             signaling_url: String::new(),
             stun: None,
             relay: None,
+            relays: Vec::new(),
             services: Vec::new(),
             dir,
         };
@@ -241,13 +249,15 @@ impl Fleet {
         drain(out);
 
         // Relay.
-        if let Some(bin) = relay_bin {
+        for _ in 0..relay_bin.as_ref().map_or(0, |_| 1 + opts.extra_relays) {
+            let Some(bin) = relay_bin.as_ref() else { break };
+            let mut started = false;
             let mut last_err = String::new();
             // A picked port can be taken between probe and bind: retry a few times.
             for _attempt in 0..3 {
                 let turn = SocketAddr::from(([127, 0, 0, 1], free_port(true)?));
                 let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(false)?));
-                let mut cmd = Command::new(&bin);
+                let mut cmd = Command::new(bin);
                 cmd.args(["--listen", &turn.to_string()])
                     .args(["--relay-ip", "127.0.0.1", "--realm", "peerlink"])
                     .args(["--allow-peer", "127.0.0.0/8"])
@@ -256,10 +266,16 @@ impl Fleet {
                     .args(["--log-level", &opts.log])
                     .env("PEERLINK_RELAY_AUTH_SECRET", &turn_secret);
                 let out = fleet.spawn("relay", cmd)?;
+                if let Some(s) = fleet.services.last_mut() {
+                    s.turn = Some(turn);
+                }
                 drain(out);
                 match fleet.wait_http_ok("relay", metrics, "/readyz").await {
                     Ok(()) => {
-                        fleet.relay = Some(RelayInfo { turn, metrics });
+                        let info = RelayInfo { turn, metrics };
+                        fleet.relay.get_or_insert(info);
+                        fleet.relays.push(info);
+                        started = true;
                         break;
                     }
                     Err(e) => {
@@ -271,7 +287,7 @@ impl Fleet {
                     }
                 }
             }
-            if fleet.relay.is_none() {
+            if !started {
                 return Err(FleetError::NotReady {
                     service: "relay".into(),
                     reason: "three start attempts failed".into(),
@@ -296,7 +312,7 @@ impl Fleet {
             .env("PEERLINK_TOKEN_SECRET", &token_secret)
             .env("PEERLINK_TURN_SECRET", &turn_secret)
             .env("PEERLINK_CLUSTER_TOKEN", &cluster_token);
-        if let Some(r) = fleet.relay {
+        for r in &fleet.relays {
             cmd.args(["--relay", &r.turn.to_string()]);
         }
         let mut out = fleet.spawn("signaling", cmd)?;
@@ -333,7 +349,12 @@ impl Fleet {
             reason: "no stdout pipe".into(),
             log: String::new(),
         })?;
-        self.services.push(Service { name, child, log });
+        self.services.push(Service {
+            name,
+            child,
+            log,
+            turn: None,
+        });
         Ok(out)
     }
 
@@ -341,6 +362,7 @@ impl Fleet {
         let log = self
             .services
             .iter()
+            .rev()
             .find(|s| s.name == name)
             .map(|s| tail(&s.log, 20))
             .unwrap_or_default();
@@ -394,7 +416,7 @@ impl Fleet {
             {
                 return Ok(());
             }
-            if let Some(s) = self.services.iter_mut().find(|s| s.name == name)
+            if let Some(s) = self.services.iter_mut().rev().find(|s| s.name == name)
                 && let Ok(Some(status)) = s.child.try_wait()
             {
                 return Err(self.not_ready(name, format!("exited with {status}")));
@@ -436,6 +458,20 @@ impl Fleet {
             }
         }
         out
+    }
+
+    /// Kill the relay listening on `turn` with SIGKILL (a crash: no drain, no goodbye) and
+    /// wait for it to exit (bounded). False if there is no such running relay.
+    pub async fn kill_relay(&mut self, turn: SocketAddr) -> bool {
+        let Some(s) = self.services.iter_mut().find(|s| s.turn == Some(turn)) else {
+            return false;
+        };
+        if s.child.start_kill().is_err() {
+            return false;
+        }
+        tokio::time::timeout(Duration::from_secs(5), s.child.wait())
+            .await
+            .is_ok()
     }
 
     /// Kill every child and wait for it (bounded).

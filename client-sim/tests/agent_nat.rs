@@ -18,7 +18,7 @@ use peerlink_relay::core::{
     SCRATCH_LEN, Shared, SocketRef,
 };
 use peerlink_sim::agent::{
-    Agent, AgentConfig, AppData, DisconnectReason, Event, PathKind, Role, TurnConfig,
+    Agent, AgentConfig, AppData, CandidateKind, DisconnectReason, Event, PathKind, Role, TurnConfig,
 };
 use peerlink_sim::netsim::{NetSim, NetSimConfig};
 use rand::{Rng, SeedableRng};
@@ -224,6 +224,8 @@ struct Scenario {
     /// Extra signaling delay of the candidates each side trickles.
     candidate_delay: [Duration; 2],
     with_turn: bool,
+    /// Relay-only policy per side (only relayed candidates signaled and paired).
+    relay_only: [bool; 2],
 }
 
 impl Scenario {
@@ -239,6 +241,7 @@ impl Scenario {
             consent_timeout: Duration::from_secs(5),
             candidate_delay: [Duration::ZERO; 2],
             with_turn: true,
+            relay_only: [false; 2],
         }
     }
 }
@@ -255,12 +258,15 @@ struct World {
     block_direct_until: Option<Instant>,
     /// Everything to/from side WANs is dropped while set (blackout).
     blackout: bool,
+    /// Packets that went straight from one side's WAN to the other's (no relay between).
+    wan_to_wan: u64,
     /// Restart both sides automatically on Disconnected (the app's behaviour).
     auto_restart: bool,
     /// When each restart was triggered.
     restarts: Vec<Instant>,
     answer_at: Option<Instant>,
     internet_drops: u64,
+    relay_only: [bool; 2],
     candidate_delay: [Duration; 2],
 }
 
@@ -305,6 +311,7 @@ impl World {
             cfg.stun_server = Some(sa(STUN_SERVER));
             cfg.relay_fallback_after = sc.relay_fallback_after;
             cfg.consent_timeout = sc.consent_timeout;
+            cfg.relay_only = sc.relay_only[i];
             if sc.with_turn {
                 let (username, password) = peerlink_proto::auth::rest::credentials(
                     SECRET,
@@ -342,11 +349,13 @@ impl World {
             signaling: VecDeque::new(),
             block_direct_until: None,
             blackout: false,
+            wan_to_wan: 0,
             auto_restart: false,
             restarts: Vec::new(),
             answer_at: None,
             internet_drops: 0,
             candidate_delay: sc.candidate_delay,
+            relay_only: sc.relay_only,
         }
     }
 
@@ -543,6 +552,8 @@ impl World {
             }
             let Some(ev) = a.poll_event() else { break };
             match &ev {
+                Event::LocalCandidate(c)
+                    if self.relay_only[i] && c.kind != CandidateKind::Relayed => {}
                 Event::LocalCandidate(c) => {
                     let sc = peerlink_signaling::protocol::Candidate::from(c);
                     let at = now + SIG_DELAY + self.candidate_delay[i];
@@ -597,6 +608,9 @@ impl World {
             self.internet_drops += 1;
             return;
         }
+        if src_side.is_some() && dst_side.is_some() {
+            self.wan_to_wan += 1;
+        }
         if src_side.is_some()
             && dst_side.is_some()
             && self.block_direct_until.is_some_and(|b| now < b)
@@ -649,7 +663,7 @@ impl World {
                         self.internet(Pkt { src, dst: to, data }, depth + 1);
                     }
                 }
-                Output::Reply { from, to, len } => {
+                Output::Reply { from, to, len, .. } => {
                     if let Some(src) = from_addr(&from, &self.relay_sockets) {
                         let data = self.scratch[..len].to_vec();
                         self.internet(Pkt { src, dst: to, data }, depth + 1);
@@ -1430,6 +1444,29 @@ fn a_relayed_address_learned_from_a_check_still_counts_as_relay() {
         assert_eq!(
             w.agent(i).selected_path().map(|p| p.kind),
             Some(PathKind::Direct)
+        );
+    }
+}
+
+#[test]
+fn relay_only_side_never_sends_from_its_own_address_to_the_peer() {
+    // Side 0 runs the relay-only policy between two public hosts, where a direct path would
+    // work at once: every pair goes through side 0's relay, selected without waiting for a
+    // direct fallback window, and no packet crosses from one WAN to the other directly.
+    for relay_only in [[true, false], [true, true]] {
+        let mut sc = Scenario::new(NatKind::Public, NatKind::FullCone);
+        sc.relay_only = relay_only;
+        sc.relay_fallback_after = Duration::ZERO;
+        let mut w = World::new(&sc);
+        w.run_for(Duration::from_secs(3));
+        for i in 0..2 {
+            let (_, kind) = w.connected_at(i).expect("connected");
+            assert_eq!(kind, PathKind::Relay, "{relay_only:?} side {i}");
+        }
+        assert_eq!(w.wan_to_wan, 0, "{relay_only:?}: a packet went WAN to WAN");
+        assert!(
+            w.first_media_after(1, w.t0).is_some(),
+            "no media reached side 1"
         );
     }
 }

@@ -75,8 +75,14 @@ async fn demo_runs_end_to_end_on_a_local_fleet() {
         st.counters.get("allocations_created").copied().unwrap_or(0) >= 2,
         "{st:?}"
     );
-    assert!(r.not_done.iter().any(|n| n.contains("file transfer")));
+    // The file session: 1 MiB alice -> bob, identical (the demo checks the bytes), verified.
+    let [fs, fr] = r.file.as_ref().expect("file session report");
+    assert_eq!((fs.role.as_str(), fr.role.as_str()), ("sender", "receiver"));
+    assert_eq!((fs.size, fr.bytes), (1 << 20, 1 << 20));
+    assert_eq!(fs.blake3, fr.blake3);
+    assert!(!r.not_done.iter().any(|n| n.contains("file transfer")));
     let text = demo::render(&r);
+    assert!(text.contains("file session"), "{text}");
     assert!(text.contains("media through the TURN relay"), "{text}");
     // Report is serialisable as one JSON object.
     let v = serde_json::to_value(&r).unwrap();

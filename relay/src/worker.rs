@@ -355,13 +355,23 @@ impl WorkerCtx {
                     direction,
                 })
             }
-            Output::Reply { from, to, len } => {
+            Output::Reply { from, to, len, data } => {
                 let fd = match from {
                     SocketRef::Listener => Some(self.listener.as_raw_fd()),
                     SocketRef::Relayed(id) => self.sockets.fd_of(id),
                 };
                 match (fd, self.scratch.get(..len)) {
                     (Some(fd), Some(bytes)) => match net::send_to(fd, bytes, to) {
+                        Ok(n) if data => {
+                            // A Data indication: relayed data, from a peer (or, short-circuited,
+                            // from another allocation's client).
+                            let d = match kind {
+                                SocketKind::Relayed => Direction::PeerToClient,
+                                SocketKind::Listener => Direction::ClientToClient,
+                            } as usize;
+                            self.counters.fwd_packets[d] += 1;
+                            self.counters.fwd_bytes[d] += n as u64;
+                        }
                         Ok(n) => {
                             self.counters.reply_packets += 1;
                             self.counters.reply_bytes += n as u64;

@@ -39,6 +39,13 @@
 //!   checks through the relay wait for the permission; a channel is bound when a relayed pair
 //!   is selected (ChannelData then, Send indications until then).
 //!
+//! * **Several relays**: `turn` then `turn_alternates` are tried in order; an Allocate that
+//!   fails or gets no answer within `turn_alternate_after` (400 ms) moves on to the next relay.
+//!   On [`Agent::restart`] the relay of a dead relayed path goes last.
+//! * **Allocations do not outlive the agent**: a restart releases the old allocation and
+//!   [`Agent::close`] the current one (Refresh LIFETIME 0, retransmitted until answered; a new
+//!   Allocate on the same relay waits for the release so the relay does not answer 437).
+//!
 //! What it is not: no sockets, clock reads or unseeded randomness; one component, UDP only;
 //! no port prediction (symmetric <-> port-restricted goes through the relay); no ICE-lite.
 
@@ -184,6 +191,19 @@ pub struct Agent {
     turn: Option<TurnClient>,
     turn_socket: usize,
     turn_generation: u64,
+    /// Relays of this generation in the order they are tried (the first is `cfg.turn`).
+    turn_order: Vec<TurnConfig>,
+    /// Index in `turn_order` of the relay `turn` talks to.
+    turn_index: usize,
+    /// When the current Allocate started (for trying the next relay).
+    turn_started_at: Option<Instant>,
+    /// The allocation of this generation succeeded once (no more failover).
+    turn_allocated_once: bool,
+    /// Allocate deferred until a released allocation on the same relay is gone (same
+    /// 5-tuple: the relay would answer 437), at the latest until this instant.
+    turn_deferred_until: Option<Instant>,
+    /// Allocations being released (Refresh LIFETIME 0 in flight) after a restart or close.
+    retired: Vec<(usize, TurnClient)>,
     gathering_reported: bool,
     selected: Option<usize>,
     next_consent_at: Option<Instant>,
@@ -216,6 +236,12 @@ impl Agent {
             turn: None,
             turn_socket: 0,
             turn_generation: 0,
+            turn_order: Vec::new(),
+            turn_index: 0,
+            turn_started_at: None,
+            turn_allocated_once: false,
+            turn_deferred_until: None,
+            retired: Vec::new(),
             gathering_reported: false,
             selected: None,
             next_consent_at: None,
@@ -325,12 +351,36 @@ impl Agent {
                 .turn
                 .as_ref()
                 .is_some_and(|t| t.config().server == from);
+        if !from_turn
+            && kind == PacketKind::Stun
+            && let Some(r) = self
+                .retired
+                .iter_mut()
+                .find(|(s, t)| *s == socket && t.config().server == from)
+        {
+            // The answer to a Refresh LIFETIME 0 of a released allocation.
+            let _ = r.1.handle_input(now, from, data);
+            self.drain_retired(now);
+            return None;
+        }
         if from_turn && matches!(kind, PacketKind::Stun | PacketKind::ChannelData) {
             if kind == PacketKind::Stun && self.try_gather_response(socket, from, data) {
                 return None;
             }
             let turn = self.turn.as_mut()?;
             let res = turn.handle_input(now, from, data);
+            if res.is_err()
+                && kind == PacketKind::Stun
+                && let Some(r) = self
+                    .retired
+                    .iter_mut()
+                    .find(|(s, t)| *s == socket && t.config().server == from)
+            {
+                // Same relay as a released allocation: maybe the answer to its release.
+                let _ = r.1.handle_input(now, from, data);
+                self.drain_retired(now);
+                return None;
+            }
             return match res {
                 Ok(turn::Input::Data { peer, data: inner }) => {
                     self.drain_turn(now);
@@ -352,10 +402,15 @@ impl Agent {
     /// Runs due timers: retransmissions, checks, consent, relay fallback, TURN refreshes.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.gather_timers(now);
+        for (_, t) in &mut self.retired {
+            t.handle_timeout(now);
+        }
+        self.drain_retired(now);
         if let Some(t) = self.turn.as_mut() {
             t.handle_timeout(now);
         }
         self.drain_turn(now);
+        self.turn_failover(now);
         self.pair_timers(now);
         self.consent_timers(now);
         self.update_selection(now);
@@ -377,7 +432,19 @@ impl Agent {
         }
         if let Some(t) = &self.turn {
             consider(t.poll_timeout());
+            if t.state() == AllocationState::Allocating
+                && self.turn_index + 1 < self.turn_order.len()
+            {
+                consider(
+                    self.turn_started_at
+                        .map(|s| s + self.cfg.turn_alternate_after),
+                );
+            }
         }
+        for (_, t) in &self.retired {
+            consider(t.poll_timeout());
+        }
+        consider(self.turn_deferred_until);
         if self.remote_creds.is_some() && !self.dead {
             for p in &self.pairs {
                 if p.state != PairState::Failed {
@@ -444,6 +511,10 @@ impl Agent {
     /// pairs, gather again (new server-reflexive mapping, new TURN allocation). The app sends
     /// the new credentials and candidates through signaling, and feeds the peer's new ones.
     pub fn restart(&mut self, now: Instant, new_local: (String, String)) {
+        let old_path_relay = self
+            .selected
+            .and_then(|i| self.pairs.get(i))
+            .is_some_and(|p| p.kind() == PathKind::Relay);
         self.cfg.local_ufrag = new_local.0;
         self.cfg.local_pwd = new_local.1;
         self.remote_creds = None;
@@ -463,22 +534,170 @@ impl Agent {
         self.stats.pairs = 0;
         self.stats.valid_pairs = 0;
         self.stats.remote_candidates = 0;
-        // The old allocation may sit on a dead NAT mapping: release it best-effort, start anew.
+        // The relay carrying a dead relayed path (or one whose allocation failed) is tried
+        // last this time: it may be the reason for the restart.
+        let old_server = self.turn.as_ref().map(|t| t.config().server);
+        let suspect = self
+            .turn
+            .as_ref()
+            .is_some_and(|t| t.state() != AllocationState::Allocated)
+            || old_path_relay;
+        if let (Some(old), true) = (old_server, suspect) {
+            let servers = self.turn_list();
+            let (mut keep, last): (Vec<_>, Vec<_>) =
+                servers.into_iter().partition(|t| t.server != old);
+            keep.extend(last);
+            let mut it = keep.into_iter();
+            self.cfg.turn = it.next();
+            self.cfg.turn_alternates = it.collect();
+        }
+        // The old allocation may sit on a dead NAT mapping: release it, start anew.
+        self.release_turn(now);
+        self.locals.clear();
+        self.gathers.clear();
+        self.start_gathering(now);
+    }
+
+    /// Replaces the relays (e.g. fresh TURN credentials before a [`restart`](Self::restart));
+    /// they are used from the next gathering on. The first is tried first.
+    pub fn set_turn_servers(&mut self, servers: Vec<TurnConfig>) {
+        let mut it = servers.into_iter();
+        self.cfg.turn = it.next();
+        self.cfg.turn_alternates = it.collect();
+    }
+
+    /// The relays configured, in the order they would be tried.
+    pub fn turn_list(&self) -> Vec<TurnConfig> {
+        self.cfg
+            .turn
+            .iter()
+            .chain(self.cfg.turn_alternates.iter())
+            .cloned()
+            .collect()
+    }
+
+    /// The relay the current allocation is on (or being requested from), if any.
+    pub fn turn_server(&self) -> Option<SocketAddr> {
+        self.turn.as_ref().map(|t| t.config().server)
+    }
+
+    /// Ends the agent: releases the TURN allocation (Refresh LIFETIME 0, retransmitted by
+    /// [`handle_timeout`](Self::handle_timeout) until answered) and stops checks and consent.
+    /// [`is_released`](Self::is_released) tells when nothing is left on any relay.
+    pub fn close(&mut self, now: Instant) {
+        self.release_turn(now);
+        self.dead = true;
+        self.selected = None;
+        self.next_consent_at = None;
+        for p in &mut self.pairs {
+            p.next_check_at = None;
+        }
+        self.gathers.clear();
+    }
+
+    /// True when no allocation of this agent is alive or being released on a relay.
+    pub fn is_released(&self) -> bool {
+        self.turn.is_none() && self.retired.is_empty()
+    }
+
+    /// Moves the current allocation to the released list (Refresh LIFETIME 0 sent).
+    fn release_turn(&mut self, now: Instant) {
+        self.turn_deferred_until = None;
         if let Some(mut old) = self.turn.take()
             && old.state() == AllocationState::Allocated
             && old.deallocate(now).is_ok()
         {
-            while let Some(tx) = old.poll_transmit() {
+            self.retired.push((self.turn_socket, old));
+            self.drain_retired(now);
+        }
+    }
+
+    /// Sends what released allocations have to send; forgets the finished ones.
+    fn drain_retired(&mut self, _now: Instant) {
+        for (socket, t) in &mut self.retired {
+            while let Some(tx) = t.poll_transmit() {
                 self.transmits.push_back(Transmit {
-                    socket: self.turn_socket,
+                    socket: *socket,
                     to: tx.destination,
                     payload: tx.payload,
                 });
             }
+            while t.poll_event().is_some() {}
         }
-        self.locals.clear();
-        self.gathers.clear();
-        self.start_gathering(now);
+        self.retired.retain(|(_, t)| {
+            matches!(
+                t.state(),
+                AllocationState::Deallocating | AllocationState::Allocated
+            )
+        });
+    }
+
+    /// Tries the next relay when the Allocate on the current one failed or went unanswered
+    /// for `turn_alternate_after`; starts a deferred Allocate when its time has come.
+    fn turn_failover(&mut self, now: Instant) {
+        if let Some(until) = self.turn_deferred_until {
+            let server = self.turn_order.get(self.turn_index).map(|t| t.server);
+            let busy = self
+                .retired
+                .iter()
+                .any(|(_, t)| Some(t.config().server) == server);
+            if !busy || now >= until {
+                self.turn_deferred_until = None;
+                self.start_turn(now);
+            }
+            return;
+        }
+        if self.turn_allocated_once || self.turn_index + 1 >= self.turn_order.len() {
+            return;
+        }
+        let stuck = match self.turn.as_ref() {
+            None => !self.turn_order.is_empty(),
+            Some(t) => match t.state() {
+                AllocationState::Failed => true,
+                AllocationState::Allocating | AllocationState::Idle => {
+                    self.turn_started_at.is_some_and(|s| {
+                        now.saturating_duration_since(s) >= self.cfg.turn_alternate_after
+                    })
+                }
+                _ => false,
+            },
+        };
+        if stuck {
+            // An unanswered Allocate is abandoned: nothing was granted to release.
+            self.turn = None;
+            self.turn_index += 1;
+            self.stats.turn_failovers += 1;
+            self.start_turn(now);
+        }
+    }
+
+    /// Starts the Allocate on `turn_order[turn_index]`.
+    fn start_turn(&mut self, now: Instant) {
+        let Some(tc) = self.turn_order.get(self.turn_index).cloned() else {
+            return;
+        };
+        if self.sockets.is_empty() {
+            return;
+        }
+        self.turn_generation += 1;
+        let mut conf = turn::TurnConfig::new(tc.server, tc.username, tc.password);
+        conf.rto = self.cfg.stun_rto;
+        conf.seed = self
+            .cfg
+            .seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(self.turn_generation);
+        self.turn_socket = self
+            .sockets
+            .iter()
+            .position(|s| s.is_ipv4() == tc.server.is_ipv4())
+            .unwrap_or(0);
+        let mut client = TurnClient::new(conf);
+        self.turn_started_at = Some(now);
+        if client.allocate(now).is_ok() {
+            self.turn = Some(client);
+        }
+        self.drain_turn(now);
     }
 
     /// Counters and figures.
@@ -494,6 +713,13 @@ impl Agent {
         s.local_candidates = self.locals.len();
         s.remote_candidates = self.remotes.len();
         s
+    }
+
+    /// When the peer last answered or sent an authenticated check on the selected pair.
+    pub fn selected_last_rx(&self) -> Option<Instant> {
+        self.selected
+            .and_then(|i| self.pairs.get(i))
+            .and_then(|p| p.last_rx)
     }
 
     /// The selected path, if any.
@@ -555,27 +781,19 @@ impl Agent {
                 });
             }
         }
-        if let Some(tc) = self.cfg.turn.clone()
-            && !self.sockets.is_empty()
-        {
-            self.turn_generation += 1;
-            let mut conf = turn::TurnConfig::new(tc.server, tc.username, tc.password);
-            conf.rto = self.cfg.stun_rto;
-            conf.seed = self
-                .cfg
-                .seed
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .wrapping_add(self.turn_generation);
-            self.turn_socket = self
-                .sockets
-                .iter()
-                .position(|s| s.is_ipv4() == tc.server.is_ipv4())
-                .unwrap_or(0);
-            let mut client = TurnClient::new(conf);
-            if client.allocate(now).is_ok() {
-                self.turn = Some(client);
+        self.turn_order = self.turn_list();
+        self.turn_index = 0;
+        self.turn_allocated_once = false;
+        self.turn_started_at = None;
+        if let Some(first) = self.turn_order.first().map(|t| t.server) {
+            let releasing = self.retired.iter().any(|(_, t)| t.config().server == first);
+            if releasing {
+                // Same relay (and likely the same 5-tuple) as the allocation being released:
+                // let the release land first, or the relay answers 437.
+                self.turn_deferred_until = Some(now + self.cfg.turn_alternate_after);
+            } else {
+                self.start_turn(now);
             }
-            self.drain_turn(now);
         }
         self.check_gathering_complete();
     }
@@ -667,10 +885,12 @@ impl Agent {
             return;
         }
         let stun_done = self.gathers.iter().all(|g| g.done);
-        let turn_done = self
-            .turn
-            .as_ref()
-            .is_none_or(|t| t.state() != AllocationState::Allocating);
+        let turn_done = self.turn_deferred_until.is_none()
+            && self
+                .turn
+                .as_ref()
+                .is_none_or(|t| t.state() != AllocationState::Allocating)
+            && (self.turn_allocated_once || self.turn_index + 1 >= self.turn_order.len());
         if stun_done && turn_done {
             self.gathering_reported = true;
             self.events.push_back(Event::GatheringComplete);
@@ -691,6 +911,7 @@ impl Agent {
                 turn::Event::Allocated {
                     relayed, mapped, ..
                 } => {
+                    self.turn_allocated_once = true;
                     if let Some(m) = mapped {
                         self.add_srflx(self.turn_socket, m);
                     }
@@ -724,6 +945,16 @@ impl Agent {
                 _ => {}
             }
         }
+        if !self.turn_allocated_once
+            && self
+                .turn
+                .as_ref()
+                .is_some_and(|t| t.state() == AllocationState::Failed)
+            && self.turn_index + 1 < self.turn_order.len()
+        {
+            self.turn_failover(now);
+            return;
+        }
         if let Some(t) = self.turn.as_mut() {
             while let Some(tx) = t.poll_transmit() {
                 self.transmits.push_back(Transmit {
@@ -743,10 +974,14 @@ impl Agent {
     // -----------------------------------------------------------------------------------------
     // Pairs and checks
 
-    /// The local vias remote candidates pair with: every socket of the same family, and the
-    /// relay once allocated.
+    /// The local vias remote candidates pair with: every socket of the same family (unless
+    /// relay-only), and the relay once allocated.
     fn pairing_vias(&self) -> Vec<Via> {
-        let mut v: Vec<Via> = (0..self.sockets.len()).map(Via::Socket).collect();
+        let mut v: Vec<Via> = if self.cfg.relay_only {
+            Vec::new()
+        } else {
+            (0..self.sockets.len()).map(Via::Socket).collect()
+        };
         if self.relayed_addr().is_some() {
             v.push(Via::Relay);
         }
@@ -787,6 +1022,9 @@ impl Agent {
             .position(|p| p.via == via && p.remote == r.addr)
         {
             return Some(i);
+        }
+        if self.cfg.relay_only && via != Via::Relay {
+            return None;
         }
         let (local_addr, local_priority) = self.via_addr_priority(via)?;
         if local_addr.is_ipv4() != r.addr.is_ipv4() {

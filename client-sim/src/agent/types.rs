@@ -142,6 +142,11 @@ pub struct AgentConfig {
     pub stun_server: Option<SocketAddr>,
     /// TURN relay for the relayed candidate, if any.
     pub turn: Option<TurnConfig>,
+    /// Further relays tried in order when the allocation on the one before fails or gets no
+    /// answer within `turn_alternate_after` (default none).
+    pub turn_alternates: Vec<TurnConfig>,
+    /// How long an Allocate may go unanswered before the next relay is tried (default 400 ms).
+    pub turn_alternate_after: Duration,
     /// First interval between checks on one pair (default 25 ms).
     pub check_interval: Duration,
     /// Largest interval checks back off to (default 250 ms).
@@ -164,6 +169,9 @@ pub struct AgentConfig {
     /// (NETLAB.md: the peer's early probes may have died before our NAT entry existed;
     /// default 3).
     pub extra_checks: u8,
+    /// Check and send only through the TURN relay (WebRTC's relay-only policy): no pair uses a
+    /// host socket, so the peer never learns this side's host or NAT address (default false).
+    pub relay_only: bool,
 }
 
 impl AgentConfig {
@@ -181,6 +189,8 @@ impl AgentConfig {
             seed,
             stun_server: None,
             turn: None,
+            turn_alternates: Vec::new(),
+            turn_alternate_after: Duration::from_millis(400),
             check_interval: Duration::from_millis(25),
             max_check_interval: Duration::from_millis(250),
             pair_timeout: Duration::from_secs(8),
@@ -190,6 +200,7 @@ impl AgentConfig {
             stun_rto: Duration::from_millis(150),
             stun_max_transmissions: 6,
             extra_checks: 3,
+            relay_only: false,
         }
     }
 }
@@ -238,6 +249,8 @@ pub struct AgentStats {
     pub path_changes: u64,
     /// Restarts.
     pub restarts: u64,
+    /// Relays given up on (no answer in time or Allocate failed) for the next one.
+    pub turn_failovers: u64,
     /// Application payloads wrapped by `send`.
     pub app_sent: u64,
     /// Application payloads handed up.

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use peerlink_signaling::protocol::{ClientMsg, PresenceStatus, ResumeOutcome, ServerMsg};
 use rand::RngCore as _;
 
-use crate::call::{self, CallError, CallOptions, CallReport};
+use crate::call::{self, CallError, CallOptions, CallReport, FileReport, SessionReport};
 use crate::fleet::{Fleet, FleetError, FleetOptions, RelayStats, relay_stats};
 use crate::media::{KeyExchange, MediaConfig, MediaSession, Role, SAMPLE_RATE, audio, quality};
 use crate::signal_client::{HttpApi, SignalError, SignalSession, parse_turn_uri};
@@ -183,6 +183,8 @@ pub struct DemoReport {
     pub call_callee: Option<CallReport>,
     /// A second call with relay-only candidates (alice's report, then bob's).
     pub call_relay_only: Option<[CallReport; 2]>,
+    /// A 1 MiB file sent from alice to bob in a file session (sender's report, receiver's).
+    pub file: Option<[FileReport; 2]>,
     /// Allocations (alice, bob).
     pub allocations: Vec<Allocation>,
     /// Media through the relay.
@@ -257,7 +259,7 @@ pub async fn run(opts: DemoOptions, verbose: bool) -> Result<DemoReport, DemoErr
         }
         f.stop().await;
     }
-    let (users, relay, allocations, media, relay_stats, calls, relay_calls) = result?;
+    let (users, relay, allocations, media, relay_stats, calls, relay_calls, file) = result?;
     let (call, call_callee) = match calls {
         Some((a, b)) => (Some(a), Some(b)),
         None => (None, None),
@@ -275,13 +277,11 @@ pub async fn run(opts: DemoOptions, verbose: bool) -> Result<DemoReport, DemoErr
         call,
         call_callee,
         call_relay_only: relay_calls,
+        file,
         allocations,
         media,
         relay_stats,
         not_done: vec![
-            "file transfer: the transfer module (client-sim/src/transfer) is not integrated \
-             into the call yet"
-                .into(),
             "NAT traversal / the agent's timed relay fallback: on loopback a direct pair always \
              validates (the NAT lab exercises those); the relay path is exercised by the \
              relay-only call and by the fixed-relay media exchange (whose X25519 keys are \
@@ -299,6 +299,7 @@ type RunOut = (
     Option<RelayStats>,
     Option<(CallReport, CallReport)>,
     Option<[CallReport; 2]>,
+    Option<[FileReport; 2]>,
 );
 
 async fn run_with(
@@ -486,6 +487,9 @@ async fn run_with(
         (None, None)
     };
 
+    // A file session: 1 MiB from alice to bob over QUIC on the session's path.
+    let file = Some(demo_file(&mut alice, &mut bob, &bob_name, stun, steps).await?);
+
     // TURN.
     let t = Instant::now();
     let ca = alice
@@ -630,6 +634,7 @@ async fn run_with(
         stats,
         calls,
         relay_calls,
+        file,
     ))
 }
 
@@ -682,6 +687,67 @@ async fn demo_call(
             ra.answer_to_first_media_ms.unwrap_or(f64::NAN),
             ra.media.mos,
             rb.media.mos
+        ),
+    );
+    Ok([ra, rb])
+}
+
+/// Alice sends bob a generated 1 MiB file in a file session; the copy must be identical.
+async fn demo_file(
+    alice: &mut SignalSession,
+    bob: &mut SignalSession,
+    bob_name: &str,
+    stun: Option<SocketAddr>,
+    steps: &mut Steps,
+) -> Result<[FileReport; 2], DemoError> {
+    let t = Instant::now();
+    let dir = tempfile::tempdir().map_err(|e| other("file session temp dir", e.to_string()))?;
+    let src = dir.path().join("demo-1MiB.bin");
+    let save = dir.path().join("received");
+    std::fs::create_dir_all(&save).map_err(|e| other("file session save dir", e.to_string()))?;
+    let mut data = vec![0u8; 1 << 20];
+    rand::rng().fill_bytes(&mut data);
+    std::fs::write(&src, &data).map_err(|e| other("file session source", e.to_string()))?;
+    let oa = CallOptions {
+        stun,
+        duration: STEP_TIMEOUT,
+        ..CallOptions::default()
+    };
+    let ob = CallOptions {
+        save_dir: Some(save.clone()),
+        ..oa.clone()
+    };
+    let (ra, rb) = tokio::join!(
+        call::send_file(alice, bob_name, &src, &oa),
+        call::answer_session(bob, STEP_TIMEOUT, STEP_TIMEOUT, &ob)
+    );
+    let ra = ra?;
+    let rb = match rb? {
+        SessionReport::File(f) => f,
+        other => {
+            return Err(self::other(
+                "file session",
+                format!("bob's side was not a file session: {other:?}"),
+            ));
+        }
+    };
+    let got = std::fs::read(&rb.file).map_err(|e| other("file session result", e.to_string()))?;
+    if got != data {
+        return Err(other(
+            "file session",
+            "the received file differs from the sent one",
+        ));
+    }
+    steps.push(
+        "file alice -> bob",
+        t,
+        format!(
+            "{} bytes over {} path in {:.0} ms ({:.1} Mbit/s), BLAKE3 {}… verified, identical",
+            rb.size,
+            ra.path.as_deref().unwrap_or("?"),
+            ra.duration_s * 1e3,
+            ra.throughput_bps / 1e6,
+            &rb.blake3[..16.min(rb.blake3.len())]
         ),
     );
     Ok([ra, rb])
@@ -783,6 +849,36 @@ fn indent(t: &str) -> String {
     t.lines().map(|l| format!("  {l}\n")).collect()
 }
 
+/// Human-readable file session report.
+pub fn render_file(r: &FileReport) -> String {
+    format!(
+        "file {:?} ({} bytes) {} {} ({}): path {}, {} bytes in {:.2} s = {:.1} Mbit/s{}, RTT {:.1} ms, lost {}\n\
+         BLAKE3 {} verified; file {}\n\
+         restarts {}, path changes {}; ended: {}",
+        r.name,
+        r.size,
+        if r.role == "sender" { "to" } else { "from" },
+        r.peer,
+        r.role,
+        r.path.as_deref().unwrap_or("none"),
+        r.bytes,
+        r.duration_s,
+        r.throughput_bps / 1e6,
+        if r.resumed {
+            format!(" (resumed from {})", r.resumed_from)
+        } else {
+            String::new()
+        },
+        r.rtt_ms,
+        r.lost_packets,
+        r.blake3,
+        r.file,
+        r.restarts,
+        r.path_changes,
+        r.ended
+    )
+}
+
 /// Human-readable call report.
 pub fn render_call(r: &CallReport) -> String {
     let f = |v: Option<f64>| {
@@ -795,6 +891,7 @@ pub fn render_call(r: &CallReport) -> String {
          setup: invite->answer {}, answer->connected {}, answer->first media {} (agent: {} checks, checks->connected {})\n\
          candidates: local {:?}, remote {}\n\
          media: sent {} recv {} lost {} fec {} concealed {} | jitter {:.2} ms | RTT {} | MOS {:.2} | recorded {:.1} s{}\n\
+         recovery: restarts {}, longest media gap {:.0} ms | dropped: garbage {} auth {} replay {} unknown source {}\n\
          ended: {}",
         r.call_id,
         r.peer,
@@ -823,6 +920,12 @@ pub fn render_call(r: &CallReport) -> String {
             .as_deref()
             .map(|p| format!(" -> {p}"))
             .unwrap_or_default(),
+        r.restarts,
+        r.max_media_gap_ms,
+        m.dropped_garbage,
+        m.dropped_auth,
+        m.dropped_replay,
+        m.dropped_unknown_source,
         r.ended
     )
 }
@@ -857,6 +960,18 @@ pub fn render(r: &DemoReport) -> String {
             s,
             "relay-only call (bob's report):\n{}",
             indent(&render_call(b))
+        );
+    }
+    if let Some([a, b]) = &r.file {
+        let _ = writeln!(
+            s,
+            "file session (alice's report):\n{}",
+            indent(&render_file(a))
+        );
+        let _ = writeln!(
+            s,
+            "file session (bob's report):\n{}",
+            indent(&render_file(b))
         );
     }
     if let Some(m) = &r.media {

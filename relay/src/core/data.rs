@@ -194,6 +194,7 @@ impl Core {
             from: SocketRef::Listener,
             to: client,
             len: b.finish(),
+            data: true,
         }
     }
 }

@@ -130,6 +130,8 @@ pub enum Output {
         to: SocketAddr,
         /// Bytes of the scratch buffer to send.
         len: usize,
+        /// True for a Data indication: relayed data (counted as forwarded, not as a reply).
+        data: bool,
     },
     /// Nothing to send; `reason` says why (io counts it; `None` = consumed normally).
     Drop(Option<DropReason>),

@@ -168,6 +168,7 @@ impl Core {
                         from: SocketRef::Listener,
                         to: src,
                         len: n,
+                        data: false,
                     };
                 }
                 match self.authenticate(now, src, &req, scratch) {
@@ -208,6 +209,7 @@ impl Core {
                     from: SocketRef::Listener,
                     to: src,
                     len,
+                    data: false,
                 }
             }
             Err(out) => out,
@@ -411,6 +413,7 @@ impl Core {
                 from: SocketRef::Listener,
                 to: src,
                 len,
+                data: false,
             },
             Err(out) => out,
         }
