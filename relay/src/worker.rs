@@ -355,7 +355,12 @@ impl WorkerCtx {
                     direction,
                 })
             }
-            Output::Reply { from, to, len, data } => {
+            Output::Reply {
+                from,
+                to,
+                len,
+                data,
+            } => {
                 let fd = match from {
                     SocketRef::Listener => Some(self.listener.as_raw_fd()),
                     SocketRef::Relayed(id) => self.sockets.fd_of(id),
