@@ -150,7 +150,7 @@ fn main() {
     println!(
         "complexity sweep (3 rounds each, median; quality = RMS log-spectral distance, lower is better):"
     );
-    for complexity in [10, 9, 8, 7, 5, 3, 0] {
+    for complexity in [10, 8, 7, 6, 5, 4, 3, 0] {
         let opus = OpusConfig {
             complexity,
             ..cfg.opus.clone()

@@ -15,9 +15,24 @@
 //! carried a dead relayed path is tried last, an unanswered relay is skipped after 400 ms),
 //! and an `ice_restart` through signaling; the peer restarts too once (glare: both restarting
 //! at once apply each other's description, no ping-pong). Media keys stay (the X25519 exchange
-//! is kept; a changed public key ends the call). No packet from the peer for
-//! `consent_timeout` (5 s) ends the call ("consent expired"), and it is hung up via
-//! signaling. At the end the TURN allocation is released (Refresh LIFETIME 0).
+//! is kept; a changed public key ends the call). Media keeps going on an old direct path
+//! until the restart selects a new one (a restart on a healthy path costs no gap). No packet
+//! from the peer for `consent_timeout` (5 s) ends the call ("consent expired"), and it is
+//! hung up via signaling. At the end the TURN allocation is released (Refresh LIFETIME 0).
+//!
+//! Signaling loss: when the WebSocket fails once the call is answered (read/write error, a
+//! close, a `goodbye`), the call goes on: media keeps flowing on the current path, ICE
+//! restarts still run, and frames for signaling are queued. The session is reopened at once
+//! (same device, `resume_from` = last acked seq; after a `goodbye` once its
+//! `reconnect_after_ms` has passed), retried after 100, 200, 400 ms ... each attempt bounded,
+//! within `signal_grace` (4 s; signaling keeps an answered call for its `--call-grace`, 5 s by
+//! default, and delivers frames held for it after `welcome`). Once reconnected the queue is
+//! sent and, if our ICE restart is still unanswered 150 ms later (a frame written into the
+//! dead socket may be lost), its full description is sent again; still unanswered 500 ms
+//! after that (a glare whose other half was lost), a new restart follows. Reconnects are
+//! counted in
+//! `signal_reconnects`. No reconnect within the grace ends the call (`end`
+//! "signaling_lost", "signaling lost: ...").
 //!
 //! Bad media input (garbage, wrong key, replays, unknown sources) is dropped and counted in
 //! [`MediaFigures`], never played.
@@ -43,7 +58,7 @@ use crate::media::{
     DropReason, FRAME, FRAME_SAMPLES, KeyExchange, MediaConfig, MediaSession, ReceiveDrop,
     Received, Role as MediaRole, audio,
 };
-use crate::signal_client::{SignalError, SignalSession, parse_turn_uri};
+use crate::signal_client::{Reopened, SignalError, SignalSession, parse_turn_uri};
 use crate::transfer::path::{VIRTUAL_CLIENT_ADDR, VIRTUAL_SERVER_ADDR};
 use crate::transfer::{
     DatagramPath, EndpointOptions, Fingerprint, Pipe, ProgressBar, TransferIdentity,
@@ -115,6 +130,10 @@ pub struct CallOptions {
     pub save_dir: Option<PathBuf>,
     /// Draw a transfer progress bar on stderr (file sessions; hidden when not a TTY).
     pub progress: bool,
+    /// How long an answered call waits for signaling to come back after its WebSocket failed
+    /// (default 4 s, within signaling's default call grace of 5 s); then it ends
+    /// ("signaling lost").
+    pub signal_grace: Duration,
 }
 
 /// Something that happened during a call (sent to [`CallOptions::events`]).
@@ -126,6 +145,11 @@ pub enum CallEvent {
         path: SelectedPath,
         /// True for the first path of the call.
         first: bool,
+    },
+    /// The signaling WebSocket failed mid-call (`up: false`) or was reconnected (`up: true`).
+    Signaling {
+        /// Whether signaling is usable again.
+        up: bool,
     },
     /// This side made an ICE restart.
     Restarted {
@@ -153,6 +177,7 @@ impl Default for CallOptions {
             events: None,
             save_dir: None,
             progress: false,
+            signal_grace: Duration::from_secs(4),
         }
     }
 }
@@ -226,10 +251,13 @@ pub struct CallReport {
     /// How the call ended.
     pub ended: String,
     /// Machine-readable end: "hangup" (we hung up after the duration), "peer_hangup",
-    /// "peer_ended" (other signaling end reason), "consent_expired", "time_limit".
+    /// "peer_ended" (other signaling end reason), "consent_expired", "time_limit",
+    /// "signaling_lost" (the signaling session could not be reopened within the grace).
     pub end: String,
     /// ICE restarts this side made (own and in answer to the peer's).
     pub restarts: u64,
+    /// Times the signaling WebSocket was reopened during the call after it failed.
+    pub signal_reconnects: u64,
     /// Longest interval between two accepted media packets after the first one, ms.
     pub max_media_gap_ms: f64,
 }
@@ -304,7 +332,38 @@ struct Leg {
     file: Option<FileSide>,
     /// Where received QUIC datagrams go while a transfer runs.
     quic_in: Option<Pipe>,
+    /// Signaling's WebSocket failed at this time and is not back yet.
+    sig_down: Option<Instant>,
+    /// Next reconnect attempt (while down).
+    sig_retry_at: Option<Instant>,
+    /// Wait before the next attempt after a failed one.
+    sig_backoff: Duration,
+    /// Frames for signaling held while it is down.
+    sig_outbox: Vec<ClientMsg>,
+    /// Why signaling went down last.
+    sig_err: Option<String>,
+    /// Reconnects so far.
+    signal_reconnects: u64,
+    signal_grace: Duration,
+    /// After a reconnect: re-send our unanswered ICE restart at this time.
+    resend_restart_at: Option<Instant>,
+    /// After such a re-send: restart anew at this time if still unanswered (in a glare the
+    /// peer takes the re-sent description as its answer, while its own may have been lost
+    /// on the way to the dead socket; a new restart makes it answer).
+    restart_followup_at: Option<Instant>,
 }
+
+/// First wait between two reconnect attempts (doubles each time).
+const SIG_BACKOFF: Duration = Duration::from_millis(100);
+/// Bound on one reconnect attempt.
+const SIG_ATTEMPT: Duration = Duration::from_secs(2);
+/// After a reconnect, how long held frames (e.g. the answer to our restart) get to arrive
+/// before our unanswered restart is sent again.
+const RESEND_RESTART_AFTER: Duration = Duration::from_millis(150);
+/// After that re-send, how long the peer's answer gets before we restart anew.
+const RESTART_FOLLOWUP_AFTER: Duration = Duration::from_millis(500);
+/// Bound on one signaling write during a call (a dead socket must not stall media).
+const SIG_WRITE: Duration = Duration::from_secs(2);
 
 /// The file part of a file session.
 struct FileSide {
@@ -413,7 +472,119 @@ impl Leg {
             events: opts.events.clone(),
             file: None,
             quic_in: None,
+            sig_down: None,
+            sig_retry_at: None,
+            sig_backoff: SIG_BACKOFF,
+            sig_outbox: Vec::new(),
+            sig_err: None,
+            signal_reconnects: 0,
+            signal_grace: opts.signal_grace,
+            resend_restart_at: None,
+            restart_followup_at: None,
         })
+    }
+
+    /// Send a frame to signaling; while it is down (or if the write fails, which marks it
+    /// down) the frame is queued for the reconnect.
+    async fn signal(&mut self, sess: &mut SignalSession, msg: ClientMsg) {
+        if self.sig_down.is_some() {
+            self.sig_outbox.push(msg);
+            return;
+        }
+        let err = match tokio::time::timeout(SIG_WRITE, sess.send(&msg)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("write timed out after {SIG_WRITE:?}"),
+        };
+        self.signal_lost(err, Instant::now());
+        self.sig_outbox.push(msg);
+    }
+
+    /// Signaling failed: reconnect from `retry_at` on (no-op if already down).
+    fn signal_lost(&mut self, why: String, retry_at: Instant) {
+        if self.sig_down.is_some() {
+            return;
+        }
+        tracing::warn!("signaling lost mid-call ({why}); reconnecting");
+        self.sig_down = Some(Instant::now());
+        self.sig_retry_at = Some(retry_at);
+        self.sig_backoff = SIG_BACKOFF;
+        self.sig_err = Some(why);
+        self.emit(CallEvent::Signaling { up: false });
+    }
+
+    /// When the grace for a signaling outage runs out (None while signaling is up).
+    fn sig_grace_end(&self) -> Option<Instant> {
+        self.sig_down.map(|t| t + self.signal_grace)
+    }
+
+    /// A reconnect attempt failed: try again after the backoff.
+    fn reconnect_failed(&mut self, why: String) {
+        tracing::info!("signaling reconnect failed: {why}");
+        let now = Instant::now();
+        self.sig_retry_at = Some(now + self.sig_backoff);
+        self.sig_backoff = (self.sig_backoff * 2).min(Duration::from_secs(1));
+        self.sig_err = Some(why);
+    }
+
+    /// The new connection is installed: send what was queued; an unanswered restart of ours
+    /// goes out again shortly unless it was among the queued frames.
+    async fn signal_restored(&mut self, sess: &mut SignalSession) {
+        self.sig_down = None;
+        self.sig_retry_at = None;
+        self.signal_reconnects += 1;
+        tracing::info!("signaling reconnected (#{})", self.signal_reconnects);
+        self.emit(CallEvent::Signaling { up: true });
+        let queued = std::mem::take(&mut self.sig_outbox);
+        let had_restart = queued
+            .iter()
+            .any(|m| matches!(m, ClientMsg::IceRestart { .. }));
+        if self.awaiting_restart_answer && !had_restart {
+            self.resend_restart_at = Some(Instant::now() + RESEND_RESTART_AFTER);
+        }
+        for m in queued {
+            self.signal(sess, m).await;
+        }
+    }
+
+    /// Opens signaling again, blocking (media pauses), until it works or the grace ends.
+    async fn restore_signal_now(&mut self, sess: &mut SignalSession) -> bool {
+        while let Some(end) = self.sig_grace_end() {
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            if let Some(t) = self.sig_retry_at
+                && t > now
+            {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(t.min(end))).await;
+                continue;
+            }
+            let bound = SIG_ATTEMPT.min(end.saturating_duration_since(now));
+            match tokio::time::timeout(bound, sess.reopen()).await {
+                Ok(Ok(r)) => {
+                    sess.install(r);
+                    self.signal_restored(sess).await;
+                }
+                Ok(Err(e)) => self.reconnect_failed(e.to_string()),
+                Err(_) => self.reconnect_failed(format!("attempt timed out after {bound:?}")),
+            }
+        }
+        true
+    }
+
+    /// Our current description with every local candidate (for a re-sent restart).
+    fn full_desc(&mut self) -> SessionDesc {
+        let mut d = self.desc();
+        d.candidates = self
+            .agent
+            .local_candidates()
+            .iter()
+            .filter(|c| !self.relay_only || c.kind == CandidateKind::Relayed)
+            .map(Into::into)
+            .collect();
+        d.end_of_candidates = self.sent_eoc;
+        d
     }
 
     /// Our description with the candidates known now (they are then not trickled again).
@@ -509,15 +680,16 @@ impl Leg {
             }
             self.sent_cands.push(c.addr);
             self.local_cands.push(format!("{:?} {}", c.kind, c.addr));
-            sess.send(&ClientMsg::Candidate {
+            let m = ClientMsg::Candidate {
                 call_id: call_id.clone(),
                 candidate: (&c).into(),
-            })
-            .await?;
+            };
+            self.signal(sess, m).await;
         }
         if self.gathered_all && !self.sent_eoc {
             self.sent_eoc = true;
-            sess.send(&ClientMsg::EndOfCandidates { call_id }).await?;
+            self.signal(sess, ClientMsg::EndOfCandidates { call_id })
+                .await;
         }
         Ok(())
     }
@@ -711,8 +883,11 @@ impl Leg {
             restarts: self.restarts,
             reason: reason.to_owned(),
         });
+        self.resend_restart_at = None;
+        self.restart_followup_at = None;
         let desc = self.desc();
-        sess.send(&ClientMsg::IceRestart { call_id, desc }).await?;
+        self.signal(sess, ClientMsg::IceRestart { call_id, desc })
+            .await;
         Ok(())
     }
 
@@ -963,6 +1138,7 @@ impl Leg {
             ended,
             end: end.to_owned(),
             restarts: self.restarts,
+            signal_reconnects: self.signal_reconnects,
             max_media_gap_ms: ms(self.max_media_gap),
         }
     }
@@ -1035,6 +1211,32 @@ enum LoopEnd {
     Peer(EndReason),
     /// Nothing from the peer for the consent timeout.
     ConsentExpired,
+    /// Signaling could not be reopened within the grace.
+    SignalLost,
+}
+
+/// A reconnect attempt in flight (owns everything it needs; the call goes on meanwhile).
+type Reopening = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<Result<Reopened, SignalError>, tokio::time::error::Elapsed>,
+            > + Send,
+    >,
+>;
+
+/// The attempt's outcome (pending forever without one).
+async fn reopened(
+    r: Option<&mut Reopening>,
+) -> Result<Result<Reopened, SignalError>, tokio::time::error::Elapsed> {
+    match r {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a signaling failure is final: this device was replaced by a newer session.
+fn signal_fatal(e: &SignalError) -> bool {
+    matches!(e, SignalError::Closed { code: 4001, .. })
 }
 
 /// Handle one signaling frame of the call.
@@ -1078,11 +1280,43 @@ async fn run_loop(
     let mut xfer: Option<(Pipe, TransferTask)> = None;
     // Receiver: after the transfer, wait this long for the sender's hangup.
     let mut linger: Option<Instant> = None;
+    let mut reopening: Option<Reopening> = None;
     loop {
         leg.flush().await?;
         leg.handle_events(sess).await?;
         leg.flush().await?;
         let now = Instant::now();
+        if let Some(end) = leg.sig_grace_end() {
+            if reopening.is_none() && now >= end {
+                return Ok(LoopEnd::SignalLost);
+            }
+            if reopening.is_none() && leg.sig_retry_at.is_none_or(|t| now >= t) {
+                let bound = SIG_ATTEMPT.min(end.saturating_duration_since(now));
+                reopening = Some(Box::pin(tokio::time::timeout(bound, sess.reopen())));
+            }
+        } else if let Some(t) = leg.resend_restart_at
+            && now >= t
+        {
+            leg.resend_restart_at = None;
+            if leg.awaiting_restart_answer
+                && let Some(call_id) = leg.call_id.clone()
+            {
+                tracing::info!("re-sending our unanswered ICE restart after the reconnect");
+                let desc = leg.full_desc();
+                leg.signal(sess, ClientMsg::IceRestart { call_id, desc })
+                    .await;
+                leg.restart_followup_at = Some(Instant::now() + RESTART_FOLLOWUP_AFTER);
+            }
+        } else if let Some(t) = leg.restart_followup_at
+            && now >= t
+        {
+            leg.restart_followup_at = None;
+            if leg.awaiting_restart_answer {
+                leg.restart(sess, "restart unanswered after a signaling reconnect")
+                    .await?;
+                continue;
+            }
+        }
         if leg.t_connected.is_none() && now >= connect_deadline {
             return Err(CallError::Timeout("a connected path"));
         }
@@ -1122,6 +1356,21 @@ async fn run_loop(
         if let Some(t) = linger {
             deadline = deadline.min(t);
         }
+        if let Some(end) = leg.sig_grace_end() {
+            deadline = deadline.min(end);
+            if reopening.is_none()
+                && let Some(t) = leg.sig_retry_at
+            {
+                deadline = deadline.min(t);
+            }
+        }
+        for t in [leg.resend_restart_at, leg.restart_followup_at]
+            .into_iter()
+            .flatten()
+        {
+            deadline = deadline.min(t);
+        }
+        let sig_up = leg.sig_down.is_none();
         let wake = tokio::time::Instant::from_std(leg.wake(true, deadline).max(now));
         let out = xfer.as_ref().map(|x| x.0.clone());
         tokio::select! {
@@ -1149,8 +1398,32 @@ async fn run_loop(
                 }
                 linger = Some(Instant::now() + Duration::from_secs(3));
             }
-            m = sess.recv() => {
-                if let Flow::Ended(r) = on_signal(leg, sess, m?).await? {
+            r = reopened(reopening.as_mut()) => {
+                reopening = None;
+                match r {
+                    Ok(Ok(r)) => {
+                        sess.install(r);
+                        leg.signal_restored(sess).await;
+                    }
+                    Ok(Err(e)) => leg.reconnect_failed(e.to_string()),
+                    Err(_) => leg.reconnect_failed("attempt timed out".into()),
+                }
+            }
+            m = sess.recv(), if sig_up => {
+                let m = match m {
+                    Ok(ServerMsg::Goodbye { reason, reconnect_after_ms }) => {
+                        let at = Instant::now() + Duration::from_millis(reconnect_after_ms);
+                        leg.signal_lost(format!("goodbye: {reason}"), at);
+                        continue;
+                    }
+                    Ok(m) => m,
+                    Err(e) if signal_fatal(&e) => return Err(e.into()),
+                    Err(e) => {
+                        leg.signal_lost(e.to_string(), Instant::now());
+                        continue;
+                    }
+                };
+                if let Flow::Ended(r) = on_signal(leg, sess, m).await? {
                     if let Some((_, task)) = xfer.take() {
                         // The sender hangs up after our verdict: let the task finish.
                         let r = tokio::time::timeout(Duration::from_secs(5), task)
@@ -1173,7 +1446,12 @@ async fn run_loop(
 
 async fn hangup(sess: &mut SignalSession, call_id: Option<&CallId>) -> Result<(), SignalError> {
     match call_id {
-        Some(c) => sess.send(&ClientMsg::Hangup { call_id: c.clone() }).await,
+        Some(c) => tokio::time::timeout(
+            SIG_WRITE,
+            sess.send(&ClientMsg::Hangup { call_id: c.clone() }),
+        )
+        .await
+        .map_err(|_| SignalError::Timeout(SIG_WRITE, "hangup"))?,
         None => Ok(()),
     }
 }
@@ -1189,7 +1467,24 @@ async fn run_and_end(
 ) -> Result<(&'static str, String), CallError> {
     let res = run_loop(leg, sess, media_duration, hard_deadline, connect_deadline).await;
     let call_id = leg.call_id.clone();
+    // Ending while signaling is down: get it back (within the grace) to say so.
+    if matches!(&res, Ok(e) if !matches!(e, LoopEnd::SignalLost))
+        && leg.sig_down.is_some()
+        && !leg.restore_signal_now(sess).await
+    {
+        tracing::warn!("signaling still down at the end of the call; the server ends it");
+    }
     let out = match res {
+        Ok(LoopEnd::SignalLost) => {
+            let why = leg.sig_err.clone().unwrap_or_default();
+            Ok((
+                "signaling_lost",
+                format!(
+                    "signaling lost: not reconnected within {:.1} s ({why})",
+                    leg.signal_grace.as_secs_f64()
+                ),
+            ))
+        }
         Ok(LoopEnd::Peer(EndReason::Hangup)) => Ok((
             "peer_hangup",
             format!("peer ended the call ({:?})", EndReason::Hangup),
@@ -1259,6 +1554,8 @@ pub struct FileReport {
     pub path_changes: u64,
     /// ICE restarts this side made.
     pub restarts: u64,
+    /// Times the signaling WebSocket was reopened during the session after it failed.
+    pub signal_reconnects: u64,
     /// QUIC smoothed RTT at the end, ms.
     pub rtt_ms: f64,
     /// Packets QUIC declared lost.
@@ -1332,6 +1629,7 @@ fn file_report(
         path: call.path,
         path_changes: call.path_changes,
         restarts: call.restarts,
+        signal_reconnects: call.signal_reconnects,
         rtt_ms: t.rtt_ms,
         lost_packets: t.lost_packets,
         answer_to_connected_ms: call.answer_to_connected_ms,
@@ -1388,6 +1686,13 @@ async fn place(
         leg.flush().await?;
         leg.handle_events(sess).await?;
         leg.flush().await?;
+        if let Some(why) = leg.sig_down.and(leg.sig_err.clone()) {
+            // Before the answer the server cancels the invite of a dropped caller.
+            leg.close().await;
+            return Err(CallError::Signal(SignalError::Protocol(format!(
+                "signaling lost while ringing: {why}"
+            ))));
+        }
         let now = Instant::now();
         if now >= setup_deadline {
             let _ = sess

@@ -4,8 +4,11 @@
 //! `seq`, reconnect with `resume_from`, and mid-session token refresh (`auth` frame).
 //!
 //! What it is: the transport for everything the reference client says to signaling (chat,
-//! presence, call invitations and trickled candidates). What it is not: no automatic
-//! background reconnect loop (the caller decides when to [`SignalSession::reconnect`]), no TLS
+//! presence, call invitations and trickled candidates). A running call reconnects a dropped
+//! session itself without stopping its media: [`SignalSession::reopen`] opens the new
+//! connection without borrowing the session, [`SignalSession::install`] swaps it in.
+//! What it is not: no automatic background reconnect loop (the caller decides when to
+//! [`SignalSession::reconnect`]), no TLS
 //! (plain `http://`/`ws://`; put a TLS terminator in front for anything beyond a lab), no
 //! call state machine (see [`crate::call`] when present).
 //!
@@ -261,6 +264,21 @@ pub struct Welcome {
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A new connection of a session, opened by [`SignalSession::reopen`] and not yet installed.
+pub struct Reopened {
+    ws: Ws,
+    welcome: Welcome,
+    tokens: Tokens,
+}
+
+impl std::fmt::Debug for Reopened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reopened")
+            .field("welcome", &self.welcome)
+            .finish_non_exhaustive()
+    }
+}
 
 /// One WebSocket session of one device, plus the state needed to resume it.
 pub struct SignalSession {
@@ -607,6 +625,46 @@ impl SignalSession {
         let outcome = welcome.resume;
         self.welcome = welcome;
         Ok(outcome)
+    }
+
+    /// Opens a new connection of this device with `resume_from` = the last acked seq (and a
+    /// refreshed token when due) without borrowing the session, so the caller can keep
+    /// working (e.g. media) while it runs; hand the result to [`install`](Self::install).
+    /// Each step is bounded by the I/O timeout; bound the whole future as needed.
+    pub fn reopen(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Reopened, SignalError>> + Send + 'static {
+        let api = self.api.clone();
+        let mut tokens = self.tokens.clone();
+        let device = self.device.clone();
+        let acked = self.acked_seq;
+        let io_timeout = self.io_timeout;
+        async move {
+            if tokens.needs_refresh() {
+                tokens = api.refresh(&tokens.refresh_token).await?;
+            }
+            let (ws, welcome, _) =
+                Self::open(&api, &tokens, &device, Some(acked), io_timeout).await?;
+            Ok(Reopened {
+                ws,
+                welcome,
+                tokens,
+            })
+        }
+    }
+
+    /// Replaces the (dead) connection with `r`: messages after the acked seq are replayed,
+    /// non-message frames read but not yet handed out stay queued. Returns how the server
+    /// handled the resume.
+    pub fn install(&mut self, r: Reopened) -> ResumeOutcome {
+        self.ws = r.ws;
+        self.tokens = r.tokens;
+        self.delivered_seq = self.acked_seq;
+        self.backlog
+            .retain(|m| !matches!(m, ServerMsg::Message { .. }));
+        let outcome = r.welcome.resume;
+        self.welcome = r.welcome;
+        outcome
     }
 
     /// Get TURN credentials with this session's token.

@@ -219,3 +219,230 @@ async fn callee_vanishes_caller_ends_on_consent_expiry() {
     .await
     .expect("test timed out");
 }
+
+/// A TCP proxy on loopback between one client and signaling, which the test can cut: every
+/// proxied connection is dropped at once, and with `stay_down` new ones are refused too.
+struct CutProxy {
+    addr: std::net::SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    async fn start(upstream_url: &str) -> Self {
+        let upstream: std::net::SocketAddr = upstream_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c2, d2) = (conns.clone(), down.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if d2.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let h = tokio::spawn(async move {
+                    let Ok(Ok(mut up)) = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        tokio::net::TcpStream::connect(upstream),
+                    )
+                    .await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                });
+                c2.lock().unwrap().push(h);
+            }
+        });
+        Self {
+            addr,
+            conns,
+            down,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops every proxied connection; with `stay_down` refuses new ones from now on.
+    fn cut(&self, stay_down: bool) -> usize {
+        self.down
+            .store(stay_down, std::sync::atomic::Ordering::SeqCst);
+        let mut conns = self.conns.lock().unwrap();
+        let n = conns.iter().filter(|h| !h.is_finished()).count();
+        for h in conns.drain(..) {
+            h.abort();
+        }
+        n
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut(true);
+    }
+}
+
+/// Caller `a` reaches signaling through `proxy`, callee `b` directly.
+async fn users_behind_proxy(
+    fleet: &Fleet,
+    proxy: &CutProxy,
+    a: &str,
+    b: &str,
+) -> (SignalSession, SignalSession) {
+    let direct = HttpApi::new(&fleet.signaling_url, Duration::from_secs(30)).unwrap();
+    for u in [a, b] {
+        direct.register(u, "password-123").await.unwrap();
+    }
+    let via = HttpApi::new(&proxy.url(), Duration::from_secs(30)).unwrap();
+    let ta = via.login(a, "password-123").await.unwrap();
+    let tb = direct.login(b, "password-123").await.unwrap();
+    let sa = SignalSession::connect(via, ta, "a", None).await.unwrap();
+    let sb = SignalSession::connect(direct, tb, "b", None).await.unwrap();
+    (sa, sb)
+}
+
+#[tokio::test]
+async fn caller_signaling_cut_mid_call_reconnects_and_the_call_completes() {
+    tokio::time::timeout(TEST, async {
+        let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+        let proxy = CutProxy::start(&fleet.signaling_url).await;
+        let (mut alice, mut bob) = users_behind_proxy(&fleet, &proxy, "vera", "walt").await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let opts = CallOptions {
+            stun: fleet.stun,
+            duration: Duration::from_secs(7),
+            seed: 31,
+            events: Some(tx),
+            ..CallOptions::default()
+        };
+        let ob = CallOptions {
+            seed: 32,
+            events: None,
+            ..opts.clone()
+        };
+        let cutter = async {
+            first_path(&mut rx).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let n = proxy.cut(false);
+            assert!(n >= 1, "no live signaling connection through the proxy");
+            // The caller notices and comes back (bounded by the test timeout).
+            let (mut down, mut up) = (false, false);
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    CallEvent::Signaling { up: false } => down = true,
+                    CallEvent::Signaling { up: true } => {
+                        up = true;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            (down, up)
+        };
+        let (ra, rb, (down, up)) = tokio::join!(
+            call::call(&mut alice, "walt", &opts),
+            call::answer_next(
+                &mut bob,
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                &ob
+            ),
+            cutter
+        );
+        let (ra, rb) = (
+            ra.unwrap_or_else(|e| panic!("caller: {e}")),
+            rb.unwrap_or_else(|e| panic!("callee: {e}")),
+        );
+        eprintln!("{}", serde_json::to_string_pretty(&ra).unwrap());
+        eprintln!("{}", serde_json::to_string_pretty(&rb).unwrap());
+        assert!(down && up, "signaling events: down {down}, up {up}");
+        assert!(ra.signal_reconnects >= 1, "{ra:?}");
+        assert_eq!(rb.signal_reconnects, 0, "{rb:?}");
+        // The hangup went through the reopened session.
+        assert_eq!(ra.end, "hangup", "{ra:?}");
+        assert_eq!(rb.end, "peer_hangup", "{rb:?}");
+        for r in [&ra, &rb] {
+            // The media path was never touched: no silence long enough for a restart.
+            assert!(
+                r.max_media_gap_ms < 1000.0,
+                "media gap {} ms",
+                r.max_media_gap_ms
+            );
+            assert_eq!(r.restarts, 0, "{r:?}");
+            assert!(r.media.packets_received >= 200, "{r:?}");
+        }
+        drop(proxy);
+        fleet.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn caller_signaling_stays_down_the_call_ends_with_signaling_lost() {
+    tokio::time::timeout(TEST, async {
+        let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+        let proxy = CutProxy::start(&fleet.signaling_url).await;
+        let (mut alice, mut bob) = users_behind_proxy(&fleet, &proxy, "xena", "yuri").await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let opts = CallOptions {
+            stun: fleet.stun,
+            duration: Duration::from_secs(60),
+            seed: 41,
+            events: Some(tx),
+            ..CallOptions::default()
+        };
+        let ob = CallOptions {
+            seed: 42,
+            events: None,
+            ..opts.clone()
+        };
+        let grace = opts.signal_grace;
+        let cutter = async {
+            first_path(&mut rx).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert!(proxy.cut(true) >= 1, "no live connection through the proxy");
+            Instant::now()
+        };
+        let (ra, rb, cut_at) = tokio::join!(
+            call::call(&mut alice, "yuri", &opts),
+            call::answer_next(
+                &mut bob,
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                &ob
+            ),
+            cutter
+        );
+        let took = cut_at.elapsed();
+        let ra = ra.unwrap_or_else(|e| panic!("caller: {e}"));
+        let rb = rb.unwrap_or_else(|e| panic!("callee: {e}"));
+        eprintln!("{}", serde_json::to_string_pretty(&ra).unwrap());
+        eprintln!("{}", serde_json::to_string_pretty(&rb).unwrap());
+        assert_eq!(ra.end, "signaling_lost", "{ra:?}");
+        assert!(ra.ended.starts_with("signaling lost"), "{}", ra.ended);
+        assert_eq!(ra.signal_reconnects, 0, "{ra:?}");
+        // The callee learns from signaling once its call grace (5 s) has run out.
+        assert_eq!(rb.end, "peer_ended", "{rb:?}");
+        assert!(rb.ended.contains("Disconnected"), "{}", rb.ended);
+        // Both ended within the grace plus slack for a loaded machine, long before 60 s.
+        assert!(
+            took >= grace && took <= grace + Duration::from_secs(8),
+            "ended {took:?} after the cut (grace {grace:?})"
+        );
+        fleet.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -29,6 +29,10 @@
 //!   authenticated response or an authenticated check from the peer on that pair refreshes it;
 //!   after `consent_timeout` (5 s) of silence: [`Event::Disconnected`]. Recovery is
 //!   [`Agent::restart`] with new credentials (the app exchanges them through signaling).
+//!   A restart on a *direct* path that is still alive (e.g. a false alarm from loss) costs no
+//!   media: until a new pair is selected, [`Agent::send`] keeps using the old path and
+//!   application data from it is still accepted (a relayed old path cannot stay: its
+//!   allocation is released by the restart). It is dropped once the agent disconnects.
 //! * **Role conflicts** (RFC 8445 section 7.3.1.1): tie-breakers from the seeded RNG; 487
 //!   answers; the loser switches role and rechecks.
 //! * Peer-reflexive candidates: an authenticated check from an unknown address adds a remote
@@ -206,6 +210,9 @@ pub struct Agent {
     retired: Vec<(usize, TurnClient)>,
     gathering_reported: bool,
     selected: Option<usize>,
+    /// The direct path selected before a restart (local socket, remote address): still used
+    /// for application data until a new pair is selected.
+    previous: Option<(usize, SocketAddr)>,
     next_consent_at: Option<Instant>,
     connected_once: bool,
     dead: bool,
@@ -244,6 +251,7 @@ impl Agent {
             retired: Vec::new(),
             gathering_reported: false,
             selected: None,
+            previous: None,
             next_consent_at: None,
             connected_once: false,
             dead: false,
@@ -480,11 +488,13 @@ impl Agent {
     /// Wraps an application payload for the selected path (direct: as is; relay: ChannelData
     /// on a bound channel, else a Send indication).
     pub fn send(&mut self, _now: Instant, payload: &[u8]) -> Result<Transmit, SendError> {
-        let p = self
-            .selected
-            .and_then(|i| self.pairs.get(i))
-            .ok_or(SendError::NotConnected)?;
-        let (via, remote) = (p.via, p.remote);
+        let (via, remote) = match self.selected.and_then(|i| self.pairs.get(i)) {
+            Some(p) => (p.via, p.remote),
+            None => match self.previous {
+                Some((socket, remote)) => (Via::Socket(socket), remote),
+                None => return Err(SendError::NotConnected),
+            },
+        };
         let t = match via {
             Via::Socket(socket) => Transmit {
                 socket,
@@ -515,6 +525,16 @@ impl Agent {
             .selected
             .and_then(|i| self.pairs.get(i))
             .is_some_and(|p| p.kind() == PathKind::Relay);
+        // A direct path may still work (the restart may be a false alarm): keep sending on it
+        // until the restart selects a new pair. A relayed one goes with its allocation.
+        let old_direct = self
+            .selected
+            .and_then(|i| self.pairs.get(i))
+            .and_then(|p| match p.via {
+                Via::Socket(s) if p.kind() == PathKind::Direct => Some((s, p.remote)),
+                _ => None,
+            });
+        self.previous = old_direct.or(self.previous);
         self.cfg.local_ufrag = new_local.0;
         self.cfg.local_pwd = new_local.1;
         self.remote_creds = None;
@@ -588,6 +608,7 @@ impl Agent {
         self.release_turn(now);
         self.dead = true;
         self.selected = None;
+        self.previous = None;
         self.next_consent_at = None;
         for p in &mut self.pairs {
             p.next_check_at = None;
@@ -1237,14 +1258,23 @@ impl Agent {
             // Media (128-191) and QUIC (64-127, 192-255): ChannelData only comes from the
             // TURN server and was handled before.
             Some(64..=255) => {
-                let Some(p) = self.pairs.iter().find(|p| p.via == via && p.remote == from) else {
-                    self.stats.app_dropped += 1;
-                    return None;
+                let path = match self.pairs.iter().find(|p| p.via == via && p.remote == from) {
+                    Some(p) => p.kind(),
+                    None if self
+                        .previous
+                        .is_some_and(|(s, r)| via == Via::Socket(s) && r == from) =>
+                    {
+                        PathKind::Direct
+                    }
+                    None => {
+                        self.stats.app_dropped += 1;
+                        return None;
+                    }
                 };
                 self.stats.app_received += 1;
                 Some(AppData::Payload {
                     data: Cow::Borrowed(data),
-                    path: p.kind(),
+                    path,
                 })
             }
             _ => {
@@ -1540,6 +1570,7 @@ impl Agent {
             return;
         }
         self.selected = Some(b);
+        self.previous = None;
         self.next_consent_at = Some(now + self.cfg.keepalive_interval);
         let p = self.pairs[b].clone();
         if p.via == Via::Relay
@@ -1602,6 +1633,7 @@ impl Agent {
         }
         self.dead = true;
         self.selected = None;
+        self.previous = None;
         self.next_consent_at = None;
         for p in &mut self.pairs {
             p.next_check_at = None;

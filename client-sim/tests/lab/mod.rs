@@ -704,7 +704,11 @@ impl Client {
             .arg("--json")
             .args(args)
             .env("PEERLINK_PASSWORD", PASSWORD)
-            .env("PEERLINK_LOG", "warn");
+            // LAB_CLIENT_LOG=info shows the clients' recovery steps in failure output.
+            .env(
+                "PEERLINK_LOG",
+                std::env::var("LAB_CLIENT_LOG").unwrap_or_else(|_| "warn".into()),
+            );
         c
     }
 
