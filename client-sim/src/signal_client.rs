@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use peerlink_signaling::protocol::{
-    ClientMsg, Credentials, HttpError, RefreshRequest, ResumeOutcome, ServerMsg, TokenResponse,
-    TurnCredentials,
+    ClientMsg, Credentials, HttpError, PresenceStatus, RefreshRequest, ResumeOutcome, ServerMsg,
+    TokenResponse, TurnCredentials,
 };
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -480,6 +480,31 @@ impl SignalSession {
             _ => {}
         }
         Some(m)
+    }
+
+    /// Add `user` as a contact and wait until it shows online (in the contact list or by a
+    /// presence event): the explicit signal that an invite to it will ring a device.
+    pub async fn wait_until_online(
+        &mut self,
+        user: &str,
+        timeout: Duration,
+    ) -> Result<(), SignalError> {
+        self.send(&ClientMsg::AddContact {
+            username: user.to_owned(),
+        })
+        .await?;
+        let online = |m: &ServerMsg| match m {
+            ServerMsg::Contacts { contacts } => contacts
+                .iter()
+                .any(|c| c.username == user && c.status == PresenceStatus::Online),
+            ServerMsg::Presence { user: u, status } => {
+                u == user && *status == PresenceStatus::Online
+            }
+            _ => false,
+        };
+        self.wait_for(timeout, "contact online", None, online)
+            .await
+            .map(|_| ())
     }
 
     /// Read frames until `pred` matches one (returned); the others are kept, in order, for

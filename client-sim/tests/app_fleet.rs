@@ -5,7 +5,6 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use peerlink_signaling::protocol::{ClientMsg, PresenceStatus, ServerMsg};
 use peerlink_sim::demo::{self, DemoOptions};
 use peerlink_sim::fleet::{Fleet, FleetOptions, relay_stats};
 use peerlink_sim::signal_client::{HttpApi, SignalSession};
@@ -185,22 +184,7 @@ async fn cli_register_login_chat_inbox_turn_check_call_listen() {
             .await
             .unwrap();
         watch
-            .send(&ClientMsg::AddContact {
-                username: "grace".into(),
-            })
-            .await
-            .unwrap();
-        let online = |m: &ServerMsg| match m {
-            ServerMsg::Contacts { contacts } => contacts
-                .iter()
-                .any(|c| c.username == "grace" && c.status == PresenceStatus::Online),
-            ServerMsg::Presence { user, status } => {
-                user == "grace" && *status == PresenceStatus::Online
-            }
-            _ => false,
-        };
-        watch
-            .wait_for(Duration::from_secs(60), "grace online", None, online)
+            .wait_until_online("grace", Duration::from_secs(60))
             .await
             .unwrap();
         let a = cli(
