@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use peerlink_sim::call::{self, CallEvent, CallOptions};
 use peerlink_sim::fleet::{Fleet, FleetOptions};
 use peerlink_sim::media::{KeyExchange, MediaConfig, MediaSession, Role};
-use peerlink_sim::signal_client::{HttpApi, SignalSession};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
+
+mod common;
 
 const TEST: Duration = Duration::from_secs(120);
 
@@ -67,16 +68,7 @@ fn capture_media(raw: &Socket, from: SocketAddrV4, to: SocketAddrV4) -> Vec<u8> 
 async fn garbage_wrong_key_replays_and_strangers_are_dropped_and_counted() {
     tokio::time::timeout(TEST, async {
         let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
-        let api = HttpApi::new(&fleet.signaling_url, Duration::from_secs(30)).unwrap();
-        for u in ["vera", "walt"] {
-            api.register(u, "password-123").await.unwrap();
-        }
-        let ta = api.login("vera", "password-123").await.unwrap();
-        let tb = api.login("walt", "password-123").await.unwrap();
-        let mut alice = SignalSession::connect(api.clone(), ta, "a", None)
-            .await
-            .unwrap();
-        let mut bob = SignalSession::connect(api, tb, "b", None).await.unwrap();
+        let (mut alice, mut bob) = common::two_users(&fleet, "vera", "walt").await;
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let opts = CallOptions {

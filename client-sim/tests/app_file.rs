@@ -8,24 +8,12 @@ use std::time::Duration;
 
 use peerlink_sim::call::{self, CallError, CallOptions, SessionReport};
 use peerlink_sim::fleet::{Fleet, FleetOptions, relay_stats};
-use peerlink_sim::signal_client::{HttpApi, SignalSession};
 use rand::RngCore as _;
 
 const TEST: Duration = Duration::from_secs(150);
 
-async fn two_users(fleet: &Fleet, a: &str, b: &str) -> (SignalSession, SignalSession) {
-    let api = HttpApi::new(&fleet.signaling_url, Duration::from_secs(30)).unwrap();
-    for u in [a, b] {
-        api.register(u, "password-123").await.unwrap();
-    }
-    let ta = api.login(a, "password-123").await.unwrap();
-    let tb = api.login(b, "password-123").await.unwrap();
-    let sa = SignalSession::connect(api.clone(), ta, "a", None)
-        .await
-        .unwrap();
-    let sb = SignalSession::connect(api, tb, "b", None).await.unwrap();
-    (sa, sb)
-}
+mod common;
+use common::two_users;
 
 async fn one_mib(relay_only: bool, names: (&str, &str)) {
     let fleet = Fleet::start(FleetOptions::default()).await.unwrap();

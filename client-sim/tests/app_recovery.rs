@@ -13,19 +13,8 @@ use tokio::sync::mpsc;
 
 const TEST: Duration = Duration::from_secs(150);
 
-async fn two_users(fleet: &Fleet, a: &str, b: &str) -> (SignalSession, SignalSession) {
-    let api = HttpApi::new(&fleet.signaling_url, Duration::from_secs(30)).unwrap();
-    for u in [a, b] {
-        api.register(u, "password-123").await.unwrap();
-    }
-    let ta = api.login(a, "password-123").await.unwrap();
-    let tb = api.login(b, "password-123").await.unwrap();
-    let sa = SignalSession::connect(api.clone(), ta, "a", None)
-        .await
-        .unwrap();
-    let sb = SignalSession::connect(api, tb, "b", None).await.unwrap();
-    (sa, sb)
-}
+mod common;
+use common::two_users;
 
 /// Waits (bounded) for the first selected path of a call.
 async fn first_path(rx: &mut mpsc::UnboundedReceiver<CallEvent>) {
