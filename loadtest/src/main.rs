@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use peerlink_loadtest::relay_bench::server::{self, ServerKind};
-use peerlink_loadtest::relay_bench::traffic::{self, SendIo};
+use peerlink_loadtest::relay_bench::traffic::{self, Priority, SendIo};
 use peerlink_loadtest::relay_bench::{self, AllocConfig, Placement, TrafficConfig};
 
 #[path = "fleet/cli.rs"]
@@ -73,6 +73,11 @@ struct PlacementArgs {
     /// other work does not preempt the measured processes; same for every server).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     nice: i32,
+    /// Run the servers and the generator threads under SCHED_FIFO at this priority (1..=99;
+    /// root): nothing of the normal class (kernel threads included) delays them. Same for
+    /// every server.
+    #[arg(long)]
+    rt_priority: Option<u8>,
     /// Overall time limit in seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
@@ -127,6 +132,14 @@ struct RelayArgs {
     /// Skip peerlink's half-load /stats probe.
     #[arg(long)]
     no_half_load: bool,
+    /// Pacing step of the half-load probe in microseconds [default: --burst-us]. A smaller
+    /// step spreads the same rate into smaller bursts (closer to independent callers).
+    #[arg(long)]
+    half_load_burst_us: Option<u64>,
+    /// Rate of the half-load probe, packets/s [default: half the measured max; needs --max
+    /// unless given].
+    #[arg(long)]
+    half_load_rate: Option<f64>,
     /// Skip the generator-only ceiling (with --max: the same search over direct socket
     /// pairs, no relay).
     #[arg(long)]
@@ -184,7 +197,13 @@ fn placement(a: &PlacementArgs) -> anyhow::Result<Placement> {
     p.timeout = Duration::from_secs(a.timeout);
     p.client_ips = a.client_ips.max(1);
     anyhow::ensure!((-20..=19).contains(&a.nice), "--nice must be in -20..=19");
-    p.nice = a.nice;
+    if let Some(rt) = a.rt_priority {
+        anyhow::ensure!((1..=99).contains(&rt), "--rt-priority must be in 1..=99");
+    }
+    p.priority = Priority {
+        nice: a.nice,
+        fifo: a.rt_priority,
+    };
     p.seed = a.seed;
     Ok(p)
 }
@@ -217,6 +236,13 @@ fn relay(a: RelayArgs) -> anyhow::Result<()> {
     c.drain = Duration::from_millis(a.drain_ms);
     c.tick = Duration::from_micros(a.burst_us.max(50));
     c.half_load_probe = !a.no_half_load;
+    c.half_load_tick = a
+        .half_load_burst_us
+        .map(|us| Duration::from_micros(us.max(10)));
+    if let Some(r) = a.half_load_rate {
+        anyhow::ensure!(r > 0.0 && r.is_finite(), "--half-load-rate must be > 0");
+    }
+    c.half_load_rate = a.half_load_rate;
     c.baseline = !a.no_baseline;
     if let Some(io) = a.send_io {
         anyhow::ensure!(

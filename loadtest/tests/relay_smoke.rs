@@ -133,12 +133,28 @@ fn peerlink_smoke_forwards_and_counts_on_both_backends() {
     let servers = vec![ServerKind::PeerlinkUring, ServerKind::PeerlinkEpoll];
     let mut p = placement(servers.clone(), 13000, 14999);
     p.peerlink_bin = bin;
-    let r = relay_bench::run_traffic(&small_traffic(p)).expect("benchmark against peerlink-relay");
+    let mut c = small_traffic(p);
+    // The latency probe at an explicit rate and pacing step (no max search needed).
+    c.half_load_rate = Some(800.0);
+    c.half_load_tick = Some(Duration::from_micros(200));
+    let r = relay_bench::run_traffic(&c).expect("benchmark against peerlink-relay");
     check_report(&r, &servers, 20);
     for s in &r.servers {
         let stats = s.final_stats.as_ref().expect("peerlink /stats read");
         assert!(stats.get("latency_total_us").is_some(), "{stats}");
+        let h = s.half_load.as_ref().expect("half-load probe ran");
+        assert_eq!(h.round.offered_pps, 800.0);
+        check_round(&h.round);
+        // /stats was read mid-round: the interval holds this round's packets.
+        assert!(h.in_relay_samples.is_some_and(|n| n > 0.0), "{h:?}");
+        let (p50, p99) = (h.in_relay_p50_us.unwrap(), h.in_relay_p99_us.unwrap());
+        assert!(p50 >= 1.0 && p50 <= p99, "{h:?}");
     }
+    let table = r.table();
+    assert!(
+        table.contains("half-load probe peerlink-uring: offered 800 pkt/s in 200 µs steps"),
+        "{table}"
+    );
 }
 
 #[test]

@@ -91,9 +91,10 @@ pub struct Placement {
     pub port_min: u16,
     /// Highest relayed port.
     pub port_max: u16,
-    /// Nice value for servers and generator threads (0: unchanged). A negative value keeps
-    /// other work on a shared machine from preempting the measured processes.
-    pub nice: i32,
+    /// Scheduling of servers and generator threads (nice 0, normal class: unchanged). A
+    /// negative nice value or SCHED_FIFO keeps other work from preempting the measured
+    /// processes.
+    pub priority: traffic::Priority,
     /// Client source addresses: sockets spread over this many loopback IPs (127.1.x.y) when
     /// > 1, as distinct clients would come from distinct addresses (per-source limits apply).
     pub client_ips: usize,
@@ -124,7 +125,7 @@ impl Placement {
             port_min: 10000,
             port_max: 31999,
             client_ips: 64,
-            nice: 0,
+            priority: traffic::Priority::default(),
             sock_buf: 4 << 20,
             timeout: Duration::from_secs(900),
             seed: 1,
@@ -160,7 +161,7 @@ impl Placement {
             min_port: lo as u16,
             max_port: hi as u16,
             cpu: self.server_cpu,
-            nice: self.nice,
+            priority: self.priority,
             metrics: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), server::free_tcp_port(ip)?),
             peerlink_bin: if kind.is_base() {
                 self.peerlink_base_bin.clone().ok_or_else(|| {
@@ -228,6 +229,10 @@ pub struct TrafficConfig {
     pub search_steps: usize,
     /// Measure peerlink's in-relay p99 from `/stats` at half its max rate.
     pub half_load_probe: bool,
+    /// Pacing step of the half-load probe (`None`: `tick`).
+    pub half_load_tick: Option<Duration>,
+    /// Rate of the half-load probe (`None`: half the measured max; then `max` is needed).
+    pub half_load_rate: Option<f64>,
     /// Sender I/O.
     pub send_io: SendIo,
     /// With `max`: also search the generator's own ceiling over direct socket pairs.
@@ -252,6 +257,8 @@ impl TrafficConfig {
             search_cap: 2_000_000.0,
             search_steps: 10,
             half_load_probe: true,
+            half_load_tick: None,
+            half_load_rate: None,
             baseline: true,
             send_io: if traffic::uring_available() {
                 SendIo::Uring
@@ -465,7 +472,7 @@ fn search_max(
             tick: cfg.tick,
             cpu: cfg.placement.gen_cpu,
             send_io: cfg.send_io,
-            nice: cfg.placement.nice,
+            priority: cfg.placement.priority,
         };
         let f = measure(&spec)?;
         let ok = f.loss_fraction <= cfg.loss_threshold;
@@ -528,9 +535,9 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
             "allocations must be even and >= 2".into(),
         ));
     }
-    if cfg.rate.is_none() && !cfg.max {
+    if cfg.rate.is_none() && !cfg.max && cfg.half_load_rate.is_none() {
         return Err(BenchError::Invalid(
-            "nothing to measure: give --rate and/or --max".into(),
+            "nothing to measure: give --rate, --max and/or --half-load-rate".into(),
         ));
     }
     if cfg.placement.servers.is_empty() || cfg.rounds == 0 {
@@ -541,7 +548,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
     let started = Instant::now();
     let deadline = started + cfg.placement.timeout;
     // Setup and between-round maintenance run on this thread, next to the generator.
-    traffic::pin(cfg.placement.gen_cpu, cfg.placement.nice);
+    traffic::pin(cfg.placement.gen_cpu, cfg.placement.priority);
     session::raise_nofile_limit();
     let servers = &cfg.placement.servers;
     let mut preps = Vec::new();
@@ -587,7 +594,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                     tick: cfg.tick,
                     cpu: cfg.placement.gen_cpu,
                     send_io: cfg.send_io,
-                    nice: cfg.placement.nice,
+                    priority: cfg.placement.priority,
                 };
                 let f = measured_round(prep, &spec, None)?;
                 reports[s].fixed.push(f);
@@ -599,25 +606,28 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
         }
     }
     // peerlink's in-relay latency at half of its (median) max rate, from /stats.
-    if cfg.max && cfg.half_load_probe {
+    if (cfg.max || cfg.half_load_rate.is_some()) && cfg.half_load_probe {
         for (s, prep) in preps.iter_mut().enumerate() {
             if !prep.server.spec.kind.is_peerlink() {
                 continue;
             }
-            let Some(max) = reports[s].max_pps_median() else {
+            let Some(rate) = cfg
+                .half_load_rate
+                .or_else(|| reports[s].max_pps_median().map(|m| m / 2.0))
+            else {
                 continue;
             };
             round_id += 1;
             let dur = cfg.duration.max(Duration::from_millis(2500));
             let spec = RoundSpec {
                 round_id,
-                rate_pps: max / 2.0,
+                rate_pps: rate,
                 duration: dur,
                 drain: cfg.drain,
-                tick: cfg.tick,
+                tick: cfg.half_load_tick.unwrap_or(cfg.tick),
                 cpu: cfg.placement.gen_cpu,
                 send_io: cfg.send_io,
-                nice: cfg.placement.nice,
+                priority: cfg.placement.priority,
             };
             let metrics = prep.server.spec.metrics;
             let mut stats: Option<serde_json::Value> = None;
@@ -781,7 +791,7 @@ pub fn run_alloc(cfg: &AllocConfig) -> Result<AllocReport, BenchError> {
     let started = Instant::now();
     let deadline = started + cfg.placement.timeout;
     // The allocating generator runs on this thread.
-    traffic::pin(cfg.placement.gen_cpu, cfg.placement.nice);
+    traffic::pin(cfg.placement.gen_cpu, cfg.placement.priority);
     let limit = session::raise_nofile_limit();
     if cfg.count as u64 + 64 > limit {
         return Err(BenchError::Invalid(format!(

@@ -133,6 +133,12 @@ pub struct HalfLoad {
     pub in_relay_p99_us: Option<f64>,
     /// Samples in that interval.
     pub in_relay_samples: Option<f64>,
+    /// `/stats` latency_interval_us.p90.
+    pub in_relay_p90_us: Option<f64>,
+    /// `/stats` latency_interval_us.p999.
+    pub in_relay_p999_us: Option<f64>,
+    /// `/stats` latency_interval_us.max.
+    pub in_relay_max_us: Option<f64>,
 }
 
 impl HalfLoad {
@@ -149,6 +155,9 @@ impl HalfLoad {
             in_relay_p50_us: get("p50"),
             in_relay_p99_us: get("p99"),
             in_relay_samples: get("count"),
+            in_relay_p90_us: get("p90"),
+            in_relay_p999_us: get("p999"),
+            in_relay_max_us: get("max"),
             round,
         }
     }
@@ -579,6 +588,26 @@ impl TrafficReport {
                 } else {
                     ""
                 }
+            );
+        }
+        for r in &self.servers {
+            let Some(h) = &r.half_load else { continue };
+            let f = &h.round;
+            let _ = writeln!(
+                o,
+                "  half-load probe {}: offered {:.0} pkt/s in {} µs steps, sent {:.0}, loss {:.3}%, generator core {:.0}%, in-relay p50 {} / p90 {} / p99 {} / p99.9 {} / max {} µs over {} samples",
+                r.server.label(),
+                f.offered_pps,
+                c.half_load_tick.unwrap_or(c.tick).as_micros(),
+                f.sent_pps,
+                f.loss_fraction * 100.0,
+                f.gen_core_fraction * 100.0,
+                fmt1(h.in_relay_p50_us),
+                fmt1(h.in_relay_p90_us),
+                fmt1(h.in_relay_p99_us),
+                fmt1(h.in_relay_p999_us),
+                fmt1(h.in_relay_max_us),
+                fmt0(h.in_relay_samples),
             );
         }
         if let Some(b) = &self.generator_baseline {

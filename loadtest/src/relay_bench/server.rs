@@ -129,8 +129,8 @@ pub struct ServerSpec {
     pub max_port: u16,
     /// CPU to pin the server to (`None`: no pinning).
     pub cpu: Option<usize>,
-    /// Nice value for the server (0: unchanged).
-    pub nice: i32,
+    /// Scheduling of the server's threads.
+    pub priority: super::traffic::Priority,
     /// peerlink-relay metrics address.
     pub metrics: SocketAddr,
     /// peerlink-relay binary.
@@ -170,10 +170,10 @@ impl ServerProcess {
             .try_clone()
             .map_err(|e| ServerError::Spawn { what, source: e })?;
         cmd.stdin(Stdio::null()).stdout(log_file).stderr(log_err);
-        let (cpu, nice) = (spec.cpu, spec.nice);
-        if cpu.is_some() || nice != 0 {
+        let (cpu, priority) = (spec.cpu, spec.priority);
+        if cpu.is_some() || priority != super::traffic::Priority::default() {
             // SAFETY: the closure runs in the forked child before exec and only makes plain
-            // syscalls (sched_setaffinity, setpriority) on stack data: async-signal-safe.
+            // syscalls (sched_setaffinity, setpriority, sched_setscheduler) on stack data: async-signal-safe.
             unsafe {
                 cmd.pre_exec(move || {
                     if let Some(cpu) = cpu {
@@ -182,10 +182,7 @@ impl ServerProcess {
                         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
                             .map_err(std::io::Error::from)?;
                     }
-                    if nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
+                    priority.apply()
                 });
             }
         }

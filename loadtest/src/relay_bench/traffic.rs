@@ -76,8 +76,44 @@ pub struct RoundSpec {
     pub cpu: Option<usize>,
     /// Sender I/O.
     pub send_io: SendIo,
-    /// Nice value for the generator threads (0: unchanged; negative needs privileges).
+    /// Scheduling of the generator threads.
+    pub priority: Priority,
+}
+
+/// Scheduling applied to the measured processes and the generator threads, the same for every
+/// server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Priority {
+    /// Nice value (0: unchanged; negative needs privileges).
     pub nice: i32,
+    /// `SCHED_FIFO` at this priority (1..=99) instead of the normal class: a woken thread
+    /// preempts normal-class work (kernel threads such as kdamond included) at once instead of
+    /// waiting for the end of its time slice. Needs root or CAP_SYS_NICE.
+    pub fifo: Option<u8>,
+}
+
+impl Priority {
+    /// Apply to the calling thread (threads it creates later inherit it). Only plain syscalls
+    /// on stack data: safe to call between fork and exec.
+    pub fn apply(self) -> io::Result<()> {
+        if self.nice != 0 {
+            // SAFETY: setpriority with PRIO_PROCESS and tid 0 affects only the calling thread
+            // on Linux; no memory is passed.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, self.nice) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(p) = self.fifo {
+            let param = libc::sched_param {
+                sched_priority: i32::from(p),
+            };
+            // SAFETY: `param` is a valid sched_param on the stack; pid 0 is the calling thread.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What one round measured.
@@ -160,12 +196,10 @@ fn sys(what: &'static str) -> impl FnOnce(io::Error) -> TrafficError {
     move |source| TrafficError::Sys { what, source }
 }
 
-/// Pins the calling thread to `cpu` and sets its nice value (both best effort).
-pub fn pin(cpu: Option<usize>, nice: i32) {
-    if nice != 0 {
-        // SAFETY: setpriority with PRIO_PROCESS and tid 0 affects only the calling thread on
-        // Linux; no memory is passed.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+/// Pins the calling thread to `cpu` and sets its priority (both best effort).
+pub fn pin(cpu: Option<usize>, priority: Priority) {
+    if let Err(e) = priority.apply() {
+        eprintln!("generator: cannot apply {priority:?}: {e}");
     }
     if let Some(cpu) = cpu {
         let mut set = nix::sched::CpuSet::new();
@@ -415,7 +449,7 @@ impl Receiver {
 /// flows); in between, wait for and count incoming packets. After `duration`, keep
 /// receiving until everything sent arrived or `drain` passed.
 fn generator(flows: &[Flow], spec: &RoundSpec, base: Instant) -> Result<GenOut, TrafficError> {
-    pin(spec.cpu, spec.nice);
+    pin(spec.cpu, spec.priority);
     let cpu0 = thread_cpu();
     let mut rx = Receiver::new(flows)?;
     let mut ring = match spec.send_io {
@@ -662,6 +696,40 @@ mod tests {
         assert_eq!(parse_packet(&b), None);
     }
 
+    #[test]
+    fn priority_applies_to_the_calling_thread_only() {
+        // A raised nice value (allowed without privileges) lands on the thread that applied it.
+        let seen = std::thread::spawn(|| {
+            Priority {
+                nice: 3,
+                fifo: None,
+            }
+            .apply()
+            .expect("raising nice is always allowed");
+            // SAFETY: getpriority with PRIO_PROCESS and 0 reads the calling thread's value.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, 3);
+        // SAFETY: as above, for this (untouched) thread.
+        let here = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        assert_ne!(here, 3);
+        // SCHED_FIFO either applies (root) or fails with a clear OS error, never silently.
+        let fifo = std::thread::spawn(|| {
+            let r = Priority {
+                nice: 0,
+                fifo: Some(1),
+            }
+            .apply();
+            // SAFETY: sched_getscheduler(0) reads the calling thread's policy.
+            (r.is_ok(), unsafe { libc::sched_getscheduler(0) })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(fifo.0, fifo.1 == libc::SCHED_FIFO, "{fifo:?}");
+    }
+
     /// Loopback without a relay: two sockets connected to each other stand in for the
     /// relay path, so the generator's counting and pacing are checked on their own.
     fn direct_pair() -> (UdpSocket, UdpSocket) {
@@ -696,7 +764,7 @@ mod tests {
             tick: Duration::from_millis(1),
             cpu: None,
             send_io,
-            nice: 0,
+            priority: Priority::default(),
         };
         let r = run_round(&flows, &spec, None).unwrap();
         assert!(r.sent > 100, "sent {}", r.sent);
@@ -745,7 +813,7 @@ mod tests {
             tick: Duration::from_millis(1),
             cpu: None,
             send_io: SendIo::Syscall,
-            nice: 0,
+            priority: Priority::default(),
         };
         let r = run_round(&flows, &spec, None).unwrap();
         assert!(r.sent > 50);
