@@ -620,7 +620,8 @@ impl Leg {
         }
     }
 
-    fn apply_remote(&mut self, d: &SessionDesc) -> Result<(), CallError> {
+    /// The peer's ICE credentials and candidates (an answer, an offer or a restart).
+    fn add_remote_ice(&mut self, d: &SessionDesc) {
         self.agent.set_remote_credentials(&d.ice_ufrag, &d.ice_pwd);
         let now = Instant::now();
         for c in &d.candidates {
@@ -632,6 +633,10 @@ impl Leg {
         if d.end_of_candidates {
             self.agent.end_of_remote_candidates();
         }
+    }
+
+    fn apply_remote(&mut self, d: &SessionDesc) -> Result<(), CallError> {
+        self.add_remote_ice(d);
         let peer_key = decode_key(&d.public_key)?;
         self.peer_key = Some(peer_key);
         if let Some(f) = self.file.as_mut() {
@@ -908,17 +913,7 @@ impl Leg {
             self.restart(sess, "peer restarted").await?;
         }
         self.awaiting_restart_answer = false;
-        self.agent.set_remote_credentials(&d.ice_ufrag, &d.ice_pwd);
-        let now = Instant::now();
-        for c in &d.candidates {
-            if let Ok(c) = Candidate::try_from(c) {
-                self.agent.add_remote_candidate(c, now);
-                self.remote_cands += 1;
-            }
-        }
-        if d.end_of_candidates {
-            self.agent.end_of_remote_candidates();
-        }
+        self.add_remote_ice(d);
         Ok(())
     }
 

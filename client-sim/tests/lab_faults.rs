@@ -11,12 +11,22 @@ mod lab;
 
 use std::time::{Duration, Instant};
 
-use lab::{World, field_f64, wait_inbound_udp, with_deadline};
+use lab::{Finished, World, field_f64, wait_inbound_udp, with_deadline};
 use peerlink_netlab::NatKind;
 
 const DEADLINE: Duration = Duration::from_secs(170);
 /// Longest media gap a recovery may cause (BENCHMARKS.md: path lost -> media again ≤ 3 s).
 const MAX_GAP_MS: f64 = 3000.0;
+
+/// The JSON report of a finished peerlink-sim process, printed under `title`; panics with the
+/// lab's logs when there is none.
+fn finished_report(world: &World, f: &Finished, title: &str) -> serde_json::Value {
+    let v = f
+        .report()
+        .unwrap_or_else(|e| panic!("{e}\n{}", world.logs()));
+    print_report(title, &v);
+    v
+}
 
 fn print_report(title: &str, v: &serde_json::Value) {
     println!(
@@ -79,14 +89,8 @@ fn relay_killed_mid_call_media_resumes_on_the_other_relay() {
         let fc = call.wait(Duration::from_secs(90));
         let fl = listener.wait(Duration::from_secs(20));
         let survivor_after = world.relays[survivor].forwarded();
-        let a = fc
-            .report()
-            .unwrap_or_else(|e| panic!("{e}\n{}", world.logs()));
-        let b = fl
-            .report()
-            .unwrap_or_else(|e| panic!("{e}\n{}", world.logs()));
-        print_report("caller", &a);
-        print_report("callee", &b);
+        let a = finished_report(&world, &fc, "caller");
+        let b = finished_report(&world, &fl, "callee");
         println!(
             "surviving relay forwarded {} packets after the kill",
             survivor_after - survivor_before
@@ -139,14 +143,8 @@ fn rebinding(full: bool, tag: &str) {
     let fc = call.wait(Duration::from_secs(90));
     let fl = listener.wait(Duration::from_secs(20));
     let (after, _) = ra.udp_forwarded().unwrap();
-    let a = fc
-        .report()
-        .unwrap_or_else(|e| panic!("{e}\n{}", world.logs()));
-    let b = fl
-        .report()
-        .unwrap_or_else(|e| panic!("{e}\n{}", world.logs()));
-    print_report("caller", &a);
-    print_report("callee", &b);
+    let a = finished_report(&world, &fc, "caller");
+    let b = finished_report(&world, &fl, "callee");
     println!(
         "inbound datagrams through the symmetric NAT after the flush: {}",
         after - before
@@ -202,10 +200,7 @@ fn callee_killed_mid_call_caller_ends_with_a_reason_within_consent_timeout() {
         let killed = Instant::now();
         let fc = call.wait(Duration::from_secs(30));
         let took = killed.elapsed();
-        let a = fc
-            .report()
-            .unwrap_or_else(|e| panic!("{e}\n{}", world.logs()));
-        print_report("caller", &a);
+        let a = finished_report(&world, &fc, "caller");
         println!(
             "caller ended {:.2} s after the callee was killed",
             took.as_secs_f64()

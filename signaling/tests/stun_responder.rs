@@ -42,6 +42,12 @@ async fn recv(sock: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     (buf, from)
 }
 
+/// Sends `req` to `server` and returns the answer (bounded wait).
+async fn ask(sock: &UdpSocket, server: SocketAddr, req: &[u8]) -> Vec<u8> {
+    sock.send_to(req, server).await.unwrap();
+    recv(sock).await.0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binding_answer_and_garbage_dropped() {
     let d = tempfile::tempdir().unwrap();
@@ -69,7 +75,9 @@ async fn binding_answer_and_garbage_dropped() {
     assert_eq!(node.metric("stun_dropped_total").await, 3);
     assert_eq!(node.metric("stun_responses_total").await, 1);
     // CHANGE-REQUEST without an alternate: 420.
-    sock.send_to(
+    let resp = ask(
+        &sock,
+        server,
         &binding(
             10,
             Some(ChangeRequest {
@@ -77,11 +85,8 @@ async fn binding_answer_and_garbage_dropped() {
                 change_port: true,
             }),
         ),
-        server,
     )
-    .await
-    .unwrap();
-    let (resp, _) = recv(&sock).await;
+    .await;
     let m = Message::parse(&resp).unwrap();
     assert_eq!(m.get::<ErrorCode>().unwrap().unwrap().code, 420);
 }
@@ -276,8 +281,7 @@ async fn hostile_datagrams_dropped_and_bad_attributes_answered() {
         sock.send_to(j, server).await.unwrap();
     }
     // None of that is answered: the first answer is to this request.
-    sock.send_to(&binding(9, None), server).await.unwrap();
-    let (resp, _) = recv(&sock).await;
+    let resp = ask(&sock, server, &binding(9, None)).await;
     let m = Message::parse(&resp).unwrap();
     assert_eq!(m.transaction_id(), TransactionId([9; 12]));
     assert_eq!(m.message_type(), MessageType::BINDING_SUCCESS);
@@ -287,7 +291,9 @@ async fn hostile_datagrams_dropped_and_bad_attributes_answered() {
     );
 
     // Unknown comprehension-required attributes: 420 listing them (optional ones are fine).
-    sock.send_to(
+    let resp = ask(
+        &sock,
+        server,
         &binding_with(
             10,
             &[
@@ -297,11 +303,8 @@ async fn hostile_datagrams_dropped_and_bad_attributes_answered() {
                 (0x7777, vec![5; 4]),
             ],
         ),
-        server,
     )
-    .await
-    .unwrap();
-    let (resp, _) = recv(&sock).await;
+    .await;
     let m = Message::parse(&resp).unwrap();
     assert_eq!(m.transaction_id(), TransactionId([10; 12]));
     assert_eq!(m.get::<ErrorCode>().unwrap().unwrap().code, 420);
@@ -310,10 +313,7 @@ async fn hostile_datagrams_dropped_and_bad_attributes_answered() {
         .unwrap()
         .unwrap();
     assert_eq!(unknown.as_slice(), &[0x7777, 0x0030]);
-    sock.send_to(&binding_with(11, &[(0xC0DE, vec![0; 8])]), server)
-        .await
-        .unwrap();
-    let (resp, _) = recv(&sock).await;
+    let resp = ask(&sock, server, &binding_with(11, &[(0xC0DE, vec![0; 8])])).await;
     let m = Message::parse(&resp).unwrap();
     assert_eq!(m.message_type(), MessageType::BINDING_SUCCESS);
 
@@ -337,10 +337,7 @@ async fn hostile_datagrams_dropped_and_bad_attributes_answered() {
     ];
     for (i, (what, attrs)) in hostile.iter().enumerate() {
         let tid = 20 + u8::try_from(i).unwrap();
-        sock.send_to(&binding_with(tid, attrs), server)
-            .await
-            .unwrap();
-        let (resp, _) = recv(&sock).await;
+        let resp = ask(&sock, server, &binding_with(tid, attrs)).await;
         let m = Message::parse(&resp).unwrap();
         assert_eq!(m.transaction_id(), TransactionId([tid; 12]), "{what}");
         assert_eq!(m.get::<ErrorCode>().unwrap().unwrap().code, 400, "{what}");
@@ -348,13 +345,12 @@ async fn hostile_datagrams_dropped_and_bad_attributes_answered() {
         assert!(resp.len() < 200, "{what}: nothing echoed");
     }
     // A well-formed USERNAME is ignored (the responder authenticates nobody).
-    sock.send_to(
-        &binding_with(30, &[(username, b"alice:bob".to_vec())]),
+    let resp = ask(
+        &sock,
         server,
+        &binding_with(30, &[(username, b"alice:bob".to_vec())]),
     )
-    .await
-    .unwrap();
-    let (resp, _) = recv(&sock).await;
+    .await;
     assert_eq!(
         Message::parse(&resp).unwrap().message_type(),
         MessageType::BINDING_SUCCESS
@@ -367,24 +363,22 @@ async fn hostile_datagrams_dropped_and_bad_attributes_answered() {
             vec![0, 0, 0, (u8::from(ip) << 2) | (u8::from(port) << 1)],
         )
     };
-    sock.send_to(
-        &binding_with(31, &[cr(false, false), cr(true, true)]),
+    let resp = ask(
+        &sock,
         server,
+        &binding_with(31, &[cr(false, false), cr(true, true)]),
     )
-    .await
-    .unwrap();
-    let (resp, _) = recv(&sock).await;
+    .await;
     assert_eq!(
         Message::parse(&resp).unwrap().message_type(),
         MessageType::BINDING_SUCCESS
     );
-    sock.send_to(
-        &binding_with(32, &[cr(false, true), cr(false, false)]),
+    let resp = ask(
+        &sock,
         server,
+        &binding_with(32, &[cr(false, true), cr(false, false)]),
     )
-    .await
-    .unwrap();
-    let (resp, _) = recv(&sock).await;
+    .await;
     let m = Message::parse(&resp).unwrap();
     assert_eq!(m.get::<ErrorCode>().unwrap().unwrap().code, 420);
     assert_eq!(

@@ -359,16 +359,8 @@ impl Agent {
                 .turn
                 .as_ref()
                 .is_some_and(|t| t.config().server == from);
-        if !from_turn
-            && kind == PacketKind::Stun
-            && let Some(r) = self
-                .retired
-                .iter_mut()
-                .find(|(s, t)| *s == socket && t.config().server == from)
-        {
-            // The answer to a Refresh LIFETIME 0 of a released allocation.
-            let _ = r.1.handle_input(now, from, data);
-            self.drain_retired(now);
+        // The answer to a Refresh LIFETIME 0 of a released allocation.
+        if !from_turn && kind == PacketKind::Stun && self.feed_retired(now, socket, from, data) {
             return None;
         }
         if from_turn && matches!(kind, PacketKind::Stun | PacketKind::ChannelData) {
@@ -377,16 +369,11 @@ impl Agent {
             }
             let turn = self.turn.as_mut()?;
             let res = turn.handle_input(now, from, data);
+            // Same relay as a released allocation: maybe the answer to its release.
             if res.is_err()
                 && kind == PacketKind::Stun
-                && let Some(r) = self
-                    .retired
-                    .iter_mut()
-                    .find(|(s, t)| *s == socket && t.config().server == from)
+                && self.feed_retired(now, socket, from, data)
             {
-                // Same relay as a released allocation: maybe the answer to its release.
-                let _ = r.1.handle_input(now, from, data);
-                self.drain_retired(now);
                 return None;
             }
             return match res {
@@ -631,6 +618,21 @@ impl Agent {
             self.retired.push((self.turn_socket, old));
             self.drain_retired(now);
         }
+    }
+
+    /// Hands a STUN message from `from` on `socket` to the released allocation on that relay,
+    /// if there is one (the answer to its Refresh LIFETIME 0). `true` when one took it.
+    fn feed_retired(&mut self, now: Instant, socket: usize, from: SocketAddr, data: &[u8]) -> bool {
+        let Some(r) = self
+            .retired
+            .iter_mut()
+            .find(|(s, t)| *s == socket && t.config().server == from)
+        else {
+            return false;
+        };
+        let _ = r.1.handle_input(now, from, data);
+        self.drain_retired(now);
+        true
     }
 
     /// Sends what released allocations have to send; forgets the finished ones.

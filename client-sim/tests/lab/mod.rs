@@ -212,6 +212,23 @@ impl Finished {
     }
 }
 
+/// Both sides' reports of one exchange (`what`, e.g. "call a -> b"), or one error that
+/// describes both processes (the side that succeeded as "ok").
+fn both_reports(
+    what: &str,
+    (fa, a): (&Finished, Result<Value, String>),
+    (fb, b): (&Finished, Result<Value, String>),
+) -> Result<(Value, Value), String> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (a, b) => Err(format!(
+            "{what} failed:\n{}\n{}",
+            a.err().unwrap_or_else(|| fa.describe("ok")),
+            b.err().unwrap_or_else(|| fb.describe("ok"))
+        )),
+    }
+}
+
 fn tail_str(s: &str, n: usize) -> String {
     let all: Vec<&str> = s.lines().collect();
     all[all.len().saturating_sub(n)..].join("\n")
@@ -834,16 +851,9 @@ pub fn run_call(
     let limit = duration + Duration::from_secs(75);
     let fc = call.wait(limit);
     let fl = listener.wait(Duration::from_secs(20));
-    match (fc.report(), fl.report()) {
-        (Ok(caller), Ok(callee)) => Ok(CallOutcome { caller, callee }),
-        (a, b) => Err(format!(
-            "call {} -> {} failed:\n{}\n{}",
-            caller.user,
-            callee.user,
-            a.err().unwrap_or_else(|| fc.describe("ok")),
-            b.err().unwrap_or_else(|| fl.describe("ok"))
-        )),
-    }
+    let what = format!("call {} -> {}", caller.user, callee.user);
+    both_reports(&what, (&fc, fc.report()), (&fl, fl.report()))
+        .map(|(caller, callee)| CallOutcome { caller, callee })
 }
 
 /// Wait until `router` has forwarded at least `at_least` more inbound UDP datagrams than
@@ -975,16 +985,9 @@ pub fn transfer(
     }
     let fs = send_file(sender, &receiver.user, &src).wait(Duration::from_secs(150));
     let fl = listener.wait(Duration::from_secs(30));
-    match (fs.report(), fl.report()) {
-        (Ok(s), Ok(r)) => check_transfer(s, r, &data),
-        (a, b) => Err(format!(
-            "transfer {} -> {} failed:\n{}\n{}",
-            sender.user,
-            receiver.user,
-            a.err().unwrap_or_else(|| fs.describe("ok")),
-            b.err().unwrap_or_else(|| fl.describe("ok"))
-        )),
-    }
+    let what = format!("transfer {} -> {}", sender.user, receiver.user);
+    both_reports(&what, (&fs, fs.report()), (&fl, fl.report()))
+        .and_then(|(s, r)| check_transfer(s, r, &data))
 }
 
 /// A call of `duration` and then a transfer of `size` random bytes from caller to callee,
@@ -1018,25 +1021,11 @@ pub fn call_then_transfer(
             .cloned()
             .ok_or_else(|| fl.describe(&format!("printed no {kind} report")))
     };
-    let call = match (fc.report(), line("call")) {
-        (Ok(caller), Ok(callee)) => Ok(CallOutcome { caller, callee }),
-        (a, b) => Err(format!(
-            "call {} -> {} failed:\n{}\n{}",
-            caller.user,
-            callee.user,
-            a.err().unwrap_or_else(|| fc.describe("ok")),
-            b.err().unwrap_or_else(|| fl.describe("ok"))
-        )),
-    };
-    let file = match (fs.report(), line("file")) {
-        (Ok(s), Ok(r)) => check_transfer(s, r, &data),
-        (a, b) => Err(format!(
-            "transfer {} -> {} failed:\n{}\n{}",
-            caller.user,
-            callee.user,
-            a.err().unwrap_or_else(|| fs.describe("ok")),
-            b.err().unwrap_or_else(|| fl.describe("ok"))
-        )),
-    };
+    let what = format!("call {} -> {}", caller.user, callee.user);
+    let call = both_reports(&what, (&fc, fc.report()), (&fl, line("call")))
+        .map(|(caller, callee)| CallOutcome { caller, callee });
+    let what = format!("transfer {} -> {}", caller.user, callee.user);
+    let file = both_reports(&what, (&fs, fs.report()), (&fl, line("file")))
+        .and_then(|(s, r)| check_transfer(s, r, &data));
     (call, file)
 }
