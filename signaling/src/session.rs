@@ -409,13 +409,27 @@ async fn writer_loop(
             _ = ctl.closed() => break,
             m = rx.recv() => {
                 let Some(frame) = m else { break };
-                tokio::select! {
-                    _ = ctl.closed() => break,
-                    r = tokio::time::timeout(write_timeout, sink.send(Message::Text(frame))) => match r {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => { ctl.close(1000, "write failed"); return; }
-                        Err(_) => { ctl.close(CLOSE_POLICY, "slow consumer: write timed out"); break; }
+                let mut send = std::pin::pin!(tokio::time::timeout(
+                    write_timeout,
+                    sink.send(Message::Text(frame)),
+                ));
+                let r = tokio::select! {
+                    biased;
+                    r = &mut send => r,
+                    // A close while this frame is being written: a slow consumer is cut off at
+                    // once; any other close (shutdown, policy) lets the frame, already taken
+                    // off the queue, finish (bounded by the write timeout) ahead of the rest.
+                    _ = ctl.closed() => {
+                        if is_slow_consumer(&ctl) {
+                            break;
+                        }
+                        send.await
                     }
+                };
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => { ctl.close(1000, "write failed"); return; }
+                    Err(_) => { ctl.close(CLOSE_POLICY, "slow consumer: write timed out"); break; }
                 }
             }
             _ = ping.tick() => {
@@ -428,7 +442,7 @@ async fn writer_loop(
         }
     }
     let (code, reason) = ctl.reason().unwrap_or((1000, String::new()));
-    if !reason.starts_with("slow consumer") {
+    if !is_slow_consumer(&ctl) {
         // Flush what is already queued (e.g. `goodbye`) before the close frame.
         while let Ok(frame) = rx.try_recv() {
             match tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Text(frame)))
@@ -440,6 +454,12 @@ async fn writer_loop(
         }
     }
     close_now(&mut sink, code, &reason).await;
+}
+
+/// Whether the session was closed for not keeping up (its queue is then dropped, not flushed).
+fn is_slow_consumer(ctl: &SessionCtl) -> bool {
+    ctl.reason()
+        .is_some_and(|(_, r)| r.starts_with("slow consumer"))
 }
 
 fn classify_read_error(e: axum::Error) -> (u16, String) {
