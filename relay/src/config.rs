@@ -34,8 +34,9 @@ pub enum IoMode {
 pub struct Config {
     /// UDP address of the TURN/STUN listener. Default `0.0.0.0:3478`.
     pub listen: SocketAddr,
-    /// Addresses relayed sockets bind on (one per family). Default: the listen IP when it is
-    /// not a wildcard; required otherwise.
+    /// Addresses relayed sockets bind on; several of one family multiply the relayed addresses
+    /// (each IP has the whole port range), allocations go to them in turn. Default: the listen
+    /// IP when it is not a wildcard; required otherwise.
     pub relay_ip: Vec<IpAddr>,
     /// REALM. Default `peerlink`. Must not be empty.
     pub realm: String,
@@ -259,10 +260,12 @@ impl Config {
                 return bad(format!("relay-ip {ip} is not a unicast address"));
             }
         }
-        if relay_ips.iter().filter(|i| i.is_ipv4()).count() > 1
-            || relay_ips.iter().filter(|i| i.is_ipv6()).count() > 1
+        if let Some((i, ip)) = relay_ips
+            .iter()
+            .enumerate()
+            .find(|(i, ip)| relay_ips[..*i].contains(ip))
         {
-            return bad("at most one relay-ip per address family".into());
+            return bad(format!("relay-ip {ip} is given twice (entry {})", i + 1));
         }
         if !self.uring_buffers.is_power_of_two() || !(2..=32768).contains(&self.uring_buffers) {
             return bad(format!(
@@ -465,6 +468,8 @@ mod tests {
             Box::new(|c| c.listen = "0.0.0.0:3478".parse().unwrap()),
             Box::new(|c| c.auth_secrets = vec![String::new()]),
             Box::new(|c| c.log_level = "[[[".into()),
+            Box::new(|c| c.relay_ip = vec!["127.0.0.2".parse().unwrap(); 2]),
+            Box::new(|c| c.relay_ip = vec!["224.0.0.1".parse().unwrap()]),
         ];
         for (i, f) in cases.iter().enumerate() {
             let mut c = ok_base();
@@ -472,6 +477,13 @@ mod tests {
             assert!(c.validate().is_err(), "case {i} should fail");
         }
         assert!(ok_base().validate().is_ok());
+        // Several relay IPs of one family (more relayed addresses than one IP's ports).
+        let mut c = ok_base();
+        c.relay_ip = ["127.0.0.1", "127.0.0.2", "::1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(c.validate().unwrap().relay_ips.len(), 3);
     }
 
     #[test]

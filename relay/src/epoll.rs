@@ -130,8 +130,12 @@ pub fn run(mut ctx: WorkerCtx) -> Result<(), EpollError> {
             } else {
                 let key = (data & 0xFFFF_FFFF) as usize;
                 let generation = ((data >> 32) as u32) & GEN_MASK;
+                // epoll keeps every relayed socket by fd (only io_uring releases them).
                 match ctx.sockets.live(key, generation) {
-                    Some(e) => (e.sock.as_raw_fd(), Source::Relayed(key, e.id)),
+                    Some(e) => match e.fd() {
+                        Some(fd) => (fd, Source::Relayed(key, e.id)),
+                        None => continue,
+                    },
                     None => continue,
                 }
             };
@@ -267,10 +271,15 @@ fn handle_one(
     }
     let frame = &mut rx.bufs[m * stride..(m + 1) * stride];
     if let Some(f) = ctx.dispatch(now, src_kind, src, frame, len.min(PAYLOAD_CAP)) {
+        let Some(fd) = f.fd else {
+            // Unreachable with epoll (it never releases fds); counted, never a panic.
+            ctx.counters.send_errors += 1;
+            return;
+        };
         let mut addr = RawAddr::zeroed();
         addr.set(f.to);
         tx.push(TxItem {
-            fd: f.fd,
+            fd,
             idx: m,
             start: f.range.start,
             len: f.range.len(),

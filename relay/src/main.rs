@@ -47,7 +47,8 @@ struct RunArgs {
     /// TURN/STUN UDP listen address [default 0.0.0.0:3478].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Relayed sockets bind here (one per family) [default: the listen IP].
+    /// Relayed sockets bind here; repeat for more relayed addresses (allocations take the
+    /// addresses of their family in turn) [default: the listen IP].
     #[arg(long)]
     relay_ip: Vec<IpAddr>,
     /// REALM [default peerlink].

@@ -48,8 +48,10 @@ impl Hasher for IdHasher {
 
 /// One relayed socket.
 pub struct RelayedEntry {
-    /// The socket.
-    pub sock: UdpSocket,
+    /// The socket, while this process holds it by fd. `None` once the io_uring backend moved it
+    /// into its ring's registered file table (then the ring holds the only reference: no entry
+    /// in the process's fd table, so RLIMIT_NOFILE does not bound the allocations).
+    pub sock: Option<UdpSocket>,
     /// Allocation it belongs to.
     pub id: AllocationId,
     /// Generation (distinguishes a reused slab key from the previous occupant).
@@ -58,20 +60,33 @@ pub struct RelayedEntry {
     pub last_ovfl: u32,
 }
 
+impl RelayedEntry {
+    /// The socket's fd, while this process holds one.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.sock.as_ref().map(AsRawFd::as_raw_fd)
+    }
+}
+
 /// The relayed sockets of one worker, keyed by slab index and by `AllocationId`.
 pub struct SocketTable {
     /// Entries; the key goes into completion tokens.
     pub slab: Slab<RelayedEntry>,
     by_id: HashMap<AllocationId, usize, BuildHasherDefault<IdHasher>>,
-    relay_v4: Option<IpAddr>,
-    relay_v6: Option<IpAddr>,
+    /// Relay addresses per family; allocations take them in turn (`next_v4` / `next_v6`).
+    relay_v4: Vec<IpAddr>,
+    relay_v6: Vec<IpAddr>,
+    next_v4: usize,
+    next_v6: usize,
     ports: RangeInclusive<u16>,
+    /// Relayed sockets must get an fd below this (RLIMIT_NOFILE minus [`FD_RESERVE`]).
+    fd_ceiling: RawFd,
     rng: ChaCha8Rng,
     next_generation: u32,
     /// Opened since the backend last looked: (key, generation) to arm.
     pub opened: Vec<(usize, u32)>,
-    /// Closed since the backend last looked: (key, generation, socket) to disarm and drop.
-    pub closed: Vec<(usize, u32, UdpSocket)>,
+    /// Closed since the backend last looked: (key, generation, socket if still held by fd) to
+    /// disarm and drop.
+    pub closed: Vec<(usize, u32, Option<UdpSocket>)>,
     /// Sockets that failed to open.
     pub open_failures: u64,
 }
@@ -82,9 +97,12 @@ impl SocketTable {
         Self {
             slab: Slab::with_capacity(1024),
             by_id: HashMap::with_capacity_and_hasher(1024, Default::default()),
-            relay_v4: relay_ips.iter().copied().find(IpAddr::is_ipv4),
-            relay_v6: relay_ips.iter().copied().find(IpAddr::is_ipv6),
+            relay_v4: relay_ips.iter().copied().filter(IpAddr::is_ipv4).collect(),
+            relay_v6: relay_ips.iter().copied().filter(IpAddr::is_ipv6).collect(),
+            next_v4: 0,
+            next_v6: 0,
             ports,
+            fd_ceiling: fd_ceiling(),
             rng: ChaCha8Rng::seed_from_u64(seed),
             next_generation: 1,
             opened: Vec::with_capacity(64),
@@ -93,15 +111,23 @@ impl SocketTable {
         }
     }
 
-    /// Raw fd of `id`'s relayed socket.
+    /// Raw fd of `id`'s relayed socket (`None` also when the socket lives only in a ring).
     pub fn fd_of(&self, id: AllocationId) -> Option<RawFd> {
-        self.key_fd_of(id).map(|(_, fd)| fd)
+        self.key_fd_of(id).and_then(|(_, fd)| fd)
     }
 
-    /// Slab key and raw fd of `id`'s relayed socket.
-    pub fn key_fd_of(&self, id: AllocationId) -> Option<(usize, RawFd)> {
+    /// Slab key and raw fd (if this process still holds one) of `id`'s relayed socket.
+    pub fn key_fd_of(&self, id: AllocationId) -> Option<(usize, Option<RawFd>)> {
         let key = *self.by_id.get(&id)?;
-        self.slab.get(key).map(|e| (key, e.sock.as_raw_fd()))
+        self.slab.get(key).map(|e| (key, e.fd()))
+    }
+
+    /// Give up the fd of socket `key` (closing it) once an io_uring ring holds the socket in
+    /// its registered file table; the ring's reference keeps the socket and its port.
+    pub fn release_fd(&mut self, key: usize) {
+        if let Some(e) = self.slab.get_mut(key) {
+            e.sock = None;
+        }
     }
 
     /// Entry `key` if it still has generation `generation`.
@@ -129,36 +155,58 @@ impl RelaySockets for SocketTable {
         family: AddrFamily,
         even: bool,
     ) -> Result<SocketAddr, OpenError> {
-        let ip = match family {
-            AddrFamily::V4 => self.relay_v4,
-            AddrFamily::V6 => self.relay_v6,
+        let (ips, next) = match family {
+            AddrFamily::V4 => (&self.relay_v4, &mut self.next_v4),
+            AddrFamily::V6 => (&self.relay_v6, &mut self.next_v6),
+        };
+        if ips.is_empty() {
+            return Err(OpenError::FamilyNotSupported);
         }
-        .ok_or(OpenError::FamilyNotSupported)?;
         if self.by_id.contains_key(&id) {
             // The core never reuses a live id; refuse rather than leak the old socket.
             return Err(OpenError::Io(std::io::Error::other(
                 "allocation id already has a socket",
             )));
         }
-        let bound = net::bind_relayed(ip, self.ports.clone(), even, &mut self.rng);
-        let (sock, addr) = match bound {
-            Ok(Some(found)) => found,
-            Ok(None) => {
-                self.open_failures += 1;
-                return Err(OpenError::NoPorts);
+        // The family's addresses in turn, starting after the last one used; an address whose
+        // ports are all taken passes the allocation on to the next.
+        let start = *next % ips.len();
+        let mut found = None;
+        for i in 0..ips.len() {
+            let ip = ips[(start + i) % ips.len()];
+            match net::bind_relayed(ip, self.ports.clone(), even, &mut self.rng) {
+                Ok(Some(bound)) => {
+                    *next = start + i + 1;
+                    found = Some(bound);
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.open_failures += 1;
+                    return Err(OpenError::Io(e));
+                }
             }
-            Err(e) => {
-                self.open_failures += 1;
-                return Err(OpenError::Io(e));
-            }
+        }
+        let Some((sock, addr)) = found else {
+            self.open_failures += 1;
+            return Err(OpenError::NoPorts);
         };
+        // The kernel hands out the lowest free fd: one this high means the last few are all
+        // that is left, and they stay for the metrics server and the other workers' listeners
+        // (a full fd table would take /metrics and /healthz down with it).
+        if sock.as_raw_fd() >= self.fd_ceiling {
+            self.open_failures += 1;
+            return Err(OpenError::Io(std::io::Error::from_raw_os_error(
+                libc::EMFILE,
+            )));
+        }
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1) & GEN_MASK;
         if self.next_generation == 0 {
             self.next_generation = 1;
         }
         let key = self.slab.insert(RelayedEntry {
-            sock,
+            sock: Some(sock),
             id,
             generation,
             last_ovfl: 0,
@@ -177,6 +225,25 @@ impl RelaySockets for SocketTable {
     }
 }
 
+/// File descriptors relayed sockets leave free for everything else (HTTP connections, logs).
+pub const FD_RESERVE: RawFd = 32;
+
+/// The first fd number a relayed socket may not have: RLIMIT_NOFILE minus [`FD_RESERVE`].
+fn fd_ceiling() -> RawFd {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out pointer for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return RawFd::MAX;
+    }
+    RawFd::try_from(lim.rlim_cur)
+        .unwrap_or(RawFd::MAX)
+        .saturating_sub(FD_RESERVE)
+        .max(FD_RESERVE)
+}
+
 /// Generations fit in 24 bits (completion tokens carry them next to the slab key).
 pub const GEN_MASK: u32 = 0x00FF_FFFF;
 
@@ -192,8 +259,9 @@ pub enum Source {
 /// A zero-copy send the backend must perform: `frame[range]` from `fd` to `to`.
 #[derive(Clone, Debug)]
 pub struct ForwardAction {
-    /// Socket to send from.
-    pub fd: RawFd,
+    /// Socket to send from: always `Some` for the listener; `None` for a relayed socket that
+    /// lives only in the io_uring ring's file table (named there by `key`).
+    pub fd: Option<RawFd>,
     /// Slab key of that socket when it is a relayed one (`None`: the listener).
     pub key: Option<usize>,
     /// Destination.
@@ -333,12 +401,16 @@ impl WorkerCtx {
                     return None;
                 }
                 let (fd, key, direction) = match (from, kind) {
-                    (SocketRef::Listener, SocketKind::Listener) => {
-                        (self.listener.as_raw_fd(), None, Direction::ClientToClient)
-                    }
-                    (SocketRef::Listener, SocketKind::Relayed) => {
-                        (self.listener.as_raw_fd(), None, Direction::PeerToClient)
-                    }
+                    (SocketRef::Listener, SocketKind::Listener) => (
+                        Some(self.listener.as_raw_fd()),
+                        None,
+                        Direction::ClientToClient,
+                    ),
+                    (SocketRef::Listener, SocketKind::Relayed) => (
+                        Some(self.listener.as_raw_fd()),
+                        None,
+                        Direction::PeerToClient,
+                    ),
                     (SocketRef::Relayed(id), _) => match self.sockets.key_fd_of(id) {
                         Some((key, fd)) => (fd, Some(key), Direction::ClientToPeer),
                         None => {
@@ -404,11 +476,11 @@ impl WorkerCtx {
             .slab
             .get(key)
             .filter(|e| e.generation == generation)?;
-        let fd = entry.sock.as_raw_fd();
+        let sock = entry.sock.as_ref()?;
         if self.core.dont_fragment(entry.id) {
-            let _ = net::set_dont_fragment(&entry.sock);
+            let _ = net::set_dont_fragment(sock);
         }
-        Some(fd)
+        Some(sock.as_raw_fd())
     }
 
     /// Run the core's timers if due.

@@ -64,6 +64,8 @@ both!(
     histogram_log_reads_back,
     binding_maps_exact_client_address,
     kernel_receive_buffer_drops_are_counted,
+    several_relay_ips_multiply_relayed_addresses,
+    relayed_sockets_and_the_fd_limit,
 );
 
 fn alloc_free_cycles_leave_no_residue(io: &str) {
@@ -616,4 +618,177 @@ fn kernel_receive_buffer_drops_are_counted(io: &str) {
         relay.stat("kernel_rx_drops") > 0
     });
     assert!(relay.stat("dropped_not_stun") > 0);
+}
+
+/// `n` consecutive ports between 20000 and 32000 free on every one of `ips` (random start).
+fn free_range_on(ips: &[&str], n: u16) -> std::ops::RangeInclusive<u16> {
+    use rand::Rng;
+    for _ in 0..200 {
+        let lo: u16 = rand::rng().random_range(20_000..32_000 - n);
+        let hi = lo + n - 1;
+        if ips
+            .iter()
+            .all(|ip| (lo..=hi).all(|p| UdpSocket::bind((*ip, p)).is_ok()))
+        {
+            return lo..=hi;
+        }
+    }
+    panic!("no free port range on {ips:?}");
+}
+
+/// Allocate until the relay says 508 or `max` allocations are held; the clients and their
+/// relayed addresses, and the refusal if there was one.
+fn allocate_up_to(relay: &Relay, max: usize) -> (Vec<(TurnClient, SocketAddr)>, Option<u16>) {
+    let mut held = Vec::new();
+    for i in 0..max {
+        let mut c = TurnClient::new(relay.listen, "user", "pass");
+        match c.allocate() {
+            Ok(relayed) => held.push((c, relayed)),
+            Err(code) => {
+                assert_eq!(code, 508, "allocation #{i}: {}", relay.log_text());
+                return (held, Some(code));
+            }
+        }
+    }
+    (held, None)
+}
+
+/// Several `--relay-ip` of one family: each IP has the whole port range, allocations take the
+/// IPs in turn and data flows on every one; 508 only once every IP's ports are taken, and a
+/// freed port is taken again.
+fn several_relay_ips_multiply_relayed_addresses(io: &str) {
+    let ips = ["127.0.0.5", "127.0.0.6"];
+    let ports = free_range_on(&ips, 3);
+    let (lo, hi) = (ports.start().to_string(), ports.end().to_string());
+    let relay = Relay::start(
+        io,
+        &[
+            "--relay-ip",
+            ips[0],
+            "--relay-ip",
+            ips[1],
+            "--min-port",
+            &lo,
+            "--max-port",
+            &hi,
+        ],
+    );
+    let (mut held, refused) = allocate_up_to(&relay, 7);
+    assert_eq!(
+        refused,
+        Some(508),
+        "the 7th allocation finds every port taken"
+    );
+    let mut addrs: Vec<SocketAddr> = held.iter().map(|(_, a)| *a).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 6, "6 distinct relayed addresses: {addrs:?}");
+    for ip in ips {
+        let on_ip = addrs.iter().filter(|a| a.ip().to_string() == ip).count();
+        assert_eq!(on_ip, 3, "{ip} holds 3 allocations: {addrs:?}");
+        assert!(addrs.iter().all(|a| ports.contains(&a.port())), "{addrs:?}");
+    }
+    // Data flows through an allocation on each relay IP.
+    let p = peer();
+    let peer_addr = p.local_addr().unwrap();
+    for ip in ips {
+        let (c, relayed) = held
+            .iter_mut()
+            .find(|(_, a)| a.ip().to_string() == ip)
+            .unwrap();
+        c.create_permission(peer_addr).expect("permission");
+        c.channel_bind(CHANNEL, peer_addr).expect("channel bind");
+        assert_relays(c, &p, *relayed, ip.as_bytes());
+    }
+    // Free one: its relayed address can be allocated again.
+    let (mut first, freed) = held.remove(0);
+    first.refresh(0).expect("free");
+    let mut again = TurnClient::new(relay.listen, "user", "pass");
+    let deadline = Instant::now() + common::STEP;
+    let got = loop {
+        match again.allocate() {
+            Ok(a) => break a,
+            Err(508) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("allocation after a free: {e}"),
+        }
+    };
+    assert_eq!(got, freed, "the only free relayed address");
+}
+
+/// With RLIMIT_NOFILE at 200: io_uring keeps relayed sockets only in its rings' registered file
+/// tables (no fd each), so 600 allocations over 4 workers fit and relay data, and freeing them
+/// releases every port; epoll needs an fd per socket and answers 508 once only the reserve of
+/// fds is left, which keeps the TURN and HTTP sides serving.
+fn relayed_sockets_and_the_fd_limit(io: &str) {
+    const NOFILE: u64 = 200;
+    const WANT: usize = 600;
+    let relay = Relay::start_nofile(
+        io,
+        &[
+            "--workers",
+            "4",
+            "--relay-ip",
+            "127.0.0.7",
+            "--relay-ip",
+            "127.0.0.8",
+            "--min-port",
+            "20000",
+            "--max-port",
+            "31999",
+            "--user-quota",
+            "1000",
+        ],
+        NOFILE,
+    );
+    let (mut held, refused) = allocate_up_to(&relay, WANT);
+    let fds = relay.fd_count();
+    if io == "uring" {
+        assert_eq!(refused, None, "io_uring holds {WANT} with {NOFILE} fds");
+        assert_eq!(held.len(), WANT);
+        assert!(fds < 100, "relayed sockets hold no fd: {fds} open");
+    } else {
+        assert_eq!(refused, Some(508), "epoll runs out of fds");
+        assert!(
+            (100..NOFILE as usize).contains(&held.len()),
+            "epoll held {} before the fds ran out",
+            held.len()
+        );
+        // Still serving: a Binding is answered.
+        let mut probe = TurnClient::new(relay.listen, "user", "pass");
+        assert!(probe.binding().is_some(), "relay answers after EMFILE");
+        // The fds relayed sockets leave free keep the HTTP side up.
+        assert_eq!(relay.get("/healthz").unwrap().0, 200);
+    }
+    let n = held.len() as u64;
+    relay.wait_until("every relayed socket reported", common::STEP, || {
+        relay.stat("relayed_sockets") == n && relay.stat("allocations_active") == n
+    });
+    for ip in ["127.0.0.7", "127.0.0.8"] {
+        assert!(
+            held.iter().any(|(_, a)| a.ip().to_string() == ip),
+            "no allocation on {ip}"
+        );
+    }
+    // The last allocation (on io_uring: one with no fd) relays both ways.
+    let p = peer();
+    let peer_addr = p.local_addr().unwrap();
+    let (c, relayed) = held.last_mut().unwrap();
+    c.create_permission(peer_addr).expect("permission");
+    c.channel_bind(CHANNEL, peer_addr).expect("channel bind");
+    assert_relays(c, &p, *relayed, b"beyond the fd limit");
+    // Free everything: the rings let go of every socket, so every port is free again.
+    let addrs: Vec<SocketAddr> = held.iter().map(|(_, a)| *a).collect();
+    for (c, _) in &mut held {
+        c.refresh(0).expect("free");
+    }
+    relay.wait_until("all freed", common::STEP, || {
+        relay.stat("relayed_sockets") == 0 && relay.stat("allocations_active") == 0
+    });
+    let deadline = Instant::now() + common::STEP;
+    for a in addrs {
+        while UdpSocket::bind(a).is_err() {
+            assert!(Instant::now() < deadline, "relayed address {a} still bound");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

@@ -581,6 +581,11 @@ impl Core {
         &self.counters
     }
 
+    /// The configured allocation cap over all workers (io sizes per-worker tables by it).
+    pub fn max_allocations(&self) -> usize {
+        self.cfg.max_allocations
+    }
+
     /// Live allocations on this worker.
     pub fn allocations(&self) -> usize {
         self.table.len()

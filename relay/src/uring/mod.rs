@@ -1,7 +1,10 @@
 //! The io_uring backend: one ring per worker (`SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN`),
 //! multishot `RECVMSG` on the listener and on every relayed socket, all drawing from one
 //! provided-buffer ring; forwards are `SEND`s with a destination address (sendto) of the very
-//! receive buffer. The listener and the relayed sockets sit in the ring's registered file table.
+//! receive buffer. The listener and the relayed sockets sit in the ring's registered file table;
+//! a relayed socket there gives up its fd, so the ring holds the only reference and the
+//! process's RLIMIT_NOFILE does not bound the allocations (the table size, capped by the kernel
+//! at RLIMIT_NOFILE per ring, does).
 //!
 //! # Buffer layout (headroom)
 //!
@@ -261,6 +264,13 @@ fn send_sqe(target: Target, buf: *const u8, len: u32, addr: &RawAddr, tok: u64) 
 /// The ring's registered file table: slot 0 is the listener, slot `key + 1` the relayed socket
 /// with slab key `key`. Sockets whose slot would be past the table (or all of them, if the
 /// kernel refused the table) are used by plain fd.
+///
+/// A relayed socket in the table gives up its fd at once ([`SocketTable::release_fd`]): the
+/// ring's reference keeps the socket open and its port bound, and the process's fd table (and
+/// so RLIMIT_NOFILE) no longer bounds how many allocations a worker holds; the table does
+/// (the kernel caps it at RLIMIT_NOFILE per ring, so more workers hold more).
+///
+/// [`SocketTable::release_fd`]: crate::worker::SocketTable::release_fd
 struct FixedFiles {
     /// Slots in the table (0: no table).
     cap: u32,
@@ -269,10 +279,12 @@ struct FixedFiles {
 }
 
 impl FixedFiles {
-    /// Largest table asked for (the kernel also caps it at RLIMIT_NOFILE).
-    const MAX_SLOTS: u32 = 1 << 16;
+    /// Largest table the kernel allows (`IORING_MAX_FIXED_FILES`); it also caps the table at
+    /// RLIMIT_NOFILE.
+    const MAX_SLOTS: u32 = 1 << 20;
 
-    fn new(submitter: &io_uring::Submitter<'_>, listener_fd: RawFd) -> Self {
+    /// A table for the listener and up to `relayed` relayed sockets (fewer if the limits say so).
+    fn new(submitter: &io_uring::Submitter<'_>, listener_fd: RawFd, relayed: usize) -> Self {
         let none = Self {
             cap: 0,
             registered: Vec::new(),
@@ -287,6 +299,7 @@ impl FixedFiles {
         }
         let cap = u32::try_from(lim.rlim_cur)
             .unwrap_or(u32::MAX)
+            .min(u32::try_from(relayed.saturating_add(1)).unwrap_or(u32::MAX))
             .min(Self::MAX_SLOTS);
         if cap == 0 || submitter.register_files_sparse(cap).is_err() {
             return none;
@@ -309,10 +322,11 @@ impl FixedFiles {
         }
     }
 
-    fn relayed(&self, key: usize, fd: RawFd) -> Target {
+    /// How to name relayed socket `key` (`fd`: its fd if the process still holds one).
+    fn relayed(&self, key: usize, fd: Option<RawFd>) -> Option<Target> {
         match self.registered.get(key) {
-            Some(true) => Target::Fixed(key as u32 + 1),
-            _ => Target::Fd(fd),
+            Some(true) => Some(Target::Fixed(key as u32 + 1)),
+            _ => fd.map(Target::Fd),
         }
     }
 
@@ -329,8 +343,9 @@ impl FixedFiles {
         Target::Fd(fd)
     }
 
-    /// Empty the slot of a closed socket, so the kernel drops its reference to the file (the
-    /// port is released when our fd is closed, too).
+    /// Empty the slot of a closed socket, so the kernel drops its reference to the file. The
+    /// socket (and its port) goes once no reference is left: the table's, a receive still in
+    /// flight on it (until its cancellation completes) and our fd if we kept one.
     fn unregister(&mut self, submitter: &io_uring::Submitter<'_>, key: usize) {
         if let Some(r) = self.registered.get_mut(key)
             && *r
@@ -505,6 +520,7 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
     }
     let (submitter, mut sq, mut cq) = ring.split();
     let listener_fd = ctx.listener.as_raw_fd();
+    let relayed_slots = ctx.core.max_allocations();
     let mut st = Uring {
         starved: Vec::with_capacity(64),
         pending_cancels: Vec::with_capacity(64),
@@ -512,7 +528,7 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
         unsubmitted_sends: 0,
         deferred_close: Vec::with_capacity(64),
         overflow_seen: 0,
-        fixed: FixedFiles::new(&submitter, listener_fd),
+        fixed: FixedFiles::new(&submitter, listener_fd, relayed_slots),
         recv_msg: &*recv_msg,
     };
     let listener = st.fixed.listener(listener_fd);
@@ -680,9 +696,9 @@ fn handle_cqe(
                     st.fixed.listener(ctx.listener.as_raw_fd()),
                 ))
             } else {
-                ctx.sockets.live(key, generation).map(|e| {
-                    let target = st.fixed.relayed(key, e.sock.as_raw_fd());
-                    (Source::Relayed(key, e.id), target)
+                ctx.sockets.live(key, generation).and_then(|e| {
+                    let target = st.fixed.relayed(key, e.fd())?;
+                    Some((Source::Relayed(key, e.id), target))
                 })
             };
             let more = cqueue::more(flags);
@@ -757,12 +773,18 @@ fn after_core(
         }
         st.starved.retain(|(t, _)| *t != tok);
         st.fixed.unregister(submitter, key);
-        st.deferred_close.push(sock);
+        if let Some(sock) = sock {
+            st.deferred_close.push(sock);
+        }
     }
     while let Some((key, generation)) = ctx.sockets.opened.pop() {
         if let Some(fd) = ctx.prepare_opened(key, generation) {
             let tok = token(KIND_RELAYED, generation, key);
             let target = st.fixed.register(submitter, key, fd);
+            if let Target::Fixed(_) = target {
+                // The ring holds the socket now; the fd would only count against RLIMIT_NOFILE.
+                ctx.sockets.release_fd(key);
+            }
             if !st.arm(sq, submitter, tok, target)? {
                 st.starved.push((tok, target));
             }
@@ -861,12 +883,19 @@ fn handle_datagram(
     };
     // SAFETY: `range` was checked against the frame length in `dispatch`.
     let data = unsafe { frame.as_ptr().add(range.start) };
+    let target = match (key, fd) {
+        (None, Some(fd)) => Some(st.fixed.listener(fd)),
+        (Some(k), fd) => st.fixed.relayed(k, fd),
+        (None, None) => None,
+    };
+    let Some(target) = target else {
+        // A relayed socket neither in the table nor held by fd: cannot happen, never panics.
+        ctx.counters.send_errors += 1;
+        bufs.recycle(bid);
+        return Ok(());
+    };
     slot.addr.set(to);
     slot.direction = direction;
-    let target = match key {
-        None => st.fixed.listener(fd),
-        Some(k) => st.fixed.relayed(k, fd),
-    };
     bufs.mark_sending(bid);
     let sqe = send_sqe(
         target,

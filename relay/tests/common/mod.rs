@@ -68,15 +68,26 @@ impl Relay {
 
     /// Like `start` with extra environment variables.
     pub fn start_env(io: &str, extra: &[&str], env: &[(&str, &str)]) -> Relay {
-        Self::start_full(io, "127.0.0.1", extra, env)
+        Self::start_full(io, "127.0.0.1", extra, env, None)
     }
 
     /// Like `start`, listening and relaying on IPv6 loopback (`::1`).
     pub fn start_v6(io: &str, extra: &[&str]) -> Relay {
-        Self::start_full(io, "::1", extra, &[])
+        Self::start_full(io, "::1", extra, &[], None)
     }
 
-    fn start_full(io: &str, host: &str, extra: &[&str], env: &[(&str, &str)]) -> Relay {
+    /// Like `start` with RLIMIT_NOFILE (soft and hard) set to `nofile` for the relay process.
+    pub fn start_nofile(io: &str, extra: &[&str], nofile: u64) -> Relay {
+        Self::start_full(io, "127.0.0.1", extra, &[], Some(nofile))
+    }
+
+    fn start_full(
+        io: &str,
+        host: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Relay {
         let ip: std::net::IpAddr = host.parse().unwrap();
         let allow = if ip.is_ipv4() {
             "127.0.0.0/8"
@@ -88,11 +99,20 @@ impl Relay {
             let log = dir.path().join("relay.log");
             let listen = SocketAddr::new(ip, free_udp_port());
             let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+            // `extra` may name its own relay IPs and worker count instead of the defaults.
+            let relay_ip: &[&str] = if extra.contains(&"--relay-ip") {
+                &[]
+            } else {
+                &["--relay-ip", host]
+            };
+            let workers: &[&str] = if extra.contains(&"--workers") {
+                &[]
+            } else {
+                &["--workers", "2"]
+            };
             let mut args: Vec<String> = [
                 "--listen",
                 &listen.to_string(),
-                "--relay-ip",
-                host,
                 "--realm",
                 "peerlink",
                 "--user",
@@ -101,8 +121,6 @@ impl Relay {
                 "secret",
                 "--allow-peer",
                 allow,
-                "--workers",
-                "2",
                 "--io",
                 io,
                 "--metrics",
@@ -111,6 +129,8 @@ impl Relay {
                 "info",
             ]
             .iter()
+            .chain(relay_ip)
+            .chain(workers)
             .map(|s| s.to_string())
             .collect();
             args.extend(extra.iter().map(|s| s.to_string()));
@@ -124,6 +144,23 @@ impl Relay {
                 .env_remove("PEERLINK_RELAY_DISABLE_IO_URING");
             for (k, v) in env {
                 cmd.env(k, v);
+            }
+            if let Some(n) = nofile {
+                use std::os::unix::process::CommandExt;
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                // SAFETY: setrlimit is async-signal-safe; `lim` is a plain value moved in.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                            Ok(())
+                        } else {
+                            Err(std::io::Error::last_os_error())
+                        }
+                    });
+                }
             }
             let child = cmd.spawn().unwrap();
             let mut relay = Relay {
