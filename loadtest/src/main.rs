@@ -55,18 +55,24 @@ struct PlacementArgs {
     /// coturn's turnserver binary.
     #[arg(long, default_value = "/usr/bin/turnserver")]
     coturn_bin: PathBuf,
-    /// Relay IPs, comma-separated (all loopback 127.0.0.x work); client sockets spread over
-    /// them too. peerlink-relay gets the first (one per family).
+    /// Relay IPs, comma-separated (all loopback 127.0.0.x work); every server gets all of
+    /// them (each IP has the whole relayed port range), the first is also the listen address.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
     relay_ips: Vec<IpAddr>,
+    /// Worker threads per server: peerlink-relay `--workers`, coturn `--relay-threads`
+    /// (pass --server-cpu -1 to let them use more than one core).
+    #[arg(long, default_value_t = 1)]
+    relay_workers: usize,
     /// Relayed port range shared (split) between the servers.
     #[arg(long, default_value_t = 10000)]
     port_min: u16,
     /// Relayed port range, inclusive.
     #[arg(long, default_value_t = 31999)]
     port_max: u16,
-    /// Spread client sockets over this many loopback source IPs (127.1.x.y); 1 = all on the
-    /// server's IP. Servers may limit unauthenticated replies per source IP.
+    /// Spread clients over this many loopback source IPs (127.1.x.y, up to 12.5M); 1 = all on
+    /// the server's IP. Servers may limit unauthenticated replies per source IP. relay-alloc
+    /// with more than 1 shares sockets: one per this many allocations (e.g. --hold 100000
+    /// --client-ips 50000: 2 sockets); with 1, one socket per allocation.
     #[arg(long, default_value_t = 64)]
     client_ips: usize,
     /// Nice value for the servers and the generator threads (e.g. -10 on a shared machine so
@@ -189,12 +195,22 @@ fn placement(a: &PlacementArgs) -> anyhow::Result<Placement> {
     );
     p.relay_ips = a.relay_ips.clone();
     anyhow::ensure!(
+        (1..=1024).contains(&a.relay_workers),
+        "--relay-workers must be in 1..=1024"
+    );
+    p.relay_workers = a.relay_workers;
+    anyhow::ensure!(
         a.port_min < a.port_max,
         "--port-min must be below --port-max"
     );
     p.port_min = a.port_min;
     p.port_max = a.port_max;
     p.timeout = Duration::from_secs(a.timeout);
+    anyhow::ensure!(
+        a.client_ips <= Placement::MAX_CLIENT_IPS,
+        "--client-ips must be at most {}",
+        Placement::MAX_CLIENT_IPS
+    );
     p.client_ips = a.client_ips.max(1);
     anyhow::ensure!((-20..=19).contains(&a.nice), "--nice must be in -20..=19");
     if let Some(rt) = a.rt_priority {

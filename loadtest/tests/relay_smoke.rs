@@ -171,8 +171,76 @@ fn coturn_alloc_smoke_counts_allocations_memory_and_hold() {
     assert_eq!(round.held_and_refreshed, Some(40), "{round:?}");
     assert_eq!(round.released, 40, "{round:?}");
     assert_eq!(round.relay_ips_used, 1, "{round:?}");
+    // 4 client IPs: sessions share sockets, 4 per socket.
+    assert_eq!(round.client_sockets, 10, "{round:?}");
     assert!(round.allocs_per_s > 0.0 && round.rss_before > 0 && round.rss_after > 0);
     assert!(r.table().contains("coturn"));
     let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
     assert_eq!(v["summary"][0]["server"], "coturn");
+}
+
+/// 300 allocations on shared client sockets (100 client IPs: 3 sockets, sessions told apart
+/// by source IP via IP_PKTINFO) against peerlink-relay with two relay IPs and two workers:
+/// every allocation is granted, refreshed after the hold and released.
+#[test]
+fn peerlink_alloc_on_shared_client_sockets_allocates_refreshes_and_releases_all() {
+    let started = std::time::Instant::now();
+    let mut p = placement(vec![ServerKind::PeerlinkEpoll], 16000, 16999);
+    p.peerlink_bin = peerlink_bin();
+    p.relay_ips = vec![
+        "127.0.0.1".parse().expect("ip"),
+        "127.0.0.2".parse().expect("ip"),
+    ];
+    p.relay_workers = 2;
+    p.client_ips = 100;
+    p.timeout = Duration::from_secs(40);
+    let mut c = AllocConfig::new(p);
+    c.count = 300;
+    c.concurrency = 100;
+    c.rounds = 1;
+    c.hold = Some(Duration::from_millis(500));
+    c.settle = Duration::from_millis(200);
+    assert!(c.shared_sockets());
+    let r = relay_bench::run_alloc(&c).expect("allocation benchmark against peerlink-relay");
+    let round = &r.servers[0].rounds[0];
+    assert_eq!(round.client_sockets, 3, "{round:?}");
+    assert_eq!(round.client_ips, 100, "{round:?}");
+    assert_eq!(round.succeeded, 300, "{round:?}");
+    assert_eq!(round.held_and_refreshed, Some(300), "{round:?}");
+    assert_eq!(round.released, 300, "{round:?}");
+    assert_eq!(round.relay_ips_used, 2, "{round:?}");
+    assert_eq!(round.first_error, None, "{round:?}");
+    let table = r.table();
+    assert!(table.contains("held and refreshed 300/300"), "{table}");
+    assert!(
+        table.contains("3 client sockets over 100 client IPs"),
+        "{table}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// With one client IP the allocation run keeps one connected socket per allocation.
+#[test]
+fn peerlink_alloc_with_one_client_ip_uses_a_socket_per_allocation() {
+    let mut p = placement(vec![ServerKind::PeerlinkUring], 17000, 17999);
+    p.peerlink_bin = peerlink_bin();
+    p.client_ips = 1;
+    p.timeout = Duration::from_secs(40);
+    let mut c = AllocConfig::new(p);
+    c.count = 20;
+    c.concurrency = 10;
+    c.rounds = 1;
+    c.hold = Some(Duration::from_millis(200));
+    c.settle = Duration::from_millis(100);
+    assert!(!c.shared_sockets());
+    let r = relay_bench::run_alloc(&c).expect("allocation benchmark against peerlink-relay");
+    let round = &r.servers[0].rounds[0];
+    assert_eq!(round.client_sockets, 20, "{round:?}");
+    assert_eq!(round.succeeded, 20, "{round:?}");
+    assert_eq!(round.held_and_refreshed, Some(20), "{round:?}");
+    assert_eq!(round.released, 20, "{round:?}");
 }

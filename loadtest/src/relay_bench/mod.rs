@@ -85,18 +85,23 @@ pub struct Placement {
     pub peerlink_base_bin: Option<PathBuf>,
     /// coturn binary.
     pub coturn_bin: PathBuf,
-    /// Relay IPs (several for `--hold` beyond one IP's ports).
+    /// Relay IPs (several for `--hold` beyond one IP's ports); every server gets all of them,
+    /// the first is also the listen address.
     pub relay_ips: Vec<IpAddr>,
     /// Lowest relayed port; the range up to `port_max` is split between servers.
     pub port_min: u16,
     /// Highest relayed port.
     pub port_max: u16,
+    /// Worker threads per server: peerlink-relay `--workers`, coturn `--relay-threads`.
+    pub relay_workers: usize,
     /// Scheduling of servers and generator threads (nice 0, normal class: unchanged). A
     /// negative nice value or SCHED_FIFO keeps other work from preempting the measured
     /// processes.
     pub priority: traffic::Priority,
-    /// Client source addresses: sockets spread over this many loopback IPs (127.1.x.y) when
-    /// > 1, as distinct clients would come from distinct addresses (per-source limits apply).
+    /// Client source addresses: sessions spread over this many loopback IPs (127.1.x.y) when
+    /// more than 1, as distinct clients would come from distinct addresses (per-source limits
+    /// apply). The allocation run then shares sockets between sessions (one per `client_ips`
+    /// sessions, see [`session::Sessions::open_shared`]).
     pub client_ips: usize,
     /// Socket buffer size for generator sockets (bytes).
     pub sock_buf: usize,
@@ -124,6 +129,7 @@ impl Placement {
             relay_ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             port_min: 10000,
             port_max: 31999,
+            relay_workers: 1,
             client_ips: 64,
             priority: traffic::Priority::default(),
             sock_buf: 4 << 20,
@@ -148,8 +154,9 @@ impl Placement {
         }
         let lo = usize::from(self.port_min) + idx * span;
         let hi = lo + span - 1;
-        let relay_ips = if kind.is_peerlink() {
-            // peerlink-relay takes one relay IP per address family.
+        // Both servers take several relay IPs (peerlink-relay: of one family too; allocations
+        // take them in turn).
+        let relay_ips = if self.relay_ips.is_empty() {
             vec![ip]
         } else {
             self.relay_ips.clone()
@@ -158,6 +165,7 @@ impl Placement {
             kind,
             listen: SocketAddr::new(ip, server::free_udp_port(ip)?),
             relay_ips,
+            workers: self.relay_workers.max(1),
             min_port: lo as u16,
             max_port: hi as u16,
             cpu: self.server_cpu,
@@ -175,12 +183,16 @@ impl Placement {
         })
     }
 
-    /// The client source IPs: `client_ips` loopback addresses, or the server's IP.
-    fn client_addrs(&self, server: SocketAddr) -> Vec<IpAddr> {
+    /// Most client source IPs [`Placement::client_addrs`] makes (127.1-200.1-250.1-250).
+    pub const MAX_CLIENT_IPS: usize = 250 * 250 * 200;
+
+    /// The client source IPs: `client_ips` (at most [`Placement::MAX_CLIENT_IPS`]) distinct
+    /// loopback addresses 127.h.m.l, or the server's IP when `client_ips` <= 1.
+    pub fn client_addrs(&self, server: SocketAddr) -> Vec<IpAddr> {
         if self.client_ips <= 1 {
             return vec![server.ip()];
         }
-        (0..self.client_ips.min(250 * 250 * 200))
+        (0..self.client_ips.min(Self::MAX_CLIENT_IPS))
             .map(|k| {
                 let hi = 1 + (k / 62_500) as u8;
                 let mid = ((k / 250) % 250) as u8 + 1;
@@ -190,7 +202,9 @@ impl Placement {
             .collect()
     }
 
-    fn client_config(&self, server: SocketAddr, i: usize) -> TurnConfig {
+    /// The TURN client configuration of session `i` against `server` (bench credentials,
+    /// FINGERPRINT, a per-session seed).
+    pub fn client_config(&self, server: SocketAddr, i: usize) -> TurnConfig {
         let mut c = TurnConfig::new(server, BENCH_USER, BENCH_PASS)
             .with_seed(self.seed.wrapping_mul(1_000_003) ^ i as u64);
         c.fingerprint = true;
@@ -372,7 +386,7 @@ fn prepare(
             first_error: sessions.first_error().unwrap_or("timeout").to_owned(),
         });
     }
-    let fds = sessions.fds();
+    let fds = sessions.fds()?;
     let flows = sessions
         .list
         .iter()
@@ -684,6 +698,22 @@ impl AllocConfig {
             settle: Duration::from_millis(500),
         }
     }
+
+    /// True if sessions share client sockets (`client_ips` > 1): one socket per
+    /// `client_ips` sessions instead of one per session.
+    pub fn shared_sockets(&self) -> bool {
+        self.placement.client_ips > 1
+    }
+
+    /// Client sockets a round opens: ceil(count / client IPs) shared, or one per allocation.
+    pub fn client_sockets(&self) -> usize {
+        if self.shared_sockets() {
+            let ips = self.placement.client_ips.min(Placement::MAX_CLIENT_IPS);
+            self.count.div_ceil(ips)
+        } else {
+            self.count
+        }
+    }
 }
 
 /// One allocation round on a fresh server.
@@ -696,14 +726,27 @@ fn alloc_round(
     let spec = p.spec(kind, 0, 1)?;
     let listen = spec.listen;
     let server = ServerProcess::start(spec, Duration::from_secs(20))?;
-    // Client sockets spread over client IPs (ephemeral ports per IP are limited, too).
-    let mut sessions = Sessions::open(
-        cfg.count,
-        &p.client_addrs(listen),
-        listen,
-        |i| p.client_config(listen, i),
-        0,
-    )?;
+    let client_ips = p.client_addrs(listen);
+    let mut sessions = if cfg.shared_sockets() {
+        // Sessions share sockets (one per client_ips sessions), told apart by source IP; many
+        // sessions answer on one socket, hence the larger buffers.
+        Sessions::open_shared(
+            cfg.count,
+            &client_ips,
+            listen,
+            |i| p.client_config(listen, i),
+            p.sock_buf,
+        )?
+    } else {
+        // One socket per session, spread over the client IPs.
+        Sessions::open(
+            cfg.count,
+            &client_ips,
+            listen,
+            |i| p.client_config(listen, i),
+            0,
+        )?
+    };
     std::thread::sleep(cfg.settle);
     let rss_before = server.rss_bytes()?;
     let cpu0 = server.cpu_time()?;
@@ -751,9 +794,12 @@ fn alloc_round(
         .collect::<std::collections::BTreeSet<_>>()
         .len();
     let released = sessions.deallocate_all(Duration::from_secs(10));
+    let client_sockets = sessions.sockets();
     drop(sessions);
     Ok(report::AllocRound {
         attempted: cfg.count,
+        client_sockets,
+        client_ips: client_ips.len(),
         succeeded: ok,
         elapsed_s: elapsed.as_secs_f64(),
         allocs_per_s: if elapsed.is_zero() {
@@ -793,11 +839,17 @@ pub fn run_alloc(cfg: &AllocConfig) -> Result<AllocReport, BenchError> {
     // The allocating generator runs on this thread.
     traffic::pin(cfg.placement.gen_cpu, cfg.placement.priority);
     let limit = session::raise_nofile_limit();
-    if cfg.count as u64 + 64 > limit {
+    // Client sockets plus some headroom (epoll, server logs, /proc reads, metrics).
+    let sockets = cfg.client_sockets();
+    if sockets as u64 + 64 > limit {
         return Err(BenchError::Invalid(format!(
-            "{} allocations need {} client sockets but RLIMIT_NOFILE is {limit}",
+            "{} allocations need {sockets} client sockets{} (+64 spare fds) but RLIMIT_NOFILE is {limit}",
             cfg.count,
-            cfg.count + 64
+            if cfg.shared_sockets() {
+                format!(" over {} client IPs", cfg.placement.client_ips)
+            } else {
+                " (one each with --client-ips 1; more client IPs share sockets)".to_owned()
+            },
         )));
     }
     let servers = &cfg.placement.servers;
@@ -935,6 +987,61 @@ mod tests {
         assert!(ips.iter().all(|ip| ip.is_loopback()));
         p.client_ips = 1;
         assert_eq!(p.client_addrs(server), vec![server.ip()]);
+    }
+
+    #[test]
+    fn every_server_gets_all_relay_ips_and_the_worker_count() {
+        let mut p = Placement::new(PathBuf::from("/nonexistent"));
+        p.relay_ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        p.relay_workers = 4;
+        for kind in [
+            ServerKind::PeerlinkUring,
+            ServerKind::PeerlinkEpoll,
+            ServerKind::Coturn,
+        ] {
+            let spec = p.spec(kind, 0, 1).unwrap();
+            assert_eq!(spec.relay_ips, p.relay_ips, "{kind:?}");
+            assert_eq!(spec.listen.ip(), p.relay_ips[0], "{kind:?}");
+            assert_eq!(spec.workers, 4, "{kind:?}");
+        }
+        p.relay_workers = 0;
+        assert_eq!(p.spec(ServerKind::Coturn, 0, 1).unwrap().workers, 1);
+    }
+
+    #[test]
+    fn alloc_runs_share_sockets_with_several_client_ips() {
+        let mut c = AllocConfig::new(Placement::new(PathBuf::from("/nonexistent")));
+        c.count = 100_000;
+        c.placement.client_ips = 50_000;
+        assert!(c.shared_sockets());
+        assert_eq!(c.client_sockets(), 2);
+        c.placement.client_ips = 30_000;
+        assert_eq!(c.client_sockets(), 4);
+        c.placement.client_ips = 1;
+        assert!(!c.shared_sockets());
+        assert_eq!(c.client_sockets(), 100_000);
+        // 50k client IPs: distinct, and the shared layout accepts them.
+        c.placement.client_ips = 50_000;
+        let server = SocketAddr::from(([127, 0, 0, 1], 3478));
+        let ips = c.placement.client_addrs(server);
+        let ss = Sessions::open_shared(
+            c.count,
+            &ips,
+            server,
+            |i| c.placement.client_config(server, i),
+            0,
+        )
+        .unwrap();
+        assert_eq!(ss.sockets(), 2);
+        assert_eq!(ss.len(), 100_000);
+        assert_eq!(
+            ss.local_addr(50_001).map(|a| a.ip()),
+            Some(ips[1]),
+            "session 50001 = socket 1, IP 1"
+        );
     }
 
     #[test]

@@ -666,6 +666,10 @@ fn fmt2(v: Option<f64>) -> String {
 pub struct AllocRound {
     /// Allocations attempted.
     pub attempted: usize,
+    /// UDP sockets the generator used (one per allocation, or shared ones).
+    pub client_sockets: usize,
+    /// Client source IPs the allocations came from.
+    pub client_ips: usize,
     /// Allocations granted.
     pub succeeded: usize,
     /// First request to last grant, seconds.
@@ -813,7 +817,16 @@ impl AllocReport {
         let notes = vec![
             "allocs/s = granted allocations / (first Allocate sent -> last grant), each allocation = 2 round trips (401 challenge + authenticated retry), one generator thread".to_owned(),
             "RSS per allocation = VmRSS growth / allocations: user-space memory incl. what the server keeps per relayed socket; kernel socket buffers are not in RSS".to_owned(),
-            format!("client sockets: one per allocation; RLIMIT_NOFILE caps --count/--hold in one generator process ({} requested)", config.count),
+            if config.shared_sockets() {
+                format!(
+                    "client sockets: shared, one per {} client IPs ({} for {} allocations); each allocation has its own source IP on its socket (IP_PKTINFO)",
+                    config.placement.client_ips,
+                    config.client_sockets(),
+                    config.count
+                )
+            } else {
+                format!("client sockets: one per allocation (--client-ips 1); RLIMIT_NOFILE caps --count/--hold in one generator process ({} requested)", config.count)
+            },
         ];
         Self {
             config: config.clone(),
@@ -840,19 +853,29 @@ impl AllocReport {
         );
         let _ = writeln!(
             o,
-            "{:<16} {:>12} {:>10} {:>14} {:>14} {:>10} {:>9}",
-            "server", "allocs/s", "granted", "CPU us/alloc", "RSS B/alloc", "held", "gen core"
+            "{:<16} {:>12} {:>10} {:>14} {:>14} {:>17} {:>9}",
+            "server",
+            "allocs/s",
+            "granted",
+            "CPU us/alloc",
+            "RSS B/alloc",
+            "held/granted",
+            "gen core"
         );
         for s in &self.summary {
+            let held = match s.held_and_refreshed {
+                Some(h) => format!("{h:.0}/{}", fmt0(s.succeeded)),
+                None => "-".into(),
+            };
             let _ = writeln!(
                 o,
-                "{:<16} {:>12} {:>10} {:>14} {:>14} {:>10} {:>9}{}",
+                "{:<16} {:>12} {:>10} {:>14} {:>14} {:>17} {:>9}{}",
                 s.server,
                 fmt0(s.allocs_per_s),
                 fmt0(s.succeeded),
                 fmt1(s.server_cpu_us_per_alloc),
                 fmt0(s.rss_bytes_per_alloc),
-                fmt0(s.held_and_refreshed),
+                held,
                 s.gen_core_fraction
                     .map_or("-".into(), |g| format!("{:.0}%", g * 100.0)),
                 if s.gen_core_fraction.is_some_and(|g| g > 0.9) {
@@ -861,6 +884,31 @@ impl AllocReport {
                     ""
                 }
             );
+        }
+        let _ = writeln!(o, "\nrounds (the first of each server is discarded):");
+        for srv in &self.servers {
+            for (k, r) in srv.rounds.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "  {:<16} #{k}: granted {}/{}, {}, released {}/{}, relay IPs used {}, {} client sockets over {} client IPs{}",
+                    srv.server.label(),
+                    r.succeeded,
+                    r.attempted,
+                    r.held_and_refreshed
+                        .map_or("not held".to_owned(), |h| format!(
+                            "held and refreshed {h}/{}",
+                            r.succeeded
+                        )),
+                    r.released,
+                    r.succeeded,
+                    r.relay_ips_used,
+                    r.client_sockets,
+                    r.client_ips,
+                    r.first_error
+                        .as_ref()
+                        .map_or(String::new(), |e| format!("; first error: {e}"))
+                );
+            }
         }
         if !self.ratios.is_empty() {
             let _ = writeln!(o, "\nratios (medians):");

@@ -21,11 +21,11 @@ pub const BENCH_REALM: &str = "bench.peerlink";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ServerKind {
-    /// peerlink-relay, `--io uring`, one worker.
+    /// peerlink-relay, `--io uring`, `--relay-workers` workers (default one).
     PeerlinkUring,
-    /// peerlink-relay, `--io epoll`, one worker.
+    /// peerlink-relay, `--io epoll`, `--relay-workers` workers (default one).
     PeerlinkEpoll,
-    /// coturn `turnserver`, one relay thread.
+    /// coturn `turnserver`, `--relay-workers` relay threads (default one).
     Coturn,
     /// A second peerlink-relay build (`--peerlink-base-bin`), `--io uring`: before/after a
     /// change in one run.
@@ -121,8 +121,10 @@ pub struct ServerSpec {
     pub kind: ServerKind,
     /// TURN listen address (UDP).
     pub listen: SocketAddr,
-    /// Relay IPs (coturn takes several; peerlink-relay one per family).
+    /// Relay IPs (both servers take several, also of one family).
     pub relay_ips: Vec<IpAddr>,
+    /// Worker threads: peerlink-relay `--workers`, coturn `--relay-threads` (at least 1).
+    pub workers: usize,
     /// Relayed port range.
     pub min_port: u16,
     /// Relayed port range, inclusive.
@@ -330,7 +332,8 @@ fn peerlink_command(spec: &ServerSpec) -> Result<Command, ServerError> {
     cmd.args(["--realm", BENCH_REALM])
         .args(["--user", &format!("{BENCH_USER}:{BENCH_PASS}")])
         .args(["--allow-peer", "127.0.0.0/8"])
-        .args(["--workers", "1"])
+        .arg("--workers")
+        .arg(spec.workers.max(1).to_string())
         .args(["--io", io])
         .arg("--metrics")
         .arg(spec.metrics.to_string())
@@ -378,7 +381,8 @@ fn coturn_command(spec: &ServerSpec, dir: &Path, log: &Path) -> Result<Command, 
             "--no-tcp-relay",
             "--no-cli",
         ])
-        .args(["--relay-threads", "1"])
+        .arg("--relay-threads")
+        .arg(spec.workers.max(1).to_string())
         .arg("--log-file")
         .arg(log.with_file_name("turnserver.log"))
         .args(["--no-stdout-log", "--simple-log"])
@@ -525,6 +529,53 @@ mod tests {
             Some(Duration::from_nanos(500 * 1_000_000_000 / hz))
         );
         assert_eq!(stat_cpu_time("garbage"), None);
+    }
+
+    fn spec(kind: ServerKind) -> ServerSpec {
+        // Any existing file passes the binary check; nothing is started.
+        let exe = std::env::current_exe().unwrap();
+        ServerSpec {
+            kind,
+            listen: "127.0.0.1:3478".parse().unwrap(),
+            relay_ips: vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
+            workers: 3,
+            min_port: 10000,
+            max_port: 10999,
+            cpu: None,
+            priority: Default::default(),
+            metrics: "127.0.0.1:9000".parse().unwrap(),
+            peerlink_bin: exe.clone(),
+            coturn_bin: exe,
+            max_allocations: 100,
+        }
+    }
+
+    /// The value after each occurrence of `flag`.
+    fn values(cmd: &Command, flag: &str) -> Vec<String> {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
+    #[test]
+    fn commands_carry_every_relay_ip_and_the_worker_count() {
+        let p = peerlink_command(&spec(ServerKind::PeerlinkUring)).unwrap();
+        assert_eq!(values(&p, "--relay-ip"), ["127.0.0.1", "127.0.0.2"]);
+        assert_eq!(values(&p, "--workers"), ["3"]);
+        let dir = tempfile::tempdir().unwrap();
+        let c = coturn_command(
+            &spec(ServerKind::Coturn),
+            dir.path(),
+            &dir.path().join("log"),
+        )
+        .unwrap();
+        assert_eq!(values(&c, "--relay-ip"), ["127.0.0.1", "127.0.0.2"]);
+        assert_eq!(values(&c, "--relay-threads"), ["3"]);
     }
 
     #[test]
