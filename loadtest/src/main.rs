@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use peerlink_loadtest::relay_bench::server::{self, ServerKind};
 use peerlink_loadtest::relay_bench::traffic::{self, Priority, SendIo};
-use peerlink_loadtest::relay_bench::{self, AllocConfig, Placement, TrafficConfig};
+use peerlink_loadtest::relay_bench::{self, AllocConfig, Placement, Topology, TrafficConfig};
 
 #[path = "fleet/cli.rs"]
 mod fleet_cli;
@@ -135,6 +135,10 @@ struct RelayArgs {
     /// Sender I/O [default: uring when available].
     #[arg(long, value_enum)]
     send_io: Option<SendIo>,
+    /// Who the allocations talk to: each other in pairs (client -> relay -> relay -> client),
+    /// or each a plain UDP peer (client <-> relay <-> peer, through the relayed sockets).
+    #[arg(long, value_enum, default_value_t = Topology::Pairs)]
+    topology: Topology,
     /// Skip peerlink's half-load /stats probe.
     #[arg(long)]
     no_half_load: bool,
@@ -239,6 +243,7 @@ fn relay(a: RelayArgs) -> anyhow::Result<()> {
         "--allocations must be even and >= 2"
     );
     c.allocations = a.allocations;
+    c.topology = a.topology;
     anyhow::ensure!(a.rate >= 0.0 && a.rate.is_finite(), "--rate must be >= 0");
     c.rate = (a.rate > 0.0).then_some(a.rate);
     c.max = a.max;

@@ -212,6 +212,30 @@ impl Placement {
     }
 }
 
+/// Who the allocations talk to in a traffic run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// Allocations in pairs, each sending to its partner's relayed address: client -> relay ->
+    /// relay -> client (both callers behind NATs that need the relay). peerlink-relay
+    /// short-circuits these inside a worker, so only its listener socket carries traffic.
+    Pairs,
+    /// Each allocation with a plain UDP peer (one caller needs the relay, the other does not):
+    /// client -> relay -> peer and peer -> relay -> client, half the packets each way, through
+    /// every allocation's relayed socket.
+    Peers,
+}
+
+impl Topology {
+    /// "100 pairs" / "200 plain UDP peers" for `n` allocations.
+    pub fn describe(self, n: usize) -> String {
+        match self {
+            Topology::Pairs => format!("{} pairs", n / 2),
+            Topology::Peers => format!("{n} plain UDP peers"),
+        }
+    }
+}
+
 /// Parameters of a traffic run (`peerlink-loadtest relay`).
 #[derive(Clone, Debug, Serialize)]
 pub struct TrafficConfig {
@@ -219,6 +243,8 @@ pub struct TrafficConfig {
     pub placement: Placement,
     /// Allocations per server (even; paired).
     pub allocations: usize,
+    /// Who the allocations talk to.
+    pub topology: Topology,
     /// Fixed offered rate (packets/s over all flows); `None` skips the fixed-rate rounds.
     pub rate: Option<f64>,
     /// Run the max-rate search.
@@ -259,6 +285,7 @@ impl TrafficConfig {
         Self {
             placement,
             allocations: 200,
+            topology: Topology::Pairs,
             rate: Some(30_000.0),
             max: false,
             rounds: 5,
@@ -283,10 +310,12 @@ impl TrafficConfig {
     }
 }
 
-/// A server with its allocations paired and channels bound.
+/// A server with its allocations paired (or given peers) and channels bound.
 struct Prepared {
     server: ServerProcess,
     sessions: Sessions,
+    /// The plain peer sockets of [`Topology::Peers`] (flow `n + i` is peer `i`).
+    _peers: Vec<UdpSocket>,
     flows: Vec<Flow>,
 }
 
@@ -328,6 +357,7 @@ fn prepare(
     p: &Placement,
     spec: ServerSpec,
     n: usize,
+    topology: Topology,
     sock_buf: usize,
     deadline: Instant,
 ) -> Result<Prepared, BenchError> {
@@ -352,11 +382,34 @@ fn prepare(
             first_error: sessions.first_error().unwrap_or("timeout").to_owned(),
         });
     }
+    // Peers: one plain socket per allocation on the client IPs, sending to (connected to)
+    // that allocation's relayed address.
+    let mut peers = Vec::new();
+    if topology == Topology::Peers {
+        let ips = p.client_addrs(listen);
+        for i in 0..n {
+            let relayed = sessions.list[i]
+                .client
+                .relayed_addr()
+                .ok_or_else(|| BenchError::Invalid("allocated without a relayed address".into()))?;
+            let s = UdpSocket::bind((ips[(n + i) % ips.len()], 0))?;
+            let _ = socket2::SockRef::from(&s).set_recv_buffer_size(sock_buf);
+            let _ = socket2::SockRef::from(&s).set_send_buffer_size(sock_buf);
+            s.set_nonblocking(true)?;
+            s.connect(relayed)?;
+            peers.push(s);
+        }
+    }
     let now = Instant::now();
     let mut stats = PumpStats::default();
     for i in 0..n {
-        let partner = i ^ 1;
-        let peer = sessions.list[partner].client.relayed_addr();
+        let peer = match topology {
+            Topology::Pairs => sessions.list[i ^ 1].client.relayed_addr(),
+            Topology::Peers => match peers.get(i) {
+                Some(p) => Some(p.local_addr()?),
+                None => None,
+            },
+        };
         sessions.with_client(i, &mut stats, |s| {
             s.peer = peer;
             if let Some(peer) = peer
@@ -387,19 +440,28 @@ fn prepare(
         });
     }
     let fds = sessions.fds()?;
-    let flows = sessions
+    let mut flows: Vec<Flow> = sessions
         .list
         .iter()
         .enumerate()
         .map(|(i, s)| Flow {
             fd: fds[i],
             channel: s.channel.unwrap_or(0),
-            dest: i ^ 1,
+            dest: match topology {
+                Topology::Pairs => i ^ 1,
+                Topology::Peers => n + i,
+            },
         })
         .collect();
+    flows.extend(peers.iter().enumerate().map(|(i, s)| Flow {
+        fd: s.as_raw_fd(),
+        channel: traffic::RAW,
+        dest: i,
+    }));
     Ok(Prepared {
         server,
         sessions,
+        _peers: peers,
         flows,
     })
 }
@@ -572,6 +634,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
             &cfg.placement,
             spec,
             cfg.allocations,
+            cfg.topology,
             cfg.placement.sock_buf,
             deadline,
         )?);

@@ -180,6 +180,31 @@ pub struct ServerReport {
     pub final_stats: Option<serde_json::Value>,
 }
 
+/// uring/epoll CPU per packet at the fixed rate, round by round (the two ran back to back in
+/// each round, so a shared host's drift hits both): spread of the ratios and how often io_uring
+/// was cheaper. `None` without both servers' kept rounds.
+fn paired_note(u: Option<&ServerSummary>, e: Option<&ServerSummary>) -> Option<String> {
+    let (u, e) = (u?, e?);
+    let ratios: Vec<f64> = u
+        .cpu_us_per_pkt_rounds
+        .iter()
+        .zip(&e.cpu_us_per_pkt_rounds)
+        .filter(|(a, b)| **a > 0.0 && **b > 0.0)
+        .map(|(a, b)| a / b)
+        .collect();
+    if ratios.is_empty() {
+        return None;
+    }
+    let wins = ratios.iter().filter(|r| **r < 1.0).count();
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(0.0, f64::max);
+    let n = ratios.len();
+    Some(format!(
+        "uring/epoll CPU us/pkt at fixed rate, round by round: median {:.2}, range {lo:.2}-{hi:.2}; io_uring cheaper in {wins} of {n} rounds",
+        median(ratios).unwrap_or(f64::NAN)
+    ))
+}
+
 /// Median of the values (None if empty).
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
@@ -496,6 +521,12 @@ impl TrafficReport {
                 ));
             }
         }
+        if let Some(note) = paired_note(
+            find(ServerKind::PeerlinkUring),
+            find(ServerKind::PeerlinkEpoll),
+        ) {
+            notes.push(note);
+        }
         let lossy: Vec<&str> = summary
             .iter()
             .filter(|s| s.fixed_loss.is_some_and(|l| l > config.loss_threshold))
@@ -544,9 +575,9 @@ impl TrafficReport {
         let c = &self.config;
         let _ = writeln!(
             o,
-            "peerlink-loadtest relay: {} allocations ({} pairs), {}-byte payloads, {} rounds (first discarded), server CPU {:?}, generator CPU {:?}, sender {:?}",
+            "peerlink-loadtest relay: {} allocations ({}), {}-byte payloads, {} rounds (first discarded), server CPU {:?}, generator CPU {:?}, sender {:?}",
             c.allocations,
-            c.allocations / 2,
+            c.topology.describe(c.allocations),
             super::traffic::PAYLOAD_LEN,
             c.rounds,
             c.placement.server_cpu,

@@ -41,12 +41,28 @@ const MAX_DEBT_TICKS: f64 = 4.0;
 /// the index of the flow (socket) that should receive it.
 #[derive(Clone, Copy, Debug)]
 pub struct Flow {
-    /// The sending socket (connected to the server).
+    /// The sending socket (connected to the server, or for a peer to its client's relayed
+    /// address).
     pub fd: RawFd,
-    /// Channel number bound to the partner.
+    /// Channel number bound to the partner; [`RAW`] for a peer socket, which sends the bare
+    /// payload (the relay adds the ChannelData header on the way to the client).
     pub channel: u16,
     /// Index of the receiving flow.
     pub dest: usize,
+}
+
+/// `Flow::channel` of a plain peer socket: no ChannelData header (sends and receives bare
+/// payloads).
+pub const RAW: u16 = 0;
+
+/// The bytes of a filled packet buffer that `flow` sends: all of it (ChannelData), or the bare
+/// payload for a peer socket.
+fn wire_range(channel: u16) -> std::ops::Range<usize> {
+    if channel == RAW {
+        CHANNEL_HEADER_LEN..PACKET_LEN
+    } else {
+        0..PACKET_LEN
+    }
 }
 
 /// How the sender hands packets to the kernel.
@@ -245,12 +261,16 @@ fn fill_packet(
     p[20..28].copy_from_slice(&ts_ns.to_be_bytes());
 }
 
-/// Decoded payload fields: (round, flow, seq, ts_ns), if this is one of our packets.
+/// Decoded payload fields: (round, flow, seq, ts_ns), if this is one of our packets: a
+/// ChannelData frame (at a client) or a bare payload (at a peer socket).
 fn parse_packet(d: &[u8]) -> Option<(u32, u32, u64, u64)> {
-    if d.len() != PACKET_LEN || !(0x40..=0x4f).contains(&d[0]) {
+    let p = if d.len() == PACKET_LEN && (0x40..=0x4f).contains(&d[0]) {
+        &d[CHANNEL_HEADER_LEN..]
+    } else if d.len() == PAYLOAD_LEN {
+        d
+    } else {
         return None;
-    }
-    let p = &d[CHANNEL_HEADER_LEN..];
+    };
     let u32_at = |i: usize| u32::from_be_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
     let u64_at = |i: usize| {
         let mut b = [0u8; 8];
@@ -509,15 +529,21 @@ fn generator(flows: &[Flow], spec: &RoundSpec, base: Instant) -> Result<GenOut, 
                             seq[f],
                             ts,
                         );
-                        r.push(slot, flow.fd, f as u32, &mut sent, &mut send_errors);
+                        r.push(slot, flow, f as u32, &mut sent, &mut send_errors);
                     }
                     None => {
                         fill_packet(&mut pkt, flow.channel, spec.round_id, f as u32, seq[f], ts);
-                        // SAFETY: pkt is a valid buffer of PACKET_LEN bytes; fd is an open socket.
+                        let wire = &pkt[wire_range(flow.channel)];
+                        // SAFETY: `wire` is valid for its length; fd is an open socket.
                         let rc = unsafe {
-                            libc::send(flow.fd, pkt.as_ptr().cast(), PACKET_LEN, libc::MSG_DONTWAIT)
+                            libc::send(
+                                flow.fd,
+                                wire.as_ptr().cast(),
+                                wire.len(),
+                                libc::MSG_DONTWAIT,
+                            )
                         };
-                        if rc == PACKET_LEN as isize {
+                        if rc == wire.len() as isize {
                             sent[f] += 1;
                         } else {
                             send_errors += 1;
@@ -565,6 +591,8 @@ struct UringSender {
     ring: io_uring::IoUring,
     bufs: Vec<[u8; PACKET_LEN]>,
     slot_flow: Vec<u32>,
+    /// Bytes the send of each slot carries (a peer's bare payload is shorter).
+    slot_len: Vec<u32>,
     free: Vec<usize>,
     in_flight: usize,
 }
@@ -577,6 +605,7 @@ impl UringSender {
             ring,
             bufs: vec![[0u8; PACKET_LEN]; n],
             slot_flow: vec![0; n],
+            slot_len: vec![0; n],
             free: (0..n).rev().collect(),
             in_flight: 0,
         })
@@ -594,13 +623,17 @@ impl UringSender {
         }
     }
 
-    fn push(&mut self, slot: usize, fd: RawFd, flow: u32, sent: &mut [u64], errors: &mut u64) {
+    fn push(&mut self, slot: usize, f: &Flow, flow: u32, sent: &mut [u64], errors: &mut u64) {
         self.slot_flow[slot] = flow;
-        let buf = &self.bufs[slot];
-        let sqe =
-            io_uring::opcode::Send::new(io_uring::types::Fd(fd), buf.as_ptr(), PACKET_LEN as u32)
-                .build()
-                .user_data(slot as u64);
+        let wire = &self.bufs[slot][wire_range(f.channel)];
+        self.slot_len[slot] = wire.len() as u32;
+        let sqe = io_uring::opcode::Send::new(
+            io_uring::types::Fd(f.fd),
+            wire.as_ptr(),
+            wire.len() as u32,
+        )
+        .build()
+        .user_data(slot as u64);
         // SAFETY: the buffer lives in `self.bufs` (never reallocated) and the slot is not
         // reused until its completion is reaped; fd stays open for the whole round.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
@@ -619,7 +652,8 @@ impl UringSender {
     fn reap(&mut self, sent: &mut [u64], errors: &mut u64) {
         for cqe in self.ring.completion() {
             let slot = cqe.user_data() as usize;
-            if cqe.result() == PACKET_LEN as i32 {
+            let want = self.slot_len.get(slot).copied().unwrap_or(0) as i32;
+            if want > 0 && cqe.result() == want {
                 if let Some(f) = self.slot_flow.get(slot) {
                     sent[*f as usize] += 1;
                 }
