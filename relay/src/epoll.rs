@@ -70,7 +70,7 @@ fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd, data: u64) -> io::Result<()> {
 }
 
 /// Run one worker on epoll until the stop flag is set.
-pub fn run(mut ctx: WorkerCtx) -> Result<(), EpollError> {
+pub fn run(mut ctx: WorkerCtx, busy_poll: Duration) -> Result<(), EpollError> {
     // SAFETY: plain syscall; the result is checked and owned.
     let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if raw < 0 {
@@ -109,12 +109,35 @@ pub fn run(mut ctx: WorkerCtx) -> Result<(), EpollError> {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     tracing::debug!(worker = ctx.index, "epoll worker started");
 
+    // Whether the last wake-up had ready sockets (then `busy_poll` applies).
+    let mut busy = false;
     while !ctx.should_stop() {
         let now = Instant::now();
         let wait = ctx.next_wake(now, MAX_WAIT).saturating_duration_since(now);
         let ms = wait.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `events` is a valid buffer of its length.
-        let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, ms) };
+        let mut n = 0;
+        if busy && !busy_poll.is_zero() {
+            // Busy poll: epoll_wait without sleeping until a socket is ready or the budget
+            // passes (one syscall per look: epoll has no shared-memory readiness flag).
+            ctx.counters.busy_polls += 1;
+            let until = now + busy_poll;
+            loop {
+                // SAFETY: `events` is a valid buffer of its length.
+                n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, 0) };
+                if n != 0 || Instant::now() >= until {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            if n > 0 {
+                ctx.counters.busy_poll_hits += 1;
+            }
+        }
+        if n == 0 {
+            // SAFETY: `events` is a valid buffer of its length.
+            n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, ms) };
+        }
+        busy = n > 0;
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EINTR) {

@@ -107,6 +107,10 @@ struct RunArgs {
     /// Provided receive buffers per io_uring worker (power of two) [default 1024].
     #[arg(long)]
     uring_buffers: Option<u32>,
+    /// Poll this many µs after a wake-up that handled datagrams before sleeping (0..=1000;
+    /// lower latency while traffic flows, more CPU) [default 0].
+    #[arg(long)]
+    busy_poll_us: Option<u32>,
     /// peerlink directory base URL (http://HOST:PORT): register and heartbeat there.
     #[arg(long)]
     directory: Option<String>,
@@ -138,7 +142,7 @@ fn build_config(a: RunArgs) -> anyhow::Result<Config> {
     set!(listen <- listen, realm <- realm, io <- io, metrics <- metrics, min_port <- min_port,
          max_port <- max_port, max_allocations <- max_allocations, user_quota <- user_quota,
          drain_timeout <- drain_timeout, log_level <- log_level, uring_buffers <- uring_buffers,
-         region <- region);
+         busy_poll_us <- busy_poll_us, region <- region);
     macro_rules! set_opt {
         ($($field:ident <- $arg:ident),* $(,)?) => { $(if a.$arg.is_some() { c.$field = a.$arg; })* };
     }

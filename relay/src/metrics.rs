@@ -109,6 +109,12 @@ pub struct IoCounters {
     pub sq_full_drops: u64,
     /// Multishot receives re-armed after a completion without MORE.
     pub rearms: u64,
+    /// Busy polls started (`--busy-poll-us`): wake-ups after which the worker polled instead
+    /// of sleeping at once.
+    pub busy_polls: u64,
+    /// Busy polls that found new datagrams before their budget ran out (a sleep and wake-up
+    /// saved).
+    pub busy_poll_hits: u64,
     /// Datagrams the kernel dropped on our sockets' full receive buffers (SO_RXQ_OVFL).
     pub kernel_rx_drops: u64,
     /// Relayed sockets that could not be opened (no port, socket error).
@@ -150,6 +156,8 @@ impl IoCounters {
         self.enobufs += o.enobufs;
         self.cq_overflow += o.cq_overflow;
         self.rearms += o.rearms;
+        self.busy_polls += o.busy_polls;
+        self.busy_poll_hits += o.busy_poll_hits;
         self.sq_full_drops += o.sq_full_drops;
         self.kernel_rx_drops += o.kernel_rx_drops;
         self.relay_open_failures += o.relay_open_failures;
@@ -360,6 +368,8 @@ impl MetricsHub {
         v.push(("enobufs".into(), io.enobufs));
         v.push(("cq_overflow".into(), io.cq_overflow));
         v.push(("rearms".into(), io.rearms));
+        v.push(("busy_polls".into(), io.busy_polls));
+        v.push(("busy_poll_hits".into(), io.busy_poll_hits));
         v.push(("sq_full_drops".into(), io.sq_full_drops));
         v.push(("kernel_rx_drops".into(), io.kernel_rx_drops));
         v.push(("relay_open_failures".into(), io.relay_open_failures));
@@ -508,6 +518,20 @@ impl MetricsHub {
             "counter",
             "Forwards dropped because the submission queue stayed full under completion back-pressure.",
             &one(io.sq_full_drops),
+        );
+        section(
+            &mut out,
+            "busy_polls_total",
+            "counter",
+            "Busy polls started after a wake-up that handled datagrams (--busy-poll-us).",
+            &one(io.busy_polls),
+        );
+        section(
+            &mut out,
+            "busy_poll_hits_total",
+            "counter",
+            "Busy polls that found new datagrams before their budget ran out.",
+            &one(io.busy_poll_hits),
         );
         section(
             &mut out,

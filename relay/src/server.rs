@@ -194,6 +194,7 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
     let mut workers: Vec<WorkerHandle> = Vec::new();
     let seed_base: u64 = rand::random();
     let uring_buffers = cfg.uring_buffers;
+    let busy_poll = std::time::Duration::from_micros(u64::from(cfg.busy_poll_us));
     for (index, listener) in listeners.into_iter().enumerate() {
         let core = Core::new(
             core_cfg.clone(),
@@ -216,8 +217,10 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
         let handle = std::thread::Builder::new()
             .name(format!("relay-worker-{index}"))
             .spawn(move || match backend {
-                Backend::Uring => uring::run(ctx, uring_buffers).map_err(|e| e.to_string()),
-                Backend::Epoll => epoll::run(ctx).map_err(|e| e.to_string()),
+                Backend::Uring => {
+                    uring::run(ctx, uring_buffers, busy_poll).map_err(|e| e.to_string())
+                }
+                Backend::Epoll => epoll::run(ctx, busy_poll).map_err(|e| e.to_string()),
             })
             .map_err(ServerError::Start)?;
         workers.push((index, handle));

@@ -66,6 +66,7 @@ both!(
     kernel_receive_buffer_drops_are_counted,
     several_relay_ips_multiply_relayed_addresses,
     relayed_sockets_and_the_fd_limit,
+    busy_poll_keeps_relaying_and_counts_its_hits,
 );
 
 fn alloc_free_cycles_leave_no_residue(io: &str) {
@@ -791,4 +792,47 @@ fn relayed_sockets_and_the_fd_limit(io: &str) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// `--busy-poll-us`: after a wake-up with datagrams the worker polls instead of sleeping; a
+/// stream of peer datagrams is relayed complete and in order, and some polls find the next
+/// datagram (counted as hits); idle again, nothing more is polled.
+fn busy_poll_keeps_relaying_and_counts_its_hits(io: &str) {
+    const N: usize = 2000;
+    let relay = Relay::start(io, &["--workers", "1", "--busy-poll-us", "500"]);
+    let p = peer();
+    let (c, relayed) = setup_client(&relay, p.local_addr().unwrap());
+    let sender = p.try_clone().unwrap();
+    let feeder = std::thread::spawn(move || {
+        for i in 0..N as u32 {
+            sender.send_to(&i.to_be_bytes(), relayed).unwrap();
+            // Paced a little (every 8th datagram waits 20 µs) so polls both hit and miss.
+            if i % 8 == 7 {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    });
+    for i in 0..N as u32 {
+        let d = c
+            .recv(common::STEP)
+            .unwrap_or_else(|| panic!("only {i} of {N} relayed"));
+        assert_eq!(&d[0..2], &CHANNEL.to_be_bytes());
+        assert_eq!(
+            u32::from_be_bytes(d[4..8].try_into().unwrap()),
+            i,
+            "in order"
+        );
+    }
+    feeder.join().unwrap();
+    relay.wait_until("polls counted", common::STEP, || {
+        relay.stat("busy_polls") > 0 && relay.stat("busy_poll_hits") > 0
+    });
+    let polls = relay.stat("busy_polls");
+    assert!(relay.stat("busy_poll_hits") <= polls);
+    // Idle: the worker sleeps again (no datagram, no poll).
+    std::thread::sleep(Duration::from_millis(1500));
+    let idle = relay.stat("busy_polls");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(relay.stat("busy_polls"), idle, "polling while idle");
+    assert_relays(&c, &p, relayed, b"after polling");
 }

@@ -54,7 +54,7 @@ static GLOBAL: Counting = Counting;
 
 const CHANNEL: u16 = 0x4002;
 
-fn run(io: &'static str) {
+fn run(io: &'static str, busy_poll: Duration) {
     let listener = net::bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
     let listen = listener.local_addr().unwrap();
     let mut cfg = CoreConfig::new(
@@ -77,8 +77,8 @@ fn run(io: &'static str) {
     let worker = std::thread::spawn(move || {
         TRACK.with(|t| t.set(true));
         let r = match io {
-            "uring" => uring::run(ctx, 256).map_err(|e| e.to_string()),
-            _ => epoll::run(ctx).map_err(|e| e.to_string()),
+            "uring" => uring::run(ctx, 256, busy_poll).map_err(|e| e.to_string()),
+            _ => epoll::run(ctx, busy_poll).map_err(|e| e.to_string()),
         };
         TRACK.with(|t| t.set(false));
         r
@@ -123,10 +123,21 @@ fn run(io: &'static str) {
 
 #[test]
 fn uring_data_path_does_not_allocate() {
-    run("uring");
+    run("uring", Duration::ZERO);
+}
+
+/// The busy-poll path (`--busy-poll-us`) handles the same datagrams without allocating either.
+#[test]
+fn uring_busy_poll_does_not_allocate() {
+    run("uring", Duration::from_micros(200));
+}
+
+#[test]
+fn epoll_busy_poll_does_not_allocate() {
+    run("epoll", Duration::from_micros(200));
 }
 
 #[test]
 fn epoll_data_path_does_not_allocate() {
-    run("epoll");
+    run("epoll", Duration::ZERO);
 }

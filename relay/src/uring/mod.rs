@@ -484,6 +484,7 @@ fn build_ring(cq_entries: u32) -> io::Result<IoUring> {
     b.setup_single_issuer()
         .setup_defer_taskrun()
         .setup_coop_taskrun()
+        .setup_taskrun_flag()
         .setup_cqsize(cq_entries)
         .setup_clamp();
     match b.build(SQ_ENTRIES) {
@@ -499,7 +500,7 @@ fn build_ring(cq_entries: u32) -> io::Result<IoUring> {
 
 /// Run one worker on io_uring until the stop flag is set. Must run on the worker's own thread
 /// (the ring is single-issuer and created here).
-pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
+pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), UringError> {
     // Declaration order matters for drop order: the ring (declared later) is dropped first, so
     // the kernel never touches `bufs`, `slots` or `recv_msg` after they are freed.
     let mut bufs = BufRing::new(buffers, BUF_SIZE)?;
@@ -544,6 +545,8 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
     );
 
     let mut now = Instant::now();
+    // Whether the last wake-up handled anything but send completions (then `busy_poll` applies).
+    let mut busy = false;
     loop {
         if ctx.should_stop() {
             break;
@@ -575,6 +578,22 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
         let args = SubmitArgs::new().timespec(&ts);
         st.record_latency(&mut ctx);
         sq.sync();
+        if busy && !busy_poll.is_zero() {
+            ctx.counters.busy_polls += 1;
+            let hit = poll_busy(
+                &mut ctx, &mut bufs, &mut slots, &mut st, &mut sq, &submitter, &mut cq, busy_poll,
+            )?;
+            if hit {
+                // The poll handled new datagrams (and queued their forwards): go round again
+                // without sleeping.
+                ctx.counters.busy_poll_hits += 1;
+                now = Instant::now();
+                ctx.poll_timers(now);
+                after_core(&mut ctx, &mut st, &mut sq, &submitter)?;
+                ctx.maybe_report(now);
+                continue;
+            }
+        }
         // Light load: sleep in the same enter that submits the sends (one syscall per
         // batch; the sent buffers wait in the completion queue until the next wake-up).
         // Heavy load (many buffers held): submit without waiting, recycle the sent buffers at
@@ -610,26 +629,9 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
         }
         now = Instant::now();
         // Drain the completion queue, including the send completions of mid-batch flushes.
-        loop {
-            cq.sync();
-            let overflow = cq.overflow();
-            if overflow != st.overflow_seen {
-                ctx.counters.cq_overflow += u64::from(overflow.wrapping_sub(st.overflow_seen));
-                st.overflow_seen = overflow;
-            }
-            if cq.is_empty() {
-                break;
-            }
-            for cqe in &mut cq {
-                handle_cqe(
-                    &mut ctx, &mut bufs, &mut slots, &mut st, &mut sq, &submitter, now, &cqe,
-                )?;
-                after_core(&mut ctx, &mut st, &mut sq, &submitter)?;
-                if st.unsubmitted_sends >= FLUSH_EVERY {
-                    st.flush(&mut ctx, &mut sq, &submitter)?;
-                }
-            }
-        }
+        busy = drain(
+            &mut ctx, &mut bufs, &mut slots, &mut st, &mut sq, &submitter, &mut cq, now,
+        )? > 0;
         ctx.poll_timers(now);
         after_core(&mut ctx, &mut st, &mut sq, &submitter)?;
         ctx.maybe_report(now);
@@ -656,6 +658,99 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32) -> Result<(), UringError> {
     drop(bufs);
     drop(recv_msg);
     Ok(())
+}
+
+/// Handle every completion in the queue, including those that arrive meanwhile; returns how
+/// many were not send completions (received datagrams, ended receives, cancellations).
+#[allow(clippy::too_many_arguments)]
+fn drain(
+    ctx: &mut WorkerCtx,
+    bufs: &mut BufRing,
+    slots: &mut [SendSlot],
+    st: &mut Uring,
+    sq: &mut squeue::SubmissionQueue<'_>,
+    submitter: &io_uring::Submitter<'_>,
+    cq: &mut cqueue::CompletionQueue<'_>,
+    now: Instant,
+) -> io::Result<u32> {
+    let mut others = 0u32;
+    loop {
+        cq.sync();
+        let overflow = cq.overflow();
+        if overflow != st.overflow_seen {
+            ctx.counters.cq_overflow += u64::from(overflow.wrapping_sub(st.overflow_seen));
+            st.overflow_seen = overflow;
+        }
+        if cqueue::CompletionQueue::is_empty(cq) {
+            return Ok(others);
+        }
+        for cqe in &mut *cq {
+            if untoken(cqe.user_data()).0 != KIND_SEND {
+                others += 1;
+            }
+            handle_cqe(ctx, bufs, slots, st, sq, submitter, now, &cqe)?;
+            after_core(ctx, st, sq, submitter)?;
+            if st.unsubmitted_sends >= FLUSH_EVERY {
+                st.flush(ctx, sq, submitter)?;
+            }
+        }
+    }
+}
+
+/// Busy poll (`--busy-poll-us`): submit what is queued, then watch the ring's task-run flag
+/// (set by the kernel when a datagram arrived on a watched socket; a memory read, no syscall)
+/// for up to `budget`, and when it is set run that work and handle the completions. `true` when
+/// datagrams were handled (the caller goes round again without sleeping), `false` when the
+/// budget passed with nothing but send completions.
+#[allow(clippy::too_many_arguments)]
+fn poll_busy(
+    ctx: &mut WorkerCtx,
+    bufs: &mut BufRing,
+    slots: &mut [SendSlot],
+    st: &mut Uring,
+    sq: &mut squeue::SubmissionQueue<'_>,
+    submitter: &io_uring::Submitter<'_>,
+    cq: &mut cqueue::CompletionQueue<'_>,
+    budget: Duration,
+) -> io::Result<bool> {
+    let until = Instant::now() + budget;
+    let mut enter = true;
+    loop {
+        if enter {
+            // Submits the queued sends and runs deferred task work (arrived datagrams)
+            // without waiting for anything.
+            // SAFETY: no extended argument is passed; the SQEs were built by `push` (their
+            // memory outlives the operations, see there).
+            let r = unsafe {
+                submitter.enter::<libc::sigset_t>(
+                    sq.len() as u32,
+                    0,
+                    io_uring::EnterFlags::GETEVENTS.bits(),
+                    None,
+                )
+            };
+            if let Err(e) = r {
+                match e.raw_os_error() {
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ETIME) => {}
+                    Some(libc::EBUSY) => ctx.counters.cq_overflow += 1,
+                    _ => return Err(e),
+                }
+            }
+            sq.sync();
+            if sq.is_empty() {
+                st.unsubmitted_sends = 0;
+            }
+            st.deferred_close.clear();
+            if drain(ctx, bufs, slots, st, sq, submitter, cq, Instant::now())? > 0 {
+                return Ok(true);
+            }
+        }
+        if Instant::now() >= until {
+            return Ok(false);
+        }
+        std::hint::spin_loop();
+        enter = sq.taskrun() || !sq.is_empty();
+    }
 }
 
 /// Handle one completion: a send that finished (its buffer goes back to the ring) or a
