@@ -802,6 +802,20 @@ fn busy_poll_keeps_relaying_and_counts_its_hits(io: &str) {
     let relay = Relay::start(io, &["--workers", "1", "--busy-poll-us", "500"]);
     let p = peer();
     let (c, relayed) = setup_client(&relay, p.local_addr().unwrap());
+    // Room for the whole stream in the client's receive buffer (SO_RCVBUFFORCE: root, as the
+    // suite runs), so a slow test thread cannot lose datagrams the relay delivered.
+    let bytes: libc::c_int = 8 << 20;
+    // SAFETY: the fd is open; `bytes` is a live c_int and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&c.sock),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
     let sender = p.try_clone().unwrap();
     let feeder = std::thread::spawn(move || {
         for i in 0..N as u32 {
