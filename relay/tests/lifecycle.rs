@@ -792,6 +792,9 @@ fn relayed_sockets_and_the_fd_limit(io: &str) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    // Load fell: allocations succeed again (HARDENING.md: the server recovers).
+    let (again, refused) = allocate_up_to(&relay, 20);
+    assert_eq!((again.len(), refused), (20, None));
 }
 
 /// `--busy-poll-us`: after a wake-up with datagrams the worker polls instead of sleeping; a

@@ -815,7 +815,11 @@ fn alloc_round(
     let cpu0 = server.cpu_time()?;
     let gen0 = traffic::thread_cpu();
     let round_deadline = deadline.min(Instant::now() + Duration::from_secs(120));
+    let phase = Instant::now();
     let (ok, elapsed) = allocate_all(&mut sessions, cfg.concurrency, round_deadline);
+    // The generator's share of its core over the whole phase (refusals after the last grant
+    // included), not over the time to the last grant.
+    let phase = phase.elapsed();
     let gen_cpu = traffic::thread_cpu().saturating_sub(gen0);
     let cpu = server.cpu_time()?.saturating_sub(cpu0);
     std::thread::sleep(cfg.settle);
@@ -875,7 +879,7 @@ fn alloc_round(
         } else {
             cpu.as_secs_f64() * 1e6 / ok as f64
         },
-        gen_core_fraction: gen_cpu.as_secs_f64() / elapsed.as_secs_f64().max(1e-9),
+        gen_core_fraction: gen_cpu.as_secs_f64() / phase.as_secs_f64().max(1e-9),
         rss_before,
         rss_after,
         rss_bytes_per_alloc: if ok == 0 {
