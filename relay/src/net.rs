@@ -324,6 +324,17 @@ pub fn realtime_ns() -> u64 {
     (ts.tv_sec.max(0) as u64) * 1_000_000_000 + ts.tv_nsec.max(0) as u64
 }
 
+/// The process's RLIMIT_NOFILE soft limit (`None` if it cannot be read): the highest fd + 1
+/// a socket can get, and the kernel's cap on an io_uring ring's registered file table.
+pub fn nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out pointer for the call.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+}
+
 /// Synchronous non-blocking `sendto` (used for core replies written in the scratch buffer).
 pub fn send_to(fd: i32, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
     let mut raw = RawAddr::zeroed();

@@ -230,15 +230,10 @@ pub const FD_RESERVE: RawFd = 32;
 
 /// The first fd number a relayed socket may not have: RLIMIT_NOFILE minus [`FD_RESERVE`].
 fn fd_ceiling() -> RawFd {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid out pointer for the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    let Some(limit) = net::nofile_limit() else {
         return RawFd::MAX;
-    }
-    RawFd::try_from(lim.rlim_cur)
+    };
+    RawFd::try_from(limit)
         .unwrap_or(RawFd::MAX)
         .saturating_sub(FD_RESERVE)
         .max(FD_RESERVE)

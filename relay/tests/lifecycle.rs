@@ -143,19 +143,9 @@ fn alloc_free_cycles_leave_no_residue(io: &str) {
     );
 }
 
-/// `n` consecutive free UDP ports on 127.0.0.1 between 20000 and 32000 (below the kernel's
-/// ephemeral range, so other tests' `bind(0)` sockets do not land there); random start so that
-/// parallel tests rarely collide.
+/// `n` consecutive free UDP ports on 127.0.0.1 (see [`free_range_on`]).
 fn private_port_range(n: u16) -> std::ops::RangeInclusive<u16> {
-    use rand::Rng;
-    for _ in 0..200 {
-        let lo: u16 = rand::rng().random_range(20_000..32_000 - n);
-        let hi = lo + n - 1;
-        if (lo..=hi).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
-            return lo..=hi;
-        }
-    }
-    panic!("no free private port range");
+    free_range_on(&["127.0.0.1"], n)
 }
 
 fn drain_on_sigterm_serves_existing_refuses_new(io: &str) {
@@ -621,7 +611,9 @@ fn kernel_receive_buffer_drops_are_counted(io: &str) {
     assert!(relay.stat("dropped_not_stun") > 0);
 }
 
-/// `n` consecutive ports between 20000 and 32000 free on every one of `ips` (random start).
+/// `n` consecutive UDP ports free on every one of `ips`, between 20000 and 32000 (below the
+/// kernel's ephemeral range, so other tests' `bind(0)` sockets do not land there); random
+/// start so that parallel tests rarely collide.
 fn free_range_on(ips: &[&str], n: u16) -> std::ops::RangeInclusive<u16> {
     use rand::Rng;
     for _ in 0..200 {

@@ -392,10 +392,7 @@ fn prepare(
                 .client
                 .relayed_addr()
                 .ok_or_else(|| BenchError::Invalid("allocated without a relayed address".into()))?;
-            let s = UdpSocket::bind((ips[(n + i) % ips.len()], 0))?;
-            let _ = socket2::SockRef::from(&s).set_recv_buffer_size(sock_buf);
-            let _ = socket2::SockRef::from(&s).set_send_buffer_size(sock_buf);
-            s.set_nonblocking(true)?;
+            let s = plain_socket(ips[(n + i) % ips.len()], sock_buf)?;
             s.connect(relayed)?;
             peers.push(s);
         }
@@ -466,17 +463,23 @@ fn prepare(
     })
 }
 
+/// A non-blocking UDP socket on `ip` (ephemeral port) with `sock_buf` bytes of buffers (best
+/// effort: the kernel caps them at rmem_max / wmem_max).
+fn plain_socket(ip: IpAddr, sock_buf: usize) -> std::io::Result<UdpSocket> {
+    let s = UdpSocket::bind((ip, 0))?;
+    let _ = socket2::SockRef::from(&s).set_recv_buffer_size(sock_buf);
+    let _ = socket2::SockRef::from(&s).set_send_buffer_size(sock_buf);
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
 /// `n` sockets connected pairwise (0<->1, 2<->3, ...) on the client IPs: the generator
 /// talking to itself, for its own ceiling.
 fn direct_pairs(p: &Placement, n: usize) -> Result<(Vec<UdpSocket>, Vec<Flow>), BenchError> {
     let ips = p.client_addrs(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
     let mut socks = Vec::with_capacity(n);
     for i in 0..n {
-        let s = UdpSocket::bind((ips[i % ips.len()], 0))?;
-        let _ = socket2::SockRef::from(&s).set_recv_buffer_size(p.sock_buf);
-        let _ = socket2::SockRef::from(&s).set_send_buffer_size(p.sock_buf);
-        s.set_nonblocking(true)?;
-        socks.push(s);
+        socks.push(plain_socket(ips[i % ips.len()], p.sock_buf)?);
     }
     for i in (0..n).step_by(2) {
         let (a, b) = (socks[i].local_addr()?, socks[i + 1].local_addr()?);

@@ -289,15 +289,10 @@ impl FixedFiles {
             cap: 0,
             registered: Vec::new(),
         };
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: `lim` is a valid out pointer for the call.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let Some(limit) = net::nofile_limit() else {
             return none;
-        }
-        let cap = u32::try_from(lim.rlim_cur)
+        };
+        let cap = u32::try_from(limit)
             .unwrap_or(u32::MAX)
             .min(u32::try_from(relayed.saturating_add(1)).unwrap_or(u32::MAX))
             .min(Self::MAX_SLOTS);
@@ -451,13 +446,25 @@ impl Uring {
     ) -> io::Result<()> {
         self.record_latency(ctx);
         sq.sync();
-        match submitter.submit() {
-            Ok(_) => {}
-            Err(e) => match e.raw_os_error() {
+        let r = submitter.submit();
+        self.submitted(ctx, sq, r)
+    }
+
+    /// Book-keeping after an `io_uring_enter` that submitted: a timeout or interruption is
+    /// no error, a full completion queue (EBUSY: the kernel refuses submissions until it is
+    /// drained) is counted, and once the submission queue is empty no send is left unsubmitted.
+    fn submitted(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        sq: &mut squeue::SubmissionQueue<'_>,
+        r: io::Result<usize>,
+    ) -> io::Result<()> {
+        if let Err(e) = r {
+            match e.raw_os_error() {
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EAGAIN) => {}
                 Some(libc::EBUSY) => ctx.counters.cq_overflow += 1,
-                Some(libc::EINTR) | Some(libc::EAGAIN) => {}
                 _ => return Err(e),
-            },
+            }
         }
         sq.sync();
         if sq.is_empty() {
@@ -578,60 +585,44 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), 
         let args = SubmitArgs::new().timespec(&ts);
         st.record_latency(&mut ctx);
         sq.sync();
-        if busy && !busy_poll.is_zero() {
+        // Busy poll: when it handles new datagrams (their forwards queued), this round does
+        // not sleep at all.
+        let polled = busy && !busy_poll.is_zero() && {
             ctx.counters.busy_polls += 1;
-            let hit = poll_busy(
+            poll_busy(
                 &mut ctx, &mut bufs, &mut slots, &mut st, &mut sq, &submitter, &mut cq, busy_poll,
-            )?;
-            if hit {
-                // The poll handled new datagrams (and queued their forwards): go round again
-                // without sleeping.
-                ctx.counters.busy_poll_hits += 1;
-                now = Instant::now();
-                ctx.poll_timers(now);
-                after_core(&mut ctx, &mut st, &mut sq, &submitter)?;
-                ctx.maybe_report(now);
-                continue;
-            }
-        }
-        // Light load: sleep in the same enter that submits the sends (one syscall per
-        // batch; the sent buffers wait in the completion queue until the next wake-up).
-        // Heavy load (many buffers held): submit without waiting, recycle the sent buffers at
-        // once, and wait in the next iteration, so the buffer ring never runs dry because
-        // sent buffers sat in the completion queue.
-        let want = if sq.is_empty() || st.unsubmitted_sends == 0 {
-            1
-        } else if bufs.held() > bufs.entries() as usize / HELD_FOR_SEPARATE_WAIT {
-            0
-        } else {
-            st.unsubmitted_sends as usize + 1
+            )?
         };
-        match submitter.submit_with_args(want, &args) {
-            Ok(_) => {}
-            Err(e) => match e.raw_os_error() {
-                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EAGAIN) => {}
-                Some(libc::EBUSY) => {
-                    // Completion queue overflowed: stop submitting until it is drained.
-                    ctx.counters.cq_overflow += 1;
-                }
-                _ => return Err(UringError::Setup(e)),
-            },
+        if polled {
+            ctx.counters.busy_poll_hits += 1;
+            now = Instant::now();
+        } else {
+            // Light load: sleep in the same enter that submits the sends (one syscall per
+            // batch; the sent buffers wait in the completion queue until the next wake-up).
+            // Heavy load (many buffers held): submit without waiting, recycle the sent buffers
+            // at once, and wait in the next iteration, so the buffer ring never runs dry
+            // because sent buffers sat in the completion queue.
+            let want = if sq.is_empty() || st.unsubmitted_sends == 0 {
+                1
+            } else if bufs.held() > bufs.entries() as usize / HELD_FOR_SEPARATE_WAIT {
+                0
+            } else {
+                st.unsubmitted_sends as usize + 1
+            };
+            let r = submitter.submit_with_args(want, &args);
+            st.submitted(&mut ctx, &mut sq, r)?;
+            // Sockets closed by the core are released only now that the SQEs that might name
+            // their fd were submitted (the kernel holds its own file reference from here on).
+            st.deferred_close.clear();
+            if sq.cq_overflow() {
+                ctx.counters.cq_overflow += 1;
+            }
+            now = Instant::now();
+            // Drain the completion queue, including the send completions of mid-batch flushes.
+            busy = drain(
+                &mut ctx, &mut bufs, &mut slots, &mut st, &mut sq, &submitter, &mut cq, now,
+            )? > 0;
         }
-        sq.sync();
-        if sq.is_empty() {
-            st.unsubmitted_sends = 0;
-        }
-        // Sockets closed by the core are released only now that the SQEs that might name their
-        // fd were submitted (the kernel holds its own file reference from here on).
-        st.deferred_close.clear();
-        if sq.cq_overflow() {
-            ctx.counters.cq_overflow += 1;
-        }
-        now = Instant::now();
-        // Drain the completion queue, including the send completions of mid-batch flushes.
-        busy = drain(
-            &mut ctx, &mut bufs, &mut slots, &mut st, &mut sq, &submitter, &mut cq, now,
-        )? > 0;
         ctx.poll_timers(now);
         after_core(&mut ctx, &mut st, &mut sq, &submitter)?;
         ctx.maybe_report(now);
@@ -729,17 +720,7 @@ fn poll_busy(
                     None,
                 )
             };
-            if let Err(e) = r {
-                match e.raw_os_error() {
-                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ETIME) => {}
-                    Some(libc::EBUSY) => ctx.counters.cq_overflow += 1,
-                    _ => return Err(e),
-                }
-            }
-            sq.sync();
-            if sq.is_empty() {
-                st.unsubmitted_sends = 0;
-            }
+            st.submitted(ctx, sq, r)?;
             st.deferred_close.clear();
             if drain(ctx, bufs, slots, st, sq, submitter, cq, Instant::now())? > 0 {
                 return Ok(true);
