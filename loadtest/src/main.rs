@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use peerlink_loadtest::relay_bench::server::{self, ServerKind};
-use peerlink_loadtest::relay_bench::traffic::{self, Priority, SendIo};
+use peerlink_loadtest::relay_bench::traffic::{self, Priority, Receive, SendIo};
 use peerlink_loadtest::relay_bench::{self, AllocConfig, Placement, Topology, TrafficConfig};
 
 #[path = "fleet/cli.rs"]
@@ -135,6 +135,9 @@ struct RelayArgs {
     /// Sender I/O [default: uring when available].
     #[arg(long, value_enum)]
     send_io: Option<SendIo>,
+    /// How the generator waits for the packets the servers deliver.
+    #[arg(long, value_enum, default_value_t = Receive::Wait)]
+    gen_receive: Receive,
     /// Who the allocations talk to: each other in pairs (client -> relay -> relay -> client),
     /// or each a plain UDP peer (client <-> relay <-> peer, through the relayed sockets).
     #[arg(long, value_enum, default_value_t = Topology::Pairs)]
@@ -142,10 +145,15 @@ struct RelayArgs {
     /// Skip peerlink's half-load /stats probe.
     #[arg(long)]
     no_half_load: bool,
-    /// Pacing step of the half-load probe in microseconds [default: --burst-us]. A smaller
-    /// step spreads the same rate into smaller bursts (closer to independent callers).
-    #[arg(long)]
-    half_load_burst_us: Option<u64>,
+    /// Half-load probes per peerlink server (alternating between servers; the figure is the
+    /// median p99).
+    #[arg(long, default_value_t = 3)]
+    half_load_probes: usize,
+    /// Pacing step of the half-load probe in microseconds. Fine by default: at half load a
+    /// relay serving many independent callers sees arrivals spread out; with --burst-us's 500
+    /// µs the p99 would be the time to drain each step's burst.
+    #[arg(long, default_value_t = 50)]
+    half_load_burst_us: u64,
     /// Rate of the half-load probe, packets/s [default: half the measured max; needs --max
     /// unless given].
     #[arg(long)]
@@ -257,14 +265,15 @@ fn relay(a: RelayArgs) -> anyhow::Result<()> {
     c.drain = Duration::from_millis(a.drain_ms);
     c.tick = Duration::from_micros(a.burst_us.max(50));
     c.half_load_probe = !a.no_half_load;
-    c.half_load_tick = a
-        .half_load_burst_us
-        .map(|us| Duration::from_micros(us.max(10)));
+    anyhow::ensure!(a.half_load_probes >= 1, "--half-load-probes must be >= 1");
+    c.half_load_probes = a.half_load_probes;
+    c.half_load_tick = Duration::from_micros(a.half_load_burst_us.max(10));
     if let Some(r) = a.half_load_rate {
         anyhow::ensure!(r > 0.0 && r.is_finite(), "--half-load-rate must be > 0");
     }
     c.half_load_rate = a.half_load_rate;
     c.baseline = !a.no_baseline;
+    c.receive = a.gen_receive;
     if let Some(io) = a.send_io {
         anyhow::ensure!(
             io != SendIo::Uring || traffic::uring_available(),

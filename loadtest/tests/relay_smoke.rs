@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use peerlink_loadtest::relay_bench::report::{RoundFigures, TrafficReport};
 use peerlink_loadtest::relay_bench::server::{ServerKind, default_peerlink_bin};
-use peerlink_loadtest::relay_bench::traffic::SendIo;
+use peerlink_loadtest::relay_bench::traffic::{Receive, SendIo};
 use peerlink_loadtest::relay_bench::{self, AllocConfig, Placement, Topology, TrafficConfig};
 
 fn coturn_bin() -> PathBuf {
@@ -147,13 +147,15 @@ fn peerlink_smoke_forwards_and_counts_on_both_backends() {
     let mut c = small_traffic(p);
     // The latency probe at an explicit rate and pacing step (no max search needed).
     c.half_load_rate = Some(800.0);
-    c.half_load_tick = Some(Duration::from_micros(200));
+    c.half_load_tick = Duration::from_micros(200);
+    c.half_load_probes = 2;
     let r = relay_bench::run_traffic(&c).expect("benchmark against peerlink-relay");
     check_report(&r, &servers, 20);
     for s in &r.servers {
         let stats = s.final_stats.as_ref().expect("peerlink /stats read");
         assert!(stats.get("latency_total_us").is_some(), "{stats}");
-        let h = s.half_load.as_ref().expect("half-load probe ran");
+        assert_eq!(s.half_load.len(), 2, "two probes per server");
+        let h = &s.half_load[1];
         assert_eq!(h.round.offered_pps, 800.0);
         check_round(&h.round);
         // /stats was read mid-round: the interval holds this round's packets.
@@ -166,6 +168,10 @@ fn peerlink_smoke_forwards_and_counts_on_both_backends() {
         table.contains("half-load probe peerlink-uring: offered 800 pkt/s in 200 µs steps"),
         "{table}"
     );
+    assert!(
+        table.contains("half-load p99 peerlink-epoll: median") && table.contains("over 2 probes"),
+        "{table}"
+    );
     // The two backends' kept rounds compared pairwise (one kept round here).
     assert!(
         table.contains("io_uring cheaper in 0 of 1 rounds")
@@ -176,7 +182,8 @@ fn peerlink_smoke_forwards_and_counts_on_both_backends() {
 
 /// Allocations with plain UDP peers: half the packets go client -> relay -> peer, half peer ->
 /// relay -> client, on every server; peerlink forwards them through the relayed sockets (both
-/// directions counted, nothing short-circuited).
+/// directions counted, nothing short-circuited). The generator spins for its packets here
+/// (`--gen-receive spin`): the books must come out just as exact.
 #[test]
 fn peers_topology_forwards_both_ways_through_relayed_sockets() {
     let servers = vec![
@@ -188,6 +195,7 @@ fn peers_topology_forwards_both_ways_through_relayed_sockets() {
     p.peerlink_bin = peerlink_bin();
     let mut c = small_traffic(p);
     c.topology = Topology::Peers;
+    c.receive = Receive::Spin;
     c.half_load_probe = false;
     let r = relay_bench::run_traffic(&c).expect("peers benchmark");
     check_report(&r, &servers, 20);

@@ -34,7 +34,7 @@ use report::{
 };
 use server::{BENCH_PASS, BENCH_USER, ServerKind, ServerProcess, ServerSpec};
 use session::{PumpStats, Sessions};
-use traffic::{Flow, RoundSpec, SendIo};
+use traffic::{Flow, Receive, RoundSpec, SendIo};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -269,12 +269,19 @@ pub struct TrafficConfig {
     pub search_steps: usize,
     /// Measure peerlink's in-relay p99 from `/stats` at half its max rate.
     pub half_load_probe: bool,
-    /// Pacing step of the half-load probe (`None`: `tick`).
-    pub half_load_tick: Option<Duration>,
+    /// Half-load probes per peerlink server (alternating between servers like the rounds; the
+    /// figure is their median p99).
+    pub half_load_probes: usize,
+    /// Pacing step of the half-load probe: fine, because at half load a relay serving many
+    /// independent callers sees arrivals spread out, not the whole step's packets at once
+    /// (with 500 µs steps its p99 would be the time to drain a 50-packet burst).
+    pub half_load_tick: Duration,
     /// Rate of the half-load probe (`None`: half the measured max; then `max` is needed).
     pub half_load_rate: Option<f64>,
     /// Sender I/O.
     pub send_io: SendIo,
+    /// How the generator waits for packets.
+    pub receive: Receive,
     /// With `max`: also search the generator's own ceiling over direct socket pairs.
     pub baseline: bool,
 }
@@ -298,9 +305,11 @@ impl TrafficConfig {
             search_cap: 2_000_000.0,
             search_steps: 10,
             half_load_probe: true,
-            half_load_tick: None,
+            half_load_probes: 3,
+            half_load_tick: Duration::from_micros(50),
             half_load_rate: None,
             baseline: true,
+            receive: Receive::Wait,
             send_io: if traffic::uring_available() {
                 SendIo::Uring
             } else {
@@ -552,6 +561,7 @@ fn search_max(
             cpu: cfg.placement.gen_cpu,
             send_io: cfg.send_io,
             priority: cfg.placement.priority,
+            receive: cfg.receive,
         };
         let f = measure(&spec)?;
         let ok = f.loss_fraction <= cfg.loss_threshold;
@@ -675,6 +685,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                     cpu: cfg.placement.gen_cpu,
                     send_io: cfg.send_io,
                     priority: cfg.placement.priority,
+                    receive: cfg.receive,
                 };
                 let f = measured_round(prep, &spec, None)?;
                 reports[s].fixed.push(f);
@@ -687,39 +698,48 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
     }
     // peerlink's in-relay latency at half of its (median) max rate, from /stats.
     if (cfg.max || cfg.half_load_rate.is_some()) && cfg.half_load_probe {
-        for (s, prep) in preps.iter_mut().enumerate() {
-            if !prep.server.spec.kind.is_peerlink() {
-                continue;
+        for p in 0..cfg.half_load_probes {
+            // Alternate the order from probe to probe, as the rounds do.
+            for j in 0..preps.len() {
+                let s = (j + p) % preps.len();
+                let prep = &mut preps[s];
+                if !prep.server.spec.kind.is_peerlink() {
+                    continue;
+                }
+                let Some(rate) = cfg
+                    .half_load_rate
+                    .or_else(|| reports[s].max_pps_median().map(|m| m / 2.0))
+                else {
+                    continue;
+                };
+                if Instant::now() >= deadline {
+                    return Err(BenchError::Timeout(cfg.placement.timeout));
+                }
+                round_id += 1;
+                let dur = cfg.duration.max(Duration::from_millis(2500));
+                let spec = RoundSpec {
+                    round_id,
+                    rate_pps: rate,
+                    duration: dur,
+                    drain: cfg.drain,
+                    tick: cfg.half_load_tick,
+                    cpu: cfg.placement.gen_cpu,
+                    send_io: cfg.send_io,
+                    priority: cfg.placement.priority,
+                    receive: cfg.receive,
+                };
+                let metrics = prep.server.spec.metrics;
+                let mut stats: Option<serde_json::Value> = None;
+                let mut probe = || {
+                    stats = server::fetch_stats(metrics, Duration::from_secs(1)).ok();
+                };
+                let f = measured_round(
+                    prep,
+                    &spec,
+                    Some((dur - Duration::from_millis(400), &mut probe)),
+                )?;
+                reports[s].half_load.push(report::HalfLoad::new(f, stats));
             }
-            let Some(rate) = cfg
-                .half_load_rate
-                .or_else(|| reports[s].max_pps_median().map(|m| m / 2.0))
-            else {
-                continue;
-            };
-            round_id += 1;
-            let dur = cfg.duration.max(Duration::from_millis(2500));
-            let spec = RoundSpec {
-                round_id,
-                rate_pps: rate,
-                duration: dur,
-                drain: cfg.drain,
-                tick: cfg.half_load_tick.unwrap_or(cfg.tick),
-                cpu: cfg.placement.gen_cpu,
-                send_io: cfg.send_io,
-                priority: cfg.placement.priority,
-            };
-            let metrics = prep.server.spec.metrics;
-            let mut stats: Option<serde_json::Value> = None;
-            let mut probe = || {
-                stats = server::fetch_stats(metrics, Duration::from_secs(1)).ok();
-            };
-            let f = measured_round(
-                prep,
-                &spec,
-                Some((dur - Duration::from_millis(400), &mut probe)),
-            )?;
-            reports[s].half_load = Some(report::HalfLoad::new(f, stats));
         }
     }
     for (s, prep) in preps.iter_mut().enumerate() {

@@ -122,6 +122,9 @@ pub struct MaxSearch {
     pub generator_limited: bool,
 }
 
+/// BENCHMARKS.md: in-relay p99 at half of max load, µs.
+pub const IN_RELAY_P99_TARGET_US: f64 = 50.0;
+
 /// The half-load round with peerlink's own in-relay latency.
 #[derive(Clone, Debug, Serialize)]
 pub struct HalfLoad {
@@ -174,8 +177,8 @@ pub struct ServerReport {
     pub fixed: Vec<RoundFigures>,
     /// Max searches (all, including the discarded first).
     pub max: Vec<MaxSearch>,
-    /// peerlink only: the half-load round.
-    pub half_load: Option<HalfLoad>,
+    /// peerlink only: the half-load probes, in order.
+    pub half_load: Vec<HalfLoad>,
     /// peerlink only: `/stats` at the end.
     pub final_stats: Option<serde_json::Value>,
 }
@@ -232,7 +235,7 @@ impl ServerReport {
             allocations: 0,
             fixed: Vec::new(),
             max: Vec::new(),
-            half_load: None,
+            half_load: Vec::new(),
             final_stats: None,
         }
     }
@@ -292,7 +295,12 @@ impl ServerReport {
             fixed_loss: self.fixed_median(|f| f.loss_fraction),
             fixed_received_pps: self.fixed_median(|f| f.received_pps),
             gen_core_fraction: self.fixed_median(|f| f.gen_core_fraction),
-            in_relay_p99_us_half_load: self.half_load.as_ref().and_then(|h| h.in_relay_p99_us),
+            in_relay_p99_us_half_load: median(
+                self.half_load
+                    .iter()
+                    .filter_map(|h| h.in_relay_p99_us)
+                    .collect(),
+            ),
             max_generator_limited_rounds: self.max_generator_limited_rounds(),
             fixed_generator_short_rounds: self.fixed_generator_short_rounds(),
             generator_limited: !self.max.is_empty()
@@ -329,7 +337,7 @@ pub struct ServerSummary {
     pub fixed_received_pps: Option<f64>,
     /// Generator core use at the fixed rate (median).
     pub gen_core_fraction: Option<f64>,
-    /// peerlink: in-relay p99 (µs) from `/stats` at half its max rate.
+    /// peerlink: in-relay p99 (µs) from `/stats` at half its max rate, median over the probes.
     pub in_relay_p99_us_half_load: Option<f64>,
     /// Kept max searches that stopped at the generator's limit.
     pub max_generator_limited_rounds: usize,
@@ -575,14 +583,15 @@ impl TrafficReport {
         let c = &self.config;
         let _ = writeln!(
             o,
-            "peerlink-loadtest relay: {} allocations ({}), {}-byte payloads, {} rounds (first discarded), server CPU {:?}, generator CPU {:?}, sender {:?}",
+            "peerlink-loadtest relay: {} allocations ({}), {}-byte payloads, {} rounds (first discarded), server CPU {:?}, generator CPU {:?}, sender {:?}, receiver {:?}",
             c.allocations,
             c.topology.describe(c.allocations),
             super::traffic::PAYLOAD_LEN,
             c.rounds,
             c.placement.server_cpu,
             c.placement.gen_cpu,
-            c.send_io
+            c.send_io,
+            c.receive
         );
         let _ = writeln!(
             o,
@@ -621,15 +630,18 @@ impl TrafficReport {
                 }
             );
         }
-        for r in &self.servers {
-            let Some(h) = &r.half_load else { continue };
+        for (r, h) in self
+            .servers
+            .iter()
+            .flat_map(|r| r.half_load.iter().map(move |h| (r, h)))
+        {
             let f = &h.round;
             let _ = writeln!(
                 o,
                 "  half-load probe {}: offered {:.0} pkt/s in {} µs steps, sent {:.0}, loss {:.3}%, generator core {:.0}%, in-relay p50 {} / p90 {} / p99 {} / p99.9 {} / max {} µs over {} samples",
                 r.server.label(),
                 f.offered_pps,
-                c.half_load_tick.unwrap_or(c.tick).as_micros(),
+                c.half_load_tick.as_micros(),
                 f.sent_pps,
                 f.loss_fraction * 100.0,
                 f.gen_core_fraction * 100.0,
@@ -639,6 +651,24 @@ impl TrafficReport {
                 fmt1(h.in_relay_p999_us),
                 fmt1(h.in_relay_max_us),
                 fmt0(h.in_relay_samples),
+            );
+        }
+        for r in self.servers.iter().filter(|r| r.half_load.len() > 1) {
+            let p99: Vec<f64> = r
+                .half_load
+                .iter()
+                .filter_map(|h| h.in_relay_p99_us)
+                .collect();
+            let under = p99.iter().filter(|&&v| v < IN_RELAY_P99_TARGET_US).count();
+            let (lo, hi) = p99
+                .iter()
+                .fold((f64::INFINITY, 0.0f64), |(l, h), &v| (l.min(v), h.max(v)));
+            let _ = writeln!(
+                o,
+                "  half-load p99 {}: median {} µs over {} probes ({lo:.0}-{hi:.0}), under {IN_RELAY_P99_TARGET_US:.0} µs in {under}",
+                r.server.label(),
+                fmt1(median(p99.clone())),
+                p99.len(),
             );
         }
         if let Some(b) = &self.generator_baseline {
