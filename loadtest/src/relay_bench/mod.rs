@@ -857,24 +857,8 @@ fn alloc_round(
             |_, _| false,
             &mut stats,
         );
-        let now = Instant::now();
-        let mut refreshed = 0usize;
-        for i in 0..sessions.len() {
-            sessions.with_client(i, &mut stats, |s| {
-                let _ = s.client.refresh(now);
-            });
-        }
-        sessions.pump(
-            deadline.min(now + Duration::from_secs(60)),
-            |_, ev, _, _| {
-                if matches!(ev, Event::Refreshed { .. }) {
-                    refreshed += 1;
-                }
-            },
-            |ss, _| ss.busy() == 0,
-            &mut stats,
-        );
-        held = Some(refreshed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        held = Some(sessions.refresh_all(left.min(Duration::from_secs(60))));
     }
     let first_error = sessions.first_error().map(str::to_owned);
     let relay_ips_used = sessions

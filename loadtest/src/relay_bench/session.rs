@@ -140,8 +140,9 @@ pub struct Sessions {
 pub const TIMER_SCAN: Duration = Duration::from_millis(10);
 /// How often [`Sessions::pump`] calls its `poll` hook (at least).
 pub const POLL_EVERY: Duration = Duration::from_millis(2);
-/// Deallocations [`Sessions::deallocate_all`] keeps in flight.
-pub const DEALLOC_WINDOW: usize = 1000;
+/// Refreshes and deallocations [`Sessions::refresh_all`] and [`Sessions::deallocate_all`]
+/// keep in flight.
+pub const WINDOW: usize = 1000;
 /// Datagrams read from one per-session socket per wakeup.
 const PER_SESSION_READ_BATCH: usize = 64;
 /// Datagrams read from one shared socket per wakeup (many sessions share it).
@@ -559,37 +560,75 @@ impl Sessions {
         self.list.iter().find_map(|s| s.last_error.as_deref())
     }
 
-    /// Sends Refresh LIFETIME 0 on every allocated session, at most [`DEALLOC_WINDOW`] in
-    /// flight (a burst of 100k would overflow the server's socket and wait on retransmits),
-    /// and waits (bounded by `timeout`) for answers. Returns the sessions closed.
-    pub fn deallocate_all(&mut self, timeout: Duration) -> usize {
-        let start = Instant::now();
+    /// Starts `start` on every session in order, with at most `window` of them in flight
+    /// (`in_flight` counts them; a burst of 100k would overflow the server's socket and wait on
+    /// retransmits), and pumps until every session was started and none is in flight, or
+    /// `timeout` passed. `on_event` sees every event meanwhile.
+    fn windowed(
+        &mut self,
+        timeout: Duration,
+        window: usize,
+        in_flight: impl Fn(&Sessions) -> usize,
+        mut start: impl FnMut(&mut Session, Instant) -> bool,
+        on_event: impl FnMut(usize, Event, &mut Session, Instant),
+    ) {
+        let deadline = Instant::now() + timeout;
         let mut next = 0usize;
         let mut stats = PumpStats::default();
         self.pump(
-            start + timeout,
-            |_, _, _, _| {},
+            deadline,
+            on_event,
             |ss, now| {
-                let in_flight = ss.count(AllocationState::Deallocating);
-                let mut room = DEALLOC_WINDOW.saturating_sub(in_flight);
+                let mut room = window.saturating_sub(in_flight(ss));
                 // Bounded: `next` only grows, up to the number of sessions.
                 while room > 0 && next < ss.list.len() {
                     let i = next;
                     next += 1;
                     let mut started = false;
-                    ss.with_client(i, &mut PumpStats::default(), |s| {
-                        started = s.client.state() == AllocationState::Allocated
-                            && s.client.deallocate(now).is_ok();
-                    });
+                    ss.with_client(i, &mut PumpStats::default(), |s| started = start(s, now));
                     if started {
                         room -= 1;
                     }
                 }
-                next >= ss.list.len() && ss.count(AllocationState::Deallocating) == 0
+                next >= ss.list.len() && in_flight(ss) == 0
             },
             &mut stats,
         );
+    }
+
+    /// Sends Refresh LIFETIME 0 on every allocated session, at most [`WINDOW`] in flight, and
+    /// waits (bounded by `timeout`) for answers. Returns the sessions closed.
+    pub fn deallocate_all(&mut self, timeout: Duration) -> usize {
+        self.windowed(
+            timeout,
+            WINDOW,
+            |ss| ss.count(AllocationState::Deallocating),
+            |s, now| {
+                s.client.state() == AllocationState::Allocated && s.client.deallocate(now).is_ok()
+            },
+            |_, _, _, _| {},
+        );
         self.count(AllocationState::Closed)
+    }
+
+    /// Refreshes every allocated session, at most [`WINDOW`] busy at once, and waits (bounded
+    /// by `timeout`) for answers. Returns the allocations the server refreshed.
+    pub fn refresh_all(&mut self, timeout: Duration) -> usize {
+        let mut refreshed = 0usize;
+        self.windowed(
+            timeout,
+            WINDOW,
+            Sessions::busy,
+            |s, now| {
+                s.client.state() == AllocationState::Allocated && s.client.refresh(now).is_ok()
+            },
+            |_, ev, _, _| {
+                if matches!(ev, Event::Refreshed { .. }) {
+                    refreshed += 1;
+                }
+            },
+        );
+        refreshed
     }
 
     /// Raw fds, in session order (for the data plane). Only sessions with a socket of their
