@@ -408,57 +408,73 @@ struct Uring {
     recv_msg: *const libc::msghdr,
 }
 
-impl Uring {
+/// What the loop and its helpers work on besides the worker context: the buffer ring and the
+/// send slots (owned by [`run`], declared before the ring so they outlive it), the loop's own
+/// state and the ring's three halves.
+struct Io<'a, 'r> {
+    bufs: &'a mut BufRing,
+    slots: &'a mut [SendSlot],
+    st: Uring,
+    sq: squeue::SubmissionQueue<'r>,
+    submitter: io_uring::Submitter<'r>,
+    cq: cqueue::CompletionQueue<'r>,
+}
+
+impl Io<'_, '_> {
+    /// Push an SQE, submitting first if the queue is full. `Ok(false)` when it stays full (the
+    /// kernel refuses submissions while the completion queue overflows: back-pressure); the
+    /// caller drops or retries the operation.
+    fn push(&mut self, sqe: &squeue::Entry) -> io::Result<bool> {
+        for _ in 0..2 {
+            // SAFETY: every SQE we build points at memory that outlives the operation: the
+            // shared receive msghdr (boxed for the worker's life), send slots indexed by a
+            // buffer id we hold until the completion, and buffers from the registered ring.
+            if unsafe { self.sq.push(sqe) }.is_ok() {
+                return Ok(true);
+            }
+            self.sq.sync();
+            match self.submitter.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            self.sq.sync();
+            if self.sq.is_empty() {
+                self.st.unsubmitted_sends = 0;
+            }
+        }
+        Ok(false)
+    }
+
     /// Queue the multishot receive `tok` on `target`; `false` when the queue stays full.
-    fn arm(
-        &mut self,
-        sq: &mut squeue::SubmissionQueue<'_>,
-        submitter: &io_uring::Submitter<'_>,
-        tok: u64,
-        target: Target,
-    ) -> io::Result<bool> {
-        let sqe = recv_sqe(target, self.recv_msg, tok);
-        push(sq, submitter, &sqe, &mut self.unsubmitted_sends)
+    fn arm(&mut self, tok: u64, target: Target) -> io::Result<bool> {
+        let sqe = recv_sqe(target, self.st.recv_msg, tok);
+        self.push(&sqe)
     }
 
     /// Queue the cancellation of the multishot receive `tok` (its socket was closed). `false`
     /// when the submission queue is full (retried next iteration: until the cancel lands, the
     /// kernel keeps the socket's file, and so its port, alive).
-    fn cancel(
-        &mut self,
-        sq: &mut squeue::SubmissionQueue<'_>,
-        submitter: &io_uring::Submitter<'_>,
-        tok: u64,
-    ) -> io::Result<bool> {
+    fn cancel(&mut self, tok: u64) -> io::Result<bool> {
         let cancel = opcode::AsyncCancel::new(tok)
             .build()
             .user_data(token(KIND_CANCEL, 0, 0));
-        push(sq, submitter, &cancel, &mut self.unsubmitted_sends)
+        self.push(&cancel)
     }
 
     /// Record the latency of every queued forward as of now (one clock read) and submit them
     /// without waiting: a long batch does not hold its first forwards back until its end.
-    fn flush(
-        &mut self,
-        ctx: &mut WorkerCtx,
-        sq: &mut squeue::SubmissionQueue<'_>,
-        submitter: &io_uring::Submitter<'_>,
-    ) -> io::Result<()> {
-        self.record_latency(ctx);
-        sq.sync();
-        let r = submitter.submit();
-        self.submitted(ctx, sq, r)
+    fn flush(&mut self, ctx: &mut WorkerCtx) -> io::Result<()> {
+        self.st.record_latency(ctx);
+        self.sq.sync();
+        let r = self.submitter.submit();
+        self.submitted(ctx, r)
     }
 
     /// Book-keeping after an `io_uring_enter` that submitted: a timeout or interruption is
     /// no error, a full completion queue (EBUSY: the kernel refuses submissions until it is
     /// drained) is counted, and once the submission queue is empty no send is left unsubmitted.
-    fn submitted(
-        &mut self,
-        ctx: &mut WorkerCtx,
-        sq: &mut squeue::SubmissionQueue<'_>,
-        r: io::Result<usize>,
-    ) -> io::Result<()> {
+    fn submitted(&mut self, ctx: &mut WorkerCtx, r: io::Result<usize>) -> io::Result<()> {
         if let Err(e) = r {
             match e.raw_os_error() {
                 Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EAGAIN) => {}
@@ -466,13 +482,15 @@ impl Uring {
                 _ => return Err(e),
             }
         }
-        sq.sync();
-        if sq.is_empty() {
-            self.unsubmitted_sends = 0;
+        self.sq.sync();
+        if self.sq.is_empty() {
+            self.st.unsubmitted_sends = 0;
         }
         Ok(())
     }
+}
 
+impl Uring {
     /// Latency: kernel receive timestamp -> this submission, for every queued forward.
     fn record_latency(&mut self, ctx: &mut WorkerCtx) {
         if self.pending_latency.is_empty() {
@@ -526,28 +544,36 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), 
         ring.submitter()
             .register_buf_ring_with_flags(bufs.ring_addr(), bufs.entries(), BGID, 0)?;
     }
-    let (submitter, mut sq, mut cq) = ring.split();
+    let (submitter, sq, cq) = ring.split();
     let listener_fd = ctx.listener.as_raw_fd();
     let relayed_slots = ctx.core.max_allocations();
-    let mut st = Uring {
-        starved: Vec::with_capacity(64),
-        pending_cancels: Vec::with_capacity(64),
-        pending_latency: Vec::with_capacity(buffers as usize),
-        unsubmitted_sends: 0,
-        deferred_close: Vec::with_capacity(64),
-        overflow_seen: 0,
-        fixed: FixedFiles::new(&submitter, listener_fd, relayed_slots),
-        recv_msg: &*recv_msg,
+    let fixed = FixedFiles::new(&submitter, listener_fd, relayed_slots);
+    let mut io = Io {
+        bufs: &mut bufs,
+        slots: &mut slots,
+        st: Uring {
+            starved: Vec::with_capacity(64),
+            pending_cancels: Vec::with_capacity(64),
+            pending_latency: Vec::with_capacity(buffers as usize),
+            unsubmitted_sends: 0,
+            deferred_close: Vec::with_capacity(64),
+            overflow_seen: 0,
+            fixed,
+            recv_msg: &*recv_msg,
+        },
+        sq,
+        submitter,
+        cq,
     };
-    let listener = st.fixed.listener(listener_fd);
-    if !st.arm(&mut sq, &submitter, token(KIND_LISTENER, 0, 0), listener)? {
+    let listener = io.st.fixed.listener(listener_fd);
+    if !io.arm(token(KIND_LISTENER, 0, 0), listener)? {
         return Err(UringError::Setup(io::Error::other(
             "cannot queue the listener receive",
         )));
     }
     tracing::debug!(
         worker = ctx.index,
-        registered_files = st.fixed.cap,
+        registered_files = io.st.fixed.cap,
         "io_uring worker started"
     );
 
@@ -560,38 +586,36 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), 
         }
         // Re-arm receives that ended (ring empty: ENOBUFS, or any end without MORE) once the
         // ring has buffers again.
-        if !st.starved.is_empty() && bufs.held() < bufs.entries() as usize {
-            while let Some((tok, target)) = st.starved.pop() {
-                if !st.arm(&mut sq, &submitter, tok, target)? {
-                    st.starved.push((tok, target));
+        if !io.st.starved.is_empty() && io.bufs.held() < io.bufs.entries() as usize {
+            while let Some((tok, target)) = io.st.starved.pop() {
+                if !io.arm(tok, target)? {
+                    io.st.starved.push((tok, target));
                     break;
                 }
                 ctx.counters.rearms += 1;
             }
         }
         // Cancels that found the submission queue full last time.
-        while let Some(tok) = st.pending_cancels.pop() {
-            if !st.cancel(&mut sq, &submitter, tok)? {
-                st.pending_cancels.push(tok);
+        while let Some(tok) = io.st.pending_cancels.pop() {
+            if !io.cancel(tok)? {
+                io.st.pending_cancels.push(tok);
                 break;
             }
         }
-        bufs.publish();
+        io.bufs.publish();
         // One io_uring_enter submits everything queued and sleeps until a completion beyond
         // those of the sends it carries arrives (they complete during the submission), or the
         // next timer. The completion queue is empty here: every completion was handled below.
         let wake = ctx.next_wake(now, MAX_WAIT);
         let ts = Timespec::from(wake.saturating_duration_since(now));
         let args = SubmitArgs::new().timespec(&ts);
-        st.record_latency(&mut ctx);
-        sq.sync();
+        io.st.record_latency(&mut ctx);
+        io.sq.sync();
         // Busy poll: when it handles new datagrams (their forwards queued), this round does
         // not sleep at all.
         let polled = busy && !busy_poll.is_zero() && {
             ctx.counters.busy_polls += 1;
-            poll_busy(
-                &mut ctx, &mut bufs, &mut slots, &mut st, &mut sq, &submitter, &mut cq, busy_poll,
-            )?
+            poll_busy(&mut ctx, &mut io, busy_poll)?
         };
         if polled {
             ctx.counters.busy_poll_hits += 1;
@@ -602,48 +626,44 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), 
             // Heavy load (many buffers held): submit without waiting, recycle the sent buffers
             // at once, and wait in the next iteration, so the buffer ring never runs dry
             // because sent buffers sat in the completion queue.
-            let want = if sq.is_empty() || st.unsubmitted_sends == 0 {
+            let want = if io.sq.is_empty() || io.st.unsubmitted_sends == 0 {
                 1
-            } else if bufs.held() > bufs.entries() as usize / HELD_FOR_SEPARATE_WAIT {
+            } else if io.bufs.held() > io.bufs.entries() as usize / HELD_FOR_SEPARATE_WAIT {
                 0
             } else {
-                st.unsubmitted_sends as usize + 1
+                io.st.unsubmitted_sends as usize + 1
             };
-            let r = submitter.submit_with_args(want, &args);
-            st.submitted(&mut ctx, &mut sq, r)?;
+            let r = io.submitter.submit_with_args(want, &args);
+            io.submitted(&mut ctx, r)?;
             // Sockets closed by the core are released only now that the SQEs that might name
             // their fd were submitted (the kernel holds its own file reference from here on).
-            st.deferred_close.clear();
-            if sq.cq_overflow() {
+            io.st.deferred_close.clear();
+            if io.sq.cq_overflow() {
                 ctx.counters.cq_overflow += 1;
             }
             now = Instant::now();
             // Drain the completion queue, including the send completions of mid-batch flushes.
-            busy = drain(
-                &mut ctx, &mut bufs, &mut slots, &mut st, &mut sq, &submitter, &mut cq, now,
-            )? > 0;
+            busy = drain(&mut ctx, &mut io, now)? > 0;
         }
         ctx.poll_timers(now);
-        after_core(&mut ctx, &mut st, &mut sq, &submitter)?;
+        after_core(&mut ctx, &mut io)?;
         ctx.maybe_report(now);
     }
     ctx.finish();
     // Cancel everything in flight and wait (bounded) for the kernel to let go of our buffers.
-    let _ = push(
-        &mut sq,
-        &submitter,
+    let _ = io.push(
         &opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any())
             .build()
             .user_data(token(KIND_CANCEL, 0, 0)),
-        &mut st.unsubmitted_sends,
     );
-    sq.sync();
+    io.sq.sync();
     let ts = Timespec::new().nsec(100_000_000);
-    let _ = submitter.submit_with_args(1, &SubmitArgs::new().timespec(&ts));
-    cq.sync();
-    for _ in &mut cq {}
-    drop(cq);
-    drop(sq);
+    let _ = io
+        .submitter
+        .submit_with_args(1, &SubmitArgs::new().timespec(&ts));
+    io.cq.sync();
+    for _ in &mut io.cq {}
+    drop(io);
     drop(ring);
     drop(slots);
     drop(bufs);
@@ -653,36 +673,26 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), 
 
 /// Handle every completion in the queue, including those that arrive meanwhile; returns how
 /// many were not send completions (received datagrams, ended receives, cancellations).
-#[allow(clippy::too_many_arguments)]
-fn drain(
-    ctx: &mut WorkerCtx,
-    bufs: &mut BufRing,
-    slots: &mut [SendSlot],
-    st: &mut Uring,
-    sq: &mut squeue::SubmissionQueue<'_>,
-    submitter: &io_uring::Submitter<'_>,
-    cq: &mut cqueue::CompletionQueue<'_>,
-    now: Instant,
-) -> io::Result<u32> {
+fn drain(ctx: &mut WorkerCtx, io: &mut Io<'_, '_>, now: Instant) -> io::Result<u32> {
     let mut others = 0u32;
     loop {
-        cq.sync();
-        let overflow = cq.overflow();
-        if overflow != st.overflow_seen {
-            ctx.counters.cq_overflow += u64::from(overflow.wrapping_sub(st.overflow_seen));
-            st.overflow_seen = overflow;
+        io.cq.sync();
+        let overflow = io.cq.overflow();
+        if overflow != io.st.overflow_seen {
+            ctx.counters.cq_overflow += u64::from(overflow.wrapping_sub(io.st.overflow_seen));
+            io.st.overflow_seen = overflow;
         }
-        if cqueue::CompletionQueue::is_empty(cq) {
+        if io.cq.is_empty() {
             return Ok(others);
         }
-        for cqe in &mut *cq {
+        while let Some(cqe) = io.cq.next() {
             if untoken(cqe.user_data()).0 != KIND_SEND {
                 others += 1;
             }
-            handle_cqe(ctx, bufs, slots, st, sq, submitter, now, &cqe)?;
-            after_core(ctx, st, sq, submitter)?;
-            if st.unsubmitted_sends >= FLUSH_EVERY {
-                st.flush(ctx, sq, submitter)?;
+            handle_cqe(ctx, io, now, &cqe)?;
+            after_core(ctx, io)?;
+            if io.st.unsubmitted_sends >= FLUSH_EVERY {
+                io.flush(ctx)?;
             }
         }
     }
@@ -693,17 +703,7 @@ fn drain(
 /// for up to `budget`, and when it is set run that work and handle the completions. `true` when
 /// datagrams were handled (the caller goes round again without sleeping), `false` when the
 /// budget passed with nothing but send completions.
-#[allow(clippy::too_many_arguments)]
-fn poll_busy(
-    ctx: &mut WorkerCtx,
-    bufs: &mut BufRing,
-    slots: &mut [SendSlot],
-    st: &mut Uring,
-    sq: &mut squeue::SubmissionQueue<'_>,
-    submitter: &io_uring::Submitter<'_>,
-    cq: &mut cqueue::CompletionQueue<'_>,
-    budget: Duration,
-) -> io::Result<bool> {
+fn poll_busy(ctx: &mut WorkerCtx, io: &mut Io<'_, '_>, budget: Duration) -> io::Result<bool> {
     let until = Instant::now() + budget;
     let mut enter = true;
     loop {
@@ -713,16 +713,16 @@ fn poll_busy(
             // SAFETY: no extended argument is passed; the SQEs were built by `push` (their
             // memory outlives the operations, see there).
             let r = unsafe {
-                submitter.enter::<libc::sigset_t>(
-                    sq.len() as u32,
+                io.submitter.enter::<libc::sigset_t>(
+                    io.sq.len() as u32,
                     0,
                     io_uring::EnterFlags::GETEVENTS.bits(),
                     None,
                 )
             };
-            st.submitted(ctx, sq, r)?;
-            st.deferred_close.clear();
-            if drain(ctx, bufs, slots, st, sq, submitter, cq, Instant::now())? > 0 {
+            io.submitted(ctx, r)?;
+            io.st.deferred_close.clear();
+            if drain(ctx, io, Instant::now())? > 0 {
                 return Ok(true);
             }
         }
@@ -730,20 +730,15 @@ fn poll_busy(
             return Ok(false);
         }
         std::hint::spin_loop();
-        enter = sq.taskrun() || !sq.is_empty();
+        enter = io.sq.taskrun() || !io.sq.is_empty();
     }
 }
 
 /// Handle one completion: a send that finished (its buffer goes back to the ring) or a
 /// received datagram (through the core; a forward is queued as a `SEND` of the same buffer).
-#[allow(clippy::too_many_arguments)]
 fn handle_cqe(
     ctx: &mut WorkerCtx,
-    bufs: &mut BufRing,
-    slots: &mut [SendSlot],
-    st: &mut Uring,
-    sq: &mut squeue::SubmissionQueue<'_>,
-    submitter: &io_uring::Submitter<'_>,
+    io: &mut Io<'_, '_>,
     now: Instant,
     cqe: &cqueue::Entry,
 ) -> io::Result<()> {
@@ -753,7 +748,7 @@ fn handle_cqe(
     match kind {
         KIND_SEND => {
             let bid = key as u16;
-            if let Some(slot) = slots.get(bid as usize) {
+            if let Some(slot) = io.slots.get(bid as usize) {
                 if res < 0 {
                     ctx.counters.send_errors += 1;
                     tracing::trace!(worker = ctx.index, errno = -res, "forward send failed");
@@ -763,17 +758,17 @@ fn handle_cqe(
                     ctx.counters.fwd_bytes[d] += res as u64;
                 }
             }
-            bufs.recycle(bid);
+            io.bufs.recycle(bid);
         }
         KIND_LISTENER | KIND_RELAYED => {
             let source = if kind == KIND_LISTENER {
                 Some((
                     Source::Listener,
-                    st.fixed.listener(ctx.listener.as_raw_fd()),
+                    io.st.fixed.listener(ctx.listener.as_raw_fd()),
                 ))
             } else {
                 ctx.sockets.live(key, generation).and_then(|e| {
-                    let target = st.fixed.relayed(key, e.fd())?;
+                    let target = io.st.fixed.relayed(key, e.fd())?;
                     Some((Source::Relayed(key, e.id), target))
                 })
             };
@@ -786,13 +781,13 @@ fn handle_cqe(
                 && res != -libc::ECANCELED
                 && let Some((_, target)) = source
             {
-                st.starved.push((cqe.user_data(), target));
+                io.st.starved.push((cqe.user_data(), target));
             }
             if res < 0 {
                 if let Some(bid) = bid
-                    && bufs.take(bid)
+                    && io.bufs.take(bid)
                 {
-                    bufs.recycle(bid);
+                    io.bufs.recycle(bid);
                 }
                 if res == -libc::ENOBUFS {
                     ctx.counters.enobufs += 1;
@@ -805,27 +800,18 @@ fn handle_cqe(
                 ctx.counters.recv_errors += 1;
                 return Ok(());
             };
-            if !bufs.take(bid) {
+            if !io.bufs.take(bid) {
                 // Kernel handed us a buffer we think we hold: bookkeeping bug. Count it and
                 // leave the buffer alone rather than corrupt an in-flight send.
                 ctx.counters.recv_errors += 1;
                 return Ok(());
             }
             match source {
-                Some((src_kind, _)) => handle_datagram(
-                    ctx,
-                    bufs,
-                    slots,
-                    st,
-                    sq,
-                    submitter,
-                    now,
-                    src_kind,
-                    bid,
-                    res as usize,
-                )?,
+                Some((src_kind, _)) => {
+                    handle_datagram(ctx, io, now, src_kind, bid, res as usize)?;
+                }
                 None => {
-                    bufs.recycle(bid);
+                    io.bufs.recycle(bid);
                 }
             }
         }
@@ -836,88 +822,48 @@ fn handle_cqe(
 
 /// Arm receives on sockets the core opened, cancel those it closed. Closed ones first: a slab
 /// key freed and reused within one batch must end up registered for the new socket.
-fn after_core(
-    ctx: &mut WorkerCtx,
-    st: &mut Uring,
-    sq: &mut squeue::SubmissionQueue<'_>,
-    submitter: &io_uring::Submitter<'_>,
-) -> io::Result<()> {
+fn after_core(ctx: &mut WorkerCtx, io: &mut Io<'_, '_>) -> io::Result<()> {
     while let Some((key, generation, sock)) = ctx.sockets.closed.pop() {
         let tok = token(KIND_RELAYED, generation, key);
-        if !st.cancel(sq, submitter, tok)? {
-            st.pending_cancels.push(tok);
+        if !io.cancel(tok)? {
+            io.st.pending_cancels.push(tok);
         }
-        st.starved.retain(|(t, _)| *t != tok);
-        st.fixed.unregister(submitter, key);
+        io.st.starved.retain(|(t, _)| *t != tok);
+        io.st.fixed.unregister(&io.submitter, key);
         if let Some(sock) = sock {
-            st.deferred_close.push(sock);
+            io.st.deferred_close.push(sock);
         }
     }
     while let Some((key, generation)) = ctx.sockets.opened.pop() {
         if let Some(fd) = ctx.prepare_opened(key, generation) {
             let tok = token(KIND_RELAYED, generation, key);
-            let target = st.fixed.register(submitter, key, fd);
+            let target = io.st.fixed.register(&io.submitter, key, fd);
             if let Target::Fixed(_) = target {
                 // The ring holds the socket now; the fd would only count against RLIMIT_NOFILE.
                 ctx.sockets.release_fd(key);
             }
-            if !st.arm(sq, submitter, tok, target)? {
-                st.starved.push((tok, target));
+            if !io.arm(tok, target)? {
+                io.st.starved.push((tok, target));
             }
         }
     }
     Ok(())
 }
 
-/// Push an SQE, submitting first if the queue is full. `Ok(false)` when it stays full (the
-/// kernel refuses submissions while the completion queue overflows: back-pressure); the caller
-/// drops or retries the operation.
-fn push(
-    sq: &mut squeue::SubmissionQueue<'_>,
-    submitter: &io_uring::Submitter<'_>,
-    sqe: &squeue::Entry,
-    unsubmitted_sends: &mut u32,
-) -> io::Result<bool> {
-    for _ in 0..2 {
-        // SAFETY: every SQE we build points at memory that outlives the operation: the shared
-        // receive msghdr (boxed for the worker's life), send slots indexed by a buffer id we hold
-        // until the completion, and buffers from the registered ring.
-        if unsafe { sq.push(sqe) }.is_ok() {
-            return Ok(true);
-        }
-        sq.sync();
-        match submitter.submit() {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => return Err(e),
-        }
-        sq.sync();
-        if sq.is_empty() {
-            *unsubmitted_sends = 0;
-        }
-    }
-    Ok(false)
-}
-
-#[allow(clippy::too_many_arguments)]
 fn handle_datagram(
     ctx: &mut WorkerCtx,
-    bufs: &mut BufRing,
-    slots: &mut [SendSlot],
-    st: &mut Uring,
-    sq: &mut squeue::SubmissionQueue<'_>,
-    submitter: &io_uring::Submitter<'_>,
+    io: &mut Io<'_, '_>,
     now: Instant,
     src_kind: Source,
     bid: u16,
     res: usize,
 ) -> io::Result<()> {
-    let Some(buf) = bufs.buf_mut(bid) else {
+    let Some(buf) = io.bufs.buf_mut(bid) else {
         return Ok(());
     };
     let Some(layout) = parse_recvmsg_out(buf, res) else {
         ctx.counters.recv_errors += 1;
-        bufs.recycle(bid);
+        io.bufs.recycle(bid);
         return Ok(());
     };
     let src = net::parse_sockaddr(&buf[RECVMSG_OUT..RECVMSG_OUT + layout.name_len]);
@@ -926,14 +872,14 @@ fn handle_datagram(
     ctx.account_ovfl(src_kind, meta.rxq_ovfl);
     let Some(src) = src else {
         ctx.counters.recv_errors += 1;
-        bufs.recycle(bid);
+        io.bufs.recycle(bid);
         return Ok(());
     };
     if layout.truncated {
         let k = matches!(src_kind, Source::Relayed(..)) as usize;
         ctx.counters.rx_packets[k] += 1;
         ctx.count_drop(DropReason::Truncated);
-        bufs.recycle(bid);
+        io.bufs.recycle(bid);
         return Ok(());
     }
     let frame = &mut buf[FRAME_OFFSET..];
@@ -946,33 +892,32 @@ fn handle_datagram(
         direction,
     }) = action
     else {
-        bufs.recycle(bid);
-        return Ok(());
-    };
-    let Some(slot) = slots.get_mut(bid as usize) else {
-        bufs.recycle(bid);
-        return Ok(());
-    };
-    let Ok(len) = u32::try_from(range.len()) else {
-        bufs.recycle(bid);
+        io.bufs.recycle(bid);
         return Ok(());
     };
     // SAFETY: `range` was checked against the frame length in `dispatch`.
     let data = unsafe { frame.as_ptr().add(range.start) };
+    let Some(slot) = io.slots.get_mut(bid as usize) else {
+        io.bufs.recycle(bid);
+        return Ok(());
+    };
+    let Ok(len) = u32::try_from(range.len()) else {
+        io.bufs.recycle(bid);
+        return Ok(());
+    };
     let target = match (key, fd) {
-        (None, Some(fd)) => Some(st.fixed.listener(fd)),
-        (Some(k), fd) => st.fixed.relayed(k, fd),
+        (None, Some(fd)) => Some(io.st.fixed.listener(fd)),
+        (Some(k), fd) => io.st.fixed.relayed(k, fd),
         (None, None) => None,
     };
     let Some(target) = target else {
         // A relayed socket neither in the table nor held by fd: cannot happen, never panics.
         ctx.counters.send_errors += 1;
-        bufs.recycle(bid);
+        io.bufs.recycle(bid);
         return Ok(());
     };
     slot.addr.set(to);
     slot.direction = direction;
-    bufs.mark_sending(bid);
     let sqe = send_sqe(
         target,
         data,
@@ -980,15 +925,16 @@ fn handle_datagram(
         &slot.addr,
         token(KIND_SEND, 0, bid as usize),
     );
-    if !push(sq, submitter, &sqe, &mut st.unsubmitted_sends)? {
+    io.bufs.mark_sending(bid);
+    if !io.push(&sqe)? {
         // Submission queue full under completion-queue back-pressure: drop this packet.
         ctx.counters.sq_full_drops += 1;
-        bufs.recycle(bid);
+        io.bufs.recycle(bid);
         return Ok(());
     }
-    st.unsubmitted_sends += 1;
+    io.st.unsubmitted_sends += 1;
     if let Some(rx) = meta.rx_time_ns {
-        st.pending_latency.push(rx);
+        io.st.pending_latency.push(rx);
     }
     Ok(())
 }
