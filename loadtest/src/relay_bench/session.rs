@@ -396,50 +396,17 @@ impl Sessions {
                 return false;
             }
             let now = Instant::now();
-            let shared = self.is_shared();
             for ev in &events[..n as usize] {
-                let k = ev.u64 as usize;
-                if shared {
-                    self.read_shared(k, &mut buf, now, &mut on_event, stats);
-                } else {
-                    self.read_own(k, &mut buf, now, &mut on_event, stats);
-                }
+                self.read(ev.u64 as usize, &mut buf, now, &mut on_event, stats);
             }
         }
     }
 
-    /// Reads session `i`'s own connected socket (bounded) and handles what came.
-    fn read_own(
-        &mut self,
-        i: usize,
-        buf: &mut [u8],
-        now: Instant,
-        on_event: &mut impl FnMut(usize, Event, &mut Session, Instant),
-        stats: &mut PumpStats,
-    ) {
-        let (Some(s), Some(sock)) = (self.list.get_mut(i), self.socks.get(i)) else {
-            return;
-        };
-        let from = s.client.config().server;
-        // Bounded: at most PER_SESSION_READ_BATCH datagrams per socket per wakeup.
-        for _ in 0..PER_SESSION_READ_BATCH {
-            match sock.recv(buf) {
-                Ok(len) => {
-                    stats.received += 1;
-                    if s.client.handle_input(now, from, &buf[..len]).is_err() {
-                        stats.rejected += 1;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        self.dispatch_events(i, now, on_event);
-        self.flush(i, stats);
-    }
-
-    /// Reads shared socket `k` (bounded) and hands each datagram to the session its
-    /// destination IP names; datagrams no session claims are counted as rejected.
-    fn read_shared(
+    /// Reads socket `k` (bounded) and hands what came to its sessions: with a socket per
+    /// session, socket `k` is session `k`'s (connected to the server); a shared socket's
+    /// datagrams go to the session their destination IP names, and those no session claims
+    /// are counted as rejected.
+    fn read(
         &mut self,
         k: usize,
         buf: &mut [u8],
@@ -447,6 +414,27 @@ impl Sessions {
         on_event: &mut impl FnMut(usize, Event, &mut Session, Instant),
         stats: &mut PumpStats,
     ) {
+        if !self.is_shared() {
+            let (Some(s), Some(sock)) = (self.list.get_mut(k), self.socks.get(k)) else {
+                return;
+            };
+            let from = s.client.config().server;
+            // Bounded: at most PER_SESSION_READ_BATCH datagrams per socket per wakeup.
+            for _ in 0..PER_SESSION_READ_BATCH {
+                match sock.recv(buf) {
+                    Ok(len) => {
+                        stats.received += 1;
+                        if s.client.handle_input(now, from, &buf[..len]).is_err() {
+                            stats.rejected += 1;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.dispatch_events(k, now, on_event);
+            self.flush(k, stats);
+            return;
+        }
         // Bounded: at most SHARED_READ_BATCH datagrams per socket per wakeup (level-triggered
         // epoll reports the rest on the next wait).
         for _ in 0..SHARED_READ_BATCH {
@@ -799,18 +787,29 @@ fn send_from(
     };
     let mut control = CmsgBuf::<PKTINFO_SPACE>::zeroed();
     control.bytes = encode_pktinfo(src);
-    // SAFETY: msghdr is plain old data; all-zero (null pointers, zero lengths) is valid.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&raw mut name).cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = (&raw mut control.bytes).cast();
-    msg.msg_controllen = PKTINFO_SPACE as _;
+    let msg = msghdr_v4(&mut name, &mut iov, &mut control.bytes);
     // SAFETY: the fd is open; msg points at `name`, `iov` (over `payload`, only read) and
     // `control`, all alive for the call, with their true lengths.
     let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// A `msghdr` over an IPv4 name, one iovec and a control area (pointers into the arguments,
+/// which must outlive its use).
+fn msghdr_v4(
+    name: &mut libc::sockaddr_in,
+    iov: &mut libc::iovec,
+    control: &mut [u8],
+) -> libc::msghdr {
+    // SAFETY: msghdr is plain old data; all-zero (null pointers, zero lengths) is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = std::ptr::from_mut(name).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    msg
 }
 
 /// Receives one datagram into `buf` with its sender and its destination IP (`IP_PKTINFO`).
@@ -821,14 +820,7 @@ fn recv_with_dst(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<Received> {
         iov_len: buf.len(),
     };
     let mut control = CmsgBuf::<RECV_CONTROL>::zeroed();
-    // SAFETY: msghdr is plain old data; all-zero (null pointers, zero lengths) is valid.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&raw mut name).cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = (&raw mut control.bytes).cast();
-    msg.msg_controllen = RECV_CONTROL as _;
+    let mut msg = msghdr_v4(&mut name, &mut iov, &mut control.bytes);
     // SAFETY: the fd is open; msg points at `name`, `iov` (over `buf`) and `control`, all
     // alive and exclusively borrowed for the call, with their true lengths; the kernel
     // writes at most those lengths.
@@ -842,7 +834,7 @@ fn recv_with_dst(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<Received> {
                 u16::from_be(name.sin_port),
             )
         });
-    let control_len = (msg.msg_controllen as usize).min(RECV_CONTROL);
+    let control_len = msg.msg_controllen.min(RECV_CONTROL);
     Ok(Received {
         len: len.min(buf.len()),
         from,
