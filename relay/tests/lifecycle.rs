@@ -64,6 +64,7 @@ both!(
     histogram_log_reads_back,
     binding_maps_exact_client_address,
     kernel_receive_buffer_drops_are_counted,
+    truncated_datagram_is_dropped_and_counted,
     several_relay_ips_multiply_relayed_addresses,
     relayed_sockets_and_the_fd_limit,
     busy_poll_keeps_relaying_and_counts_its_hits,
@@ -552,6 +553,57 @@ fn uring_empty_buffer_ring_is_counted_and_rearmed() {
     assert_eq!(relay.stat("kernel_rx_drops"), 0);
 }
 
+/// A completion queue far too small for a burst (shrunk to 16 entries with
+/// `PEERLINK_RELAY_URING_CQ_ENTRIES`): the kernel keeps the completions that do not fit, the
+/// relay counts the overflow, re-arms the receive if the overflow ended it, and loses nothing:
+/// every request of the burst is answered (HARDENING.md: completion queue overflow ->
+/// back-pressure, counted).
+#[test]
+fn uring_completion_queue_overflow_is_counted_and_loses_nothing() {
+    use peerlink_proto::{Class, Message, MessageBuilder, MessageType, TransactionId};
+    use peerlink_relay::uring::CQ_ENTRIES_ENV;
+    const BURST: usize = 150;
+    let relay = Relay::start_env("uring", &[], &[(CQ_ENTRIES_ENV, "16")]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // The burst waits in the listener's receive buffer while the relay is stopped, then is
+    // received all at once: far more completions than the queue holds.
+    relay.signal(libc::SIGSTOP);
+    let mut pending = std::collections::HashSet::new();
+    let mut request = [0u8; 64];
+    for _ in 0..BURST {
+        let tid = TransactionId::random(&mut rand::rng());
+        let n = MessageBuilder::new(&mut request, MessageType::BINDING_REQUEST, tid)
+            .unwrap()
+            .finish();
+        sock.send_to(&request[..n], relay.listen).unwrap();
+        pending.insert(tid);
+    }
+    relay.signal(libc::SIGCONT);
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + common::STEP;
+    while !pending.is_empty() && Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let m = Message::parse(&buf[..n]).expect("a STUN response");
+            assert_eq!(m.class(), Class::Success);
+            pending.remove(&m.transaction_id());
+        }
+    }
+    assert!(
+        pending.is_empty(),
+        "{} of {BURST} unanswered",
+        pending.len()
+    );
+    relay.wait_until("overflow counted", common::STEP, || {
+        relay.stat("cq_overflow") > 0
+    });
+    assert_eq!(relay.stat("kernel_rx_drops"), 0);
+    // Still serving afterwards.
+    let mut c = TurnClient::new(relay.listen, "user", "pass");
+    c.allocate().expect("allocation after the overflow");
+}
+
 #[test]
 fn second_relay_on_the_same_port_is_refused() {
     let first = Relay::start("epoll", &[]);
@@ -609,6 +661,57 @@ fn kernel_receive_buffer_drops_are_counted(io: &str) {
         relay.stat("kernel_rx_drops") > 0
     });
     assert!(relay.stat("dropped_not_stun") > 0);
+}
+
+/// A datagram longer than a receive buffer arrives truncated (MSG_TRUNC): dropped and counted,
+/// never parsed (HARDENING.md: truncated datagram -> drop). Its first `PAYLOAD_CAP` bytes are a
+/// complete Binding request, so a relay that parsed what it received would answer it; the same
+/// request sent whole and alone is answered.
+fn truncated_datagram_is_dropped_and_counted(io: &str) {
+    use peerlink_proto::{Message, MessageBuilder, MessageType, TransactionId};
+    use peerlink_relay::epoll::PAYLOAD_CAP;
+    let relay = Relay::start(io, &[]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let request = |tid| {
+        let mut buf = vec![0u8; PAYLOAD_CAP + 1000];
+        let mut b = MessageBuilder::new(&mut buf, MessageType::BINDING_REQUEST, tid).unwrap();
+        // A comprehension-optional attribute that fills the message to exactly PAYLOAD_CAP.
+        b.add_raw(0x8050, &vec![0x5a; PAYLOAD_CAP - 20 - 4])
+            .unwrap();
+        assert_eq!(b.finish(), PAYLOAD_CAP);
+        buf
+    };
+    let answered = |tid| {
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if let Ok((len, _)) = sock.recv_from(&mut buf)
+                && Message::parse(&buf[..len]).is_ok_and(|m| m.transaction_id() == tid)
+            {
+                return true;
+            }
+        }
+        false
+    };
+    // Whole: answered.
+    let tid = TransactionId::random(&mut rand::rng());
+    sock.send_to(&request(tid)[..PAYLOAD_CAP], relay.listen)
+        .unwrap();
+    assert!(
+        answered(tid),
+        "a request of exactly PAYLOAD_CAP bytes is answered"
+    );
+    let before = relay.stat("dropped_truncated");
+    // With 1,000 more bytes behind it: truncated by the receive, dropped, counted.
+    let tid = TransactionId::random(&mut rand::rng());
+    sock.send_to(&request(tid), relay.listen).unwrap();
+    assert!(!answered(tid), "a truncated datagram must not be parsed");
+    relay.wait_until("truncation counted", common::STEP, || {
+        relay.stat("dropped_truncated") == before + 1
+    });
+    assert_eq!(relay.stat("allocations_active"), 0);
 }
 
 /// `n` consecutive UDP ports free on every one of `ips`, between 20000 and 32000 (below the

@@ -64,6 +64,11 @@ use bufring::BufRing;
 /// and for operators who want to rule io_uring out without changing flags).
 pub const DISABLE_ENV: &str = "PEERLINK_RELAY_DISABLE_IO_URING";
 
+/// Environment variable that shrinks every worker's completion queue to this many entries
+/// (at least 16; the submission queue to half as many), so that tests can make it overflow.
+/// Not for production: the default sizes leave room for every buffer's completions.
+pub const CQ_ENTRIES_ENV: &str = "PEERLINK_RELAY_URING_CQ_ENTRIES";
+
 /// Default provided buffers per worker (power of two; `uring_buffers` in the config).
 pub const BUF_ENTRIES: u32 = 1024;
 /// Size of each provided buffer.
@@ -504,7 +509,22 @@ impl Uring {
     }
 }
 
-fn build_ring(cq_entries: u32) -> io::Result<IoUring> {
+/// Submission and completion queue sizes: the defaults for `buffers` provided buffers, or the
+/// small ones [`CQ_ENTRIES_ENV`] asks for.
+fn ring_sizes(buffers: u32) -> (u32, u32) {
+    match std::env::var(CQ_ENTRIES_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        Some(cq) => {
+            let cq = cq.clamp(16, 65536);
+            (cq / 2, cq)
+        }
+        None => (SQ_ENTRIES, (buffers * CQ_PER_BUFFER).clamp(4096, 65536)),
+    }
+}
+
+fn build_ring(sq_entries: u32, cq_entries: u32) -> io::Result<IoUring> {
     let mut b = IoUring::builder();
     b.setup_single_issuer()
         .setup_defer_taskrun()
@@ -512,13 +532,13 @@ fn build_ring(cq_entries: u32) -> io::Result<IoUring> {
         .setup_taskrun_flag()
         .setup_cqsize(cq_entries)
         .setup_clamp();
-    match b.build(SQ_ENTRIES) {
+    match b.build(sq_entries) {
         Ok(r) => Ok(r),
         Err(_) => {
             // Older kernels (< 6.1) lack DEFER_TASKRUN; run without the optional flags.
             let mut b = IoUring::builder();
             b.setup_cqsize(cq_entries).setup_clamp();
-            b.build(SQ_ENTRIES)
+            b.build(sq_entries)
         }
     }
 }
@@ -538,7 +558,8 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), 
     let mut recv_msg = Box::new(zeroed_msghdr());
     recv_msg.msg_namelen = NAME_SPACE as libc::socklen_t;
     recv_msg.msg_controllen = CONTROL_SPACE;
-    let mut ring = build_ring((buffers * CQ_PER_BUFFER).clamp(4096, 65536))?;
+    let (sq_entries, cq_entries) = ring_sizes(buffers);
+    let mut ring = build_ring(sq_entries, cq_entries)?;
     // SAFETY: `bufs` outlives `ring` (declared before it), so the registered memory stays valid.
     unsafe {
         ring.submitter()

@@ -141,7 +141,8 @@ impl Relay {
                 .stdout(Stdio::null())
                 .stderr(logf)
                 .env_remove("PEERLINK_RELAY_AUTH_SECRET")
-                .env_remove("PEERLINK_RELAY_DISABLE_IO_URING");
+                .env_remove("PEERLINK_RELAY_DISABLE_IO_URING")
+                .env_remove("PEERLINK_RELAY_URING_CQ_ENTRIES");
             for (k, v) in env {
                 cmd.env(k, v);
             }
