@@ -819,8 +819,13 @@ impl Leg {
         let (Some(_), Some(mut last)) = (self.t_connected, self.last_peer_rx) else {
             return Recovery::Fine;
         };
-        // Authenticated consent traffic from the peer counts too.
-        if let Some(t) = self.agent.selected_last_rx() {
+        // Authenticated consent traffic from the peer counts too where the data may pause (a
+        // file transfer). In a call the peer's media comes every 20 ms, and checks that still
+        // arrive on our selected pair do not prove its media reaches us: the peer may send it
+        // on a pair of its own through a relay that died.
+        if self.file.is_some()
+            && let Some(t) = self.agent.selected_last_rx()
+        {
             last = last.max(t);
         }
         let silent = now.saturating_duration_since(last);

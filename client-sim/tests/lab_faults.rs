@@ -102,7 +102,10 @@ fn relay_killed_mid_call_media_resumes_on_the_other_relay() {
             let gap = field_f64(r, "max_media_gap_ms");
             assert!(
                 gap <= MAX_GAP_MS,
-                "{side}: media gap {gap} ms > {MAX_GAP_MS} ms: {r}"
+                "{side}: media gap {gap} ms > {MAX_GAP_MS} ms: {r}\n{}\n--- caller stderr:\n{}\n--- callee stderr:\n{}",
+                world.logs(),
+                fc.stderr,
+                fl.stderr
             );
         }
         assert!(
