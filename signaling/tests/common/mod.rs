@@ -215,6 +215,14 @@ impl Ws {
         panic!("only presence frames")
     }
 
+    /// Next frame other than `presence`, which must be of type `ty` (a contact's presence may
+    /// overtake the answer to the request that subscribed to it).
+    pub async fn recv_type_skip_presence(&mut self, ty: &str) -> Value {
+        let v = self.recv_skip_presence().await;
+        assert_eq!(v["type"], ty, "expected {ty}, got {v}");
+        v
+    }
+
     /// Skip frames until `presence{user, status}`; any `call_ended` on the way fails.
     pub async fn wait_presence(&mut self, user: &str, status: &str) {
         for _ in 0..100 {
