@@ -406,6 +406,8 @@ struct Uring {
     /// `SEND`s queued since the last submission (each posts exactly one completion during
     /// the submission that carries it).
     unsubmitted_sends: u32,
+    /// Sockets the core closed, kept open until no queued SQE can name their fd
+    /// ([`Io::settle`]).
     deferred_close: Vec<UdpSocket>,
     overflow_seen: u32,
     fixed: FixedFiles,
@@ -443,12 +445,20 @@ impl Io<'_, '_> {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => return Err(e),
             }
-            self.sq.sync();
-            if self.sq.is_empty() {
-                self.st.unsubmitted_sends = 0;
-            }
+            self.settle();
         }
         Ok(false)
+    }
+
+    /// After an `io_uring_enter` that submitted: once the submission queue is empty, no send
+    /// is left unsubmitted and no SQE can still name a socket the core closed, so those
+    /// sockets are released (the kernel holds its own file reference from here on).
+    fn settle(&mut self) {
+        self.sq.sync();
+        if self.sq.is_empty() {
+            self.st.unsubmitted_sends = 0;
+            self.st.deferred_close.clear();
+        }
     }
 
     /// Queue the multishot receive `tok` on `target`; `false` when the queue stays full.
@@ -478,7 +488,7 @@ impl Io<'_, '_> {
 
     /// Book-keeping after an `io_uring_enter` that submitted: a timeout or interruption is
     /// no error, a full completion queue (EBUSY: the kernel refuses submissions until it is
-    /// drained) is counted, and once the submission queue is empty no send is left unsubmitted.
+    /// drained, or the overflow flag) is counted, then [`Io::settle`].
     fn submitted(&mut self, ctx: &mut WorkerCtx, r: io::Result<usize>) -> io::Result<()> {
         if let Err(e) = r {
             match e.raw_os_error() {
@@ -487,10 +497,10 @@ impl Io<'_, '_> {
                 _ => return Err(e),
             }
         }
-        self.sq.sync();
-        if self.sq.is_empty() {
-            self.st.unsubmitted_sends = 0;
+        if self.sq.cq_overflow() {
+            ctx.counters.cq_overflow += 1;
         }
+        self.settle();
         Ok(())
     }
 }
@@ -656,12 +666,6 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), 
             };
             let r = io.submitter.submit_with_args(want, &args);
             io.submitted(&mut ctx, r)?;
-            // Sockets closed by the core are released only now that the SQEs that might name
-            // their fd were submitted (the kernel holds its own file reference from here on).
-            io.st.deferred_close.clear();
-            if io.sq.cq_overflow() {
-                ctx.counters.cq_overflow += 1;
-            }
             now = Instant::now();
             // Drain the completion queue, including the send completions of mid-batch flushes.
             busy = drain(&mut ctx, &mut io, now)? > 0;
@@ -742,7 +746,6 @@ fn poll_busy(ctx: &mut WorkerCtx, io: &mut Io<'_, '_>, budget: Duration) -> io::
                 )
             };
             io.submitted(ctx, r)?;
-            io.st.deferred_close.clear();
             if drain(ctx, io, Instant::now())? > 0 {
                 return Ok(true);
             }
