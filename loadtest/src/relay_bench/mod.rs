@@ -287,6 +287,22 @@ pub struct TrafficConfig {
 }
 
 impl TrafficConfig {
+    /// A round at `rate_pps` for `duration` in `tick` steps, with this run's drain, generator
+    /// placement, sender and receiver.
+    fn round(&self, round_id: u32, rate_pps: f64, duration: Duration, tick: Duration) -> RoundSpec {
+        RoundSpec {
+            round_id,
+            rate_pps,
+            duration,
+            drain: self.drain,
+            tick,
+            cpu: self.placement.gen_cpu,
+            send_io: self.send_io,
+            priority: self.placement.priority,
+            receive: self.receive,
+        }
+    }
+
     /// BENCHMARKS.md defaults: 200 allocations, 5 rounds, 2 s fixed rounds, 1 s search steps.
     pub fn new(placement: Placement) -> Self {
         Self {
@@ -552,17 +568,7 @@ fn search_max(
     let mut retries = 0;
     for _ in 0..cfg.search_steps {
         *round_id += 1;
-        let spec = RoundSpec {
-            round_id: *round_id,
-            rate_pps: rate,
-            duration: cfg.search_duration,
-            drain: cfg.drain,
-            tick: cfg.tick,
-            cpu: cfg.placement.gen_cpu,
-            send_io: cfg.send_io,
-            priority: cfg.placement.priority,
-            receive: cfg.receive,
-        };
+        let spec = cfg.round(*round_id, rate, cfg.search_duration, cfg.tick);
         let f = measure(&spec)?;
         let ok = f.loss_fraction <= cfg.loss_threshold;
         steps.push(f.clone());
@@ -676,17 +682,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
             let prep = &mut preps[s];
             if let Some(rate) = cfg.rate {
                 round_id += 1;
-                let spec = RoundSpec {
-                    round_id,
-                    rate_pps: rate,
-                    duration: cfg.duration,
-                    drain: cfg.drain,
-                    tick: cfg.tick,
-                    cpu: cfg.placement.gen_cpu,
-                    send_io: cfg.send_io,
-                    priority: cfg.placement.priority,
-                    receive: cfg.receive,
-                };
+                let spec = cfg.round(round_id, rate, cfg.duration, cfg.tick);
                 let f = measured_round(prep, &spec, None)?;
                 reports[s].fixed.push(f);
             }
@@ -717,17 +713,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                 }
                 round_id += 1;
                 let dur = cfg.duration.max(Duration::from_millis(2500));
-                let spec = RoundSpec {
-                    round_id,
-                    rate_pps: rate,
-                    duration: dur,
-                    drain: cfg.drain,
-                    tick: cfg.half_load_tick,
-                    cpu: cfg.placement.gen_cpu,
-                    send_io: cfg.send_io,
-                    priority: cfg.placement.priority,
-                    receive: cfg.receive,
-                };
+                let spec = cfg.round(round_id, rate, dur, cfg.half_load_tick);
                 let metrics = prep.server.spec.metrics;
                 let mut stats: Option<serde_json::Value> = None;
                 let mut probe = || {

@@ -199,13 +199,20 @@ fn paired_note(u: Option<&ServerSummary>, e: Option<&ServerSummary>) -> Option<S
         return None;
     }
     let wins = ratios.iter().filter(|r| **r < 1.0).count();
-    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = ratios.iter().copied().fold(0.0, f64::max);
+    let (lo, hi) = range(&ratios);
     let n = ratios.len();
     Some(format!(
         "uring/epoll CPU us/pkt at fixed rate, round by round: median {:.2}, range {lo:.2}-{hi:.2}; io_uring cheaper in {wins} of {n} rounds",
         median(ratios).unwrap_or(f64::NAN)
     ))
+}
+
+/// Smallest and largest of the values.
+fn range(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| {
+            (l.min(x), h.max(x))
+        })
 }
 
 /// Median of the values (None if empty).
@@ -239,6 +246,14 @@ impl ServerReport {
             final_stats: None,
         }
     }
+    /// The in-relay p99 of each half-load probe that read `/stats`, in order.
+    pub fn half_load_p99s(&self) -> Vec<f64> {
+        self.half_load
+            .iter()
+            .filter_map(|h| h.in_relay_p99_us)
+            .collect()
+    }
+
     /// Median forwarded packets/s at <= threshold loss.
     pub fn max_pps_median(&self) -> Option<f64> {
         median(
@@ -295,12 +310,7 @@ impl ServerReport {
             fixed_loss: self.fixed_median(|f| f.loss_fraction),
             fixed_received_pps: self.fixed_median(|f| f.received_pps),
             gen_core_fraction: self.fixed_median(|f| f.gen_core_fraction),
-            in_relay_p99_us_half_load: median(
-                self.half_load
-                    .iter()
-                    .filter_map(|h| h.in_relay_p99_us)
-                    .collect(),
-            ),
+            in_relay_p99_us_half_load: median(self.half_load_p99s()),
             max_generator_limited_rounds: self.max_generator_limited_rounds(),
             fixed_generator_short_rounds: self.fixed_generator_short_rounds(),
             generator_limited: !self.max.is_empty()
@@ -653,21 +663,18 @@ impl TrafficReport {
                 fmt0(h.in_relay_samples),
             );
         }
-        for r in self.servers.iter().filter(|r| r.half_load.len() > 1) {
-            let p99: Vec<f64> = r
-                .half_load
-                .iter()
-                .filter_map(|h| h.in_relay_p99_us)
-                .collect();
+        for (r, s) in self.servers.iter().zip(&self.summary) {
+            let p99 = r.half_load_p99s();
+            if p99.len() < 2 {
+                continue;
+            }
             let under = p99.iter().filter(|&&v| v < IN_RELAY_P99_TARGET_US).count();
-            let (lo, hi) = p99
-                .iter()
-                .fold((f64::INFINITY, 0.0f64), |(l, h), &v| (l.min(v), h.max(v)));
+            let (lo, hi) = range(&p99);
             let _ = writeln!(
                 o,
                 "  half-load p99 {}: median {} µs over {} probes ({lo:.0}-{hi:.0}), under {IN_RELAY_P99_TARGET_US:.0} µs in {under}",
                 r.server.label(),
-                fmt1(median(p99.clone())),
+                fmt1(s.in_relay_p99_us_half_load),
                 p99.len(),
             );
         }
