@@ -382,6 +382,18 @@ enum FileJob {
     Receive(PathBuf),
 }
 
+/// When the peer was last heard, for the silence that starts an ICE restart: its media and
+/// reports (`peer_rx`), and in a file session, whose data may pause, also its authenticated
+/// consent traffic on our selected pair. In a call the peer's media comes every 20 ms, and
+/// checks that still arrive on our selected pair do not prove its media reaches us: the peer
+/// may send it on a pair of its own, through a relay that died.
+fn last_heard(peer_rx: Instant, selected_pair_rx: Option<Instant>, file_session: bool) -> Instant {
+    match selected_pair_rx {
+        Some(t) if file_session => peer_rx.max(t),
+        _ => peer_rx,
+    }
+}
+
 /// What the recovery logic wants next.
 enum Recovery {
     Fine,
@@ -816,18 +828,10 @@ impl Leg {
 
     /// Whether the path needs an ICE restart, or the call is over (consent expired).
     fn recovery(&self, now: Instant) -> Recovery {
-        let (Some(_), Some(mut last)) = (self.t_connected, self.last_peer_rx) else {
+        let (Some(_), Some(peer_rx)) = (self.t_connected, self.last_peer_rx) else {
             return Recovery::Fine;
         };
-        // Authenticated consent traffic from the peer counts too where the data may pause (a
-        // file transfer). In a call the peer's media comes every 20 ms, and checks that still
-        // arrive on our selected pair do not prove its media reaches us: the peer may send it
-        // on a pair of its own through a relay that died.
-        if self.file.is_some()
-            && let Some(t) = self.agent.selected_last_rx()
-        {
-            last = last.max(t);
-        }
+        let last = last_heard(peer_rx, self.agent.selected_last_rx(), self.file.is_some());
         let silent = now.saturating_duration_since(last);
         if silent >= self.consent_timeout {
             return Recovery::ConsentExpired;
@@ -1885,5 +1889,23 @@ pub async fn answer_next(
             "expected a call, declined a file session: {}",
             d.reason
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The peer's media stopped at t0 (its relay died) while its checks kept arriving on our
+    /// selected pair through another relay: in a call the silence still runs from t0, in a
+    /// file session the checks count.
+    #[test]
+    fn consent_checks_do_not_hide_a_calls_lost_media() {
+        let t0 = Instant::now();
+        let check = t0 + Duration::from_millis(900);
+        assert_eq!(last_heard(t0, Some(check), false), t0);
+        assert_eq!(last_heard(t0, Some(check), true), check);
+        assert_eq!(last_heard(check, Some(t0), true), check);
+        assert_eq!(last_heard(t0, None, true), t0);
     }
 }
