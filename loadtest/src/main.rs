@@ -31,6 +31,19 @@ enum Cmd {
     /// Signaling and directory benchmarks (idle-sessions, invites, logins, directory).
     #[command(flatten)]
     Fleet(fleet_cli::FleetCmd),
+    /// The half-load latency floor: a bare UDP echo (started by `relay`; not for direct use).
+    #[command(hide = true)]
+    FloorEcho(FloorArgs),
+}
+
+#[derive(Args, Debug)]
+struct FloorArgs {
+    /// UDP address to echo on.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Exit after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    lifetime_secs: u64,
 }
 
 /// Where and what to run (shared by both subcommands).
@@ -162,6 +175,11 @@ struct RelayArgs {
     /// pairs, no relay).
     #[arg(long)]
     no_baseline: bool,
+    /// Skip the half-load latency floor: the same probes through a bare UDP echo placed like
+    /// the servers (same CPU, priority and traffic), whose p99 is what the machine's own
+    /// wake-up and delivery path costs with no relay work at all.
+    #[arg(long)]
+    no_floor: bool,
 }
 
 #[derive(Args, Debug)]
@@ -273,6 +291,9 @@ fn relay(a: RelayArgs) -> anyhow::Result<()> {
     }
     c.half_load_rate = a.half_load_rate;
     c.baseline = !a.no_baseline;
+    if !a.no_floor {
+        c.floor_bin = Some(std::env::current_exe().context("locating peerlink-loadtest")?);
+    }
     c.receive = a.gen_receive;
     if let Some(io) = a.send_io {
         anyhow::ensure!(
@@ -315,6 +336,10 @@ fn main() -> ExitCode {
         Cmd::Relay(a) => relay(a),
         Cmd::RelayAlloc(a) => relay_alloc(a),
         Cmd::Fleet(c) => fleet_cli::run(c),
+        Cmd::FloorEcho(a) => {
+            relay_bench::floor::serve(a.listen, Duration::from_secs(a.lifetime_secs))
+                .context("floor-echo")
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

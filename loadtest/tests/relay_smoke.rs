@@ -149,8 +149,19 @@ fn peerlink_smoke_forwards_and_counts_on_both_backends() {
     c.half_load_rate = Some(800.0);
     c.half_load_tick = Duration::from_micros(200);
     c.half_load_probes = 2;
+    // And the latency floor: the same probes through a bare echo process.
+    c.floor_bin = Some(PathBuf::from(env!("CARGO_BIN_EXE_peerlink-loadtest")));
     let r = relay_bench::run_traffic(&c).expect("benchmark against peerlink-relay");
     check_report(&r, &servers, 20);
+    assert_eq!(r.floor.len(), 2, "two floor probes");
+    for h in &r.floor {
+        assert_eq!(h.round.offered_pps, 800.0);
+        check_round(&h.round);
+        // The echo measured its own kernel-timestamp-to-send latency for these packets.
+        assert!(h.in_relay_samples.is_some_and(|n| n > 0.0), "{h:?}");
+        let (p50, p99) = (h.in_relay_p50_us.unwrap(), h.in_relay_p99_us.unwrap());
+        assert!(p50 >= 1.0 && p50 <= p99, "{h:?}");
+    }
     for s in &r.servers {
         let stats = s.final_stats.as_ref().expect("peerlink /stats read");
         assert!(stats.get("latency_total_us").is_some(), "{stats}");
@@ -170,6 +181,11 @@ fn peerlink_smoke_forwards_and_counts_on_both_backends() {
     );
     assert!(
         table.contains("half-load p99 peerlink-epoll: median") && table.contains("over 2 probes"),
+        "{table}"
+    );
+    assert!(
+        table.contains("half-load probe floor (bare UDP echo): offered 800 pkt/s")
+            && table.contains("half-load p99 peerlink-uring / floor (bare UDP echo) = "),
         "{table}"
     );
     // The two backends' kept rounds compared pairwise (one kept round here).

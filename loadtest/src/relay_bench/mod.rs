@@ -15,6 +15,7 @@
 //! allocating concurrently, the RSS growth per idle allocation, and (`--hold N`) how many
 //! allocations a server holds and still refreshes.
 
+pub mod floor;
 pub mod report;
 pub mod server;
 pub mod session;
@@ -284,6 +285,10 @@ pub struct TrafficConfig {
     pub receive: Receive,
     /// With `max`: also search the generator's own ceiling over direct socket pairs.
     pub baseline: bool,
+    /// The `peerlink-loadtest` binary to run the half-load latency floor with (a bare UDP echo,
+    /// [`floor`]); `None`: no floor.
+    #[serde(skip)]
+    pub floor_bin: Option<std::path::PathBuf>,
 }
 
 impl TrafficConfig {
@@ -325,6 +330,7 @@ impl TrafficConfig {
             half_load_tick: Duration::from_micros(50),
             half_load_rate: None,
             baseline: true,
+            floor_bin: None,
             receive: Receive::Wait,
             send_io: if traffic::uring_available() {
                 SendIo::Uring
@@ -692,12 +698,39 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
             }
         }
     }
-    // peerlink's in-relay latency at half of its (median) max rate, from /stats.
+    // peerlink's in-relay latency at half of its (median) max rate, from /stats; and the same
+    // traffic through the latency floor (a bare echo placed like the servers), in turn.
+    let mut floor_probes = Vec::new();
     if (cfg.max || cfg.half_load_rate.is_some()) && cfg.half_load_probe {
+        let dur = cfg.duration.max(Duration::from_millis(2500));
+        let read_at = dur - Duration::from_millis(400);
+        let rates: Vec<f64> = (0..preps.len())
+            .filter(|&s| preps[s].server.spec.kind.is_peerlink())
+            .filter_map(|s| {
+                cfg.half_load_rate
+                    .or_else(|| reports[s].max_pps_median().map(|m| m / 2.0))
+            })
+            .collect();
+        let mut floor = match (&cfg.floor_bin, rates.first()) {
+            (Some(bin), Some(&rate)) => Some(Floor::start(cfg, bin, rate, deadline)?),
+            _ => None,
+        };
+        let slots = preps.len() + usize::from(floor.is_some());
         for p in 0..cfg.half_load_probes {
             // Alternate the order from probe to probe, as the rounds do.
-            for j in 0..preps.len() {
-                let s = (j + p) % preps.len();
+            for j in 0..slots {
+                let s = (j + p) % slots;
+                if Instant::now() >= deadline {
+                    return Err(BenchError::Timeout(cfg.placement.timeout));
+                }
+                round_id += 1;
+                if s == preps.len() {
+                    if let Some(fl) = floor.as_mut() {
+                        let spec = cfg.round(round_id, fl.rate, dur, cfg.half_load_tick);
+                        floor_probes.push(fl.probe(&spec, read_at)?);
+                    }
+                    continue;
+                }
                 let prep = &mut preps[s];
                 if !prep.server.spec.kind.is_peerlink() {
                     continue;
@@ -708,22 +741,13 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                 else {
                     continue;
                 };
-                if Instant::now() >= deadline {
-                    return Err(BenchError::Timeout(cfg.placement.timeout));
-                }
-                round_id += 1;
-                let dur = cfg.duration.max(Duration::from_millis(2500));
                 let spec = cfg.round(round_id, rate, dur, cfg.half_load_tick);
                 let metrics = prep.server.spec.metrics;
                 let mut stats: Option<serde_json::Value> = None;
                 let mut probe = || {
                     stats = server::fetch_stats(metrics, Duration::from_secs(1)).ok();
                 };
-                let f = measured_round(
-                    prep,
-                    &spec,
-                    Some((dur - Duration::from_millis(400), &mut probe)),
-                )?;
+                let f = measured_round(prep, &spec, Some((read_at, &mut probe)))?;
                 reports[s].half_load.push(report::HalfLoad::new(f, stats));
             }
         }
@@ -738,7 +762,80 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
     }
     let mut report = TrafficReport::new(cfg, reports, started.elapsed());
     report.set_generator_baseline(generator_baseline);
+    report.set_floor(floor_probes);
     Ok(report)
+}
+
+/// The half-load latency floor: the echo process and the generator's sockets to it.
+struct Floor {
+    process: floor::FloorProcess,
+    _socks: Vec<UdpSocket>,
+    flows: Vec<Flow>,
+    /// Probe rate (the first peerlink server's half load).
+    rate: f64,
+}
+
+impl Floor {
+    /// Starts the echo on the servers' CPU and priority, and as many client sockets as the
+    /// servers have allocations, on the same client IPs, each echoed back to itself.
+    fn start(
+        cfg: &TrafficConfig,
+        bin: &std::path::Path,
+        rate: f64,
+        deadline: Instant,
+    ) -> Result<Self, BenchError> {
+        let p = &cfg.placement;
+        let lifetime = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+        let process = floor::FloorProcess::start(
+            bin,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            p.server_cpu,
+            p.priority,
+            lifetime,
+        )?;
+        let ips = p.client_addrs(process.addr);
+        let mut socks = Vec::with_capacity(cfg.allocations);
+        for i in 0..cfg.allocations {
+            let s = plain_socket(ips[i % ips.len()], p.sock_buf)?;
+            s.connect(process.addr)?;
+            socks.push(s);
+        }
+        let flows = socks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Flow {
+                fd: s.as_raw_fd(),
+                channel: peerlink_proto::channel::CHANNEL_MIN,
+                dest: i,
+            })
+            .collect();
+        Ok(Self {
+            process,
+            _socks: socks,
+            flows,
+            rate,
+        })
+    }
+
+    /// One probe: the round, with the echo's stats read `read_at` into it.
+    fn probe(
+        &mut self,
+        spec: &RoundSpec,
+        read_at: Duration,
+    ) -> Result<report::HalfLoad, BenchError> {
+        let cpu0 = server::process_cpu_time(self.process.pid())?;
+        let addr = self.process.addr;
+        let mut stats: Option<serde_json::Value> = None;
+        let mut probe = || {
+            stats = floor::query_stats(addr, Duration::from_secs(1)).ok();
+        };
+        let r = traffic::run_round(&self.flows, spec, Some((read_at, &mut probe)))?;
+        let cpu1 = server::process_cpu_time(self.process.pid())?;
+        Ok(report::HalfLoad::new(
+            RoundFigures::new(&r, cpu1.saturating_sub(cpu0)),
+            stats,
+        ))
+    }
 }
 
 /// Parameters of an allocation run (`peerlink-loadtest relay-alloc`).

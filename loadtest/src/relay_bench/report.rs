@@ -166,6 +166,32 @@ impl HalfLoad {
     }
 }
 
+/// Label of the half-load latency floor in tables.
+pub const FLOOR_LABEL: &str = "floor (bare UDP echo)";
+
+/// The p99 of each probe that read its stats, in order.
+fn p99s(probes: &[HalfLoad]) -> Vec<f64> {
+    probes.iter().filter_map(|h| h.in_relay_p99_us).collect()
+}
+
+/// One half-load probe's line.
+fn half_load_line(label: &str, h: &HalfLoad, tick_us: u128) -> String {
+    let f = &h.round;
+    format!(
+        "  half-load probe {label}: offered {:.0} pkt/s in {tick_us} µs steps, sent {:.0}, loss {:.3}%, generator core {:.0}%, in-process p50 {} / p90 {} / p99 {} / p99.9 {} / max {} µs over {} samples\n",
+        f.offered_pps,
+        f.sent_pps,
+        f.loss_fraction * 100.0,
+        f.gen_core_fraction * 100.0,
+        fmt1(h.in_relay_p50_us),
+        fmt1(h.in_relay_p90_us),
+        fmt1(h.in_relay_p99_us),
+        fmt1(h.in_relay_p999_us),
+        fmt1(h.in_relay_max_us),
+        fmt0(h.in_relay_samples),
+    )
+}
+
 /// Everything measured on one server in a traffic run.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServerReport {
@@ -248,10 +274,7 @@ impl ServerReport {
     }
     /// The in-relay p99 of each half-load probe that read `/stats`, in order.
     pub fn half_load_p99s(&self) -> Vec<f64> {
-        self.half_load
-            .iter()
-            .filter_map(|h| h.in_relay_p99_us)
-            .collect()
+        p99s(&self.half_load)
     }
 
     /// Median forwarded packets/s at <= threshold loss.
@@ -414,6 +437,9 @@ pub struct TrafficReport {
     pub servers: Vec<ServerReport>,
     /// The generator's own ceiling (direct socket pairs, no relay), if measured.
     pub generator_baseline: Option<MaxSearch>,
+    /// The half-load probes through the latency floor (a bare UDP echo placed like the
+    /// servers; `latency_interval_us` is its own), in order.
+    pub floor: Vec<HalfLoad>,
     /// Wall time of the run.
     pub elapsed_s: f64,
 }
@@ -564,6 +590,7 @@ impl TrafficReport {
             notes,
             servers,
             generator_baseline: None,
+            floor: Vec::new(),
             elapsed_s: elapsed.as_secs_f64(),
         }
     }
@@ -585,6 +612,16 @@ impl TrafficReport {
             }
         }
         self.generator_baseline = b;
+    }
+
+    /// Records the latency floor's probes.
+    pub fn set_floor(&mut self, probes: Vec<HalfLoad>) {
+        self.floor = probes;
+    }
+
+    /// The floor's median p99 over its probes.
+    pub fn floor_p99(&self) -> Option<f64> {
+        median(p99s(&self.floor))
     }
 
     /// The human-readable table.
@@ -640,31 +677,19 @@ impl TrafficReport {
                 }
             );
         }
-        for (r, h) in self
+        let tick = c.half_load_tick.as_micros();
+        let probes = self
             .servers
             .iter()
-            .flat_map(|r| r.half_load.iter().map(move |h| (r, h)))
-        {
-            let f = &h.round;
-            let _ = writeln!(
-                o,
-                "  half-load probe {}: offered {:.0} pkt/s in {} µs steps, sent {:.0}, loss {:.3}%, generator core {:.0}%, in-relay p50 {} / p90 {} / p99 {} / p99.9 {} / max {} µs over {} samples",
-                r.server.label(),
-                f.offered_pps,
-                c.half_load_tick.as_micros(),
-                f.sent_pps,
-                f.loss_fraction * 100.0,
-                f.gen_core_fraction * 100.0,
-                fmt1(h.in_relay_p50_us),
-                fmt1(h.in_relay_p90_us),
-                fmt1(h.in_relay_p99_us),
-                fmt1(h.in_relay_p999_us),
-                fmt1(h.in_relay_max_us),
-                fmt0(h.in_relay_samples),
-            );
+            .map(|r| (r.server.label(), &r.half_load))
+            .chain(std::iter::once((FLOOR_LABEL, &self.floor)));
+        for (label, half_load) in probes.clone() {
+            for h in half_load {
+                o.push_str(&half_load_line(label, h, tick));
+            }
         }
-        for (r, s) in self.servers.iter().zip(&self.summary) {
-            let p99 = r.half_load_p99s();
+        for (label, half_load) in probes {
+            let p99 = p99s(half_load);
             if p99.len() < 2 {
                 continue;
             }
@@ -672,11 +697,22 @@ impl TrafficReport {
             let (lo, hi) = range(&p99);
             let _ = writeln!(
                 o,
-                "  half-load p99 {}: median {} µs over {} probes ({lo:.0}-{hi:.0}), under {IN_RELAY_P99_TARGET_US:.0} µs in {under}",
-                r.server.label(),
-                fmt1(s.in_relay_p99_us_half_load),
+                "  half-load p99 {label}: median {} µs over {} probes ({lo:.0}-{hi:.0}), under {IN_RELAY_P99_TARGET_US:.0} µs in {under}",
+                fmt1(median(p99.clone())),
                 p99.len(),
             );
+        }
+        if let Some(floor) = self.floor_p99() {
+            for s in &self.summary {
+                if let Some(p99) = s.in_relay_p99_us_half_load {
+                    let _ = writeln!(
+                        o,
+                        "  half-load p99 {} / {FLOOR_LABEL} = {:.2} ({p99:.0} vs {floor:.0} µs): what the relay adds to the wake-up and delivery path a do-nothing echo pays too",
+                        s.server,
+                        p99 / floor
+                    );
+                }
+            }
         }
         if let Some(b) = &self.generator_baseline {
             let _ = writeln!(

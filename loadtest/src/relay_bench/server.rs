@@ -172,22 +172,7 @@ impl ServerProcess {
             .try_clone()
             .map_err(|e| ServerError::Spawn { what, source: e })?;
         cmd.stdin(Stdio::null()).stdout(log_file).stderr(log_err);
-        let (cpu, priority) = (spec.cpu, spec.priority);
-        if cpu.is_some() || priority != super::traffic::Priority::default() {
-            // SAFETY: the closure runs in the forked child before exec and only makes plain
-            // syscalls (sched_setaffinity, setpriority, sched_setscheduler) on stack data: async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if let Some(cpu) = cpu {
-                        let mut set = nix::sched::CpuSet::new();
-                        set.set(cpu).map_err(std::io::Error::from)?;
-                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-                            .map_err(std::io::Error::from)?;
-                    }
-                    priority.apply()
-                });
-            }
-        }
+        place(&mut cmd, spec.cpu, spec.priority);
         let child = cmd
             .spawn()
             .map_err(|e| ServerError::Spawn { what, source: e })?;
@@ -294,6 +279,26 @@ impl Drop for ServerProcess {
         // Kill only our own child, by pid; then reap it.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Makes the child `cmd` starts run on `cpu` (if given) with `priority`.
+pub fn place(cmd: &mut Command, cpu: Option<usize>, priority: super::traffic::Priority) {
+    if cpu.is_none() && priority == super::traffic::Priority::default() {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child before exec and only makes plain syscalls
+    // (sched_setaffinity, setpriority, sched_setscheduler) on stack data: async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(cpu) = cpu {
+                let mut set = nix::sched::CpuSet::new();
+                set.set(cpu).map_err(std::io::Error::from)?;
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                    .map_err(std::io::Error::from)?;
+            }
+            priority.apply()
+        });
     }
 }
 
