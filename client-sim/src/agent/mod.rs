@@ -14,6 +14,14 @@
 //!   NATs opened instead of two (regular nomination adds a nomination round). Both sides then
 //!   select the best nominated valid pair, and may move to a better one later
 //!   ([`Event::PathChanged`]).
+//! * **The controlled side follows the controlling side's path.** With several nominated
+//!   pairs the two sides can rank them differently (a peer-reflexive remote candidate carries
+//!   the priority from the check, not the peer's own), so each could send on a different pair,
+//!   e.g. through two different relays. RFC 8445 lets the controlling agent decide; it shows
+//!   its choice by sending application data on it. Once [`FOLLOW_AFTER`] consecutive
+//!   application packets arrive on one selectable pair other than ours, the controlled side
+//!   selects that pair and keeps it while it stays selectable (stragglers on an old path do
+//!   not move it back).
 //! * **Checks are paced per pair**, not by one global Ta: first check at once, then every
 //!   `check_interval` (25 ms) growing 1.5x to `max_check_interval` (250 ms); a pair fails
 //!   after `pair_timeout` (8 s). An incoming check triggers an immediate check on its pair.
@@ -154,6 +162,21 @@ impl Pair {
     }
 }
 
+/// Application packets in a row on one pair before the controlled side follows the
+/// controlling side onto it.
+pub const FOLLOW_AFTER: u32 = 3;
+
+/// Where the controlling side's application data arrives (controlled side only).
+#[derive(Clone, Copy, Debug, Default)]
+struct Follow {
+    /// The pair the last application packets arrived on, if not the followed one...
+    pair: Option<usize>,
+    /// ...and how many arrived on it in a row.
+    count: u32,
+    /// The pair the controlling side sends on: selected while it is selectable.
+    chosen: Option<usize>,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Txn {
     pair: usize,
@@ -210,6 +233,8 @@ pub struct Agent {
     retired: Vec<(usize, TurnClient)>,
     gathering_reported: bool,
     selected: Option<usize>,
+    /// Controlled side: the pair the controlling side sends application data on (module docs).
+    follow: Follow,
     /// The direct path selected before a restart (local socket, remote address): still used
     /// for application data until a new pair is selected.
     previous: Option<(usize, SocketAddr)>,
@@ -251,6 +276,7 @@ impl Agent {
             retired: Vec::new(),
             gathering_reported: false,
             selected: None,
+            follow: Follow::default(),
             previous: None,
             next_consent_at: None,
             connected_once: false,
@@ -530,6 +556,7 @@ impl Agent {
         self.pairs.clear();
         self.txns.clear();
         self.selected = None;
+        self.follow = Follow::default();
         self.next_consent_at = None;
         self.connected_once = false;
         self.dead = false;
@@ -1260,8 +1287,17 @@ impl Agent {
             // Media (128-191) and QUIC (64-127, 192-255): ChannelData only comes from the
             // TURN server and was handled before.
             Some(64..=255) => {
-                let path = match self.pairs.iter().find(|p| p.via == via && p.remote == from) {
-                    Some(p) => p.kind(),
+                let pair = self
+                    .pairs
+                    .iter()
+                    .position(|p| p.via == via && p.remote == from);
+                let path = match pair {
+                    Some(i) => {
+                        if self.role == Role::Controlled {
+                            self.follow_peer(now, i);
+                        }
+                        self.pairs[i].kind()
+                    }
                     None if self
                         .previous
                         .is_some_and(|(s, r)| via == Via::Socket(s) && r == from) =>
@@ -1454,6 +1490,7 @@ impl Agent {
             return;
         }
         self.role = role;
+        self.follow = Follow::default();
         self.stats.role_switches += 1;
         for i in 0..self.pairs.len() {
             let (l, r) = (self.pairs[i].local_priority, self.pairs[i].remote_priority);
@@ -1550,23 +1587,53 @@ impl Agent {
         window || direct_hopeless
     }
 
+    /// Controlled side: application data from the controlling side arrived on pair `i`.
+    fn follow_peer(&mut self, now: Instant, i: usize) {
+        let f = &mut self.follow;
+        if f.chosen == Some(i) || (f.chosen.is_none() && self.selected == Some(i)) {
+            f.pair = None;
+            f.count = 0;
+            return;
+        }
+        if f.pair == Some(i) {
+            f.count += 1;
+        } else {
+            f.pair = Some(i);
+            f.count = 1;
+        }
+        if f.count >= FOLLOW_AFTER {
+            f.chosen = Some(i);
+            f.pair = None;
+            f.count = 0;
+            self.update_selection(now);
+        }
+    }
+
+    /// Whether pair `i` may be selected: valid, nominated, and direct unless relays are allowed.
+    fn selectable(&self, i: usize, relay_ok: bool) -> bool {
+        self.pairs.get(i).is_some_and(|p| {
+            p.state == PairState::Succeeded
+                && p.nominated
+                && (relay_ok || p.kind() == PathKind::Direct)
+        })
+    }
+
     fn update_selection(&mut self, now: Instant) {
         if self.dead {
             return;
         }
         let relay_ok = self.relay_allowed(now);
-        let best = self
-            .pairs
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.state == PairState::Succeeded && p.nominated)
-            .filter(|(_, p)| relay_ok || p.kind() == PathKind::Direct)
-            .max_by_key(|(_, p)| p.key())
-            .map(|(i, _)| i);
+        // The controlling side's path, if it is one we may use; else our own ranking.
+        let followed = self.follow.chosen.filter(|&c| self.selectable(c, relay_ok));
+        let best = followed.or_else(|| {
+            (0..self.pairs.len())
+                .filter(|&i| self.selectable(i, relay_ok))
+                .max_by_key(|&i| self.pairs[i].key())
+        });
         let Some(b) = best else { return };
         let better = match self.selected {
             None => true,
-            Some(s) => s != b && self.pairs[b].key() > self.pairs[s].key(),
+            Some(s) => s != b && (followed == Some(b) || self.pairs[b].key() > self.pairs[s].key()),
         };
         if !better {
             return;
