@@ -123,8 +123,9 @@ pub struct Priority {
     /// Nice value (0: unchanged; negative needs privileges).
     pub nice: i32,
     /// `SCHED_FIFO` at this priority (1..=99) instead of the normal class: a woken thread
-    /// preempts normal-class work (kernel threads such as kdamond included) at once instead of
-    /// waiting for the end of its time slice. Needs root or CAP_SYS_NICE.
+    /// preempts normal-class work at once instead of waiting for the end of its time slice
+    /// (on a non-preemptible kernel, as here, kernel code such as kdamond's still runs to its
+    /// next scheduling point first). Needs root or CAP_SYS_NICE.
     pub fifo: Option<u8>,
 }
 
