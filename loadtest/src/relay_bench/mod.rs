@@ -517,16 +517,22 @@ fn direct_pairs(p: &Placement, n: usize) -> Result<(Vec<UdpSocket>, Vec<Flow>), 
         socks[i].connect(b)?;
         socks[i + 1].connect(a)?;
     }
-    let flows = socks
+    let flows = framed_flows(&socks, |i| i ^ 1);
+    Ok((socks, flows))
+}
+
+/// One flow per plain socket, sending ChannelData-framed packets (as a client would) that
+/// arrive at flow `dest(i)`'s socket.
+fn framed_flows(socks: &[UdpSocket], dest: impl Fn(usize) -> usize) -> Vec<Flow> {
+    socks
         .iter()
         .enumerate()
         .map(|(i, s)| Flow {
             fd: s.as_raw_fd(),
             channel: peerlink_proto::channel::CHANNEL_MIN,
-            dest: i ^ 1,
+            dest: dest(i),
         })
-        .collect();
-    Ok((socks, flows))
+        .collect()
 }
 
 /// Lets due refreshes (permissions every 4 min, channels, allocation) happen between rounds.
@@ -800,15 +806,7 @@ impl Floor {
             s.connect(process.addr)?;
             socks.push(s);
         }
-        let flows = socks
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Flow {
-                fd: s.as_raw_fd(),
-                channel: peerlink_proto::channel::CHANNEL_MIN,
-                dest: i,
-            })
-            .collect();
+        let flows = framed_flows(&socks, |i| i);
         Ok(Self {
             process,
             _socks: socks,
