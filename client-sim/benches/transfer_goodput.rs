@@ -1,9 +1,10 @@
 //! File-transfer goodput on an emulated bottleneck link, as a % of its capacity.
 //!
-//! A plain program (`harness = false`): for BBR and Cubic, with 0 % (baseline) and 1 % random
-//! loss in each direction, sends one file over QUIC across an in-process link of fixed rate
-//! (token-bucket pacing + drop-tail queue of one BDP) and fixed RTT, and prints goodput
-//! (verified file bytes / time) as a percentage of the link rate. Target: >= 80 % at 1 % loss.
+//! A plain program (`harness = false`): for the default loss-tolerant Cubic, BBR and Cubic, with
+//! 0 % (baseline) and 1 % random loss in each direction, sends one file over QUIC across an
+//! in-process link of fixed rate (token-bucket pacing + drop-tail queue of one BDP) and fixed
+//! RTT, and prints goodput (verified file bytes / time) as a percentage of the link rate and the
+//! UDP bytes sent per file byte. Target: >= 80 % at 1 % loss.
 //!
 //! `cargo bench -p peerlink-sim --bench transfer_goodput [-- --rate-mbps 20 --rtt-ms 20
 //! --loss 0.01 --size-mib 16 --seed 1]`
@@ -16,6 +17,9 @@ use peerlink_sim::transfer::{
     emulated_pair, endpoint, receive_file, send_file,
 };
 use rand::{RngCore, SeedableRng};
+
+/// The default controller's row.
+const DEFAULT_CC: &str = "cubic-lt";
 
 struct Args {
     rate_mbps: f64,
@@ -143,17 +147,31 @@ fn main() -> anyhow::Result<()> {
         "tx/file"
     );
     let mut results = Vec::new();
-    // "bbr" is our default (quinn's cwnd/srtt pacing); "bbr-rate" also paces at BBR's own
-    // pacing rate (EndpointOptions::pace_at_controller_rate); "cubic" is quinn's default.
-    // "bbr-nocap" is plain quinn BBR (no delivery-rate window cap).
+    // "cubic-lt" is our default (Cubic that ignores losses on an empty queue); "bbr" is quinn's
+    // BBR with our delivery-rate window cap (the previous default), "bbr-nocap" without it,
+    // "bbr-rate" also paced at BBR's own rate (EndpointOptions::pace_at_controller_rate);
+    // "cubic" is quinn's default. A run that fails (plain Cubic at high loss can outlast the
+    // receiver's timeout) is reported and skipped.
     for (name, cc, paced, cap) in [
+        (
+            DEFAULT_CC,
+            CongestionControl::LossTolerantCubic,
+            false,
+            true,
+        ),
         ("bbr", CongestionControl::Bbr, false, true),
         ("bbr-nocap", CongestionControl::Bbr, false, false),
         ("bbr-rate", CongestionControl::Bbr, true, true),
         ("cubic", CongestionControl::Cubic, false, true),
     ] {
         for loss in [0.0, args.loss] {
-            let o = rt.block_on(run_once(&args, &src, cc, paced, cap, loss, args.seed))?;
+            let o = match rt.block_on(run_once(&args, &src, cc, paced, cap, loss, args.seed)) {
+                Ok(o) => o,
+                Err(e) => {
+                    println!("{name:<10} {:>5.1}%   not measured: {e}", loss * 100.0);
+                    continue;
+                }
+            };
             let pct = o.goodput_bps / (args.rate_mbps * 1e6) * 100.0;
             println!(
                 "{:<10} {:>5.1}% {:>7.2} Mb/s {:>8.1}% {:>7.2} {:>10} {:>10} {:>10} {:>8.3}",
@@ -170,10 +188,10 @@ fn main() -> anyhow::Result<()> {
             results.push((name, loss, pct));
         }
     }
-    if let Some((_, _, bbr_lossy)) = results.iter().find(|r| r.0 == "bbr" && r.1 > 0.0) {
-        let verdict = if *bbr_lossy >= 80.0 { "MET" } else { "NOT MET" };
+    if let Some((_, _, lossy)) = results.iter().find(|r| r.0 == DEFAULT_CC && r.1 > 0.0) {
+        let verdict = if *lossy >= 80.0 { "MET" } else { "NOT MET" };
         println!(
-            "target >= 80 % of link at {:.1} % loss with BBR: {verdict} ({bbr_lossy:.1} %)",
+            "target >= 80 % of link at {:.1} % loss with the default ({DEFAULT_CC}): {verdict} ({lossy:.1} %)",
             args.loss * 100.0
         );
     }

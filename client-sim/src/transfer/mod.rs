@@ -1,7 +1,9 @@
 //! Encrypted, integrity-checked, resumable file transfer over QUIC on the call's datagram path.
 //!
 //! What it is: quinn (QUIC) running over an abstract [`DatagramPath`] — the call's hole-punched
-//! direct path or its TURN relay — with BBR congestion control, QUIC-bit greasing off (so the
+//! direct path or its TURN relay — with loss-tolerant Cubic congestion control
+//! ([`loss_tolerant`]: random loss does not shrink the window, a built queue does), QUIC-bit
+//! greasing off (so the
 //! call socket's first-byte demux keeps working, RFC 9443) and a 1200-byte UDP payload that also
 //! fits the relay. TLS 1.3 uses per-call self-signed certificates pinned by SHA-256 fingerprint
 //! in both directions ([`TransferIdentity`], fingerprints carried by signaling). The file is
@@ -19,6 +21,7 @@
 pub mod endpoint;
 pub mod identity;
 pub mod link;
+pub mod loss_tolerant;
 pub mod pacing;
 pub mod path;
 pub mod progress;
