@@ -11,8 +11,7 @@ use quinn::{Connection, Endpoint, EndpointConfig, IdleTimeout, TransportConfig, 
 use crate::transfer::identity::{
     Fingerprint, PinnedVerifier, SERVER_NAME, TransferIdentity, provider,
 };
-use crate::transfer::loss_tolerant::LossTolerantFactory;
-use crate::transfer::pacing::{DeliveryCapFactory, PacingRate, RatePublishingFactory};
+use crate::transfer::pacing::{PacingRate, ShapedFactory, Shaping};
 use crate::transfer::path::{DatagramPath, PathSocket};
 use quinn::congestion::ControllerFactory;
 
@@ -64,8 +63,8 @@ pub struct EndpointOptions {
     /// estimate is unstable (measured 0.45x..14x of a 20 Mbit/s link), so this lowered goodput in
     /// `benches/transfer_goodput.rs`. No effect with Cubic, which reports no rate.
     pub pace_at_controller_rate: bool,
-    /// Cap the congestion window at 2x the BDP measured from ACKed bytes (see
-    /// [`DeliveryCapFactory`]).
+    /// Cap the congestion window at 1.5x the BDP measured from ACKed bytes (see
+    /// [`Shaping::delivery_cap`]).
     pub cap_window_to_delivery_rate: bool,
 }
 
@@ -144,23 +143,19 @@ fn transport(
         .stream_receive_window(VarInt::from_u32(options.window))
         .receive_window(VarInt::from_u32(options.window))
         .send_window(u64::from(options.window));
-    let cc: Arc<dyn ControllerFactory + Send + Sync> = match options.congestion {
-        CongestionControl::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
-        CongestionControl::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
-        CongestionControl::LossTolerantCubic => Arc::new(LossTolerantFactory::new(Arc::new(
-            quinn::congestion::CubicConfig::default(),
-        ))),
+    let cubic = || Arc::new(quinn::congestion::CubicConfig::default());
+    let (cc, loss_judge): (Arc<dyn ControllerFactory + Send + Sync>, bool) =
+        match options.congestion {
+            CongestionControl::Bbr => (Arc::new(quinn::congestion::BbrConfig::default()), false),
+            CongestionControl::Cubic => (cubic(), false),
+            CongestionControl::LossTolerantCubic => (cubic(), true),
+        };
+    let shaping = Shaping {
+        loss_judge,
+        delivery_cap: options.cap_window_to_delivery_rate,
+        publish_rate: options.pace_at_controller_rate.then(|| rate.clone()),
     };
-    let cc: Arc<dyn ControllerFactory + Send + Sync> = if options.cap_window_to_delivery_rate {
-        Arc::new(DeliveryCapFactory::new(cc))
-    } else {
-        cc
-    };
-    if options.pace_at_controller_rate {
-        t.congestion_controller_factory(Arc::new(RatePublishingFactory::new(cc, rate.clone())));
-    } else {
-        t.congestion_controller_factory(cc);
-    }
+    t.congestion_controller_factory(Arc::new(ShapedFactory::new(cc, shaping)));
     Ok(t)
 }
 

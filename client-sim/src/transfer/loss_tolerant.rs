@@ -1,10 +1,11 @@
-//! A congestion controller that does not take random loss for congestion.
+//! Loss classification: a loss-based controller that does not take random loss for congestion.
 //!
 //! Cubic (like every loss-based controller) shrinks its window on every loss; at 1 % random
 //! loss it keeps about a quarter of a 20 Mbit/s, 20 ms link. quinn 0.11's BBR ignores loss but
 //! overshoots a one-BDP bottleneck queue: it sends ~2x the file's bytes, half of them dropped
-//! at the queue (`benches/transfer_goodput.rs`). [`LossTolerantFactory`] wraps a loss-based
-//! controller and passes a loss on as congestion only when the path shows it:
+//! at the queue (`benches/transfer_goodput.rs`). [`LossJudge`] decides, for a loss-based
+//! controller wrapped by [`super::pacing::ShapedFactory`], whether a loss is passed on as
+//! congestion; it is, only when the path shows it:
 //!
 //! * the recent RTT (the minimum of the last [`RECENT_SAMPLES`] samples, so one delayed ACK
 //!   does not count) is above the path's minimum by [`QUEUE_FRACTION`] of it (at least
@@ -18,13 +19,8 @@
 //! bottleneck the window still converges: it grows until the queue delay passes the threshold,
 //! and from then on the next loss, random or not, backs it off.
 
-use std::any::Any;
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
-use quinn_proto::RttEstimator;
+use std::time::Duration;
 
 /// RTT samples whose minimum is the "recent" RTT.
 pub const RECENT_SAMPLES: usize = 8;
@@ -37,27 +33,6 @@ pub const LOSS_CEILING: f64 = 0.10;
 /// Bytes (acked + lost) after which the loss counters are halved: "recent" is the last few
 /// hundred KB.
 const LOSS_WINDOW_BYTES: f64 = 512.0 * 1024.0;
-
-/// Wraps a controller factory (Cubic in practice) with [`LossTolerant`] loss classification.
-pub struct LossTolerantFactory {
-    inner: Arc<dyn ControllerFactory + Send + Sync>,
-}
-
-impl LossTolerantFactory {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn ControllerFactory + Send + Sync>) -> Self {
-        Self { inner }
-    }
-}
-
-impl ControllerFactory for LossTolerantFactory {
-    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(LossTolerant {
-            inner: self.inner.clone().build(now, current_mtu),
-            judge: LossJudge::default(),
-        })
-    }
-}
 
 /// The loss classification, sans-IO.
 #[derive(Debug, Clone, Default)]
@@ -122,81 +97,6 @@ impl LossJudge {
     }
 }
 
-struct LossTolerant {
-    inner: Box<dyn Controller>,
-    judge: LossJudge,
-}
-
-impl Controller for LossTolerant {
-    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
-        self.inner.on_sent(now, bytes, last_packet_number);
-    }
-
-    fn on_ack(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        bytes: u64,
-        app_limited: bool,
-        rtt: &RttEstimator,
-    ) {
-        self.judge
-            .on_ack(bytes, now.saturating_duration_since(sent));
-        self.inner.on_ack(now, sent, bytes, app_limited, rtt);
-    }
-
-    fn on_end_acks(
-        &mut self,
-        now: Instant,
-        in_flight: u64,
-        app_limited: bool,
-        largest_packet_num_acked: Option<u64>,
-    ) {
-        self.inner
-            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
-    }
-
-    fn on_congestion_event(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        is_persistent_congestion: bool,
-        lost_bytes: u64,
-    ) {
-        if self.judge.on_loss(lost_bytes, is_persistent_congestion) {
-            self.inner
-                .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
-        }
-    }
-
-    fn on_mtu_update(&mut self, new_mtu: u16) {
-        self.inner.on_mtu_update(new_mtu);
-    }
-
-    fn window(&self) -> u64 {
-        self.inner.window()
-    }
-
-    fn metrics(&self) -> ControllerMetrics {
-        self.inner.metrics()
-    }
-
-    fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(Self {
-            inner: self.inner.clone_box(),
-            judge: self.judge.clone(),
-        })
-    }
-
-    fn initial_window(&self) -> u64 {
-        self.inner.initial_window()
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self.inner.into_any()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,12 +105,17 @@ mod tests {
         Duration::from_millis(v)
     }
 
+    /// `n` ACKs of one 1200-byte datagram each, every one with an RTT sample of `rtt_ms`.
+    fn acks(j: &mut LossJudge, n: usize, rtt_ms: u64) {
+        for _ in 0..n {
+            j.on_ack(1200, ms(rtt_ms));
+        }
+    }
+
     #[test]
     fn random_loss_on_an_empty_queue_is_ignored() {
         let mut j = LossJudge::default();
-        for _ in 0..100 {
-            j.on_ack(1200, ms(20));
-        }
+        acks(&mut j, 100, 20);
         assert!(!j.on_loss(1200, false), "1 % loss at the base RTT");
         assert_eq!((j.congestive, j.ignored), (0, 1));
         // One late ACK (delayed ACK) does not make a queue.
@@ -221,26 +126,19 @@ mod tests {
     #[test]
     fn loss_with_a_built_queue_is_congestion() {
         let mut j = LossJudge::default();
-        for _ in 0..200 {
-            j.on_ack(1200, ms(20));
-        }
-        for _ in 0..RECENT_SAMPLES {
-            j.on_ack(1200, ms(32)); // 12 ms of queue on a 20 ms path: above half of it
-        }
+        acks(&mut j, 200, 20);
+        // 12 ms of queue on a 20 ms path: above half of it.
+        acks(&mut j, RECENT_SAMPLES, 32);
         assert!(j.on_loss(1200, false));
         // Just under the threshold (20 + 10 ms): not yet.
-        for _ in 0..RECENT_SAMPLES {
-            j.on_ack(1200, ms(29));
-        }
+        acks(&mut j, RECENT_SAMPLES, 29);
         assert!(!j.on_loss(1200, false));
     }
 
     #[test]
     fn heavy_loss_or_persistent_congestion_backs_off_whatever_the_rtt() {
         let mut j = LossJudge::default();
-        for _ in 0..90 {
-            j.on_ack(1200, ms(20));
-        }
+        acks(&mut j, 90, 20);
         for _ in 0..13 {
             j.on_loss(1200, false);
         }
@@ -262,9 +160,7 @@ mod tests {
             j.on_loss(1200, false);
         }
         let early = j.loss_share();
-        for _ in 0..2000 {
-            j.on_ack(1200, ms(20));
-        }
+        acks(&mut j, 2000, 20);
         assert!(
             j.loss_share() < early / 10.0,
             "{} vs {early}",

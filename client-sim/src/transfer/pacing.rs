@@ -1,12 +1,14 @@
-//! Congestion-control helpers around quinn's controllers: a window cap from the measured
-//! delivery rate ([`DeliveryCapFactory`], on by default) and optional pacing at the
-//! controller's own rate ([`RatePublishingFactory`] + [`Pacer`], off by default).
+//! Congestion-control helpers around quinn's controllers, all applied by one wrapper,
+//! [`ShapedFactory`]: loss classification ([`super::loss_tolerant::LossJudge`], on with the
+//! default controller), a window cap from the measured delivery rate ([`DeliveryMeter`], on by
+//! default) and optional pacing at the controller's own rate ([`PacingRate`] + [`Pacer`], off by
+//! default).
 //!
 //! quinn 0.11 paces every controller by `cwnd / srtt`; for BBR, whose window is a gain above
 //! the bandwidth-delay product, that lets bursts overflow shallow bottleneck queues. BBR does
-//! compute a pacing rate (bandwidth estimate x pacing gain); [`RatePublishingFactory`] wraps a
-//! controller and publishes that rate into a [`PacingRate`], and the path socket holds
-//! datagrams back (`WouldBlock` + timer) so they leave at that rate ([`Pacer`], sans-IO).
+//! compute a pacing rate (bandwidth estimate x pacing gain); the wrapper can publish that rate
+//! into a [`PacingRate`], and the path socket holds datagrams back (`WouldBlock` + timer) so
+//! they leave at that rate ([`Pacer`], sans-IO).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
+
+use super::loss_tolerant::LossJudge;
 
 /// Burst allowed above the rate: this long at the current rate, at least [`MIN_BURST_BYTES`].
 pub const BURST_TIME: Duration = Duration::from_millis(2);
@@ -81,109 +85,6 @@ impl Pacer {
     }
 }
 
-/// Builds controllers from `inner` that publish their pacing rate into `rate`.
-pub struct RatePublishingFactory {
-    inner: Arc<dyn ControllerFactory + Send + Sync>,
-    rate: PacingRate,
-}
-
-impl RatePublishingFactory {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn ControllerFactory + Send + Sync>, rate: PacingRate) -> Self {
-        Self { inner, rate }
-    }
-}
-
-impl ControllerFactory for RatePublishingFactory {
-    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(RatePublishing {
-            inner: self.inner.clone().build(now, current_mtu),
-            rate: self.rate.clone(),
-        })
-    }
-}
-
-struct RatePublishing {
-    inner: Box<dyn Controller>,
-    rate: PacingRate,
-}
-
-impl RatePublishing {
-    fn publish(&self) {
-        let bits = self.inner.metrics().pacing_rate.unwrap_or(0);
-        self.rate.set(bits / 8);
-    }
-}
-
-impl Controller for RatePublishing {
-    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
-        self.inner.on_sent(now, bytes, last_packet_number);
-    }
-
-    fn on_ack(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        bytes: u64,
-        app_limited: bool,
-        rtt: &RttEstimator,
-    ) {
-        self.inner.on_ack(now, sent, bytes, app_limited, rtt);
-    }
-
-    fn on_end_acks(
-        &mut self,
-        now: Instant,
-        in_flight: u64,
-        app_limited: bool,
-        largest_packet_num_acked: Option<u64>,
-    ) {
-        self.inner
-            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
-        self.publish();
-    }
-
-    fn on_congestion_event(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        is_persistent_congestion: bool,
-        lost_bytes: u64,
-    ) {
-        self.inner
-            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
-        self.publish();
-    }
-
-    fn on_mtu_update(&mut self, new_mtu: u16) {
-        self.inner.on_mtu_update(new_mtu);
-    }
-
-    fn window(&self) -> u64 {
-        self.inner.window()
-    }
-
-    fn metrics(&self) -> ControllerMetrics {
-        self.inner.metrics()
-    }
-
-    fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(Self {
-            inner: self.inner.clone_box(),
-            // A clone is an inspection copy; it must not steer the live socket's pacer.
-            rate: PacingRate::default(),
-        })
-    }
-
-    fn initial_window(&self) -> u64 {
-        self.inner.initial_window()
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self.inner.into_any()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,33 +106,10 @@ mod tests {
     }
 }
 
-/// Window gain over the measured bandwidth-delay product used by [`DeliveryCapFactory`].
+/// Window gain over the measured bandwidth-delay product of [`Shaping::delivery_cap`].
 pub const CAP_GAIN: f64 = 1.5;
 /// How long a delivery-rate sample counts towards the maximum.
 const CAP_RATE_WINDOW: Duration = Duration::from_secs(2);
-
-/// Caps a controller's window at [`CAP_GAIN`] x (max delivery rate measured from ACKs over
-/// ~1 RTT intervals) x min RTT. Guards against a runaway bandwidth estimate (quinn 0.11's BBR
-/// grows its window far above the path's BDP on a rate-limited link).
-pub struct DeliveryCapFactory {
-    inner: Arc<dyn ControllerFactory + Send + Sync>,
-}
-
-impl DeliveryCapFactory {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn ControllerFactory + Send + Sync>) -> Self {
-        Self { inner }
-    }
-}
-
-impl ControllerFactory for DeliveryCapFactory {
-    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(DeliveryCap {
-            inner: self.inner.clone().build(now, current_mtu),
-            meter: DeliveryMeter::default(),
-        })
-    }
-}
 
 /// Delivery-rate meter (sans-IO): cumulative acked bytes sampled over >= 1 min-RTT intervals.
 #[derive(Debug, Clone, Default)]
@@ -285,12 +163,60 @@ impl DeliveryMeter {
     }
 }
 
-struct DeliveryCap {
-    inner: Box<dyn Controller>,
-    meter: DeliveryMeter,
+/// What [`ShapedFactory`] adds around a controller; each part is optional.
+#[derive(Debug, Clone, Default)]
+pub struct Shaping {
+    /// Pass a loss on as congestion only when the path shows it
+    /// ([`super::loss_tolerant::LossJudge`]).
+    pub loss_judge: bool,
+    /// Cap the window at [`CAP_GAIN`] x (max delivery rate measured from ACKs over ~1 RTT
+    /// intervals) x min RTT ([`DeliveryMeter`]): guards against a runaway bandwidth estimate
+    /// (quinn 0.11's BBR grows its window far above the path's BDP on a rate-limited link).
+    pub delivery_cap: bool,
+    /// Publish the controller's own pacing rate here after every ACK batch and loss.
+    pub publish_rate: Option<PacingRate>,
 }
 
-impl Controller for DeliveryCap {
+/// Builds controllers from `inner` with the [`Shaping`] parts around them.
+pub struct ShapedFactory {
+    inner: Arc<dyn ControllerFactory + Send + Sync>,
+    shaping: Shaping,
+}
+
+impl ShapedFactory {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn ControllerFactory + Send + Sync>, shaping: Shaping) -> Self {
+        Self { inner, shaping }
+    }
+}
+
+impl ControllerFactory for ShapedFactory {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        Box::new(Shaped {
+            inner: self.inner.clone().build(now, current_mtu),
+            judge: self.shaping.loss_judge.then(LossJudge::default),
+            meter: self.shaping.delivery_cap.then(DeliveryMeter::default),
+            rate: self.shaping.publish_rate.clone(),
+        })
+    }
+}
+
+struct Shaped {
+    inner: Box<dyn Controller>,
+    judge: Option<LossJudge>,
+    meter: Option<DeliveryMeter>,
+    rate: Option<PacingRate>,
+}
+
+impl Shaped {
+    fn publish(&self) {
+        if let Some(rate) = &self.rate {
+            rate.set(self.inner.metrics().pacing_rate.unwrap_or(0) / 8);
+        }
+    }
+}
+
+impl Controller for Shaped {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
         self.inner.on_sent(now, bytes, last_packet_number);
     }
@@ -303,7 +229,12 @@ impl Controller for DeliveryCap {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        self.meter.on_ack(now, bytes, rtt.min());
+        if let Some(j) = &mut self.judge {
+            j.on_ack(bytes, now.saturating_duration_since(sent));
+        }
+        if let Some(m) = &mut self.meter {
+            m.on_ack(now, bytes, rtt.min());
+        }
         self.inner.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
@@ -316,6 +247,7 @@ impl Controller for DeliveryCap {
     ) {
         self.inner
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+        self.publish();
     }
 
     fn on_congestion_event(
@@ -325,8 +257,15 @@ impl Controller for DeliveryCap {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
-        self.inner
-            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+        let congestion = self
+            .judge
+            .as_mut()
+            .is_none_or(|j| j.on_loss(lost_bytes, is_persistent_congestion));
+        if congestion {
+            self.inner
+                .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+        }
+        self.publish();
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
@@ -335,7 +274,7 @@ impl Controller for DeliveryCap {
 
     fn window(&self) -> u64 {
         let w = self.inner.window();
-        match self.meter.cap() {
+        match self.meter.as_ref().and_then(DeliveryMeter::cap) {
             Some(cap) => w.min(cap.max(self.inner.initial_window())),
             None => w,
         }
@@ -350,7 +289,10 @@ impl Controller for DeliveryCap {
     fn clone_box(&self) -> Box<dyn Controller> {
         Box::new(Self {
             inner: self.inner.clone_box(),
+            judge: self.judge.clone(),
             meter: self.meter.clone(),
+            // A clone is an inspection copy; it must not steer the live socket's pacer.
+            rate: None,
         })
     }
 
