@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::traffic::Priority;
+use crate::fleet::stats;
 
 /// The datagram that asks the echo for its stats.
 pub const STATS_QUERY: &[u8] = b"peerlink-floor-stats?";
@@ -38,30 +39,9 @@ const INTERVAL: Duration = Duration::from_secs(1);
 /// How often a blocked receive wakes to check the lifetime and rotate.
 const RECV_TIMEOUT: Duration = Duration::from_millis(50);
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3)
-        .expect("constant bounds 1..60e6 with 3 significant figures are valid")
-}
-
-/// The stats document: `{"latency_interval_us": {count, p50, p90, p99, p999, max}}`.
+/// The stats document: `{"latency_interval_us": {count, mean, p50, p90, p99, p999, max}}`.
 fn stats_json(h: &Histogram<u64>) -> serde_json::Value {
-    let q = |p: f64| {
-        if h.is_empty() {
-            0
-        } else {
-            h.value_at_quantile(p)
-        }
-    };
-    serde_json::json!({
-        "latency_interval_us": {
-            "count": h.len(),
-            "p50": q(0.50),
-            "p90": q(0.90),
-            "p99": q(0.99),
-            "p999": q(0.999),
-            "max": h.max(),
-        }
-    })
+    serde_json::json!({ "latency_interval_us": stats::Percentiles::of(h) })
 }
 
 fn realtime_ns() -> u64 {
@@ -131,21 +111,24 @@ fn serve_socket(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut out: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut out_iovs: Vec<libc::iovec> = iovs.clone();
+    // The receive headers point at their own name, iovec and control buffer for good (the
+    // Vecs are never resized); only the in/out lengths are reset before every receive.
+    for (i, m) in msgs.iter_mut().enumerate() {
+        m.msg_hdr.msg_name = std::ptr::from_mut(&mut names[i]).cast();
+        m.msg_hdr.msg_iov = &mut iovs[i];
+        m.msg_hdr.msg_iovlen = 1;
+        m.msg_hdr.msg_control = controls[i].as_mut_ptr().cast();
+    }
 
-    let mut interval = histogram();
-    let mut last = histogram();
+    let mut interval = stats::histogram();
+    let mut last = stats::histogram();
     let start = Instant::now();
     let mut rotate_at = start + INTERVAL;
     while start.elapsed() < lifetime {
-        for i in 0..BATCH {
-            let m = &mut msgs[i].msg_hdr;
-            m.msg_name = std::ptr::from_mut(&mut names[i]).cast();
-            m.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            m.msg_iov = &mut iovs[i];
-            m.msg_iovlen = 1;
-            m.msg_control = controls[i].as_mut_ptr().cast();
-            m.msg_controllen = size_of::<[u64; CONTROL_WORDS]>() as _;
-            m.msg_flags = 0;
+        for m in &mut msgs {
+            m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            m.msg_hdr.msg_controllen = size_of::<[u64; CONTROL_WORDS]>() as _;
+            m.msg_hdr.msg_flags = 0;
         }
         // SAFETY: every header points at its own name, iovec (over its buffer) and control
         // buffer, all alive for the call; BATCH headers.
@@ -192,7 +175,7 @@ fn serve_socket(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
                 continue;
             }
             if let Some(ts) = rx_timestamp_ns(h) {
-                let _ = interval.record((now_ns.saturating_sub(ts) / 1000).max(1));
+                stats::record(&mut interval, now_ns.saturating_sub(ts) / 1000);
             }
             out_iovs[k] = libc::iovec {
                 iov_base: bufs[i].as_mut_ptr().cast(),

@@ -710,14 +710,15 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
     if (cfg.max || cfg.half_load_rate.is_some()) && cfg.half_load_probe {
         let dur = cfg.duration.max(Duration::from_millis(2500));
         let read_at = dur - Duration::from_millis(400);
-        let rates: Vec<f64> = (0..preps.len())
-            .filter(|&s| preps[s].server.spec.kind.is_peerlink())
-            .filter_map(|s| {
+        // Each peerlink server's probe rate (None: not probed); the floor takes the first.
+        let rates: Vec<Option<f64>> = (0..preps.len())
+            .map(|s| {
+                preps[s].server.spec.kind.is_peerlink().then_some(())?;
                 cfg.half_load_rate
                     .or_else(|| reports[s].max_pps_median().map(|m| m / 2.0))
             })
             .collect();
-        let mut floor = match (&cfg.floor_bin, rates.first()) {
+        let mut floor = match (&cfg.floor_bin, rates.iter().flatten().next()) {
             (Some(bin), Some(&rate)) => Some(Floor::start(cfg, bin, rate, deadline)?),
             _ => None,
         };
@@ -737,16 +738,8 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                     }
                     continue;
                 }
+                let Some(rate) = rates[s] else { continue };
                 let prep = &mut preps[s];
-                if !prep.server.spec.kind.is_peerlink() {
-                    continue;
-                }
-                let Some(rate) = cfg
-                    .half_load_rate
-                    .or_else(|| reports[s].max_pps_median().map(|m| m / 2.0))
-                else {
-                    continue;
-                };
                 let spec = cfg.round(round_id, rate, dur, cfg.half_load_tick);
                 let metrics = prep.server.spec.metrics;
                 let mut stats: Option<serde_json::Value> = None;
