@@ -205,6 +205,8 @@ struct Side {
     down: NetSim<Pkt>,
     events: Vec<(Instant, Event)>,
     app_rx: Vec<(Instant, PathKind)>,
+    /// Where the last application packet came from (for a relayed one: the relay).
+    last_app_from: Option<SocketAddr>,
     next_media: Option<Instant>,
     generation: u32,
     cfg: AgentConfig,
@@ -334,6 +336,7 @@ impl World {
                 down: link(2),
                 events: Vec::new(),
                 app_rx: Vec::new(),
+                last_app_from: None,
                 next_media: None,
                 generation: 0,
                 cfg,
@@ -693,6 +696,7 @@ impl World {
         };
         if let Some(AppData::Payload { path, .. }) = a.handle_datagram(now, 0, p.src, &p.data) {
             self.sides[j].app_rx.push((now, path));
+            self.sides[j].last_app_from = Some(p.src);
         }
         self.drain(j);
     }
@@ -711,15 +715,28 @@ impl World {
         Some(if own { path.local } else { path.remote })
     }
 
-    /// Both sides send on the same pair: the same relayed address, or both direct.
+    /// Both sides send on the same pair: through the same relayed address, or both directly,
+    /// each to the address the other's media comes from.
     fn assert_same_path(&self) {
+        let relayed = self.relayed_in_use(0);
         assert_eq!(
-            self.relayed_in_use(0),
+            relayed,
             self.relayed_in_use(1),
             "the two sides send on different pairs: {:?} / {:?}",
             self.agent(0).selected_path(),
             self.agent(1).selected_path()
         );
+        if relayed.is_none() {
+            for i in 0..2 {
+                let path = self.agent(i).selected_path().expect("a selected path");
+                assert_eq!(
+                    Some(path.remote),
+                    self.sides[i].last_app_from,
+                    "side {i} sends directly to {} but the peer's media comes from elsewhere",
+                    path.remote
+                );
+            }
+        }
     }
 
     fn connected_at(&self, i: usize) -> Option<(Instant, PathKind)> {
