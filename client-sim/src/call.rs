@@ -244,6 +244,9 @@ pub struct CallReport {
     pub checks_sent: u64,
     /// Agent: checks started -> path selected, ms.
     pub checks_to_connected_ms: Option<f64>,
+    /// TURN allocations this side released mid-call because the call's path did not use them
+    /// (RFC 8445 section 8.3; the agent's `release_unused_relay_after`).
+    pub unused_relay_released: u64,
     /// Media.
     pub media: MediaFigures,
     /// Recording path, if any.
@@ -1121,6 +1124,7 @@ impl Leg {
             remote_candidates: self.remote_cands,
             checks_sent: agent_stats.checks_sent,
             checks_to_connected_ms: agent_stats.time_to_connected.map(ms),
+            unused_relay_released: agent_stats.unused_relay_released,
             media: stats
                 .map(|s| MediaFigures {
                     packets_sent: self.packets_sent,

@@ -268,6 +268,8 @@ struct World {
     restarts: Vec<Instant>,
     answer_at: Option<Instant>,
     internet_drops: u64,
+    /// Sides start sending media when they connect (off: only the agents' own traffic).
+    media_on_connect: bool,
     relay_only: [bool; 2],
     candidate_delay: [Duration; 2],
 }
@@ -357,6 +359,7 @@ impl World {
             restarts: Vec::new(),
             answer_at: None,
             internet_drops: 0,
+            media_on_connect: true,
             candidate_delay: sc.candidate_delay,
             relay_only: sc.relay_only,
         }
@@ -566,7 +569,7 @@ impl World {
                     let at = now + SIG_DELAY + self.candidate_delay[i];
                     self.signaling.push_back((at, 1 - i, Sig::EndOfCandidates));
                 }
-                Event::Connected { .. } => {
+                Event::Connected { .. } if self.media_on_connect => {
                     self.sides[i].next_media.get_or_insert(now);
                 }
                 Event::Disconnected { .. } => {
@@ -1381,10 +1384,105 @@ fn keepalives_hold_short_nat_timeouts_and_the_relay_allocation() {
         let last = w.sides[i].app_rx.last().expect("media").0;
         assert!(w.now - last < Duration::from_millis(200));
     }
-    // Both send through the caller's choice, so the allocation carrying the call is alive
-    // (the callee's own, unused, may have lapsed with its NAT mapping).
+    // Both send through the caller's choice: the allocation carrying the call is alive and
+    // the other side's, unused, was released.
     w.assert_same_path();
-    assert!(w.relay.allocations() >= 1);
+    assert_eq!(w.relay.allocations(), 1);
+}
+
+#[test]
+fn a_call_holds_only_the_allocation_it_uses() {
+    // Every NAT pair: once the path has settled, a direct call holds no allocation on the relay
+    // and a relayed one exactly the allocation both sides send through; media still flows.
+    for a in NatKind::ALL {
+        for b in NatKind::ALL {
+            let sc = Scenario::new(a, b);
+            let mut w = World::new(&sc);
+            w.run_for(Duration::from_secs(2));
+            assert_eq!(
+                w.relay.allocations(),
+                2,
+                "{a:?}/{b:?}: both sides allocated"
+            );
+            w.run_for(Duration::from_secs(8));
+            let exp = want(expected_path(a, b));
+            let (held, released) = match exp {
+                PathKind::Direct => (0, [1, 1]),
+                PathKind::Relay => {
+                    // The side whose allocation carries the call keeps it.
+                    let carrier = (0..2)
+                        .find(|&i| {
+                            let path = w.agent(i).selected_path().expect("a path");
+                            w.relayed_in_use(i) == Some(path.local)
+                        })
+                        .expect("one side sends through its own allocation");
+                    let mut r = [1, 1];
+                    r[carrier] = 0;
+                    (1, r)
+                }
+            };
+            assert_eq!(w.relay.allocations(), held, "{a:?}/{b:?} ({exp:?})");
+            w.assert_same_path();
+            for (i, released) in released.into_iter().enumerate() {
+                let s = w.agent(i).stats();
+                assert_eq!(s.unused_relay_released, released, "{a:?}/{b:?} side {i}");
+                assert!(w.disconnects(i).is_empty(), "{a:?}/{b:?} side {i}");
+                assert_eq!(
+                    s.selected.map(|p| p.kind),
+                    Some(exp),
+                    "{a:?}/{b:?} side {i}"
+                );
+                let recent = w.sides[i]
+                    .app_rx
+                    .iter()
+                    .filter(|(t, _)| *t + Duration::from_secs(1) >= w.now)
+                    .count();
+                assert!(recent >= 10, "{a:?}/{b:?} side {i}: media stalls");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_allocation_the_peer_sends_to_is_kept() {
+    // Without media the callee never follows the caller, so in relayed calls each side may
+    // send through the other's allocation: neither side's selected pair goes through its own,
+    // yet the peer's consent checks arrive through it. Releasing it would kill the peer's path;
+    // the calls must stay up and keep their consent.
+    for seed in 1..=3u64 {
+        for a in NatKind::ALL {
+            for b in NatKind::ALL {
+                if expected_path(a, b) != ExpectedPath::Relay {
+                    continue;
+                }
+                let mut sc = Scenario::new(a, b);
+                sc.seed = seed;
+                let mut w = World::new(&sc);
+                w.media_on_connect = false;
+                w.run_for(Duration::from_secs(30));
+                for i in 0..2 {
+                    assert!(
+                        w.disconnects(i).is_empty(),
+                        "{a:?}/{b:?} seed {seed} side {i}: {:?}",
+                        w.disconnects(i)
+                    );
+                    assert_eq!(
+                        w.agent(i).selected_path().map(|p| p.kind),
+                        Some(PathKind::Relay),
+                        "{a:?}/{b:?} seed {seed} side {i}"
+                    );
+                }
+                // Whatever each side sends through is alive.
+                let in_use: std::collections::HashSet<_> =
+                    (0..2).filter_map(|i| w.relayed_in_use(i)).collect();
+                assert_eq!(
+                    w.relay.allocations(),
+                    in_use.len(),
+                    "{a:?}/{b:?} seed {seed}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -57,6 +57,12 @@
 //! * **Allocations do not outlive the agent**: a restart releases the old allocation and
 //!   [`Agent::close`] the current one (Refresh LIFETIME 0, retransmitted until answered; a new
 //!   Allocate on the same relay waits for the release so the relay does not answer 437).
+//! * **Nor their use** (RFC 8445 section 8.3): once the selected pair has not gone through our
+//!   allocation for `release_unused_relay_after` (3 s) and nothing has arrived through it for
+//!   as long, it is released and our relayed pairs end. A direct call then holds no allocation
+//!   and a relayed one only the allocation both sides send through. Nothing arriving through
+//!   it is the guard: the controlling side may be sending to our relayed address, and its
+//!   consent checks (every 2 s) and media arrive there until we follow it.
 //!
 //! What it is not: no sockets, clock reads or unseeded randomness; one component, UDP only;
 //! no port prediction (symmetric <-> port-restricted goes through the relay); no ICE-lite.
@@ -235,6 +241,10 @@ pub struct Agent {
     selected: Option<usize>,
     /// Controlled side: the pair the controlling side sends application data on (module docs).
     follow: Follow,
+    /// When the current pair was selected.
+    selected_at: Option<Instant>,
+    /// When something (a check, a response, media) last arrived through our allocation.
+    relay_rx_at: Option<Instant>,
     /// The direct path selected before a restart (local socket, remote address): still used
     /// for application data until a new pair is selected.
     previous: Option<(usize, SocketAddr)>,
@@ -277,6 +287,8 @@ impl Agent {
             gathering_reported: false,
             selected: None,
             follow: Follow::default(),
+            selected_at: None,
+            relay_rx_at: None,
             previous: None,
             next_consent_at: None,
             connected_once: false,
@@ -404,6 +416,7 @@ impl Agent {
             }
             return match res {
                 Ok(turn::Input::Data { peer, data: inner }) => {
+                    self.relay_rx_at = Some(now);
                     self.drain_turn(now);
                     self.handle_inner(now, Via::Relay, peer, inner)
                 }
@@ -435,6 +448,7 @@ impl Agent {
         self.pair_timers(now);
         self.consent_timers(now);
         self.update_selection(now);
+        self.release_unused_relay(now);
         self.check_no_path();
         self.txns
             .retain(|_, t| now.saturating_duration_since(t.sent_at) < TXN_LIFETIME);
@@ -466,6 +480,7 @@ impl Agent {
             consider(t.poll_timeout());
         }
         consider(self.turn_deferred_until);
+        consider(self.unused_relay_release_at());
         if self.remote_creds.is_some() && !self.dead {
             for p in &self.pairs {
                 if p.state != PairState::Failed {
@@ -557,6 +572,8 @@ impl Agent {
         self.txns.clear();
         self.selected = None;
         self.follow = Follow::default();
+        self.selected_at = None;
+        self.relay_rx_at = None;
         self.next_consent_at = None;
         self.connected_once = false;
         self.dead = false;
@@ -645,6 +662,37 @@ impl Agent {
             self.retired.push((self.turn_socket, old));
             self.drain_retired(now);
         }
+    }
+
+    /// When our allocation is to be released as unused (module docs), if it is unused now:
+    /// allocated, the selected pair not through it, and both the selection and the last
+    /// datagram through it at least `release_unused_relay_after` old at that instant.
+    fn unused_relay_release_at(&self) -> Option<Instant> {
+        let after = self.cfg.release_unused_relay_after?;
+        if self.dead || self.relayed_addr().is_none() {
+            return None;
+        }
+        let p = self.pairs.get(self.selected?)?;
+        if p.via == Via::Relay {
+            return None;
+        }
+        let selected_at = self.selected_at?;
+        let since = self.relay_rx_at.map_or(selected_at, |t| t.max(selected_at));
+        Some(since + after)
+    }
+
+    /// Releases our allocation once [`Self::unused_relay_release_at`] has come: Refresh
+    /// LIFETIME 0, and the pairs through it end (no checks, never selected).
+    fn release_unused_relay(&mut self, now: Instant) {
+        if self.unused_relay_release_at().is_none_or(|at| at > now) {
+            return;
+        }
+        for p in self.pairs.iter_mut().filter(|p| p.via == Via::Relay) {
+            p.state = PairState::Failed;
+            p.next_check_at = None;
+        }
+        self.release_turn(now);
+        self.stats.unused_relay_released += 1;
     }
 
     /// Hands a STUN message from `from` on `socket` to the released allocation on that relay,
@@ -1639,6 +1687,7 @@ impl Agent {
             return;
         }
         self.selected = Some(b);
+        self.selected_at = Some(now);
         self.previous = None;
         self.next_consent_at = Some(now + self.cfg.keepalive_interval);
         let p = self.pairs[b].clone();

@@ -172,6 +172,12 @@ pub struct AgentConfig {
     /// Check and send only through the TURN relay (WebRTC's relay-only policy): no pair uses a
     /// host socket, so the peer never learns this side's host or NAT address (default false).
     pub relay_only: bool,
+    /// Release our TURN allocation once it is not needed (RFC 8445 section 8.3 frees unused
+    /// candidates): when the selected pair has not gone through it for this long and nothing
+    /// (checks, consent, media) has arrived through it for as long, Refresh LIFETIME 0 is sent
+    /// and our relayed pairs end. A call then holds only the allocation it uses; a restart
+    /// allocates anew. `None` keeps the allocation for the whole call (default 3 s).
+    pub release_unused_relay_after: Option<Duration>,
 }
 
 impl AgentConfig {
@@ -201,6 +207,7 @@ impl AgentConfig {
             stun_max_transmissions: 6,
             extra_checks: 3,
             relay_only: false,
+            release_unused_relay_after: Some(Duration::from_secs(3)),
         }
     }
 }
@@ -251,6 +258,9 @@ pub struct AgentStats {
     pub restarts: u64,
     /// Relays given up on (no answer in time or Allocate failed) for the next one.
     pub turn_failovers: u64,
+    /// Allocations released because the call settled on a pair that does not use them
+    /// (`release_unused_relay_after`).
+    pub unused_relay_released: u64,
     /// Application payloads wrapped by `send`.
     pub app_sent: u64,
     /// Application payloads handed up.

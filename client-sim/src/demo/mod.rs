@@ -889,7 +889,7 @@ pub fn render_call(r: &CallReport) -> String {
     format!(
         "call {} with {} ({}): path {} {} -> {} (changes {})\n\
          setup: invite->answer {}, answer->connected {}, answer->first media {} (agent: {} checks, checks->connected {})\n\
-         candidates: local {:?}, remote {}\n\
+         candidates: local {:?}, remote {}; unused relay allocations released {}\n\
          media: sent {} recv {} lost {} fec {} concealed {} | jitter {:.2} ms | RTT {} | MOS {:.2} | recorded {:.1} s{}\n\
          recovery: restarts {}, longest media gap {:.0} ms | dropped: garbage {} auth {} replay {} unknown source {}\n\
          ended: {}",
@@ -907,6 +907,7 @@ pub fn render_call(r: &CallReport) -> String {
         f(r.checks_to_connected_ms),
         r.local_candidates,
         r.remote_candidates,
+        r.unused_relay_released,
         m.packets_sent,
         m.packets_received,
         m.packets_lost,
