@@ -44,6 +44,9 @@ struct FloorArgs {
     /// Exit after this many seconds.
     #[arg(long, default_value_t = 600)]
     lifetime_secs: u64,
+    /// How the echo receives and sends.
+    #[arg(long, value_enum, default_value = "recvmmsg")]
+    io: relay_bench::floor::FloorIo,
 }
 
 /// Where and what to run (shared by both subcommands).
@@ -180,6 +183,11 @@ struct RelayArgs {
     /// wake-up and delivery path costs with no relay work at all.
     #[arg(long)]
     no_floor: bool,
+    /// The floors to probe (repeat or comma-separate): `recvmmsg` (a blocking `recvmmsg`
+    /// echo) and/or `uring` (an echo on io_uring set up like the relay's worker, whose floor
+    /// against the first is what io_uring's own wake-up path costs).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "recvmmsg")]
+    floor_io: Vec<relay_bench::floor::FloorIo>,
 }
 
 #[derive(Args, Debug)]
@@ -294,6 +302,7 @@ fn relay(a: RelayArgs) -> anyhow::Result<()> {
     if !a.no_floor {
         c.floor_bin = Some(std::env::current_exe().context("locating peerlink-loadtest")?);
     }
+    c.floor_io = a.floor_io;
     c.receive = a.gen_receive;
     if let Some(io) = a.send_io {
         anyhow::ensure!(
@@ -337,7 +346,7 @@ fn main() -> ExitCode {
         Cmd::RelayAlloc(a) => relay_alloc(a),
         Cmd::Fleet(c) => fleet_cli::run(c),
         Cmd::FloorEcho(a) => {
-            relay_bench::floor::serve(a.listen, Duration::from_secs(a.lifetime_secs))
+            relay_bench::floor::serve(a.listen, Duration::from_secs(a.lifetime_secs), a.io)
                 .context("floor-echo")
         }
     };

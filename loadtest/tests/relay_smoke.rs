@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use peerlink_loadtest::relay_bench::floor::FloorIo;
 use peerlink_loadtest::relay_bench::report::{RoundFigures, TrafficReport};
 use peerlink_loadtest::relay_bench::server::{ServerKind, default_peerlink_bin};
 use peerlink_loadtest::relay_bench::traffic::{Receive, SendIo};
@@ -149,12 +150,16 @@ fn peerlink_smoke_forwards_and_counts_on_both_backends() {
     c.half_load_rate = Some(800.0);
     c.half_load_tick = Duration::from_micros(200);
     c.half_load_probes = 2;
-    // And the latency floor: the same probes through a bare echo process.
+    // And the latency floors: the same probes through a bare echo process of each kind.
     c.floor_bin = Some(PathBuf::from(env!("CARGO_BIN_EXE_peerlink-loadtest")));
+    c.floor_io = vec![FloorIo::Recvmmsg, FloorIo::Uring];
     let r = relay_bench::run_traffic(&c).expect("benchmark against peerlink-relay");
     check_report(&r, &servers, 20);
-    assert_eq!(r.floor.len(), 2, "two floor probes");
-    for h in &r.floor {
+    assert_eq!(r.floors.len(), 2, "two floors");
+    for h in r.floors.iter().flat_map(|f| {
+        assert_eq!(f.probes.len(), 2, "two probes of {:?}", f.io);
+        &f.probes
+    }) {
         assert_eq!(h.round.offered_pps, 800.0);
         check_round(&h.round);
         // The echo measured its own kernel-timestamp-to-send latency for these packets.
@@ -185,7 +190,9 @@ fn peerlink_smoke_forwards_and_counts_on_both_backends() {
     );
     assert!(
         table.contains("half-load probe floor (bare UDP echo): offered 800 pkt/s")
-            && table.contains("half-load p99 peerlink-uring / floor (bare UDP echo) = "),
+            && table.contains("half-load p99 peerlink-uring / floor (bare UDP echo) = ")
+            && table.contains("half-load probe floor (io_uring echo): offered 800 pkt/s")
+            && table.contains("half-load p99 peerlink-epoll / floor (io_uring echo) = "),
         "{table}"
     );
     // The two backends' kept rounds compared pairwise (one kept round here).

@@ -21,12 +21,42 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use serde::Serialize;
 
 use super::traffic::Priority;
 use crate::fleet::stats;
 
 /// The datagram that asks the echo for its stats.
 pub const STATS_QUERY: &[u8] = b"peerlink-floor-stats?";
+
+/// How the echo receives and sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FloorIo {
+    /// Blocking `recvmmsg` and `sendmmsg`: the cheapest wake-up path there is.
+    Recvmmsg,
+    /// io_uring as the relay's io_uring worker uses it: its floor against the `recvmmsg`
+    /// one is what io_uring's own wake-up and completion path costs.
+    Uring,
+}
+
+impl FloorIo {
+    /// Label in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            FloorIo::Recvmmsg => "floor (bare UDP echo)",
+            FloorIo::Uring => "floor (io_uring echo)",
+        }
+    }
+
+    /// The `--io` value of `floor-echo`.
+    pub fn arg(self) -> &'static str {
+        match self {
+            FloorIo::Recvmmsg => "recvmmsg",
+            FloorIo::Uring => "uring",
+        }
+    }
+}
 
 /// Datagrams per `recvmmsg`.
 const BATCH: usize = 64;
@@ -72,13 +102,15 @@ fn rx_timestamp_ns(msg: &libc::msghdr) -> Option<u64> {
 }
 
 /// Runs the echo on `listen` for `lifetime` (then returns): the `floor-echo` subcommand.
-pub fn serve(listen: SocketAddr, lifetime: Duration) -> io::Result<()> {
+pub fn serve(listen: SocketAddr, lifetime: Duration, io: FloorIo) -> io::Result<()> {
     let sock = UdpSocket::bind(listen)?;
-    serve_socket(&sock, lifetime)
+    match io {
+        FloorIo::Recvmmsg => serve_socket(&sock, lifetime),
+        FloorIo::Uring => serve_socket_uring(&sock, lifetime),
+    }
 }
 
-fn serve_socket(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
-    let fd = sock.as_raw_fd();
+fn enable_timestamps(fd: std::os::fd::RawFd) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: valid fd, option value is a c_int on the stack.
     let r = unsafe {
@@ -93,6 +125,12 @@ fn serve_socket(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+fn serve_socket(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    enable_timestamps(fd)?;
     let _ = socket2::SockRef::from(sock).set_recv_buffer_size(4 << 20);
     sock.set_read_timeout(Some(RECV_TIMEOUT))?;
 
@@ -236,10 +274,13 @@ impl FloorProcess {
         cpu: Option<usize>,
         priority: Priority,
         lifetime: Duration,
+        io: FloorIo,
     ) -> io::Result<Self> {
         let addr = UdpSocket::bind((ip, 0))?.local_addr()?;
         let mut cmd = Command::new(exe);
         cmd.arg("floor-echo")
+            .arg("--io")
+            .arg(io.arg())
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--lifetime-secs")
@@ -280,15 +321,249 @@ impl Drop for FloorProcess {
     }
 }
 
+/// Provided buffers of the io_uring echo.
+const URING_BUFFERS: u16 = 256;
+/// Its buffer group.
+const URING_BGID: u16 = 7;
+/// `user_data` of its multishot receive (sends carry their buffer id).
+const URING_RECV: u64 = u64::MAX;
+/// Control area per received datagram: one `SCM_TIMESTAMPNS` (16-byte header + timespec).
+const URING_CONTROL: usize = 32;
+
+/// The provided-buffer ring of the io_uring echo: entries (page-aligned, as the kernel wants)
+/// and the buffers they hand out.
+struct EchoBufs {
+    /// Ring entries; over-allocated by a page so that the entries can start on a page boundary.
+    ring: Vec<u8>,
+    first: usize,
+    bufs: Vec<u8>,
+    tail: u16,
+}
+
+impl EchoBufs {
+    fn new() -> Self {
+        let ring =
+            vec![0u8; URING_BUFFERS as usize * size_of::<io_uring::types::BufRingEntry>() + 4096];
+        let first = ring.as_ptr().align_offset(4096);
+        let mut this = Self {
+            ring,
+            first,
+            bufs: vec![0u8; URING_BUFFERS as usize * BUF],
+            tail: 0,
+        };
+        for bid in 0..URING_BUFFERS {
+            this.give(bid);
+        }
+        this.publish();
+        this
+    }
+
+    fn entries(&mut self) -> *mut io_uring::types::BufRingEntry {
+        // SAFETY: `first` is within `ring` and leaves room for every entry (see `new`).
+        unsafe { self.ring.as_mut_ptr().add(self.first) }.cast()
+    }
+
+    /// Puts buffer `bid` back in the ring (visible to the kernel after `publish`).
+    fn give(&mut self, bid: u16) {
+        let addr = self.bufs[bid as usize * BUF..].as_mut_ptr() as u64;
+        let slot = (self.tail & (URING_BUFFERS - 1)) as usize;
+        // SAFETY: `slot` < URING_BUFFERS entries, all inside `ring`; we are the only writer.
+        let e = unsafe { &mut *self.entries().add(slot) };
+        e.set_addr(addr);
+        e.set_len(BUF as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Publishes the returned buffers: one release store of the ring's tail.
+    fn publish(&mut self) {
+        let tail = self.tail;
+        // SAFETY: the ring's tail field lives in its first entry (kernel ABI), a u16 the
+        // kernel reads concurrently, hence the atomic store.
+        unsafe {
+            let t = io_uring::types::BufRingEntry::tail(self.entries())
+                .cast::<std::sync::atomic::AtomicU16>();
+            (*t).store(tail, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    fn buf(&self, bid: u16, len: usize) -> &[u8] {
+        &self.bufs[bid as usize * BUF..bid as usize * BUF + len.min(BUF)]
+    }
+}
+
+/// The echo on io_uring, set up like the relay's io_uring worker: a ring with
+/// `SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN | TASKRUN_FLAG`, one multishot `RECVMSG` into
+/// a provided-buffer ring, every datagram sent back by a `SEND` (with destination address) of
+/// the very buffer it arrived in, submitted in the same `io_uring_enter` that then waits for
+/// the next datagram. Its floor against the `recvmmsg` echo's is what io_uring's own wake-up
+/// and completion path costs.
+fn serve_socket_uring(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
+    use io_uring::types::{Fd, RecvMsgOut, SubmitArgs, Timespec};
+    use io_uring::{IoUring, cqueue, opcode};
+
+    let fd = sock.as_raw_fd();
+    enable_timestamps(fd)?;
+    let _ = socket2::SockRef::from(sock).set_recv_buffer_size(4 << 20);
+    // Declared before the ring, so dropped after it: the kernel never sees them freed.
+    let mut bufs = EchoBufs::new();
+    // SAFETY: msghdr is plain old data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_namelen = size_of::<libc::sockaddr_in6>() as u32;
+    msg.msg_controllen = URING_CONTROL;
+    // Where each buffer's datagram came from (the send's destination), per buffer id.
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut from: Vec<libc::sockaddr_storage> =
+        vec![unsafe { std::mem::zeroed() }; URING_BUFFERS as usize];
+
+    let mut b = IoUring::builder();
+    b.setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .setup_cqsize(4096);
+    let mut ring: IoUring = b.build(512)?;
+    let ring_addr = bufs.entries() as u64;
+    // SAFETY: the entries live in `bufs`, which outlives the ring.
+    unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(ring_addr, URING_BUFFERS, URING_BGID, 0)?;
+    }
+    let recv = opcode::RecvMsgMulti::new(Fd(fd), &msg, URING_BGID)
+        .build()
+        .user_data(URING_RECV);
+    // SAFETY: `msg` outlives the ring; the buffers come from the registered ring.
+    unsafe { ring.submission().push(&recv) }.map_err(|_| io::Error::other("sq full"))?;
+
+    let mut interval = stats::histogram();
+    let mut last = stats::histogram();
+    let start = Instant::now();
+    let mut rotate_at = start + INTERVAL;
+    let mut queued_sends = 0usize;
+    let mut received: Vec<u64> = Vec::new();
+    while start.elapsed() < lifetime {
+        // One clock read for the batch, right before the enter that submits its sends.
+        let now_ns = realtime_ns();
+        for ts in received.drain(..) {
+            stats::record(&mut interval, now_ns.saturating_sub(ts) / 1000);
+        }
+        bufs.publish();
+        let ts = Timespec::from(RECV_TIMEOUT);
+        // The sends complete while they are submitted (MSG_DONTWAIT): wait for one more.
+        match ring
+            .submitter()
+            .submit_with_args(queued_sends + 1, &SubmitArgs::new().timespec(&ts))
+        {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+        queued_sends = 0;
+        let cqes: Vec<cqueue::Entry> = ring.completion().collect();
+        for cqe in cqes {
+            if cqe.user_data() != URING_RECV {
+                // A send finished: its buffer goes back.
+                bufs.give(cqe.user_data() as u16);
+                continue;
+            }
+            if !cqueue::more(cqe.flags()) {
+                // SAFETY: as for the first receive.
+                unsafe { ring.submission().push(&recv) }
+                    .map_err(|_| io::Error::other("sq full"))?;
+            }
+            let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
+                continue;
+            };
+            let Ok(len) = usize::try_from(cqe.result()) else {
+                bufs.give(bid);
+                continue;
+            };
+            let Ok(out) = RecvMsgOut::parse(bufs.buf(bid, len), &msg) else {
+                bufs.give(bid);
+                continue;
+            };
+            if out.is_payload_truncated() {
+                bufs.give(bid);
+                continue;
+            }
+            let name = out.name_data();
+            let namelen = (out.incoming_name_len() as usize).min(name.len());
+            // SAFETY: copies the kernel-written sockaddr (namelen bytes, <= sockaddr_in6)
+            // into this buffer's aligned sockaddr_storage.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    name.as_ptr(),
+                    std::ptr::from_mut(&mut from[bid as usize]).cast::<u8>(),
+                    namelen,
+                );
+            }
+            let to = std::ptr::from_ref(&from[bid as usize]).cast::<libc::sockaddr>();
+            let control = out.control_data();
+            if control.len() >= URING_CONTROL {
+                // SAFETY: the cmsg data (a timespec) follows its 16-byte header; unaligned read.
+                let t: libc::timespec =
+                    unsafe { std::ptr::read_unaligned(control[16..].as_ptr().cast()) };
+                received.push(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64);
+            }
+            let payload = out.payload_data();
+            if payload == STATS_QUERY {
+                let doc = stats_json(&last).to_string();
+                // SAFETY: the reply bytes and the sender's address are valid for the call.
+                unsafe {
+                    libc::sendto(
+                        fd,
+                        doc.as_ptr().cast(),
+                        doc.len(),
+                        libc::MSG_DONTWAIT,
+                        to,
+                        namelen as libc::socklen_t,
+                    )
+                };
+                bufs.give(bid);
+                continue;
+            }
+            let send = opcode::Send::new(Fd(fd), payload.as_ptr(), payload.len() as u32)
+                .dest_addr(to)
+                .dest_addr_len(namelen as libc::socklen_t)
+                .flags(libc::MSG_DONTWAIT)
+                .build()
+                .user_data(u64::from(bid));
+            // SAFETY: the payload (in buffer `bid`) and `from[bid]` stay untouched until the
+            // send's completion gives the buffer back.
+            if unsafe { ring.submission().push(&send) }.is_err() {
+                bufs.give(bid);
+                continue;
+            }
+            queued_sends += 1;
+        }
+        let now = Instant::now();
+        if now >= rotate_at {
+            std::mem::swap(&mut last, &mut interval);
+            interval.reset();
+            rotate_at = now + INTERVAL;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn echoes_every_datagram_and_reports_its_latency() {
+        check_echo(serve_socket);
+    }
+
+    #[test]
+    fn the_io_uring_echo_does_the_same() {
+        check_echo(serve_socket_uring);
+    }
+
+    fn check_echo(serve: fn(&UdpSocket, Duration) -> io::Result<()>) {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = sock.local_addr().unwrap();
-        let server = std::thread::spawn(move || serve_socket(&sock, Duration::from_secs(2)));
+        let server = std::thread::spawn(move || serve(&sock, Duration::from_secs(2)));
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
         c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut got = 0;

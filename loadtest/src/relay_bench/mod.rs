@@ -289,6 +289,8 @@ pub struct TrafficConfig {
     /// [`floor`]); `None`: no floor.
     #[serde(skip)]
     pub floor_bin: Option<std::path::PathBuf>,
+    /// The floors to probe, each its own echo process, in turn with the servers.
+    pub floor_io: Vec<floor::FloorIo>,
 }
 
 impl TrafficConfig {
@@ -331,6 +333,7 @@ impl TrafficConfig {
             half_load_rate: None,
             baseline: true,
             floor_bin: None,
+            floor_io: vec![floor::FloorIo::Recvmmsg],
             receive: Receive::Wait,
             send_io: if traffic::uring_available() {
                 SendIo::Uring
@@ -706,7 +709,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
     }
     // peerlink's in-relay latency at half of its (median) max rate, from /stats; and the same
     // traffic through the latency floor (a bare echo placed like the servers), in turn.
-    let mut floor_probes = Vec::new();
+    let mut floor_probes: Vec<report::FloorProbes> = Vec::new();
     if (cfg.max || cfg.half_load_rate.is_some()) && cfg.half_load_probe {
         let dur = cfg.duration.max(Duration::from_millis(2500));
         let read_at = dur - Duration::from_millis(400);
@@ -718,11 +721,17 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                     .or_else(|| reports[s].max_pps_median().map(|m| m / 2.0))
             })
             .collect();
-        let mut floor = match (&cfg.floor_bin, rates.iter().flatten().next()) {
-            (Some(bin), Some(&rate)) => Some(Floor::start(cfg, bin, rate, deadline)?),
-            _ => None,
-        };
-        let slots = preps.len() + usize::from(floor.is_some());
+        let mut floors = Vec::new();
+        if let (Some(bin), Some(&rate)) = (&cfg.floor_bin, rates.iter().flatten().next()) {
+            for &io in &cfg.floor_io {
+                floors.push(Floor::start(cfg, bin, rate, deadline, io)?);
+                floor_probes.push(report::FloorProbes {
+                    io,
+                    probes: Vec::new(),
+                });
+            }
+        }
+        let slots = preps.len() + floors.len();
         for p in 0..cfg.half_load_probes {
             // Alternate the order from probe to probe, as the rounds do.
             for j in 0..slots {
@@ -731,11 +740,10 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                     return Err(BenchError::Timeout(cfg.placement.timeout));
                 }
                 round_id += 1;
-                if s == preps.len() {
-                    if let Some(fl) = floor.as_mut() {
-                        let spec = cfg.round(round_id, fl.rate, dur, cfg.half_load_tick);
-                        floor_probes.push(fl.probe(&spec, read_at)?);
-                    }
+                if let Some(k) = s.checked_sub(preps.len()) {
+                    let fl = &mut floors[k];
+                    let spec = cfg.round(round_id, fl.rate, dur, cfg.half_load_tick);
+                    floor_probes[k].probes.push(fl.probe(&spec, read_at)?);
                     continue;
                 }
                 let Some(rate) = rates[s] else { continue };
@@ -761,7 +769,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
     }
     let mut report = TrafficReport::new(cfg, reports, started.elapsed());
     report.set_generator_baseline(generator_baseline);
-    report.set_floor(floor_probes);
+    report.set_floors(floor_probes);
     Ok(report)
 }
 
@@ -782,6 +790,7 @@ impl Floor {
         bin: &std::path::Path,
         rate: f64,
         deadline: Instant,
+        io: floor::FloorIo,
     ) -> Result<Self, BenchError> {
         let p = &cfg.placement;
         let lifetime = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
@@ -791,6 +800,7 @@ impl Floor {
             p.server_cpu,
             p.priority,
             lifetime,
+            io,
         )?;
         let ips = p.client_addrs(process.addr);
         let mut socks = Vec::with_capacity(cfg.allocations);

@@ -166,8 +166,22 @@ impl HalfLoad {
     }
 }
 
-/// Label of the half-load latency floor in tables.
-pub const FLOOR_LABEL: &str = "floor (bare UDP echo)";
+/// The half-load probes through one latency floor (an echo placed like the servers;
+/// `latency_interval_us` is its own), in order.
+#[derive(Clone, Debug, Serialize)]
+pub struct FloorProbes {
+    /// Which echo.
+    pub io: super::floor::FloorIo,
+    /// Its probes.
+    pub probes: Vec<HalfLoad>,
+}
+
+impl FloorProbes {
+    /// The median p99 over the probes.
+    pub fn p99(&self) -> Option<f64> {
+        median(p99s(&self.probes))
+    }
+}
 
 /// The p99 of each probe that read its stats, in order.
 fn p99s(probes: &[HalfLoad]) -> Vec<f64> {
@@ -459,9 +473,8 @@ pub struct TrafficReport {
     pub servers: Vec<ServerReport>,
     /// The generator's own ceiling (direct socket pairs, no relay), if measured.
     pub generator_baseline: Option<MaxSearch>,
-    /// The half-load probes through the latency floor (a bare UDP echo placed like the
-    /// servers; `latency_interval_us` is its own), in order.
-    pub floor: Vec<HalfLoad>,
+    /// The half-load probes through each latency floor.
+    pub floors: Vec<FloorProbes>,
     /// Wall time of the run.
     pub elapsed_s: f64,
 }
@@ -612,7 +625,7 @@ impl TrafficReport {
             notes,
             servers,
             generator_baseline: None,
-            floor: Vec::new(),
+            floors: Vec::new(),
             elapsed_s: elapsed.as_secs_f64(),
         }
     }
@@ -636,14 +649,9 @@ impl TrafficReport {
         self.generator_baseline = b;
     }
 
-    /// Records the latency floor's probes.
-    pub fn set_floor(&mut self, probes: Vec<HalfLoad>) {
-        self.floor = probes;
-    }
-
-    /// The floor's median p99 over its probes.
-    pub fn floor_p99(&self) -> Option<f64> {
-        median(p99s(&self.floor))
+    /// Records the latency floors' probes.
+    pub fn set_floors(&mut self, floors: Vec<FloorProbes>) {
+        self.floors = floors;
     }
 
     /// The human-readable table.
@@ -704,7 +712,7 @@ impl TrafficReport {
             .servers
             .iter()
             .map(|r| (r.server.label(), &r.half_load))
-            .chain(std::iter::once((FLOOR_LABEL, &self.floor)));
+            .chain(self.floors.iter().map(|f| (f.io.label(), &f.probes)));
         for (label, half_load) in probes.clone() {
             for h in half_load {
                 o.push_str(&half_load_line(label, h, tick));
@@ -724,13 +732,15 @@ impl TrafficReport {
                 p99.len(),
             );
         }
-        if let Some(floor) = self.floor_p99() {
+        for f in &self.floors {
+            let Some(floor) = f.p99() else { continue };
             for s in &self.summary {
                 if let Some(p99) = s.in_relay_p99_us_half_load {
                     let _ = writeln!(
                         o,
-                        "  half-load p99 {} / {FLOOR_LABEL} = {:.2} ({p99:.0} vs {floor:.0} µs): what the relay adds to the wake-up and delivery path a do-nothing echo pays too",
+                        "  half-load p99 {} / {} = {:.2} ({p99:.0} vs {floor:.0} µs): what the relay adds to the wake-up and delivery path a do-nothing echo pays too",
                         s.server,
+                        f.io.label(),
                         p99 / floor
                     );
                 }
