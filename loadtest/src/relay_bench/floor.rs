@@ -74,6 +74,55 @@ fn stats_json(h: &Histogram<u64>) -> serde_json::Value {
     serde_json::json!({ "latency_interval_us": stats::Percentiles::of(h) })
 }
 
+/// An echo's latency, kept as the relay keeps its own: the current second's histogram and the
+/// last complete one's (what a stats query gets).
+struct Latency {
+    interval: Histogram<u64>,
+    last: Histogram<u64>,
+    rotate_at: Instant,
+}
+
+impl Latency {
+    fn new(now: Instant) -> Self {
+        Self {
+            interval: stats::histogram(),
+            last: stats::histogram(),
+            rotate_at: now + INTERVAL,
+        }
+    }
+
+    /// One datagram received at kernel time `rx_ns` and sent at `sent_ns` (ns since the epoch).
+    fn record(&mut self, rx_ns: u64, sent_ns: u64) {
+        stats::record(&mut self.interval, sent_ns.saturating_sub(rx_ns) / 1000);
+    }
+
+    /// Starts the next second once this one is over.
+    fn rotate(&mut self, now: Instant) {
+        if now >= self.rotate_at {
+            std::mem::swap(&mut self.last, &mut self.interval);
+            self.interval.reset();
+            self.rotate_at = now + INTERVAL;
+        }
+    }
+
+    /// Answers a [`STATS_QUERY`] from `to` (`len` bytes of sockaddr) with the last second.
+    fn answer(&self, fd: std::os::fd::RawFd, to: *const libc::sockaddr, len: libc::socklen_t) {
+        let doc = stats_json(&self.last).to_string();
+        // SAFETY: the reply bytes are valid for the call; the caller passes the sender's
+        // address as the kernel wrote it, with its length.
+        unsafe {
+            libc::sendto(
+                fd,
+                doc.as_ptr().cast(),
+                doc.len(),
+                libc::MSG_DONTWAIT,
+                to,
+                len,
+            )
+        };
+    }
+}
+
 fn realtime_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -158,10 +207,8 @@ fn serve_socket(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
         m.msg_hdr.msg_control = controls[i].as_mut_ptr().cast();
     }
 
-    let mut interval = stats::histogram();
-    let mut last = stats::histogram();
     let start = Instant::now();
-    let mut rotate_at = start + INTERVAL;
+    let mut latency = Latency::new(start);
     while start.elapsed() < lifetime {
         for m in &mut msgs {
             m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -197,23 +244,11 @@ fn serve_socket(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
                 continue;
             }
             if &bufs[i][..len] == STATS_QUERY {
-                let doc = stats_json(&last).to_string();
-                // SAFETY: the reply bytes and the sender's address (as the kernel wrote it, with
-                // its length) are valid for the call.
-                unsafe {
-                    libc::sendto(
-                        fd,
-                        doc.as_ptr().cast(),
-                        doc.len(),
-                        libc::MSG_DONTWAIT,
-                        std::ptr::from_ref(&names[i]).cast(),
-                        h.msg_namelen,
-                    )
-                };
+                latency.answer(fd, std::ptr::from_ref(&names[i]).cast(), h.msg_namelen);
                 continue;
             }
             if let Some(ts) = rx_timestamp_ns(h) {
-                stats::record(&mut interval, now_ns.saturating_sub(ts) / 1000);
+                latency.record(ts, now_ns);
             }
             out_iovs[k] = libc::iovec {
                 iov_base: bufs[i].as_mut_ptr().cast(),
@@ -233,12 +268,7 @@ fn serve_socket(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
             // A short count (full socket buffer) drops the rest, as a relay would.
             unsafe { libc::sendmmsg(fd, out.as_mut_ptr(), k as libc::c_uint, libc::MSG_DONTWAIT) };
         }
-        let now = Instant::now();
-        if now >= rotate_at {
-            std::mem::swap(&mut last, &mut interval);
-            interval.reset();
-            rotate_at = now + INTERVAL;
-        }
+        latency.rotate(Instant::now());
     }
     Ok(())
 }
@@ -435,17 +465,15 @@ fn serve_socket_uring(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
     // SAFETY: `msg` outlives the ring; the buffers come from the registered ring.
     unsafe { ring.submission().push(&recv) }.map_err(|_| io::Error::other("sq full"))?;
 
-    let mut interval = stats::histogram();
-    let mut last = stats::histogram();
     let start = Instant::now();
-    let mut rotate_at = start + INTERVAL;
+    let mut latency = Latency::new(start);
     let mut queued_sends = 0usize;
     let mut received: Vec<u64> = Vec::new();
     while start.elapsed() < lifetime {
         // One clock read for the batch, right before the enter that submits its sends.
         let now_ns = realtime_ns();
         for ts in received.drain(..) {
-            stats::record(&mut interval, now_ns.saturating_sub(ts) / 1000);
+            latency.record(ts, now_ns);
         }
         bufs.publish();
         let ts = Timespec::from(RECV_TIMEOUT);
@@ -507,18 +535,7 @@ fn serve_socket_uring(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
             }
             let payload = out.payload_data();
             if payload == STATS_QUERY {
-                let doc = stats_json(&last).to_string();
-                // SAFETY: the reply bytes and the sender's address are valid for the call.
-                unsafe {
-                    libc::sendto(
-                        fd,
-                        doc.as_ptr().cast(),
-                        doc.len(),
-                        libc::MSG_DONTWAIT,
-                        to,
-                        namelen as libc::socklen_t,
-                    )
-                };
+                latency.answer(fd, to, namelen as libc::socklen_t);
                 bufs.give(bid);
                 continue;
             }
@@ -536,12 +553,7 @@ fn serve_socket_uring(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
             }
             queued_sends += 1;
         }
-        let now = Instant::now();
-        if now >= rotate_at {
-            std::mem::swap(&mut last, &mut interval);
-            interval.reset();
-            rotate_at = now + INTERVAL;
-        }
+        latency.rotate(Instant::now());
     }
     Ok(())
 }
