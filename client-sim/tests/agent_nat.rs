@@ -742,6 +742,30 @@ impl World {
         }
     }
 
+    /// The path kinds of the media side `i` received in the last second.
+    fn recent_media(&self, i: usize) -> Vec<PathKind> {
+        self.sides[i]
+            .app_rx
+            .iter()
+            .filter(|(t, _)| *t + Duration::from_secs(1) >= self.now)
+            .map(|(_, k)| *k)
+            .collect()
+    }
+
+    /// Side `i` never disconnected and has a `kind` path selected (`case` names the run).
+    fn assert_up_on(&self, i: usize, kind: PathKind, case: &str) {
+        assert!(
+            self.disconnects(i).is_empty(),
+            "{case} side {i}: {:?}",
+            self.disconnects(i)
+        );
+        assert_eq!(
+            self.agent(i).selected_path().map(|p| p.kind),
+            Some(kind),
+            "{case} side {i}"
+        );
+    }
+
     fn connected_at(&self, i: usize) -> Option<(Instant, PathKind)> {
         self.sides[i].events.iter().find_map(|(t, e)| match e {
             Event::Connected { path } => Some((*t, path.kind)),
@@ -848,14 +872,10 @@ fn run_matrix_case(sc: &Scenario) -> ([f64; 2], f64) {
             sc.kinds
         );
         // Media flows on the expected kind of path in the last second.
-        let recent: Vec<_> = w.sides[i]
-            .app_rx
-            .iter()
-            .filter(|(t, _)| *t + Duration::from_secs(1) >= w.now)
-            .collect();
+        let recent = w.recent_media(i);
         assert!(recent.len() >= 10, "{:?} side {i}: media stalls", sc.kinds);
         assert!(
-            recent.iter().all(|(_, k)| *k == exp),
+            recent.iter().all(|k| *k == exp),
             "{:?} side {i}: media arrives on the wrong path kind",
             sc.kinds
         );
@@ -1356,15 +1376,7 @@ fn keepalives_hold_short_nat_timeouts_and_the_relay_allocation() {
     let mut w2 = w;
     w2.run_for(Duration::from_secs(60));
     for i in 0..2 {
-        assert!(
-            w2.disconnects(i).is_empty(),
-            "side {i}: {:?}",
-            w2.disconnects(i)
-        );
-        assert_eq!(
-            w2.agent(i).selected_path().map(|p| p.kind),
-            Some(PathKind::Direct)
-        );
+        w2.assert_up_on(i, PathKind::Direct, "direct, keepalives only");
     }
     // Relay: a 12-minute call crosses the allocation's refresh (lifetime 600 s), permission
     // refreshes (every 240 s) and a channel refresh (540 s).
@@ -1372,15 +1384,7 @@ fn keepalives_hold_short_nat_timeouts_and_the_relay_allocation() {
     let mut w = World::new(&sc);
     w.run_for(Duration::from_secs(12 * 60));
     for i in 0..2 {
-        assert!(
-            w.disconnects(i).is_empty(),
-            "side {i}: {:?}",
-            w.disconnects(i)
-        );
-        assert_eq!(
-            w.agent(i).selected_path().map(|p| p.kind),
-            Some(PathKind::Relay)
-        );
+        w.assert_up_on(i, PathKind::Relay, "12-minute relayed call");
         let last = w.sides[i].app_rx.last().expect("media").0;
         assert!(w.now - last < Duration::from_millis(200));
     }
@@ -1423,21 +1427,15 @@ fn a_call_holds_only_the_allocation_it_uses() {
             };
             assert_eq!(w.relay.allocations(), held, "{a:?}/{b:?} ({exp:?})");
             w.assert_same_path();
+            let case = format!("{a:?}/{b:?}");
             for (i, released) in released.into_iter().enumerate() {
                 let s = w.agent(i).stats();
-                assert_eq!(s.unused_relay_released, released, "{a:?}/{b:?} side {i}");
-                assert!(w.disconnects(i).is_empty(), "{a:?}/{b:?} side {i}");
-                assert_eq!(
-                    s.selected.map(|p| p.kind),
-                    Some(exp),
-                    "{a:?}/{b:?} side {i}"
+                assert_eq!(s.unused_relay_released, released, "{case} side {i}");
+                w.assert_up_on(i, exp, &case);
+                assert!(
+                    w.recent_media(i).len() >= 10,
+                    "{case} side {i}: media stalls"
                 );
-                let recent = w.sides[i]
-                    .app_rx
-                    .iter()
-                    .filter(|(t, _)| *t + Duration::from_secs(1) >= w.now)
-                    .count();
-                assert!(recent >= 10, "{a:?}/{b:?} side {i}: media stalls");
             }
         }
     }
@@ -1460,26 +1458,14 @@ fn an_allocation_the_peer_sends_to_is_kept() {
                 let mut w = World::new(&sc);
                 w.media_on_connect = false;
                 w.run_for(Duration::from_secs(30));
+                let case = format!("{a:?}/{b:?} seed {seed}");
                 for i in 0..2 {
-                    assert!(
-                        w.disconnects(i).is_empty(),
-                        "{a:?}/{b:?} seed {seed} side {i}: {:?}",
-                        w.disconnects(i)
-                    );
-                    assert_eq!(
-                        w.agent(i).selected_path().map(|p| p.kind),
-                        Some(PathKind::Relay),
-                        "{a:?}/{b:?} seed {seed} side {i}"
-                    );
+                    w.assert_up_on(i, PathKind::Relay, &case);
                 }
                 // Whatever each side sends through is alive.
                 let in_use: std::collections::HashSet<_> =
                     (0..2).filter_map(|i| w.relayed_in_use(i)).collect();
-                assert_eq!(
-                    w.relay.allocations(),
-                    in_use.len(),
-                    "{a:?}/{b:?} seed {seed}"
-                );
+                assert_eq!(w.relay.allocations(), in_use.len(), "{case}");
             }
         }
     }

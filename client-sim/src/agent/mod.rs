@@ -687,12 +687,18 @@ impl Agent {
         if self.unused_relay_release_at().is_none_or(|at| at > now) {
             return;
         }
+        self.end_relayed_pairs();
+        self.release_turn(now);
+        self.stats.unused_relay_released += 1;
+    }
+
+    /// Our allocation is gone (lost, or released as unused): the pairs through it fail and
+    /// are checked no more.
+    fn end_relayed_pairs(&mut self) {
         for p in self.pairs.iter_mut().filter(|p| p.via == Via::Relay) {
             p.state = PairState::Failed;
             p.next_check_at = None;
         }
-        self.release_turn(now);
-        self.stats.unused_relay_released += 1;
     }
 
     /// Hands a STUN message from `from` on `socket` to the released allocation on that relay,
@@ -1028,10 +1034,7 @@ impl Agent {
                     }
                 }
                 turn::Event::AllocationLost(e) => {
-                    for p in self.pairs.iter_mut().filter(|p| p.via == Via::Relay) {
-                        p.state = PairState::Failed;
-                        p.next_check_at = None;
-                    }
+                    self.end_relayed_pairs();
                     if self
                         .selected
                         .and_then(|i| self.pairs.get(i))
