@@ -48,14 +48,6 @@ impl FloorIo {
             FloorIo::Uring => "floor (io_uring echo)",
         }
     }
-
-    /// The `--io` value of `floor-echo`.
-    pub fn arg(self) -> &'static str {
-        match self {
-            FloorIo::Recvmmsg => "recvmmsg",
-            FloorIo::Uring => "uring",
-        }
-    }
 }
 
 /// Datagrams per `recvmmsg`.
@@ -105,18 +97,19 @@ impl Latency {
         }
     }
 
-    /// Answers a [`STATS_QUERY`] from `to` (`len` bytes of sockaddr) with the last second.
-    fn answer(&self, fd: std::os::fd::RawFd, to: *const libc::sockaddr, len: libc::socklen_t) {
+    /// Answers a [`STATS_QUERY`] from `to` (its first `len` bytes are the sender's address, as
+    /// the kernel wrote it) with the last second.
+    fn answer(&self, fd: std::os::fd::RawFd, to: &libc::sockaddr_storage, len: libc::socklen_t) {
         let doc = stats_json(&self.last).to_string();
-        // SAFETY: the reply bytes are valid for the call; the caller passes the sender's
-        // address as the kernel wrote it, with its length.
+        let len = len.min(size_of::<libc::sockaddr_storage>() as libc::socklen_t);
+        // SAFETY: the reply bytes and `to` (at most its own size) are valid for the call.
         unsafe {
             libc::sendto(
                 fd,
                 doc.as_ptr().cast(),
                 doc.len(),
                 libc::MSG_DONTWAIT,
-                to,
+                std::ptr::from_ref(to).cast(),
                 len,
             )
         };
@@ -244,7 +237,7 @@ fn serve_socket(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
                 continue;
             }
             if &bufs[i][..len] == STATS_QUERY {
-                latency.answer(fd, std::ptr::from_ref(&names[i]).cast(), h.msg_namelen);
+                latency.answer(fd, &names[i], h.msg_namelen);
                 continue;
             }
             if let Some(ts) = rx_timestamp_ns(h) {
@@ -308,9 +301,13 @@ impl FloorProcess {
     ) -> io::Result<Self> {
         let addr = UdpSocket::bind((ip, 0))?.local_addr()?;
         let mut cmd = Command::new(exe);
+        let io_arg = clap::ValueEnum::to_possible_value(&io)
+            .expect("every FloorIo is a --io value")
+            .get_name()
+            .to_owned();
         cmd.arg("floor-echo")
             .arg("--io")
-            .arg(io.arg())
+            .arg(io_arg)
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--lifetime-secs")
@@ -351,6 +348,22 @@ impl Drop for FloorProcess {
     }
 }
 
+/// The `SCM_TIMESTAMPNS` in `control`, a control area as the kernel wrote it into a received
+/// buffer (at any alignment): copied into an aligned buffer and read by [`rx_timestamp_ns`].
+fn control_timestamp_ns(control: &[u8]) -> Option<u64> {
+    let mut aligned = [0u64; CONTROL_WORDS];
+    let len = control.len().min(size_of_val(&aligned));
+    // SAFETY: `len` bytes fit both the source slice and `aligned`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(control.as_ptr(), aligned.as_mut_ptr().cast::<u8>(), len)
+    };
+    // SAFETY: msghdr is plain old data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_control = aligned.as_mut_ptr().cast();
+    msg.msg_controllen = len as _;
+    rx_timestamp_ns(&msg)
+}
+
 /// Provided buffers of the io_uring echo.
 const URING_BUFFERS: u16 = 256;
 /// Its buffer group.
@@ -359,6 +372,7 @@ const URING_BGID: u16 = 7;
 const URING_RECV: u64 = u64::MAX;
 /// Control area per received datagram: one `SCM_TIMESTAMPNS` (16-byte header + timespec).
 const URING_CONTROL: usize = 32;
+const _: () = assert!(URING_CONTROL <= CONTROL_WORDS * 8);
 
 /// The provided-buffer ring of the io_uring echo: entries (page-aligned, as the kernel wants)
 /// and the buffers they hand out.
@@ -469,6 +483,7 @@ fn serve_socket_uring(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
     let mut latency = Latency::new(start);
     let mut queued_sends = 0usize;
     let mut received: Vec<u64> = Vec::new();
+    let mut cqes: Vec<cqueue::Entry> = Vec::new();
     while start.elapsed() < lifetime {
         // One clock read for the batch, right before the enter that submits its sends.
         let now_ns = realtime_ns();
@@ -487,8 +502,10 @@ fn serve_socket_uring(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
             Err(e) => return Err(e),
         }
         queued_sends = 0;
-        let cqes: Vec<cqueue::Entry> = ring.completion().collect();
-        for cqe in cqes {
+        // Copied out (the loop pushes SQEs); the Vec keeps its capacity from one wake-up to
+        // the next.
+        cqes.extend(ring.completion());
+        for cqe in cqes.drain(..) {
             if cqe.user_data() != URING_RECV {
                 // A send finished: its buffer goes back.
                 bufs.give(cqe.user_data() as u16);
@@ -525,20 +542,16 @@ fn serve_socket_uring(sock: &UdpSocket, lifetime: Duration) -> io::Result<()> {
                     namelen,
                 );
             }
-            let to = std::ptr::from_ref(&from[bid as usize]).cast::<libc::sockaddr>();
-            let control = out.control_data();
-            if control.len() >= URING_CONTROL {
-                // SAFETY: the cmsg data (a timespec) follows its 16-byte header; unaligned read.
-                let t: libc::timespec =
-                    unsafe { std::ptr::read_unaligned(control[16..].as_ptr().cast()) };
-                received.push(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64);
+            if let Some(ts) = control_timestamp_ns(out.control_data()) {
+                received.push(ts);
             }
             let payload = out.payload_data();
             if payload == STATS_QUERY {
-                latency.answer(fd, to, namelen as libc::socklen_t);
+                latency.answer(fd, &from[bid as usize], namelen as libc::socklen_t);
                 bufs.give(bid);
                 continue;
             }
+            let to = std::ptr::from_ref(&from[bid as usize]).cast::<libc::sockaddr>();
             let send = opcode::Send::new(Fd(fd), payload.as_ptr(), payload.len() as u32)
                 .dest_addr(to)
                 .dest_addr_len(namelen as libc::socklen_t)

@@ -709,7 +709,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
     }
     // peerlink's in-relay latency at half of its (median) max rate, from /stats; and the same
     // traffic through the latency floor (a bare echo placed like the servers), in turn.
-    let mut floor_probes: Vec<report::FloorProbes> = Vec::new();
+    let mut floor_probes = Vec::new();
     if (cfg.max || cfg.half_load_rate.is_some()) && cfg.half_load_probe {
         let dur = cfg.duration.max(Duration::from_millis(2500));
         let read_at = dur - Duration::from_millis(400);
@@ -725,10 +725,6 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
         if let (Some(bin), Some(&rate)) = (&cfg.floor_bin, rates.iter().flatten().next()) {
             for &io in &cfg.floor_io {
                 floors.push(Floor::start(cfg, bin, rate, deadline, io)?);
-                floor_probes.push(report::FloorProbes {
-                    io,
-                    probes: Vec::new(),
-                });
             }
         }
         let slots = preps.len() + floors.len();
@@ -743,7 +739,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                 if let Some(k) = s.checked_sub(preps.len()) {
                     let fl = &mut floors[k];
                     let spec = cfg.round(round_id, fl.rate, dur, cfg.half_load_tick);
-                    floor_probes[k].probes.push(fl.probe(&spec, read_at)?);
+                    fl.probe(&spec, read_at)?;
                     continue;
                 }
                 let Some(rate) = rates[s] else { continue };
@@ -758,6 +754,8 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                 reports[s].half_load.push(report::HalfLoad::new(f, stats));
             }
         }
+        // The echoes stop here (dropped), their probes go to the report.
+        floor_probes = floors.into_iter().map(|f| f.probes).collect();
     }
     for (s, prep) in preps.iter_mut().enumerate() {
         if prep.server.spec.kind.is_peerlink()
@@ -780,6 +778,8 @@ struct Floor {
     flows: Vec<Flow>,
     /// Probe rate (the first peerlink server's half load).
     rate: f64,
+    /// Which echo, and its probes so far.
+    probes: report::FloorProbes,
 }
 
 impl Floor {
@@ -815,15 +815,15 @@ impl Floor {
             _socks: socks,
             flows,
             rate,
+            probes: report::FloorProbes {
+                io,
+                probes: Vec::new(),
+            },
         })
     }
 
-    /// One probe: the round, with the echo's stats read `read_at` into it.
-    fn probe(
-        &mut self,
-        spec: &RoundSpec,
-        read_at: Duration,
-    ) -> Result<report::HalfLoad, BenchError> {
+    /// One probe: the round, with the echo's stats read `read_at` into it; kept in `probes`.
+    fn probe(&mut self, spec: &RoundSpec, read_at: Duration) -> Result<(), BenchError> {
         let cpu0 = server::process_cpu_time(self.process.pid())?;
         let addr = self.process.addr;
         let mut stats: Option<serde_json::Value> = None;
@@ -832,10 +832,11 @@ impl Floor {
         };
         let r = traffic::run_round(&self.flows, spec, Some((read_at, &mut probe)))?;
         let cpu1 = server::process_cpu_time(self.process.pid())?;
-        Ok(report::HalfLoad::new(
+        self.probes.probes.push(report::HalfLoad::new(
             RoundFigures::new(&r, cpu1.saturating_sub(cpu0)),
             stats,
-        ))
+        ));
+        Ok(())
     }
 }
 

@@ -250,8 +250,8 @@ fn paired_note(u: Option<&ServerSummary>, e: Option<&ServerSummary>) -> Option<S
 
 /// Two-sided exact sign test: the probability that two equally costly servers, each cheaper
 /// in a round with probability 1/2, split `n` rounds at least as unevenly as `wins` to
-/// `n - wins`. Small values mean the split is not noise; a ~1 % difference under this host's
-/// ±15 % round-to-round noise takes a couple of hundred rounds to show.
+/// `n - wins`. Small values mean the split is not noise. Under this host's 15-30 %
+/// round-to-round noise a ~1 % difference was not resolved by 400 rounds (p = 0.10).
 pub fn sign_test_p(wins: usize, n: usize) -> f64 {
     if n == 0 {
         return 1.0;
