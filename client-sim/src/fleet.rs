@@ -301,7 +301,6 @@ impl Fleet {
         let mut cmd = Command::new(&signaling_bin);
         cmd.args(["--listen", "127.0.0.1:0", "--stun", "127.0.0.1:0"])
             .args(["--directory", &fleet.directory_url])
-            .args(["--allow-private-candidates"])
             .args([
                 "--ring-timeout",
                 &format!("{}ms", opts.ring_timeout.as_millis()),

@@ -242,3 +242,59 @@ fn caller_port_restricted() {
 fn caller_symmetric() {
     row(NatKind::Symmetric);
 }
+
+/// Two hosts on one LAN behind one symmetric NAT, services on their defaults: the NAT does
+/// not hairpin and maps every destination to a new port, so the only direct path between the
+/// two is their host candidates (private addresses signaling must forward). The call and the
+/// file must both go direct, between the two LAN addresses, with no relay in between.
+#[test]
+fn two_hosts_on_one_lan_connect_directly_on_host_candidates() {
+    with_deadline(ROW_DEADLINE, || {
+        let world = World::start();
+        let router = world.router(NatKind::Symmetric);
+        let caller = world.client(&router, "lan1", "lan-caller");
+        let callee = world.client(&router, "lan2", "lan-callee");
+        let relayed_before: u64 = world.relays.iter().map(lab::Relay::forwarded).sum();
+        let (call, file) = call_then_transfer(&world, &caller, &callee, CALL, FILE);
+        let relayed = world.relays.iter().map(lab::Relay::forwarded).sum::<u64>() - relayed_before;
+        let r = PairResult {
+            callee_kind: NatKind::Symmetric,
+            expected: ExpectedPath::Direct,
+            call,
+            file,
+        };
+        println!("\ntwo hosts on one LAN behind one symmetric NAT");
+        print_row(NatKind::Symmetric, std::slice::from_ref(&r));
+        println!("packets that entered the relays: {relayed}");
+        if let Err(e) = verdict(&r) {
+            panic!("{e}\n\nservice logs:\n{}", world.logs());
+        }
+        let c = r.call.as_ref().expect("checked by verdict");
+        let ip = |v: &serde_json::Value| {
+            v.as_str()
+                .and_then(|s| s.parse::<std::net::SocketAddr>().ok())
+                .map(|a| a.ip())
+        };
+        for (side, rep, me, peer) in [
+            ("caller", &c.caller, &caller, &callee),
+            ("callee", &c.callee, &callee, &caller),
+        ] {
+            assert_eq!(
+                ip(&rep["local"]),
+                Some(me.host.ip().into()),
+                "{side} did not send from its host address: {rep}"
+            );
+            assert_eq!(
+                ip(&rep["remote"]),
+                Some(peer.host.ip().into()),
+                "{side} did not reach the peer's host address: {rep}"
+            );
+        }
+        // The media went host to host: the relays saw at most allocations and checks, never
+        // the ~250 media packets each way of a relayed call.
+        assert!(
+            relayed < 250,
+            "the relays carried {relayed} packets of a LAN call"
+        );
+    });
+}

@@ -39,6 +39,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod addr;
 pub mod attrs;
 pub mod auth;
 pub mod channel;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::auth::Argon2Cost;
+use crate::candidates::{CandidatePolicy, MAX_DENY_RANGES};
 
 /// Longest accepted `call_grace`.
 pub const MAX_CALL_GRACE: Duration = Duration::from_secs(600);
@@ -68,8 +69,10 @@ pub struct Config {
     pub max_conns_per_ip: u32,
     /// Most candidates per party in one offer/answer and trickled in total (default 32).
     pub max_candidates: usize,
-    /// Accept candidates in loopback/private/link-local ranges (labs and loopback tests).
-    pub allow_private_candidates: bool,
+    /// Which candidate addresses offers, answers, trickles and restarts may carry (default:
+    /// every address a peer can have, loopback refused; the binary accepts loopback when it
+    /// listens on loopback).
+    pub candidates: CandidatePolicy,
     /// Largest text message body, bytes (default 16 KiB).
     pub max_body_bytes: usize,
     /// Largest HTTP request body, bytes (default 64 KiB).
@@ -131,7 +134,7 @@ impl Default for Config {
             flood_close_after: 20,
             max_conns_per_ip: 32,
             max_candidates: 32,
-            allow_private_candidates: false,
+            candidates: CandidatePolicy::default(),
             max_body_bytes: 16 * 1024,
             max_http_body: 64 * 1024,
             http_timeout: Duration::from_secs(15),
@@ -186,6 +189,11 @@ impl Config {
         }
         if self.outbound_queue < 4 || self.msg_rate == 0 || self.msg_burst == 0 {
             return bad("outbound queue must be >= 4; msg rate and burst must be positive");
+        }
+        if self.candidates.deny.len() > MAX_DENY_RANGES {
+            return Err(ConfigError::Invalid(format!(
+                "at most {MAX_DENY_RANGES} --deny-candidate ranges"
+            )));
         }
         if self.hash_concurrency == 0 || self.max_conns_per_ip == 0 {
             return bad("hash concurrency and max connections per IP must be positive");

@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod calls;
+pub mod candidates;
 pub mod cluster;
 pub mod config;
 pub mod http;

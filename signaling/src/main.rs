@@ -7,13 +7,14 @@
 //! lines on stdout.
 
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use ipnet::IpNet;
 use peerlink_signaling::auth::Argon2Cost;
 use peerlink_signaling::serve::serve;
 use peerlink_signaling::store::SqliteStore;
@@ -154,9 +155,14 @@ struct Settings {
     /// Candidates per party [default: 32].
     #[arg(long)]
     max_candidates: Option<usize>,
-    /// Accept loopback/private candidates (labs, loopback tests).
+    /// Refuse candidates in this range, e.g. 10.0.0.0/8 or 2001:db8::/32 (repeatable; TOML:
+    /// a list). Private, shared, link-local and unique-local host candidates are accepted
+    /// otherwise; multicast, broadcast, unspecified and reserved addresses always refused.
+    #[arg(long = "deny-candidate", value_name = "CIDR")]
+    deny_candidate: Option<Vec<String>>,
+    /// Accept loopback candidates [default: true when --listen is a loopback address].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    allow_private_candidates: Option<bool>,
+    allow_loopback_candidates: Option<bool>,
     /// Largest text message body, bytes [default: 16384].
     #[arg(long)]
     max_body_bytes: Option<usize>,
@@ -196,6 +202,21 @@ fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(
         v.checked_mul(mult_ms).context("duration overflows")?,
     ))
+}
+
+/// A `--deny-candidate` value: a CIDR range, or one address.
+fn parse_net(s: &str) -> anyhow::Result<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| anyhow::anyhow!("bad --deny-candidate {s:?} (use a range like 10.0.0.0/8)"))
+}
+
+/// The HTTP listen address.
+fn listen_addr(s: &Settings) -> SocketAddr {
+    s.listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8443)))
 }
 
 macro_rules! merge {
@@ -250,7 +271,8 @@ fn load() -> anyhow::Result<(Settings, Config)> {
             flood_close_after,
             max_conns_per_ip,
             max_candidates,
-            allow_private_candidates,
+            deny_candidate,
+            allow_loopback_candidates,
             max_body_bytes,
             shutdown_grace,
             header_timeout,
@@ -303,7 +325,12 @@ fn load() -> anyhow::Result<(Settings, Config)> {
     c.flood_close_after = s.flood_close_after.unwrap_or(c.flood_close_after);
     c.max_conns_per_ip = s.max_conns_per_ip.unwrap_or(c.max_conns_per_ip);
     c.max_candidates = s.max_candidates.unwrap_or(c.max_candidates);
-    c.allow_private_candidates = s.allow_private_candidates.unwrap_or(false);
+    for cidr in s.deny_candidate.iter().flatten() {
+        c.candidates.deny.push(parse_net(cidr)?);
+    }
+    c.candidates.allow_loopback = s
+        .allow_loopback_candidates
+        .unwrap_or_else(|| listen_addr(&s).ip().is_loopback());
     c.max_body_bytes = s.max_body_bytes.unwrap_or(c.max_body_bytes);
     c.shutdown_grace = d(&s.shutdown_grace, c.shutdown_grace)?;
     c.header_timeout = d(&s.header_timeout, c.header_timeout)?;
@@ -376,9 +403,7 @@ async fn main() -> anyhow::Result<()> {
     let store =
         SqliteStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
     let (stun_addr, stun_alt) = (cfg.stun, cfg.stun_alt);
-    let listen = settings
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8443)));
+    let listen = listen_addr(&settings);
 
     // Bind everything, then announce.
     let listener = tokio::net::TcpListener::bind(listen)

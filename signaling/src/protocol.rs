@@ -96,8 +96,11 @@
 //! candidates: [Candidate] (<= 32), end_of_candidates, purpose?: {kind: "call"} | {kind: "file",
 //! name (1-255 bytes, not `.`/`..`, no `/`, `\\` or control characters), size}, transfer_fingerprint? (64 lowercase hex)}`; `Candidate` = `{foundation, component,
 //! transport: "udp", priority, address, port, type: host|srflx|prflx|relay, related_address?,
-//! related_port?}`. Candidates in loopback/private/link-local/multicast ranges are refused
-//! unless the node runs with `--allow-private-candidates`.
+//! related_port?}`. Candidates whose address no peer can have (unspecified, multicast,
+//! broadcast, 0.0.0.0/8, 240.0.0.0/4, in any IPv6 spelling) are refused; private, shared,
+//! link-local and unique-local host candidates pass; loopback passes only on a node that
+//! listens on loopback or runs with `--allow-loopback-candidates`; operators may refuse more
+//! with `--deny-candidate` (see [`crate::candidates`]).
 
 use std::net::IpAddr;
 

@@ -60,7 +60,7 @@ async fn accepted_call(node: &Node) -> (Ws, Ws, Value) {
 async fn accepted_call_survives_a_reset_caller_that_reconnects() {
     let (_d, p) = db();
     // A long grace: this test is about what happens inside it, not about its length.
-    let node = Node::start(&p, &["--allow-private-candidates", "--call-grace", "60s"]);
+    let node = Node::start(&p, &["--call-grace", "60s"]);
     let (alice, mut bob, id) = accepted_call(&node).await;
 
     alice.abort();
@@ -111,7 +111,7 @@ async fn accepted_call_survives_a_reset_caller_that_reconnects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answerer_reset_and_back_gets_the_hangup_sent_meanwhile() {
     let (_d, p) = db();
-    let node = Node::start(&p, &["--allow-private-candidates", "--call-grace", "60s"]);
+    let node = Node::start(&p, &["--call-grace", "60s"]);
     node.token("bob").await;
     let mut carol = node.connect("carol", "c1").await;
     carol
@@ -137,7 +137,7 @@ async fn answerer_reset_and_back_gets_the_hangup_sent_meanwhile() {
 async fn without_a_reconnect_the_call_ends_disconnected_after_the_grace() {
     let (_d, p) = db();
     let grace = Duration::from_secs(4);
-    let node = Node::start(&p, &["--allow-private-candidates", "--call-grace", "4s"]);
+    let node = Node::start(&p, &["--call-grace", "4s"]);
     let (alice, mut bob, id) = accepted_call(&node).await;
 
     let dropped = Instant::now();
@@ -175,7 +175,7 @@ async fn ringing_invites_and_zero_grace_end_at_once() {
     // A caller that drops while its invite rings cancels it at once: with a 60 s grace the
     // callee would otherwise wait past the harness's 20 s frame wait.
     let (_d, p) = db();
-    let node = Node::start(&p, &["--allow-private-candidates", "--call-grace", "60s"]);
+    let node = Node::start(&p, &["--call-grace", "60s"]);
     let mut bob = node.connect("bob", "phone").await;
     let alice = {
         let mut alice = node.connect("alice", "laptop").await;
@@ -197,7 +197,7 @@ async fn ringing_invites_and_zero_grace_end_at_once() {
 
     // --call-grace 0: an accepted call ends as soon as a party's connection drops.
     let (_d, p) = db();
-    let node = Node::start(&p, &["--allow-private-candidates", "--call-grace", "0s"]);
+    let node = Node::start(&p, &["--call-grace", "0s"]);
     let (alice, mut bob, id) = accepted_call(&node).await;
     alice.abort();
     let e = bob.recv_skip_presence().await;
@@ -213,7 +213,7 @@ async fn shutdown_does_not_wait_for_the_grace() {
     // A party inside a 60 s grace; SIGTERM: the other party hears call_ended before goodbye
     // (not never, as when shutdown left the grace timer pending) and the node exits.
     let (_d, p) = db();
-    let mut node = Node::start(&p, &["--allow-private-candidates", "--call-grace", "60s"]);
+    let mut node = Node::start(&p, &["--call-grace", "60s"]);
     let (alice, mut bob, id) = accepted_call(&node).await;
     alice.abort();
     bob.wait_presence("alice", "offline").await;

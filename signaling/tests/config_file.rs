@@ -79,6 +79,23 @@ fn bad_configuration_exits_before_binding() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("call grace"), "{err}");
+    // A range that is not one.
+    let (code, err) = run_to_exit(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--deny-candidate",
+            "10.0.0.0/33",
+            "--db",
+            db,
+        ],
+        true,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bad --deny-candidate \"10.0.0.0/33\""),
+        "{err}"
+    );
     // Nothing was created: the database is opened only after validation.
     assert!(!std::path::Path::new(db).exists());
 }
@@ -91,7 +108,7 @@ async fn toml_file_sets_flags() {
     std::fs::write(
         &cfg,
         "listen = \"127.0.0.1:0\"\nstun = \"127.0.0.1:0\"\nmax_conns_per_ip = 1\nargon2_m_kib = 64\nargon2_t = 1\n\
-         node_id = \"from-file\"\nlog = \"warn\"\n",
+         node_id = \"from-file\"\nlog = \"warn\"\ndeny_candidate = [\"100.64.0.0/10\", \"192.0.2.1\"]\n",
     )
     .unwrap();
     let node = Node::start_raw(
@@ -106,6 +123,14 @@ async fn toml_file_sets_flags() {
     let token = node.token("alice").await;
     let mut ws = common::Ws::connect(&node.ws_url(&format!("token={token}&device=a"))).await;
     assert_eq!(ws.recv_type("welcome").await["node"], "from-file");
+    // The file's candidate ranges are refused (a bare address is a /32).
+    node.token("bob").await;
+    for ip in ["100.64.1.1", "192.0.2.1"] {
+        ws.send(serde_json::json!({"type": "invite", "to": "bob", "offer": common::desc(ip, 1)}))
+            .await;
+        let e = ws.recv_type("error").await;
+        assert_eq!(e["code"], "forbidden_candidate", "{ip}: {e}");
+    }
     let r = tokio::time::timeout(
         WAIT,
         tokio_tungstenite::connect_async(node.ws_url(&format!("token={token}&device=b"))),

@@ -39,7 +39,7 @@ async fn error_code(ws: &mut Ws, frame: Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ice_restart_forwarded_both_ways_and_refused_otherwise() {
     let (_d, p) = db();
-    // No --allow-private-candidates: restarts carrying private candidates are refused. The
+    // Default candidate policy: restarts carrying addresses no peer can have are refused. The
     // rate limit is raised: this test sends many frames in a burst.
     let node = Node::start(&p, &["--msg-rate", "1000", "--msg-burst", "1000"]);
     let mut phone = node.connect("bob", "phone").await;
@@ -106,11 +106,11 @@ async fn ice_restart_forwarded_both_ways_and_refused_otherwise() {
     // Bad descriptions.
     let mut bad: Vec<(&str, Value, &str)> = Vec::new();
     let mut d = restarted(1, "bad1");
-    d["candidates"][0]["address"] = json!("10.0.0.1");
-    bad.push(("private candidate", d, "forbidden_candidate"));
+    d["candidates"][0]["address"] = json!("224.0.0.1");
+    bad.push(("multicast candidate", d, "forbidden_candidate"));
     let mut d = restarted(1, "bad2");
-    d["candidates"][0]["address"] = json!("::ffff:192.168.1.1");
-    bad.push(("mapped private candidate", d, "forbidden_candidate"));
+    d["candidates"][0]["address"] = json!("::ffff:0.0.0.0");
+    bad.push(("mapped unspecified candidate", d, "forbidden_candidate"));
     bad.push((
         "33 candidates",
         restarted(33, "bad3"),

@@ -98,7 +98,6 @@ fn node(db: &std::path::Path, dir: &Directory, id: &str) -> Node {
         &dir.url,
         "--node-id",
         id,
-        "--allow-private-candidates",
         "--cluster-token",
         CLUSTER_TOKEN,
     ] {

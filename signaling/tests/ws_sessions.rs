@@ -289,7 +289,6 @@ async fn slow_consumer_is_closed() {
             "10000",
             "--msg-burst",
             "10000",
-            "--allow-private-candidates",
             "--max-body-bytes",
             "60000",
         ],

@@ -266,7 +266,6 @@ async fn run_async(c: &InviteConfig, total: usize) -> Result<InviteReport> {
         "100000",
         "--max-conns-per-ip",
         "20000",
-        "--allow-private-candidates",
         // Accounts are only set-up here.
         "--argon2-m-kib",
         "64",

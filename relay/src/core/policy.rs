@@ -47,36 +47,7 @@ const DENIED_V6: &[([u16; 8], u8)] = &[
     ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8),      // multicast
 ];
 
-/// The IPv4 address an IPv6 address carries, for every spelling a peer could use to smuggle
-/// one: IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::/96`,
-/// 6to4 `2002:AABB:CCDD::/16` and Teredo `2001:0::/32` (client address, bit-inverted).
-pub fn embedded_v4(ip: &Ipv6Addr) -> Option<Ipv4Addr> {
-    let s = ip.segments();
-    let o = ip.octets();
-    let last32 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
-    if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0xffff || s[5] == 0) {
-        return Some(last32); // mapped or compatible (:: and ::1 land in 0.0.0.0/8: denied)
-    }
-    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        return Some(last32); // well-known NAT64 prefix
-    }
-    if s[0] == 0x2002 {
-        return Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])); // 6to4
-    }
-    if s[0] == 0x2001 && s[1] == 0 {
-        let c = !u32::from(last32);
-        return Some(Ipv4Addr::from(c)); // Teredo client
-    }
-    None
-}
-
-/// The address as policy sees it: IPv6 spellings of IPv4 become that IPv4 address.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => embedded_v4(&v6).map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
-}
+use peerlink_proto::addr::canonical;
 
 fn v4_denied(ip: Ipv4Addr) -> bool {
     let a = u32::from(ip);
