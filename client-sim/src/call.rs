@@ -44,7 +44,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use peerlink_signaling::protocol::{
+use peerlink_api::signaling::{
     CallId, ClientMsg, EndReason, ServerMsg, SessionDesc, SessionPurpose, TurnCredentials,
 };
 use rand::{Rng as _, RngCore as _};

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use peerlink_signaling::protocol::{ClientMsg, ServerMsg};
+use peerlink_api::signaling::{ClientMsg, ServerMsg};
 use peerlink_sim::call::{self, CallOptions};
 use peerlink_sim::demo::{self, DemoOptions};
 use peerlink_sim::fleet::{Fleet, FleetOptions};

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
-use peerlink_signaling::protocol::{
+use peerlink_api::signaling::{
     ClientMsg, Credentials, HttpError, PresenceStatus, RefreshRequest, ResumeOutcome, ServerMsg,
     TokenResponse, TurnCredentials,
 };
@@ -75,7 +75,7 @@ pub enum SignalError {
     #[error("server error {code:?}: {message}")]
     Server {
         /// Code.
-        code: peerlink_signaling::protocol::ErrorCode,
+        code: peerlink_api::signaling::ErrorCode,
         /// Detail.
         message: String,
     },

@@ -192,7 +192,7 @@ impl RelaySockets for FakeRelaySockets {
 #[derive(Clone, Debug)]
 enum Sig {
     Creds(String, String),
-    Candidate(peerlink_signaling::protocol::Candidate),
+    Candidate(peerlink_api::signaling::Candidate),
     EndOfCandidates,
 }
 
@@ -561,7 +561,7 @@ impl World {
                 Event::LocalCandidate(c)
                     if self.relay_only[i] && c.kind != CandidateKind::Relayed => {}
                 Event::LocalCandidate(c) => {
-                    let sc = peerlink_signaling::protocol::Candidate::from(c);
+                    let sc = peerlink_api::signaling::Candidate::from(c);
                     let at = now + SIG_DELAY + self.candidate_delay[i];
                     self.signaling.push_back((at, 1 - i, Sig::Candidate(sc)));
                 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use peerlink_signaling::protocol::{ClientMsg, PresenceStatus, ServerMsg};
+use peerlink_api::signaling::{ClientMsg, PresenceStatus, ServerMsg};
 use peerlink_sim::fleet::{Fleet, FleetOptions};
 use peerlink_sim::signal_client::{HttpApi, SignalSession};
 use rand::RngCore as _;

@@ -6,7 +6,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use peerlink_signaling::protocol::{ClientMsg, ResumeOutcome, ServerMsg};
+use peerlink_api::signaling::{ClientMsg, ResumeOutcome, ServerMsg};
 use peerlink_sim::fleet::locate_binary;
 use peerlink_sim::signal_client::{HttpApi, SignalError, SignalSession, parse_turn_uri};
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use peerlink_directory::api::*;
+use peerlink_api::directory::*;
 use peerlink_directory::clock::{SystemClock, Timestamp};
 use peerlink_directory::memory::MemoryStore;
 use peerlink_directory::server::{AppState, HttpLimits, app};

@@ -1,17 +1,16 @@
 //! peerlink-directory: presence (user -> device -> signaling node), the signaling-node and relay
-//! registry with liveness by heartbeat, and relay choice for calls (Issue #4).
+//! registry with liveness by heartbeat, and relay choice for calls.
 //!
 //! It is: an axum service ([`server::app`]) over a storage trait ([`store::DirectoryStore`])
-//! whose embedded default is in memory ([`memory::MemoryStore`]), plus the async client
-//! ([`client::DirectoryClient`]) that signaling nodes and relays use, including the heartbeat
-//! loops that re-register after a directory restart.
+//! whose embedded default is in memory ([`memory::MemoryStore`]). Its REST bodies are
+//! `peerlink_api::directory`; signaling nodes and relays talk to it through
+//! `peerlink_api::directory_client` (feature `client`), whose heartbeat loops re-register
+//! after a directory restart.
 //!
 //! It is not: an account store, a message store or a router of signaling traffic; it only says
 //! where users and relays are. It holds no durable state — after a restart nodes and relays
 //! re-register and republish within one heartbeat.
 
-pub mod api;
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod memory;

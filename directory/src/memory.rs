@@ -15,15 +15,15 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::api::{
+use crate::clock::{Timestamp, duration_ms};
+use crate::select::{self, RelayRecord};
+use crate::store::{DirectoryStore, StoreConfig, StoreError, StoreStats, SweepStats};
+use peerlink_api::directory::{
     ChooseRelaysRequest, ChosenRelay, DeregisterNodeResponse, DeviceLocation, NodeInfo,
     NodePresence, PresenceRemove, PresenceStatus, PresenceUpdate, RegisterNodeRequest,
     RegisterNodeResponse, RegisterRelayRequest, RelayHeartbeatRequest, RelayInfo, RemoveOutcome,
     UpdateOutcome, UserLocation,
 };
-use crate::clock::{Timestamp, duration_ms};
-use crate::select::{self, RelayRecord};
-use crate::store::{DirectoryStore, StoreConfig, StoreError, StoreStats, SweepStats};
 
 /// Presence shards (a power of two; enough that 2-16 cores rarely meet on one lock).
 const PRESENCE_SHARDS: usize = 64;

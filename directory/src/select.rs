@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use crate::api::{ChooseRelaysRequest, ChosenRelay, MAX_CHOOSE_COUNT};
 use crate::clock::Timestamp;
+use peerlink_api::directory::{ChooseRelaysRequest, ChosenRelay, MAX_CHOOSE_COUNT};
 
 /// Everything the directory knows about one relay.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,7 @@
 //! The HTTP service: [`app`] builds the axum `Router` over an [`AppState`]; [`Sweeper`] is the
 //! owned background expiry task; [`Metrics`] are the counters behind `/metrics`.
 //!
-//! Paths and bodies are listed in [`crate::api`]. `/v1/*` needs `Authorization: Bearer <token>`
+//! Paths and bodies are listed in [`peerlink_api::directory`]. `/v1/*` needs `Authorization: Bearer <token>`
 //! (compared in constant time); `/healthz` and `/metrics` do not.
 
 use std::fmt::Write as _;
@@ -22,9 +22,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tower_http::timeout::TimeoutLayer;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::api::*;
 use crate::clock::{Clock, duration_ms};
 use crate::store::{DirectoryStore, StoreConfig, StoreError};
+use peerlink_api::directory::*;
 
 /// Default request timeout.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

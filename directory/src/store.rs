@@ -8,13 +8,13 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::api::{
+use crate::clock::Timestamp;
+use peerlink_api::directory::{
     ChooseRelaysRequest, ChosenRelay, DeregisterNodeResponse, NodeInfo, NodePresence,
     PresenceRemove, PresenceUpdate, RegisterNodeRequest, RegisterNodeResponse,
     RegisterRelayRequest, RelayHeartbeatRequest, RelayInfo, RemoveOutcome, UpdateOutcome,
     UserLocation,
 };
-use crate::clock::Timestamp;
 
 /// Default presence TTL.
 pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
-use peerlink_directory::api::*;
+use peerlink_api::directory::*;
 use peerlink_directory::clock::{ManualClock, Timestamp};
 use peerlink_directory::memory::MemoryStore;
 use peerlink_directory::server::{AppState, HttpLimits, app};

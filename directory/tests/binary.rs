@@ -11,8 +11,8 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use peerlink_directory::api::*;
-use peerlink_directory::client::{DirectoryClient, RegistrationState, RelayStatus};
+use peerlink_api::directory::*;
+use peerlink_api::directory_client::{DirectoryClient, RegistrationState, RelayStatus};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;

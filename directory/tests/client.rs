@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use peerlink_directory::api::*;
-use peerlink_directory::client::{ClientError, DirectoryClient};
+use peerlink_api::directory::*;
+use peerlink_api::directory_client::{ClientError, DirectoryClient};
 use peerlink_directory::clock::SystemClock;
 use peerlink_directory::memory::MemoryStore;
 use peerlink_directory::server::{AppState, HttpLimits, app};

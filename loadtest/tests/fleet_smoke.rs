@@ -283,8 +283,8 @@ fn fleet_directory_small() {
         "--directory-bin",
         dir.to_str().expect("utf-8 path"),
     ]);
-    assert_eq!(r.store_rates.len(), 1);
-    assert!(r.store_per_sec > 0.0);
+    assert_eq!(r.floor_rates.len(), 1);
+    assert!(r.floor_per_sec > 0.0);
     for (p, per_req) in [(&r.single, 1u64), (&r.batched, 10)] {
         assert!(p.requests_ok > 0, "{p:?}");
         assert_eq!(p.requests_failed, 0);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use peerlink_directory::client::DirectoryClient;
+use peerlink_api::directory_client::DirectoryClient;
 
 use crate::core::CoreConfig;
 use crate::registration::{DirectorySettings, REQUEST_TIMEOUT};
@@ -307,7 +307,7 @@ impl Config {
         url: &str,
         relay_ips: &[IpAddr],
     ) -> Result<DirectorySettings, ConfigError> {
-        use peerlink_directory::api::{MAX_ID_LEN, MAX_REGION_LEN};
+        use peerlink_api::directory::{MAX_ID_LEN, MAX_REGION_LEN};
         let bad = |m: String| ConfigError::Invalid(m);
         let token = self.cluster_token.as_deref().unwrap_or_default();
         if token.is_empty() {

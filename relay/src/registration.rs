@@ -21,8 +21,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use peerlink_directory::api::{RegisterRelayRequest, RelayHeartbeatRequest};
-use peerlink_directory::client::{
+use peerlink_api::directory::{RegisterRelayRequest, RelayHeartbeatRequest};
+use peerlink_api::directory_client::{
     DirectoryClient, RelayRegistration, RelayStatus, RelayStatusSource,
 };
 use tokio::sync::Notify;
@@ -218,7 +218,7 @@ impl Running {
 /// One warning line when the directory becomes unreachable (or refuses us), one info line when
 /// it answers again; the loop keeps retrying either way.
 async fn log_outages(
-    mut state: tokio::sync::watch::Receiver<peerlink_directory::client::RegistrationState>,
+    mut state: tokio::sync::watch::Receiver<peerlink_api::directory_client::RegistrationState>,
     url: String,
 ) {
     let mut failing = false;

@@ -20,8 +20,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Relay, STEP, TurnClient, free_tcp_port, wait_child};
-use peerlink_directory::api::{ChooseRelaysRequest, RelayInfo};
-use peerlink_directory::client::DirectoryClient;
+use peerlink_api::directory::{ChooseRelaysRequest, RelayInfo};
+use peerlink_api::directory_client::DirectoryClient;
 
 const TOKEN: &str = "relay-directory-test-token";
 const REGION: &str = "test-region";

@@ -21,10 +21,10 @@ use tokio::task::AbortHandle;
 
 use crate::auth::normalize_username;
 use crate::cluster::{CallForward, DeliverRequest, Party};
-use crate::protocol::{
+use crate::state::AppState;
+use peerlink_api::signaling::{
     CallId, Candidate, ClientMsg, EndReason, ErrorCode, ServerMsg, SessionDesc, SessionPurpose,
 };
-use crate::state::AppState;
 
 /// Most calls one user may have ringing or active at once (as caller).
 pub const MAX_CALLS_PER_CALLER: usize = 8;

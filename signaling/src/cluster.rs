@@ -12,16 +12,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use peerlink_directory::api::{
+use peerlink_api::directory::{
     ChooseRelaysRequest, NodePresence, PresenceRemove, PresenceStatus as DirStatus, PresenceUpdate,
     RegisterNodeRequest,
 };
-use peerlink_directory::client::{DirectoryClient, NodeRegistration};
+use peerlink_api::directory_client::{DirectoryClient, NodeRegistration};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::protocol::{ClientMsg, PresenceStatus, ServerMsg};
+use peerlink_api::signaling::{ClientMsg, PresenceStatus, ServerMsg};
 
 /// Timeout of one node-to-node request.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);

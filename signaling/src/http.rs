@@ -7,7 +7,7 @@
 //! | `POST /v1/login` | `Credentials` -> `TokenResponse`, 401 `invalid_credentials`, 429 `throttled` |
 //! | `POST /v1/refresh` | `RefreshRequest` -> `TokenResponse`, 401 |
 //! | `POST /v1/turn-credentials` | (Bearer access token) -> `TurnCredentials`, 401, 503 |
-//! | `GET /v1/ws?token=&device=&resume_from=` | WebSocket upgrade (see [`crate::protocol`]) |
+//! | `GET /v1/ws?token=&device=&resume_from=` | WebSocket upgrade (see [`peerlink_api::signaling`]) |
 //! | `GET /healthz` | `ok` (503 `draining` during shutdown) |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /internal/v1/{deliver,call,inbox}` | node-to-node, Bearer cluster token |
@@ -28,11 +28,11 @@ use crate::cluster::{
     CallForward, CallForwardResponse, DeliverRequest, DeliverResponse, InboxNudge,
 };
 use crate::metrics::Metrics;
-use crate::protocol::{
-    Credentials, HttpError, RefreshRequest, ServerMsg, TokenResponse, TurnCredentials,
-};
 use crate::state::{AppState, now_unix, now_unix_ms};
 use crate::store::StoreError;
+use peerlink_api::signaling::{
+    Credentials, HttpError, RefreshRequest, ServerMsg, TokenResponse, TurnCredentials,
+};
 
 /// A JSON error response.
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {

@@ -12,7 +12,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::protocol::{CallId, PresenceStatus, ServerMsg};
+use peerlink_api::signaling::{CallId, PresenceStatus, ServerMsg};
 
 /// Close code for a slow consumer / flood / expiry (RFC 6455 policy violation).
 pub const CLOSE_POLICY: u16 = 1008;

@@ -3,8 +3,9 @@
 //! STUN responder (RFC 5780 behaviour discovery when a second address is configured).
 //!
 //! It is: an axum service built by [`http::app`] over a [`store::Store`] (SQLite by default),
-//! a multi-node mode through the directory ([`cluster`]), and [`protocol`], the serde types of
-//! the WebSocket JSON protocol that clients reuse.
+//! and a multi-node mode through the directory ([`cluster`]). The WebSocket protocol and HTTP
+//! bodies it speaks are `peerlink_api::signaling`, which clients share without linking this
+//! crate.
 //!
 //! It is not: a media path (media and files flow peer to peer or through relays), a relay, or
 //! the directory itself; it never sees media keys (only public keys pass through).
@@ -19,7 +20,6 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod metrics;
-pub mod protocol;
 pub mod serve;
 pub mod session;
 pub mod state;

@@ -22,11 +22,11 @@ use crate::calls::{self, err};
 use crate::cluster::Party;
 use crate::hub::{CLOSE_POLICY, IpGuard, LocalSession, SessionCtl, encode};
 use crate::metrics::Metrics;
-use crate::protocol::{
-    ClientMsg, ContactEntry, ErrorCode, PresenceStatus, ResumeOutcome, ServerMsg,
-};
 use crate::state::{AppState, now_unix, now_unix_ms};
 use crate::store::{SendOutcome, StoreError};
+use peerlink_api::signaling::{
+    ClientMsg, ContactEntry, ErrorCode, PresenceStatus, ResumeOutcome, ServerMsg,
+};
 
 /// Close code: message too big.
 pub const CLOSE_TOO_BIG: u16 = 1009;

@@ -160,7 +160,7 @@ impl AppState {
         self.draining.store(true, Ordering::Release);
         self.shutdown.cancel();
         let hint = u64::try_from(self.cfg.reconnect_hint.as_millis()).unwrap_or(u64::MAX);
-        let bye = crate::protocol::ServerMsg::Goodbye {
+        let bye = peerlink_api::signaling::ServerMsg::Goodbye {
             reason: "server shutting down".into(),
             reconnect_after_ms: hint,
         };

@@ -204,8 +204,8 @@ async fn call_and_message_across_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turn_credentials_name_the_relay_the_directory_chose() {
-    use peerlink_directory::api::RegisterRelayRequest;
-    use peerlink_directory::client::DirectoryClient;
+    use peerlink_api::directory::RegisterRelayRequest;
+    use peerlink_api::directory_client::DirectoryClient;
     let d = tempfile::tempdir().unwrap();
     let db = d.path().join("shared.db");
     let dir = start_directory();
@@ -264,7 +264,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_restart_and_node_failover() {
-    use peerlink_directory::client::DirectoryClient;
+    use peerlink_api::directory_client::DirectoryClient;
     let d = tempfile::tempdir().unwrap();
     let db = d.path().join("shared.db");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -477,10 +477,10 @@ async fn callee_reset_and_back_on_its_node_keeps_the_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_purges_its_old_presence_and_stale_epochs_lose() {
-    use peerlink_directory::api::{
+    use peerlink_api::directory::{
         PresenceStatus, PresenceUpdate, RegisterNodeRequest, UpdateOutcome,
     };
-    use peerlink_directory::client::DirectoryClient;
+    use peerlink_api::directory_client::DirectoryClient;
     let d = tempfile::tempdir().unwrap();
     let db = d.path().join("shared.db");
     // A long presence TTL: what happens below is the epoch rule, not expiry.

@@ -2,11 +2,11 @@
 
 use std::net::SocketAddr;
 
+use peerlink_api::signaling as sig;
 use peerlink_proto::ice::{
     TYPE_PREF_HOST, TYPE_PREF_PEER_REFLEXIVE, TYPE_PREF_RELAYED, TYPE_PREF_SERVER_REFLEXIVE,
     candidate_priority,
 };
-use peerlink_signaling::protocol as sig;
 
 /// The kind of a candidate (RFC 8445 section 5.1.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

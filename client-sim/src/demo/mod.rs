@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use peerlink_signaling::protocol::{ClientMsg, PresenceStatus, ResumeOutcome, ServerMsg};
+use peerlink_api::signaling::{ClientMsg, PresenceStatus, ResumeOutcome, ServerMsg};
 use rand::RngCore as _;
 
 use crate::call::{self, CallError, CallOptions, CallReport, FileReport, SessionReport};

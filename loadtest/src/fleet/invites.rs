@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
-use peerlink_signaling::protocol::{
+use peerlink_api::signaling::{
     CallId, Candidate, CandidateType, ClientMsg, ServerMsg, SessionDesc, Transport,
 };
 use serde::Serialize;

@@ -12,12 +12,38 @@ use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use peerlink_signaling::auth::Argon2Cost;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::proc;
 use super::stats::{self, Percentiles};
 use super::{FleetError, Result, within};
+
+/// Argon2id cost, given to the node (`--argon2-m-kib`, `--argon2-t`, `--argon2-p`) and used by
+/// the baseline, so both hash alike by construction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Argon2Cost {
+    /// Memory, KiB.
+    pub m_kib: u32,
+    /// Iterations.
+    pub t: u32,
+    /// Lanes.
+    pub p: u32,
+}
+
+impl Default for Argon2Cost {
+    /// OWASP's password storage minimum (m = 19 MiB, t = 2, p = 1), also the node's default.
+    fn default() -> Self {
+        Self {
+            m_kib: 19_456,
+            t: 2,
+            p: 1,
+        }
+    }
+}
+
+/// Hashes a node computes at once by default (its `--hash-concurrency`); the node under test
+/// is always started with the configured value.
+pub const DEFAULT_HASH_CONCURRENCY: usize = 2;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -47,14 +73,14 @@ impl LoginConfig {
             duration,
             rounds: 3,
             cost: Argon2Cost::default(),
-            hash_concurrency: peerlink_signaling::Config::default().hash_concurrency,
+            hash_concurrency: DEFAULT_HASH_CONCURRENCY,
             timeout: Duration::from_secs(600),
         }
     }
 }
 
 /// Figures of one run.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LoginReport {
     /// Argon2id cost.
     pub cost: Argon2Cost,

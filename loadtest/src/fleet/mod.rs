@@ -46,7 +46,7 @@ pub enum FleetError {
     Http(#[from] reqwest::Error),
     /// A directory client call failed.
     #[error("directory: {0}")]
-    Directory(#[from] peerlink_directory::client::ClientError),
+    Directory(#[from] peerlink_api::directory_client::ClientError),
     /// A WebSocket operation failed.
     #[error("websocket: {0}")]
     Ws(#[from] tokio_tungstenite::tungstenite::Error),
@@ -84,7 +84,7 @@ pub async fn within<T>(
 
 /// Register `user` (an existing one is fine) and log in; returns the access token.
 pub async fn account(http: &reqwest::Client, base: &str, user: &str) -> Result<String> {
-    let body = peerlink_signaling::protocol::Credentials {
+    let body = peerlink_api::signaling::Credentials {
         username: user.to_owned(),
         password: PASSWORD.to_owned(),
     };
@@ -105,7 +105,7 @@ pub async fn account(http: &reqwest::Client, base: &str, user: &str) -> Result<S
 
 /// Log in as `user`; returns the access token.
 pub async fn login(http: &reqwest::Client, base: &str, user: &str) -> Result<String> {
-    let body = peerlink_signaling::protocol::Credentials {
+    let body = peerlink_api::signaling::Credentials {
         username: user.to_owned(),
         password: PASSWORD.to_owned(),
     };
@@ -121,7 +121,7 @@ pub async fn login(http: &reqwest::Client, base: &str, user: &str) -> Result<Str
             r.text().await.unwrap_or_default()
         )));
     }
-    let t: peerlink_signaling::protocol::TokenResponse = r.json().await?;
+    let t: peerlink_api::signaling::TokenResponse = r.json().await?;
     Ok(t.access_token)
 }
 

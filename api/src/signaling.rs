@@ -100,7 +100,7 @@
 //! broadcast, 0.0.0.0/8, 240.0.0.0/4, in any IPv6 spelling) are refused; private, shared,
 //! link-local and unique-local host candidates pass; loopback passes only on a node that
 //! listens on loopback or runs with `--allow-loopback-candidates`; operators may refuse more
-//! with `--deny-candidate` (see [`crate::candidates`]).
+//! with `--deny-candidate` (see `peerlink_signaling::candidates`).
 
 use std::net::IpAddr;
 

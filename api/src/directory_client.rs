@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::api::*;
+use crate::directory::*;
 
 /// Default per-request timeout of the client.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,0 +1,17 @@
+//! peerlink-api: the APIs the services speak, as data.
+//!
+//! It is: the serde types of the signaling node's WebSocket protocol and HTTP bodies
+//! ([`signaling`]), and of the directory's internal REST API ([`directory`]). Clients,
+//! services and tools meet each other only through these types, over the wire. With the
+//! `client` feature it also holds the typed async client of the directory
+//! (`directory_client`), with the register/heartbeat loops that signaling nodes and relays run.
+//!
+//! It is not: a server, a store or a codec of binary wire formats (STUN/TURN live in
+//! `peerlink-proto`). Without the `client` feature it has no I/O and depends only on serde.
+
+#![deny(missing_docs)]
+
+pub mod directory;
+#[cfg(feature = "client")]
+pub mod directory_client;
+pub mod signaling;

@@ -1,0 +1,8 @@
+//! peerlink-testkit: test support shared by the workspace's crates (dev-only, never shipped).
+//!
+//! [`workspace`] reads the workspace's crate graph from `cargo metadata` and `cargo tree`; the
+//! test `tests/dependency_rules.rs` holds the crates to the layering rules with it.
+
+#![deny(missing_docs)]
+
+pub mod workspace;
