@@ -44,6 +44,9 @@ fn print_report(title: &str, v: &serde_json::Value) {
 
 #[test]
 fn relay_killed_mid_call_media_resumes_on_the_other_relay() {
+    if !peerlink_netlab::root_or_skip("relay_killed_mid_call_media_resumes_on_the_other_relay") {
+        return;
+    }
     with_deadline(DEADLINE, || {
         let mut world = World::start();
         let ra = world.router(NatKind::Symmetric);
@@ -160,16 +163,30 @@ fn rebinding(full: bool, tag: &str) {
 
 #[test]
 fn nat_udp_rebinding_mid_call_recovers_and_the_call_completes() {
+    if !peerlink_netlab::root_or_skip("nat_udp_rebinding_mid_call_recovers_and_the_call_completes")
+    {
+        return;
+    }
     with_deadline(DEADLINE, || rebinding(false, "rebind-udp"));
 }
 
 #[test]
 fn nat_conntrack_flush_mid_call_recovers_and_the_call_completes() {
+    if !peerlink_netlab::root_or_skip(
+        "nat_conntrack_flush_mid_call_recovers_and_the_call_completes",
+    ) {
+        return;
+    }
     with_deadline(DEADLINE, || rebinding(true, "rebind-all"));
 }
 
 #[test]
 fn callee_killed_mid_call_caller_ends_with_a_reason_within_consent_timeout() {
+    if !peerlink_netlab::root_or_skip(
+        "callee_killed_mid_call_caller_ends_with_a_reason_within_consent_timeout",
+    ) {
+        return;
+    }
     with_deadline(DEADLINE, || {
         let world = World::start();
         let ra = world.router(NatKind::FullCone);

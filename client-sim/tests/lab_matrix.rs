@@ -220,26 +220,41 @@ fn row(caller_kind: NatKind) {
 
 #[test]
 fn caller_public() {
+    if !peerlink_netlab::root_or_skip("caller_public") {
+        return;
+    }
     row(NatKind::Public);
 }
 
 #[test]
 fn caller_full_cone() {
+    if !peerlink_netlab::root_or_skip("caller_full_cone") {
+        return;
+    }
     row(NatKind::FullCone);
 }
 
 #[test]
 fn caller_address_restricted() {
+    if !peerlink_netlab::root_or_skip("caller_address_restricted") {
+        return;
+    }
     row(NatKind::AddressRestricted);
 }
 
 #[test]
 fn caller_port_restricted() {
+    if !peerlink_netlab::root_or_skip("caller_port_restricted") {
+        return;
+    }
     row(NatKind::PortRestricted);
 }
 
 #[test]
 fn caller_symmetric() {
+    if !peerlink_netlab::root_or_skip("caller_symmetric") {
+        return;
+    }
     row(NatKind::Symmetric);
 }
 
@@ -249,6 +264,9 @@ fn caller_symmetric() {
 /// file must both go direct, between the two LAN addresses, with no relay in between.
 #[test]
 fn two_hosts_on_one_lan_connect_directly_on_host_candidates() {
+    if !peerlink_netlab::root_or_skip("two_hosts_on_one_lan_connect_directly_on_host_candidates") {
+        return;
+    }
     with_deadline(ROW_DEADLINE, || {
         let world = World::start();
         let router = world.router(NatKind::Symmetric);

@@ -2,7 +2,7 @@
 //!
 //! A [`Lab`] builds network namespaces joined by veth pairs: an "internet" namespace with a
 //! bridge, public hosts on it, and routers of the five RFC 4787 kinds ([`NatKind`]) whose
-//! NAT and filtering are the nftables recipes of `NETLAB.md`, each with hosts on its own
+//! NAT and filtering are nftables rules (see [`NatKind`] for each recipe), each with hosts on its own
 //! LAN. Tests then own sockets, threads and processes inside any of those namespaces from
 //! one test process. Per-link conditions ([`LinkConditions`]) add loss (nftables),
 //! rate (`tbf`) and delay/jitter (a user-space delay line, since this kernel has no `netem`);
@@ -72,6 +72,7 @@ mod lab;
 mod nat;
 mod ns;
 mod reflector;
+mod root;
 mod wire;
 
 pub use error::{LabError, Result};
@@ -79,4 +80,5 @@ pub use lab::{CORE_A, CORE_B, Host, Lab, LinkConditions, Router, sweep_stale};
 pub use nat::{ExpectedPath, LAN_IF, MAPPING_TIMEOUT_SECS, NatKind, WAN_IF, expected_path};
 pub use ns::{Netns, NsChild, NsJoinHandle};
 pub use reflector::{MAX_NONCE, Reflector, parse_reply, query_mapped};
+pub use root::root_or_skip;
 pub use wire::WireStats;

@@ -41,6 +41,9 @@ fn threads_named(name: &str) -> usize {
 
 #[test]
 fn drop_removes_every_namespace_thread_and_child() {
+    if !peerlink_netlab::root_or_skip("drop_removes_every_namespace_thread_and_child") {
+        return;
+    }
     with_deadline(Duration::from_secs(40), || {
         let lab = lab();
         let prefix = lab.prefix().to_owned();
@@ -167,6 +170,9 @@ fn drop_removes_every_namespace_thread_and_child() {
 
 #[test]
 fn a_panic_inside_a_test_still_cleans_up() {
+    if !peerlink_netlab::root_or_skip("a_panic_inside_a_test_still_cleans_up") {
+        return;
+    }
     with_deadline(Duration::from_secs(30), || {
         let names = std::sync::Arc::new(std::sync::Mutex::new((String::new(), Vec::new())));
         let names_in = std::sync::Arc::clone(&names);
@@ -191,6 +197,9 @@ fn a_panic_inside_a_test_still_cleans_up() {
 
 #[test]
 fn sweep_removes_only_dead_runs_of_our_family() {
+    if !peerlink_netlab::root_or_skip("sweep_removes_only_dead_runs_of_our_family") {
+        return;
+    }
     with_deadline(Duration::from_secs(30), || {
         // A pid that is certainly dead: above the kernel's largest possible pid_max (2^22), so
         // no process can hold it (a reaped child's pid can be reused at once when the lab

@@ -49,6 +49,9 @@ fn rtts(sock: &UdpSocket, to: SocketAddr, n: u32) -> Vec<Duration> {
 
 #[test]
 fn nftables_loss_of_30_percent_drops_about_that_share() {
+    if !peerlink_netlab::root_or_skip("nftables_loss_of_30_percent_drops_about_that_share") {
+        return;
+    }
     with_deadline(Duration::from_secs(45), || {
         let lab = lab();
         let cond = LinkConditions {
@@ -79,6 +82,9 @@ fn nftables_loss_of_30_percent_drops_about_that_share() {
 
 #[test]
 fn delay_line_adds_the_configured_delay_and_loses_nothing() {
+    if !peerlink_netlab::root_or_skip("delay_line_adds_the_configured_delay_and_loses_nothing") {
+        return;
+    }
     with_deadline(Duration::from_secs(45), || {
         let lab = lab();
         let cond = LinkConditions {
@@ -122,6 +128,9 @@ fn delay_line_adds_the_configured_delay_and_loses_nothing() {
 
 #[test]
 fn delay_line_jitter_spreads_round_trips() {
+    if !peerlink_netlab::root_or_skip("delay_line_jitter_spreads_round_trips") {
+        return;
+    }
     with_deadline(Duration::from_secs(45), || {
         let lab = lab();
         let cond = LinkConditions {
@@ -151,6 +160,9 @@ fn delay_line_jitter_spreads_round_trips() {
 
 #[test]
 fn delay_line_loss_drops_about_the_configured_share() {
+    if !peerlink_netlab::root_or_skip("delay_line_loss_drops_about_the_configured_share") {
+        return;
+    }
     with_deadline(Duration::from_secs(45), || {
         let lab = lab();
         let cond = LinkConditions {
@@ -181,6 +193,9 @@ fn delay_line_loss_drops_about_the_configured_share() {
 
 #[test]
 fn tcp_crosses_the_delay_line_intact() {
+    if !peerlink_netlab::root_or_skip("tcp_crosses_the_delay_line_intact") {
+        return;
+    }
     with_deadline(Duration::from_secs(60), || {
         let lab = lab();
         let cond = LinkConditions {
@@ -238,6 +253,9 @@ fn tcp_crosses_the_delay_line_intact() {
 
 #[test]
 fn rate_limit_drops_what_exceeds_it() {
+    if !peerlink_netlab::root_or_skip("rate_limit_drops_what_exceeds_it") {
+        return;
+    }
     with_deadline(Duration::from_secs(45), || {
         let lab = lab();
         let cond = LinkConditions {

@@ -131,6 +131,9 @@ fn check(outcomes: &[Outcome], what: &str) {
 
 #[test]
 fn punching_matches_the_expectation_table_for_all_25_pairs() {
+    if !peerlink_netlab::root_or_skip("punching_matches_the_expectation_table_for_all_25_pairs") {
+        return;
+    }
     with_deadline(Duration::from_secs(90), || {
         let lab = lab();
         let refl_host = lab
@@ -178,6 +181,11 @@ fn punching_matches_the_expectation_table_for_all_25_pairs() {
 
 #[test]
 fn address_restricted_to_symmetric_needs_peer_reflexive_learning() {
+    if !peerlink_netlab::root_or_skip(
+        "address_restricted_to_symmetric_needs_peer_reflexive_learning",
+    ) {
+        return;
+    }
     with_deadline(Duration::from_secs(40), || {
         let lab = lab();
         let refl_host = lab

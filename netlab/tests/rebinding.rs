@@ -39,6 +39,11 @@ fn observed(client: &UdpSocket, server: &UdpSocket, token: &str) -> SocketAddr {
 
 #[test]
 fn flushing_a_symmetric_nat_rebinds_the_next_packet_to_a_new_port() {
+    if !peerlink_netlab::root_or_skip(
+        "flushing_a_symmetric_nat_rebinds_the_next_packet_to_a_new_port",
+    ) {
+        return;
+    }
     with_deadline(Duration::from_secs(30), || {
         let lab = lab();
         let (_a, sa, _sb) = servers(&lab);
@@ -65,6 +70,11 @@ fn flushing_a_symmetric_nat_rebinds_the_next_packet_to_a_new_port() {
 
 #[test]
 fn flushing_a_full_cone_nat_drops_the_mapping_until_the_host_sends_again() {
+    if !peerlink_netlab::root_or_skip(
+        "flushing_a_full_cone_nat_drops_the_mapping_until_the_host_sends_again",
+    ) {
+        return;
+    }
     with_deadline(Duration::from_secs(30), || {
         let lab = lab();
         let (_a, sa, sb) = servers(&lab);
@@ -108,6 +118,9 @@ fn flushing_a_full_cone_nat_drops_the_mapping_until_the_host_sends_again() {
 
 #[test]
 fn a_short_conntrack_udp_timeout_closes_an_idle_pinhole() {
+    if !peerlink_netlab::root_or_skip("a_short_conntrack_udp_timeout_closes_an_idle_pinhole") {
+        return;
+    }
     with_deadline(Duration::from_secs(30), || {
         let lab = lab();
         let (_a, sa, _sb) = servers(&lab);
@@ -157,6 +170,9 @@ fn a_short_conntrack_udp_timeout_closes_an_idle_pinhole() {
 
 #[test]
 fn flushing_only_udp_rebinds_udp_and_keeps_tcp_connections() {
+    if !peerlink_netlab::root_or_skip("flushing_only_udp_rebinds_udp_and_keeps_tcp_connections") {
+        return;
+    }
     with_deadline(Duration::from_secs(30), || {
         use std::io::{Read, Write};
         let lab = lab();
