@@ -3,8 +3,9 @@
 //! It is: the serde types of the signaling node's WebSocket protocol and HTTP bodies
 //! ([`signaling`]), and of the directory's internal REST API ([`directory`]). Clients,
 //! services and tools meet each other only through these types, over the wire. With the
-//! `client` feature it also holds the typed async client of the directory
-//! (`directory_client`), with the register/heartbeat loops that signaling nodes and relays run.
+//! `client` feature it also holds the typed async clients: of the directory
+//! (`directory_client`), with the register/heartbeat loops that signaling nodes and relays run,
+//! and of a signaling node (`signaling_client`: HTTP API and WebSocket session).
 //!
 //! It is not: a server, a store or a codec of binary wire formats (STUN/TURN live in
 //! `peerlink-proto`). Without the `client` feature it has no I/O and depends only on serde.
@@ -15,3 +16,5 @@ pub mod directory;
 #[cfg(feature = "client")]
 pub mod directory_client;
 pub mod signaling;
+#[cfg(feature = "client")]
+pub mod signaling_client;

@@ -1,5 +1,5 @@
-//! Connectivity and transfer figures of the real client across real NATs (BENCHMARKS.md,
-//! "Connectivity" and "Media and files"), measured in a netlab lab with the real services.
+//! Connectivity and transfer figures of the real client across real NATs (`docs/BENCHMARKS.md`,
+//! "NAT lab"), measured in a netlab lab with the real services.
 //!
 //! A plain program (`harness = false`), needs root (network namespaces):
 //! `cargo bench -p peerlink-sim --bench lab [-- --calls 20 --relay-calls 8 --size-mib 8

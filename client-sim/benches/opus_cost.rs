@@ -8,7 +8,7 @@
 //!
 //! Time is the thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), so other load on the shared machine
 //! inflates it less than wall time would. Share of a core = CPU time per frame / 20 ms.
-//! Target (BENCHMARKS.md): codec < 1 %. A complexity sweep prints cost against the quality
+//! Target: codec < 1 % of a core. A complexity sweep prints cost against the quality
 //! score so the default complexity is a measured choice.
 //! Run: `cargo bench -p peerlink-sim --bench opus_cost`
 

@@ -9,8 +9,9 @@
 //! One UDP socket per call, bound on the given host address. Everything that arrives on it is
 //! handed to the agent, which keeps STUN/TURN for itself and returns media payloads.
 //!
-//! Recovery: when nothing authenticated has come from the peer for `restart_after_silence`
-//! (1 s; media flows every 20 ms) or the agent reports the path lost, the call makes an ICE
+//! Recovery: when neither media nor reports have come from the peer for `restart_after_silence`
+//! (1 s; media flows every 20 ms; its consent checks do not count, as they do not prove its
+//! media reaches us) or the agent reports the path lost, the call makes an ICE
 //! restart: fresh TURN credentials, new ICE credentials, fresh gathering (the relay that
 //! carried a dead relayed path is tried last, an unanswered relay is skipped after 400 ms),
 //! and an `ice_restart` through signaling; the peer restarts too once (glare: both restarting
@@ -58,12 +59,12 @@ use crate::media::{
     DropReason, FRAME, FRAME_SAMPLES, KeyExchange, MediaConfig, MediaSession, ReceiveDrop,
     Received, Role as MediaRole, audio,
 };
-use crate::signal_client::{Reopened, SignalError, SignalSession, parse_turn_uri};
 use crate::transfer::path::{VIRTUAL_CLIENT_ADDR, VIRTUAL_SERVER_ADDR};
 use crate::transfer::{
     DatagramPath, EndpointOptions, Fingerprint, Pipe, ProgressBar, TransferIdentity,
     TransferReport, TransferRole,
 };
+use peerlink_api::signaling_client::{Reopened, SignalError, SignalSession, parse_turn_uri};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]

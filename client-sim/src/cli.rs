@@ -13,10 +13,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use peerlink_api::signaling::{ClientMsg, ServerMsg};
+use peerlink_api::signaling_client::{HttpApi, SignalSession, Tokens, parse_turn_uri};
 use peerlink_sim::call::{self, CallOptions};
 use peerlink_sim::demo::{self, DemoOptions};
 use peerlink_sim::fleet::{Fleet, FleetOptions};
-use peerlink_sim::signal_client::{HttpApi, SignalSession, Tokens, parse_turn_uri};
 use peerlink_sim::turn::TurnConfig;
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,9 @@ pub struct Cli {
     /// Print the result as one JSON object.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Logging, on stderr [default filter: $PEERLINK_LOG, else warn].
+    #[command(flatten)]
+    pub log: peerlink_cli::log::LogArgs,
     /// Command.
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -72,7 +75,7 @@ pub enum Cmd {
     /// acknowledge them and print them.
     Inbox {
         /// How long to wait for messages after connecting.
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        #[arg(long, default_value = "1s", value_parser = peerlink_cli::parse_duration)]
         wait: Duration,
     },
     /// Call USER over a real UDP socket: ICE via the connectivity agent, Opus media on the
@@ -87,7 +90,7 @@ pub enum Cmd {
         #[arg(long)]
         record: Option<PathBuf>,
         /// Media duration once connected.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = peerlink_cli::parse_duration)]
         duration: Duration,
         #[command(flatten)]
         net: NetArgs,
@@ -101,7 +104,7 @@ pub enum Cmd {
         /// The file to send.
         path: PathBuf,
         /// Bound on the transfer once connected.
-        #[arg(long, default_value = "600s", value_parser = parse_duration)]
+        #[arg(long, default_value = "600s", value_parser = peerlink_cli::parse_duration)]
         timeout: Duration,
         #[command(flatten)]
         net: NetArgs,
@@ -117,10 +120,10 @@ pub enum Cmd {
         #[arg(long)]
         audio: Option<PathBuf>,
         /// How long to wait for a call.
-        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        #[arg(long, default_value = "120s", value_parser = peerlink_cli::parse_duration)]
         wait: Duration,
         /// Longest call accepted before hanging up.
-        #[arg(long, default_value = "600s", value_parser = parse_duration)]
+        #[arg(long, default_value = "600s", value_parser = peerlink_cli::parse_duration)]
         max_duration: Duration,
         /// Accept file sessions and save the files here (declined without it).
         #[arg(long)]
@@ -192,27 +195,6 @@ impl NetArgs {
     }
 }
 
-/// Parse `500ms`, `10s`, `2m` (bare numbers are seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (n, ms) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1u64)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        (s, 1000)
-    };
-    let v: u64 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad duration {s:?} (e.g. 500ms, 10s, 2m)"))?;
-    v.checked_mul(ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| "duration overflows".to_owned())
-}
-
 /// The cached client state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
@@ -273,7 +255,7 @@ impl Ctx {
     fn api(&self) -> anyhow::Result<HttpApi> {
         Ok(HttpApi::new(
             &self.server,
-            peerlink_sim::signal_client::DEFAULT_IO_TIMEOUT,
+            peerlink_api::signaling_client::DEFAULT_IO_TIMEOUT,
         )?)
     }
 
@@ -621,18 +603,4 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("x").is_err());
-    }
 }

@@ -1,9 +1,10 @@
 //! A local peerlink fleet on loopback for the demo and tests: `peerlink-directory`,
-//! `peerlink-relay` (TURN) and `peerlink-signaling` (with `--directory`, and the relay given
-//! through its static `--relay` list because relays do not register in the directory yet),
-//! started as child processes on free loopback ports with embedded defaults (in-memory
-//! directory, SQLite in a temp dir, fresh random secrets). Children are killed when the
-//! [`Fleet`] is dropped; logs (stderr) go to files in the fleet's temp dir.
+//! `peerlink-relay` (TURN; started without `--directory`, so it does not register there, and
+//! with `--allow-peer 127.0.0.0/8`) and `peerlink-signaling` (with `--directory`, and every
+//! relay given through its static `--relay` list, which TURN credentials fall back to when the
+//! directory knows no relay), started as child processes on free loopback ports with embedded
+//! defaults (in-memory directory, SQLite in a temp dir, fresh random secrets). Children are
+//! killed when the [`Fleet`] is dropped; logs (stderr) go to files in the fleet's temp dir.
 //!
 //! What it is not: a deployment tool (see `deploy/`), and it never touches non-loopback
 //! addresses. Binaries are found next to the running executable, in `$PEERLINK_BIN_DIR`, or in
@@ -263,7 +264,7 @@ impl Fleet {
                     .args(["--allow-peer", "127.0.0.0/8"])
                     .args(["--metrics", &metrics.to_string()])
                     .args(["--workers", &opts.relay_workers.to_string()])
-                    .args(["--log-level", &opts.log])
+                    .args(["--log", &opts.log])
                     .env("PEERLINK_RELAY_AUTH_SECRET", &turn_secret);
                 let out = fleet.spawn("relay", cmd)?;
                 if let Some(s) = fleet.services.last_mut() {

@@ -1,6 +1,6 @@
 //! `peerlink-sim`: the reference client's command line — account, chat, inbox, contacts,
 //! TURN check, a local fleet launcher and the end-to-end `demo`. Behaviour lives in the
-//! library (`peerlink_sim::{signal_client, fleet, demo}`); this is parsing and printing.
+//! library (`peerlink_sim::{fleet, demo}`, `peerlink_api::signaling_client`); this is parsing and printing.
 
 mod cli;
 
@@ -8,14 +8,14 @@ use clap::Parser as _;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PEERLINK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = cli::Cli::parse();
+    if let Err(e) = peerlink_cli::log::init(
+        &args.log.filter("PEERLINK_LOG", "warn"),
+        args.log.log_format.unwrap_or_default(),
+    ) {
+        eprintln!("peerlink-sim: {e}");
+        return std::process::ExitCode::from(2);
+    }
     match cli::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

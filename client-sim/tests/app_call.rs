@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use peerlink_api::signaling_client::{HttpApi, SignalSession};
 use peerlink_sim::call::{self, CallOptions};
 use peerlink_sim::fleet::{Fleet, FleetOptions, relay_stats};
-use peerlink_sim::signal_client::{HttpApi, SignalSession};
 
 const TEST: Duration = Duration::from_secs(120);
 

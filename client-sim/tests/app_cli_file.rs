@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use peerlink_api::signaling::{ClientMsg, PresenceStatus, ServerMsg};
+use peerlink_api::signaling_client::{HttpApi, SignalSession};
 use peerlink_sim::fleet::{Fleet, FleetOptions};
-use peerlink_sim::signal_client::{HttpApi, SignalSession};
 use rand::RngCore as _;
 
 const TEST: Duration = Duration::from_secs(150);

@@ -5,9 +5,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use peerlink_api::signaling_client::{HttpApi, SignalSession};
 use peerlink_sim::demo::{self, DemoOptions};
 use peerlink_sim::fleet::{Fleet, FleetOptions, relay_stats};
-use peerlink_sim::signal_client::{HttpApi, SignalSession};
 
 /// Bound on a whole test (the machine is small and shared).
 const TEST: Duration = Duration::from_secs(120);

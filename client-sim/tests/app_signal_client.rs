@@ -7,8 +7,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use peerlink_api::signaling::{ClientMsg, ResumeOutcome, ServerMsg};
+use peerlink_api::signaling_client::{HttpApi, SignalError, SignalSession, parse_turn_uri};
 use peerlink_sim::fleet::locate_binary;
-use peerlink_sim::signal_client::{HttpApi, SignalError, SignalSession, parse_turn_uri};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Bound on every single wait.
@@ -62,7 +62,7 @@ async fn start_node() -> Node {
     }
 }
 
-async fn account(api: &HttpApi, user: &str) -> peerlink_sim::signal_client::Tokens {
+async fn account(api: &HttpApi, user: &str) -> peerlink_api::signaling_client::Tokens {
     api.register(user, PW).await.unwrap();
     api.login(user, PW).await.unwrap()
 }

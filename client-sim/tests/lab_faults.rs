@@ -1,9 +1,9 @@
-//! Faults in the middle of a real call across real NATs (issue #5): the relay carrying the
+//! Faults in the middle of a real call across real NATs: the relay carrying the
 //! call is killed, a NAT forgets its mappings (conntrack flush = rebinding), the peer's
 //! process vanishes. The services and clients are the real binaries in a netlab lab (see
 //! `lab/mod.rs`). The tests assert what happens (the call recovers and runs to its end, or ends
-//! saying the peer went away); how long it took (BENCHMARKS.md: path lost -> media again
-//! within 3 s) is printed with each report (`max_media_gap_ms`), not asserted.
+//! saying the peer went away); how long it took (target: path lost -> media again within
+//! 3 s) is printed with each report (`max_media_gap_ms`), not asserted.
 //!
 //! Needs root; `cargo nextest run -p peerlink-sim --test lab_faults`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use peerlink_cli::log::LogArgs;
 use peerlink_directory::clock::SystemClock;
 use peerlink_directory::config::{FileConfig, TOKEN_ENV};
 use peerlink_directory::memory::MemoryStore;
@@ -39,17 +40,17 @@ struct Cli {
     /// TOML config file; flags override its values.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Logging [default filter: $RUST_LOG, else info].
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    peerlink_cli::log::init(
+        &cli.log.filter("RUST_LOG", "info"),
+        cli.log.log_format.unwrap_or_default(),
+    )?;
     let file = match &cli.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),

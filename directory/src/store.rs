@@ -1,6 +1,6 @@
 //! The storage trait behind the directory. The embedded default is
-//! [`crate::memory::MemoryStore`]; a shared backend (Redis) implements the same trait later,
-//! which is why every method returns a `Send` future and takes `now` explicitly (TTL logic is
+//! [`crate::memory::MemoryStore`]. Every method returns a `Send` future, so a shared backend
+//! can implement the same trait, and takes `now` explicitly (TTL logic is
 //! driven by the caller's clock, so tests use virtual time).
 //!
 //! Inputs are validated by the HTTP layer before they reach a store.
@@ -77,7 +77,7 @@ pub enum StoreError {
         /// Relay id.
         relay_id: String,
     },
-    /// The backend failed (network, Redis, ...).
+    /// The backend failed (I/O, network, ...).
     #[error("storage backend failed: {0}")]
     Backend(String),
 }

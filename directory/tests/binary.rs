@@ -412,3 +412,55 @@ async fn config_file_is_used_and_bad_config_exits_before_binding() {
     }
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("port was never bound");
 }
+
+#[tokio::test]
+async fn log_format_json_writes_one_object_per_line_and_a_bad_filter_is_refused() {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--log",
+        "info",
+        "--log-format",
+        "json",
+    ])
+    .env("PEERLINK_CLUSTER_TOKEN", TOKEN)
+    .env_remove("RUST_LOG")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn directory");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let line = timeout(STEP, stderr.next_line())
+        .await
+        .expect("a log line in time")
+        .expect("read stderr")
+        .expect("the directory logs its start at info");
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line:?}"));
+    assert_eq!(v["level"], "INFO", "{line}");
+    assert!(
+        v["fields"].is_object() && v["timestamp"].is_string(),
+        "{line}"
+    );
+    assert!(
+        !line.contains('\u{1b}'),
+        "no ANSI colour off a terminal: {line:?}"
+    );
+    child.start_kill().expect("kill");
+    let _ = child.wait().await;
+
+    let out = timeout(
+        STEP,
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--log", "[[["])
+            .env("PEERLINK_CLUSTER_TOKEN", TOKEN)
+            .output(),
+    )
+    .await
+    .expect("exits in time")
+    .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad log filter"), "{err}");
+}

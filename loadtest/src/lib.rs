@@ -1,5 +1,5 @@
-//! peerlink-loadtest: the relay benchmark against coturn (`relay_bench`, issue #3) and, later,
-//! signaling and fleet load on top of the client library (issue #4).
+//! peerlink-loadtest: the relay benchmark against coturn (`relay_bench`) and the signaling and
+//! directory benchmarks (`fleet`), on top of the client library.
 //!
 //! What it is: a load generator (many TURN allocations with distinct 5-tuples, paced
 //! ChannelData traffic, receive-side counting, microsecond HdrHistograms) and a harness that

@@ -18,6 +18,9 @@ mod fleet_cli;
 #[derive(Parser, Debug)]
 #[command(name = "peerlink-loadtest", version)]
 struct Cli {
+    /// Logging, on stderr [default filter: $RUST_LOG, else warn].
+    #[command(flatten)]
+    log: peerlink_cli::log::LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -115,7 +118,7 @@ struct PlacementArgs {
 struct RelayArgs {
     #[command(flatten)]
     place: PlacementArgs,
-    /// Allocations per server (>= 2, even; BENCHMARKS.md asks for >= 100).
+    /// Allocations per server (>= 2, even; the published figures use >= 100).
     #[arg(long, default_value_t = 200)]
     allocations: usize,
     /// Fixed offered rate, packets/s over all flows (0: skip fixed-rate rounds).
@@ -341,6 +344,13 @@ fn relay_alloc(a: AllocArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = peerlink_cli::log::init(
+        &cli.log.filter("RUST_LOG", "warn"),
+        cli.log.log_format.unwrap_or_default(),
+    ) {
+        eprintln!("peerlink-loadtest: {e}");
+        return ExitCode::from(2);
+    }
     let res = match cli.cmd {
         Cmd::Relay(a) => relay(a),
         Cmd::RelayAlloc(a) => relay_alloc(a),

@@ -8,7 +8,7 @@ pub const WAN_IF: &str = "wan0";
 /// Name of every router's LAN bridge.
 pub const LAN_IF: &str = "lan0";
 /// Lifetime of an endpoint-independent mapping and of an address-restricted permission
-/// (the NETLAB.md recipe's value; RFC 4787 REQ-5 asks for at least 2 minutes).
+/// (5 minutes; RFC 4787 REQ-5 asks for at least 2).
 pub const MAPPING_TIMEOUT_SECS: u32 = 300;
 
 /// The five router behaviours of the lab (RFC 4787 mapping and filtering).
@@ -77,7 +77,8 @@ pub enum ExpectedPath {
     Relay,
 }
 
-/// NETLAB.md's "What to expect without port prediction" table (symmetric in its arguments).
+/// The path two peers behind routers of kinds `a` and `b` end up on when they punch without
+/// port prediction (symmetric in its arguments).
 ///
 /// Everything punches directly except port-restricted ↔ symmetric and symmetric ↔ symmetric.
 /// Address-restricted ↔ symmetric is direct only if the address-restricted side learns and
@@ -110,13 +111,16 @@ pub(crate) fn parse_counter_packets(listing: &str) -> Option<u64> {
 
 /// The nftables ruleset of a router of `kind` with WAN address `wan`.
 ///
-/// Recipes exactly as NETLAB.md gives them, plus the WAN input drop every router needs.
+/// Each kind's RFC 4787 behaviour as nftables rules (a full-cone map for endpoint-independent
+/// mapping, a `contacted` set for address-restricted filtering, conntrack-only filtering for
+/// port-restricted and symmetric, `masquerade random` for symmetric mapping), plus the WAN
+/// input drop every router needs.
 pub(crate) fn router_ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
     let t = MAPPING_TIMEOUT_SECS;
     let mut s = String::new();
     // Input drop on the WAN side: without it an early punch packet reaches the router's own
     // stack, confirms a conntrack entry, and the next outbound packet of a symmetric NAT
-    // leaves on a new port (see NETLAB.md).
+    // leaves on a new port.
     let _ = write!(
         s,
         r#"table ip fw {{
@@ -269,7 +273,7 @@ mod tests {
         assert!(ar.contains("@contacted") && ar.contains("snat to 203.0.113.1"));
         let public = router_ruleset(NatKind::Public, wan);
         assert!(!public.contains("table ip nat") && public.contains("table ip fw"));
-        // The map update must precede the snat (NETLAB.md).
+        // The map update must precede the snat: a nat statement ends the chain.
         let fc = router_ruleset(NatKind::FullCone, wan);
         assert!(fc.find("update @fullcone") < fc.find("snat to"));
         assert!(fc.contains("counter name \"udp_in\"") && fc.contains("priority 10"));

@@ -2,9 +2,10 @@
 //!
 //! What it is: a zero-copy STUN/TURN codec (RFC 8489, RFC 8656, RFC 5780 and RFC 8445
 //! attributes; parsing borrows from the datagram, encoding writes into a caller buffer),
-//! TURN ChannelData framing, the RFC 7983 first-byte demultiplexer, and credentials (long-term
+//! TURN ChannelData framing, the RFC 7983 first-byte demultiplexer, credentials (long-term
 //! and short-term keys, MESSAGE-INTEGRITY / -SHA256 / FINGERPRINT, TURN REST ephemeral
-//! credentials compatible with coturn's `use-auth-secret`).
+//! credentials compatible with coturn's `use-auth-secret`), and [`addr`] (the IPv4 address an
+//! IPv6 spelling carries, for the address policies of the relay and signaling).
 //!
 //! What it is not: no sockets, no clock reads, no randomness of its own (callers pass `now`
 //! and an RNG), no allocation or session state machines — the relay, signaling and client

@@ -1,4 +1,5 @@
-//! Every malformed input from HARDENING.md "STUN / TURN parsing" gets its typed error.
+//! Every malformed STUN/TURN input (short datagrams, wrong magic cookie, bad lengths, attributes
+//! past the end, zero-length values, hostile text) gets its typed error, never a panic.
 #![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns, unwrap
 
 use peerlink_proto::attrs::{

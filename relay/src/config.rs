@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use peerlink_api::directory_client::DirectoryClient;
+use peerlink_cli::log::LogFormat;
 
 use crate::core::CoreConfig;
 use crate::registration::{DirectorySettings, REQUEST_TIMEOUT};
@@ -67,8 +68,10 @@ pub struct Config {
     pub drain_timeout: u64,
     /// HdrHistogram interval log of in-relay latency (V2 compressed). Default none.
     pub histogram_log: Option<PathBuf>,
-    /// Log filter (tracing `EnvFilter` syntax). Default `info`.
+    /// Log filter (RUST_LOG syntax; flag `--log`). Default `info`.
     pub log_level: String,
+    /// Log line format, `text` or `json` (flag `--log-format`). Default `text`.
+    pub log_format: LogFormat,
     /// SOFTWARE attribute on responses. Default `peerlink-relay`; empty = omitted.
     pub software: String,
     /// Maximum allocation lifetime in seconds. Default 3600.
@@ -121,6 +124,7 @@ impl Default for Config {
             drain_timeout: 30,
             histogram_log: None,
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             software: "peerlink-relay".into(),
             max_lifetime: 3600,
             bandwidth_limit: None,
@@ -286,8 +290,8 @@ impl Config {
         if self.metrics.port() != 0 && self.metrics == self.listen {
             return bad("metrics address equals the listen address".into());
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return bad(format!("log-level {:?}: {e}", self.log_level));
+        if let Err(e) = peerlink_cli::log::check_filter(&self.log_level) {
+            return bad(format!("--log: {e}"));
         }
         let directory = match &self.directory {
             Some(url) => Some(self.directory_settings(url, &relay_ips)?),

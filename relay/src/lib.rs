@@ -1,7 +1,7 @@
 //! peerlink-relay: the TURN relay (RFC 8656 over UDP) that carries calls whose NATs defeat hole
-//! punching. A sans-IO core driven by io_uring (default) and epoll backends. Issue #3.
+//! punching. A sans-IO core driven by io_uring (default) and epoll backends.
 //!
-//! What it is: [`core`] (protocol state, owned by the core engineer; no I/O), two I/O backends
+//! What it is: [`core`] (all protocol state; no I/O), two I/O backends
 //! ([`uring`], [`epoll`]) that move datagrams between sockets and the core without copying,
 //! [`worker`] (what both backends share), [`metrics`] + [`http`] (Prometheus, JSON percentiles,
 //! HdrHistogram interval logs), [`registration`] (registers and heartbeats with the peerlink

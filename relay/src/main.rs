@@ -98,9 +98,12 @@ struct RunArgs {
     /// Write an HdrHistogram interval log (V2 compressed) of in-relay latency here.
     #[arg(long)]
     histogram_log: Option<PathBuf>,
-    /// Log filter, tracing EnvFilter syntax [default info].
-    #[arg(long)]
+    /// Log filter in RUST_LOG syntax, e.g. `info` or `peerlink_relay=debug,warn` [default info].
+    #[arg(long = "log", alias = "log-level", value_name = "FILTER")]
     log_level: Option<String>,
+    /// Log line format: `text`, or `json` (one object per line) [default text].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<peerlink_cli::log::LogFormat>,
     /// Accept ChannelBind numbers up to 0x7FFF (RFC 5766 clients such as coturn's uclient).
     #[arg(long)]
     legacy_channel_range: bool,
@@ -141,7 +144,7 @@ fn build_config(a: RunArgs) -> anyhow::Result<Config> {
     }
     set!(listen <- listen, realm <- realm, io <- io, metrics <- metrics, min_port <- min_port,
          max_port <- max_port, max_allocations <- max_allocations, user_quota <- user_quota,
-         drain_timeout <- drain_timeout, log_level <- log_level, uring_buffers <- uring_buffers,
+         drain_timeout <- drain_timeout, log_level <- log_level, log_format <- log_format, uring_buffers <- uring_buffers,
          busy_poll_us <- busy_poll_us, region <- region);
     macro_rules! set_opt {
         ($($field:ident <- $arg:ident),* $(,)?) => { $(if a.$arg.is_some() { c.$field = a.$arg; })* };
@@ -194,12 +197,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&validated.config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) =
+        peerlink_cli::log::init(&validated.config.log_level, validated.config.log_format)
+    {
+        eprintln!("peerlink-relay: {e}");
+        return ExitCode::from(2);
+    }
     match server::run(validated) {
         Ok(exit) => {
             tracing::info!(?exit, "peerlink-relay stopped");

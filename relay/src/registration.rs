@@ -1,8 +1,8 @@
-//! Directory registration (issue #3): with `--directory URL` the relay registers its public TURN
+//! Directory registration: with `--directory URL` the relay registers its public TURN
 //! address, metrics address, region and capacity with the peerlink directory, then heartbeats
 //! its load, allocation count and draining state.
 //!
-//! The loop itself is peerlink-directory's [`RelayRegistration`] (register, heartbeat at the
+//! The loop itself is [`RelayRegistration`] from `peerlink_api::directory_client` (register, heartbeat at the
 //! interval the directory recommends, re-register when a restarted directory answers
 //! `unknown_relay`, retry while the directory is unreachable). This module feeds it from the
 //! [`MetricsHub`] ([`HubStatus`]), runs it on the metrics thread's current-thread tokio runtime

@@ -1,4 +1,4 @@
-//! Directory registration (issue #3) against the real `peerlink-directory` binary on loopback:
+//! Directory registration against the real `peerlink-directory` binary on loopback:
 //! the relay appears in `GET /v1/relays` with its TURN address, metrics address, capacity and
 //! region; allocations show up in the heartbeats; `choose_relays` returns it until a SIGTERM
 //! drain, which the directory sees as `draining = true`; a clean exit deregisters; after a

@@ -1,8 +1,8 @@
-//! Process-level behaviour of `peerlink-relay` (HARDENING.md "io_uring and runtime" and
-//! "Resources and lifetimes"), each on both backends: allocate/free cycles leave fds, the
-//! allocation gauge and memory at baseline; drain on SIGTERM; a send error keeps the allocation;
-//! metrics/stats/health shapes; the histogram log reads back; bad config and forced io_uring
-//! fail before binding.
+//! Process-level behaviour of `peerlink-relay` (the io_uring, runtime, resource and lifetime
+//! rows of the bad-input list in `relay/README.md`), each on both backends: allocate/free
+//! cycles leave fds, the allocation gauge and memory at baseline; drain on SIGTERM; a send
+//! error keeps the allocation; metrics/stats/health shapes; the histogram log reads back; bad
+//! config and forced io_uring fail before binding.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -556,8 +556,8 @@ fn uring_empty_buffer_ring_is_counted_and_rearmed() {
 /// A completion queue far too small for a burst (shrunk to 16 entries with
 /// `PEERLINK_RELAY_URING_CQ_ENTRIES`): the kernel keeps the completions that do not fit, the
 /// relay counts the overflow, re-arms the receive if the overflow ended it, and loses nothing:
-/// every request of the burst is answered (HARDENING.md: completion queue overflow ->
-/// back-pressure, counted).
+/// every request of the burst is answered (completion queue overflow -> back-pressure,
+/// counted).
 #[test]
 fn uring_completion_queue_overflow_is_counted_and_loses_nothing() {
     use peerlink_proto::{Class, Message, MessageBuilder, MessageType, TransactionId};
@@ -664,7 +664,7 @@ fn kernel_receive_buffer_drops_are_counted(io: &str) {
 }
 
 /// A datagram longer than a receive buffer arrives truncated (MSG_TRUNC): dropped and counted,
-/// never parsed (HARDENING.md: truncated datagram -> drop). Its first `PAYLOAD_CAP` bytes are a
+/// never parsed (truncated datagram -> drop). Its first `PAYLOAD_CAP` bytes are a
 /// complete Binding request, so a relay that parsed what it received would answer it; the same
 /// request sent whole and alone is answered.
 fn truncated_datagram_is_dropped_and_counted(io: &str) {
@@ -887,7 +887,7 @@ fn relayed_sockets_and_the_fd_limit(io: &str) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    // Load fell: allocations succeed again (HARDENING.md: the server recovers).
+    // Load fell: allocations succeed again (the server recovers).
     let (again, refused) = allocate_up_to(&relay, 20);
     assert_eq!((again.len(), refused), (20, None));
 }

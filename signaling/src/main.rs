@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use ipnet::IpNet;
+use peerlink_cli::log::LogFormat;
 use peerlink_signaling::auth::Argon2Cost;
 use peerlink_signaling::serve::serve;
 use peerlink_signaling::store::SqliteStore;
@@ -175,33 +176,17 @@ struct Settings {
     /// After shutdown starts, keep answering 503 this long [default: 2s].
     #[arg(long)]
     shutdown_grace: Option<String>,
-    /// Log filter (RUST_LOG syntax) [default: info].
-    #[arg(long)]
+    /// Log filter in RUST_LOG syntax, e.g. `info` or `peerlink_signaling=debug,warn`
+    /// [default: info].
+    #[arg(long, value_name = "FILTER")]
     log: Option<String>,
+    /// Log line format: `text`, or `json` (one object per line) [default: text].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let s = s.trim();
-    let (num, mult_ms) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1u64)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3_600_000)
-    } else if let Some(n) = s.strip_suffix('d') {
-        (n, 86_400_000)
-    } else {
-        (s, 1000)
-    };
-    let v: u64 = num
-        .trim()
-        .parse()
-        .with_context(|| format!("bad duration {s:?} (use e.g. 500ms, 30s, 15m)"))?;
-    Ok(Duration::from_millis(
-        v.checked_mul(mult_ms).context("duration overflows")?,
-    ))
+    Ok(peerlink_cli::parse_duration(s)?)
 }
 
 /// A `--deny-candidate` value: a CIDR range, or one address.
@@ -278,7 +263,8 @@ fn load() -> anyhow::Result<(Settings, Config)> {
             header_timeout,
             dedup_retention,
             region,
-            log
+            log,
+            log_format
         );
     }
     let mut c = Config::default();
@@ -389,13 +375,13 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(settings.log.as_deref().unwrap_or("info"))
-                .context("bad --log filter")?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = peerlink_cli::log::init(
+        settings.log.as_deref().unwrap_or("info"),
+        settings.log_format.unwrap_or_default(),
+    ) {
+        eprintln!("peerlink-signaling: {e}");
+        std::process::exit(2);
+    }
     let db_path = settings
         .db
         .clone()

@@ -1,8 +1,9 @@
-//! HARDENING.md lines against the real binary that the other suites do not cover: fragmented
-//! messages over the limit, unauthenticated upgrades and silent connections, per-IP slots,
-//! forged tokens (alg none / HS512 / RS256 header, audience, issuer, expiry) on the upgrade
-//! and in `auth` frames, trickled candidates capped and every address no peer can have refused, resends
-//! after a reconnect deduplicated, and a full disk (no ack, an explicit error, nothing stored).
+//! Bad inputs and faults (`signaling/README.md`) against the real binary that the other suites
+//! do not cover: fragmented messages over the limit, unauthenticated upgrades and silent
+//! connections, per-IP slots, forged tokens (alg none / HS512 / RS256 header, audience,
+//! issuer, expiry) on the upgrade and in `auth` frames, trickled candidates capped and every
+//! address no peer can have refused, resends after a reconnect deduplicated, and a full disk
+//! (no ack, an explicit error, nothing stored).
 // Test helpers outside #[test] fns: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 

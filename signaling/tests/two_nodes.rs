@@ -1,6 +1,7 @@
 //! Two signaling nodes and the real directory binary on loopback: a call (invite, ringing,
 //! accept, candidates both ways, hangup) and a message between users on different nodes.
-//! The nodes share one SQLite file (accounts and messages), as a fleet shares PostgreSQL.
+//! The nodes share one SQLite file (accounts and messages), as the nodes of a fleet share one
+//! store.
 // Test helpers outside #[test] fns: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 

@@ -18,6 +18,8 @@ enum Role {
     Client,
     /// Test infrastructure, dev-only.
     TestSupport,
+    /// What every binary shares (log flags, durations): depends on no crate of ours.
+    Common,
 }
 
 fn role(name: &str) -> Option<Role> {
@@ -26,6 +28,7 @@ fn role(name: &str) -> Option<Role> {
         "peerlink-signaling" | "peerlink-directory" | "peerlink-relay" => Role::Service,
         "peerlink-sim" | "peerlink-loadtest" => Role::Client,
         "peerlink-netlab" | "peerlink-testkit" => Role::TestSupport,
+        "peerlink-cli" => Role::Common,
         _ => return None,
     })
 }
@@ -52,6 +55,7 @@ fn every_crate_has_a_role_and_keeps_to_its_layer() {
             let linked = *kind != DepKind::Dev;
             let why = match (me, them) {
                 _ if c.name == "peerlink-proto" => Some("proto depends on no crate of ours"),
+                (Role::Common, _) => Some("peerlink-cli depends on no crate of ours"),
                 (Role::Wire, r) if r != Role::Wire => {
                     Some("wire and API types depend only on wire crates")
                 }

@@ -26,7 +26,8 @@
 //!   `check_interval` (25 ms) growing 1.5x to `max_check_interval` (250 ms); a pair fails
 //!   after `pair_timeout` (8 s). An incoming check triggers an immediate check on its pair.
 //!   After the first success or first incoming check on a pair, `extra_checks` more follow
-//!   at `check_interval` (NETLAB.md: early probes die before the peer's NAT entry exists).
+//!   at `check_interval` (early probes die at a NAT before the outgoing check of the host
+//!   behind it has created the entry that lets them in).
 //! * **Relay fallback by a window.** Direct pairs are selectable at once. Pairs through a relay
 //!   (ours or the peer's) become selectable `relay_fallback_after` (600 ms) after checks began,
 //!   or earlier if every direct pair has failed. Direct pairs keep being checked after a relay

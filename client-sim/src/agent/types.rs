@@ -166,8 +166,8 @@ pub struct AgentConfig {
     /// Transmissions of a server-reflexive Binding request (default 6).
     pub stun_max_transmissions: u32,
     /// Extra checks sent on a pair right after its first success or first incoming check
-    /// (NETLAB.md: the peer's early probes may have died before our NAT entry existed;
-    /// default 3).
+    /// (the peer's early probes may have died at our NAT before our own outgoing check
+    /// created its entry; default 3).
     pub extra_checks: u8,
     /// Check and send only through the TURN relay (WebRTC's relay-only policy): no pair uses a
     /// host socket, so the peer never learns this side's host or NAT address (default false).

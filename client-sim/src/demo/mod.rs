@@ -6,17 +6,18 @@
 //! durably acknowledged and acked by the recipient; a second message sent while bob is offline
 //! and delivered when he reconnects with `resume_from`; a call from alice to bob over real UDP
 //! sockets (invite/accept and trickled candidates through signaling, the connectivity agent's
-//! checks, Opus/AES-GCM media on the selected path, both sides recorded to WAV); TURN
-//! credentials from signaling and a real TURN allocation for each user on the relay (over real
-//! UDP sockets); a channel between
-//! the two allocations; a full-duplex Opus/AES-GCM media exchange through the relay with
-//! 20 ms pacing, recorded to WAV and scored (loss, jitter, RTT, MOS, spectral distance);
-//! finally the relay's own latency percentiles from its `/stats`.
+//! checks, Opus/AES-GCM media on the selected path, both sides recorded to WAV);
+//! the same call again with relay-only candidates, so its media goes through the TURN relay; a
+//! file session: a generated 1 MiB file from alice to bob over QUIC on the session's path,
+//! BLAKE3-verified and compared byte for byte; TURN credentials from signaling and a real TURN
+//! allocation for each user on the relay (over real UDP sockets); a channel between the two
+//! allocations; a full-duplex Opus/AES-GCM media exchange through the relay with 20 ms
+//! pacing, recorded to WAV and scored (loss, jitter, RTT, MOS, spectral distance); finally the
+//! relay's own latency percentiles from its `/stats`.
 //!
-//! What it does NOT do (said in the report too): a file transfer (the transfer module is not
-//! integrated into the call yet); NAT traversal or the agent's relay fallback (on loopback the
-//! call's direct pair always validates — the NAT lab covers those). The relayed media exchange
-//! uses a fixed relay path and exchanges its X25519 keys in-process.
+//! What it does NOT do (said in the report too): NAT traversal or the agent's timed relay
+//! fallback (on loopback the call's direct pair always validates — the NAT lab covers those).
+//! The fixed-relay media exchange exchanges its X25519 keys in-process.
 
 pub mod turn_path;
 
@@ -30,8 +31,8 @@ use rand::RngCore as _;
 use crate::call::{self, CallError, CallOptions, CallReport, FileReport, SessionReport};
 use crate::fleet::{Fleet, FleetError, FleetOptions, RelayStats, relay_stats};
 use crate::media::{KeyExchange, MediaConfig, MediaSession, Role, SAMPLE_RATE, audio, quality};
-use crate::signal_client::{HttpApi, SignalError, SignalSession, parse_turn_uri};
 use crate::turn::TurnConfig;
+use peerlink_api::signaling_client::{HttpApi, SignalError, SignalSession, parse_turn_uri};
 use turn_path::{Allocation, MediaSide, TurnEndpoint, TurnPathError};
 
 /// Bound on any single wait of the demo.

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use peerlink_api::signaling_client::{HttpApi, SignalSession};
 use peerlink_sim::fleet::Fleet;
-use peerlink_sim::signal_client::{HttpApi, SignalSession};
 
 /// Registers `a` and `b` on the fleet's signaling node and connects one session each
 /// (devices "a" and "b").

@@ -3,7 +3,7 @@
 //! hosts of a [`peerlink_netlab::Lab`] internet, and real `peerlink-sim` processes on hosts
 //! behind NAT routers of every kind.
 //!
-//! Address plan (NETLAB.md): services sit at 203.0.113.200 (directory + signaling, STUN on
+//! Address plan (the lab's, see the `peerlink_netlab` crate doc): services sit at 203.0.113.200 (directory + signaling, STUN on
 //! 3479 and the RFC 5780 alternate on 3480) and 203.0.113.210/.211 (relays); router WAN
 //! addresses are allocated by the lab from 203.0.113.1 upwards, LANs from 100.64.0.0/10.
 //! Every child is started with [`peerlink_netlab::Netns::spawn_piped`] and is killed by pid
@@ -522,7 +522,7 @@ impl World {
             cmd.args(["--listen", &turn.to_string()])
                 .args(["--relay-ip", &ip.to_string(), "--realm", "peerlink"])
                 .args(["--metrics", &metrics.to_string(), "--workers", "1"])
-                .args(["--log-level", "warn"])
+                .args(["--log", "warn"])
                 .args(["--directory", &directory_url])
                 .args(["--relay-id", &format!("lab-relay{}", i + 1)])
                 .args(["--public-addr", &turn.to_string()])

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use peerlink_loadtest::fleet::{self, directory, idle, idle_multi, invites, logins};
 use serde::Serialize;
 
-/// Signaling and directory benchmarks (issue #4).
+/// Signaling and directory benchmarks.
 #[derive(Subcommand, Debug)]
 pub enum FleetCmd {
     /// Idle WebSocket sessions on one signaling node: RSS per session (target 100,000).
@@ -18,7 +18,7 @@ pub enum FleetCmd {
     Invites(InviteArgs),
     /// Login rate and latency next to the raw Argon2id verify rate (same params, same run).
     Logins(LoginArgs),
-    /// Directory lookups over HTTP next to the in-process store (same run).
+    /// Directory lookups over HTTP next to the same process's GET /healthz rate (same run).
     Directory(DirectoryArgs),
     /// Client worker process of `idle-sessions --nodes K` (internal).
     #[command(hide = true)]
@@ -196,27 +196,13 @@ pub struct DirectoryArgs {
     rounds: usize,
 }
 
-/// `500ms`, `10s`, `2m` or plain seconds (fractions allowed).
+/// A phase length: any duration `peerlink_cli::parse_duration` reads, in (0, 1h].
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad duration {s:?} (e.g. 500ms, 10s, 2m)"))?;
-    let secs = v * scale;
-    if !(secs.is_finite() && secs > 0.0 && secs <= 3600.0) {
+    let d = peerlink_cli::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > Duration::from_secs(3600) {
         return Err(format!("duration {s:?} must be in (0, 1h]"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 fn print<R: Serialize>(json: bool, table: String, report: &R) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
+use peerlink_api::signaling_client::HttpApi;
 use serde::{Deserialize, Serialize};
 
 use super::proc;
@@ -210,23 +211,19 @@ struct Round {
     hist: hdrhistogram::Histogram<u64>,
 }
 
-async fn login_round(base: &str, users: &[String], d: Duration) -> Round {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap_or_default();
+async fn login_round(api: &HttpApi, users: &[String], d: Duration) -> Round {
     let start = Instant::now();
     let end = start + d;
     let tasks: Vec<_> = users
         .iter()
         .map(|u| {
-            let (http, base, u) = (http.clone(), base.to_owned(), u.clone());
+            let (api, u) = (api.clone(), u.clone());
             tokio::spawn(async move {
                 let mut h = stats::histogram();
                 let (mut ok, mut failed) = (0u64, 0u64);
                 while Instant::now() < end {
                     let t = Instant::now();
-                    match super::login(&http, &base, &u).await {
+                    match super::login(&api, &u).await {
                         Ok(_) => {
                             ok += 1;
                             stats::record(
@@ -288,6 +285,7 @@ pub fn run(c: &LoginConfig) -> Result<LoginReport> {
         "creating login accounts",
         super::accounts(&base, "login", c.concurrency, c.concurrency),
     ))?;
+    let api = super::signaling_api(&base)?;
     let users: Arc<Vec<String>> =
         Arc::new((0..c.concurrency).map(|i| format!("login{i}")).collect());
     let (mut raw_rates, mut login_rates) = (Vec::new(), Vec::new());
@@ -305,7 +303,7 @@ pub fn run(c: &LoginConfig) -> Result<LoginReport> {
         let (raw, n) = raw_verify_rate(c.cost, c.hash_concurrency, c.duration)?;
         let raw_cpu = proc::cpu_time(std::process::id())?.saturating_sub(me0);
         let cpu0 = node.cpu_time()?;
-        let r = rt.block_on(login_round(&base, &users, c.duration));
+        let r = rt.block_on(login_round(&api, &users, c.duration));
         let cpu1 = node.cpu_time()?;
         if round == 0 {
             continue;

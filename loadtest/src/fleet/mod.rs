@@ -1,11 +1,11 @@
-//! Signaling and directory benchmarks (issue #4): idle WebSocket sessions per node, invite
+//! Signaling and directory benchmarks: idle WebSocket sessions per node, invite
 //! delivery latency, login rate against a raw Argon2id baseline, and directory lookups over
-//! HTTP against the in-process store.
+//! HTTP against the same process's `GET /healthz`.
 //!
 //! What it is: harnesses that start the real `peerlink-signaling` / `peerlink-directory`
 //! binaries on loopback (temp database, killed on drop), drive them with many clients and
-//! report figures next to a baseline measured in the same run (see BENCHMARKS.md, "Signaling
-//! and directory"). What it is not: a test of the services' behaviour (their own crates do
+//! report figures next to a baseline measured in the same run (see `docs/BENCHMARKS.md`,
+//! "Signaling and directory"). What it is not: a test of the services' behaviour (their own crates do
 //! that) nor a claim about absolute speed on another machine.
 
 pub mod directory;
@@ -18,6 +18,8 @@ pub mod stats;
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+use peerlink_api::signaling_client::HttpApi;
 
 pub use proc::{Service, default_bin, raise_nofile, rss_kib};
 pub use stats::Percentiles;
@@ -44,6 +46,9 @@ pub enum FleetError {
     /// An HTTP request failed.
     #[error("http: {0}")]
     Http(#[from] reqwest::Error),
+    /// A signaling client call failed.
+    #[error("signaling: {0}")]
+    Signaling(#[from] peerlink_api::signaling_client::SignalError),
     /// A directory client call failed.
     #[error("directory: {0}")]
     Directory(#[from] peerlink_api::directory_client::ClientError),
@@ -82,47 +87,26 @@ pub async fn within<T>(
         .map_err(|_| FleetError::Timeout(format!("{what} (limit {} s)", d.as_secs_f64())))?
 }
 
+/// Bound on one HTTP request of the benchmarks to a signaling node.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The signaling HTTP API at `base` (`http://host:port`).
+pub fn signaling_api(base: &str) -> Result<HttpApi> {
+    Ok(HttpApi::new(base, HTTP_TIMEOUT)?)
+}
+
 /// Register `user` (an existing one is fine) and log in; returns the access token.
-pub async fn account(http: &reqwest::Client, base: &str, user: &str) -> Result<String> {
-    let body = peerlink_api::signaling::Credentials {
-        username: user.to_owned(),
-        password: PASSWORD.to_owned(),
-    };
-    let r = http
-        .post(format!("{base}/v1/register"))
-        .json(&body)
-        .send()
-        .await?;
-    if !(r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT) {
-        return Err(FleetError::Protocol(format!(
-            "register {user}: {} {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        )));
+pub async fn account(api: &HttpApi, user: &str) -> Result<String> {
+    match api.register(user, PASSWORD).await {
+        Err(e) if e.status() != Some(409) => return Err(e.into()),
+        _ => {}
     }
-    login(http, base, user).await
+    login(api, user).await
 }
 
 /// Log in as `user`; returns the access token.
-pub async fn login(http: &reqwest::Client, base: &str, user: &str) -> Result<String> {
-    let body = peerlink_api::signaling::Credentials {
-        username: user.to_owned(),
-        password: PASSWORD.to_owned(),
-    };
-    let r = http
-        .post(format!("{base}/v1/login"))
-        .json(&body)
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        return Err(FleetError::Protocol(format!(
-            "login {user}: {} {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        )));
-    }
-    let t: peerlink_api::signaling::TokenResponse = r.json().await?;
-    Ok(t.access_token)
+pub async fn login(api: &HttpApi, user: &str) -> Result<String> {
+    Ok(api.login(user, PASSWORD).await?.access_token)
 }
 
 /// Create `users` accounts (`{prefix}{i}`) with `concurrency` requests in flight; returns
@@ -134,11 +118,11 @@ pub async fn accounts(
     concurrency: usize,
 ) -> Result<Vec<String>> {
     use futures_util::StreamExt as _;
-    let http = reqwest::Client::new();
+    let api = signaling_api(base)?;
     let results: Vec<(usize, Result<String>)> = futures_util::stream::iter(0..users)
         .map(|i| {
-            let http = http.clone();
-            async move { (i, account(&http, base, &format!("{prefix}{i}")).await) }
+            let api = api.clone();
+            async move { (i, account(&api, &format!("{prefix}{i}")).await) }
         })
         .buffer_unordered(concurrency.max(1))
         .collect()

@@ -1,6 +1,6 @@
 //! `peerlink-loadtest relay`: peerlink-relay against coturn, side by side in one run.
 //!
-//! Flow of a traffic run (BENCHMARKS.md, relay section): every server under test is started
+//! Flow of a traffic run: every server under test is started
 //! as a child pinned to one core (`--server-cpu`, default 0); N allocations (distinct client
 //! sockets = distinct 5-tuples) are made on each, paired A<->B, and every allocation binds a
 //! channel to its partner's relayed address, so each packet goes client -> relay -> relay ->
@@ -310,7 +310,7 @@ impl TrafficConfig {
         }
     }
 
-    /// BENCHMARKS.md defaults: 200 allocations, 5 rounds, 2 s fixed rounds, 1 s search steps.
+    /// The defaults: 200 allocations, 5 rounds, 2 s fixed rounds, 1 s search steps.
     pub fn new(placement: Placement) -> Self {
         Self {
             placement,

@@ -122,7 +122,7 @@ pub struct MaxSearch {
     pub generator_limited: bool,
 }
 
-/// BENCHMARKS.md: in-relay p99 at half of max load, µs.
+/// Target for the in-relay p99 at half of max load, µs.
 pub const IN_RELAY_P99_TARGET_US: f64 = 50.0;
 
 /// The half-load round with peerlink's own in-relay latency.
@@ -431,7 +431,7 @@ pub struct Ratio {
     pub b_value: f64,
     /// a / b.
     pub ratio: f64,
-    /// The BENCHMARKS.md target for this ratio, as text.
+    /// The target for this ratio, as text.
     pub target: &'static str,
 }
 
@@ -1088,8 +1088,8 @@ mod tests {
         // An even split is what equals give.
         assert_eq!(sign_test_p(10, 20), 1.0);
         assert_eq!(sign_test_p(0, 0), 1.0);
-        // Session 7's 200-round pairs run: 118 of 200, p = 0.0131 (summed from the binomial
-        // coefficients in exact integers).
+        // The 201-round `pairs` run in docs/BENCHMARKS.md: 118 of 200, p = 0.0131 (summed from
+        // the binomial coefficients in exact integers).
         assert!((sign_test_p(118, 200) - 0.013_130).abs() < 1e-5);
         // Large n stays finite (no 2^-n underflow before the terms grow).
         let p = sign_test_p(1100, 2000);

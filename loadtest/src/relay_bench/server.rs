@@ -350,7 +350,7 @@ fn peerlink_command(spec: &ServerSpec) -> Result<Command, ServerError> {
         .arg(spec.max_allocations.to_string())
         .arg("--max-allocations")
         .arg(spec.max_allocations.to_string())
-        .args(["--log-level", "warn"]);
+        .args(["--log", "warn"]);
     Ok(cmd)
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use peerlink_proto::channel::{CHANNEL_HEADER_LEN, write_header};
 
-/// Payload bytes per packet (BENCHMARKS.md: 172-byte payloads).
+/// Payload bytes per packet (172, the size every published relay figure uses).
 pub const PAYLOAD_LEN: usize = 172;
 /// Bytes of one datagram: ChannelData header + payload.
 pub const PACKET_LEN: usize = CHANNEL_HEADER_LEN + PAYLOAD_LEN;

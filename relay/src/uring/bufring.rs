@@ -3,7 +3,7 @@
 //! Ownership of a buffer id (`bid`) moves in a cycle, tracked in [`BufState`]:
 //! `InRing` (kernel may fill it) -> `Received` (a CQE handed it to us; we parse it, the core
 //! works on it in place) -> either straight back `InRing` (drop / reply) or `Sending` (a
-//! `SENDMSG` SQE points into it) -> `InRing` when the send's CQE arrives. A buffer is never in two
+//! `SEND` SQE points into it) -> `InRing` when the send's CQE arrives. A buffer is never in two
 //! states at once; returning one twice or one we do not hold is refused (and is a bug).
 //!
 //! Returns are written into the ring memory immediately and published to the kernel with one

@@ -3,25 +3,26 @@
 //! ([`ServerMsg`] in, [`ClientMsg`] out), cumulative message acks, duplicate suppression by
 //! `seq`, reconnect with `resume_from`, and mid-session token refresh (`auth` frame).
 //!
-//! What it is: the transport for everything the reference client says to signaling (chat,
+//! What it is: the transport for everything a client (the reference client, the load tester)
+//! says to signaling (chat,
 //! presence, call invitations and trickled candidates). A running call reconnects a dropped
 //! session itself without stopping its media: [`SignalSession::reopen`] opens the new
 //! connection without borrowing the session, [`SignalSession::install`] swaps it in.
 //! What it is not: no automatic background reconnect loop (the caller decides when to
 //! [`SignalSession::reconnect`]), no TLS
 //! (plain `http://`/`ws://`; put a TLS terminator in front for anything beyond a lab), no
-//! call state machine (see [`crate::call`] when present).
+//! call state machine (the reference client's `peerlink_sim::call` has one).
 //!
 //! Every network await is bounded by [`SignalSession::io_timeout`] or the HTTP client's timeout.
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
-use peerlink_api::signaling::{
+use crate::signaling::{
     ClientMsg, Credentials, HttpError, PresenceStatus, RefreshRequest, ResumeOutcome, ServerMsg,
     TokenResponse, TurnCredentials,
 };
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -75,7 +76,7 @@ pub enum SignalError {
     #[error("server error {code:?}: {message}")]
     Server {
         /// Code.
-        code: peerlink_api::signaling::ErrorCode,
+        code: crate::signaling::ErrorCode,
         /// Detail.
         message: String,
     },

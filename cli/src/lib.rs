@@ -1,0 +1,70 @@
+//! peerlink-cli: what every peerlink binary shares on its command line.
+//!
+//! It is: the log flags (`--log FILTER`, `--log-format text|json`, [`log::LogArgs`]) and the
+//! one logging setup behind them ([`log::init`]: stderr, ANSI colour only on a terminal, JSON
+//! lines through tracing-subscriber), and duration values ([`parse_duration`]: humantime's
+//! syntax, or bare seconds).
+//!
+//! It is not: a configuration system of its own; each binary's flags and TOML keys stay its own.
+
+#![deny(missing_docs)]
+
+pub mod log;
+
+use std::time::Duration;
+
+/// A duration value that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bad duration {value:?}: {reason} (use e.g. 500ms, 30s, 15m, 1h 30m, 7d, or seconds)")]
+pub struct BadDuration {
+    /// The text given.
+    pub value: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// Parse a duration: humantime's syntax (`500ms`, `30s`, `15m`, `1h 30m`, `7d`), or a bare
+/// non-negative number of seconds (`30`, `0.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, BadDuration> {
+    let t = s.trim();
+    let bad = |reason: String| BadDuration {
+        value: s.to_owned(),
+        reason,
+    };
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let secs: f64 = t.parse().map_err(|_| bad("not a number".into()))?;
+        return Duration::try_from_secs_f64(secs).map_err(|e| bad(e.to_string()));
+    }
+    humantime::parse_duration(t).map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_and_bare_seconds() {
+        let ok =
+            |s: &str, ms: u64| assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        ok("500ms", 500);
+        ok("30s", 30_000);
+        ok(" 15m ", 900_000);
+        ok("1h 30m", 5_400_000);
+        ok("7d", 7 * 86_400_000);
+        ok("30", 30_000);
+        ok("0.25", 250);
+        ok("0s", 0);
+        for bad in [
+            "",
+            "soon",
+            "-1s",
+            "10 parsecs",
+            "1.2.3",
+            "99999999999999999999999d",
+        ] {
+            let e = parse_duration(bad).expect_err(bad);
+            assert_eq!(e.value, bad);
+            assert!(e.to_string().contains("bad duration"), "{e}");
+        }
+    }
+}
