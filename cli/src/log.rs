@@ -21,9 +21,8 @@ pub enum LogFormat {
 }
 
 /// `--log FILTER` and `--log-format text|json`, to `#[command(flatten)]` into a binary's
-/// flags (and its TOML file as `log` and `log_format`).
-#[derive(clap::Args, Clone, Debug, Default, Deserialize)]
-#[serde(default)]
+/// flags.
+#[derive(clap::Args, Clone, Debug, Default)]
 pub struct LogArgs {
     /// Log filter in RUST_LOG syntax, e.g. `info` or `peerlink_relay=debug,warn`.
     #[arg(long = "log", value_name = "FILTER")]
@@ -34,14 +33,6 @@ pub struct LogArgs {
 }
 
 impl LogArgs {
-    /// Fill what is unset from `other` (a config file's values under flags).
-    pub fn or(self, other: LogArgs) -> LogArgs {
-        LogArgs {
-            log: self.log.or(other.log),
-            log_format: self.log_format.or(other.log_format),
-        }
-    }
-
     /// The filter to use: the flag, else the environment variable `env` when set, else `default`.
     pub fn filter(&self, env: &str, default: &str) -> String {
         self.log
@@ -61,19 +52,22 @@ pub struct BadFilter {
     pub reason: String,
 }
 
-/// Check a filter before anything is started.
-pub fn check_filter(filter: &str) -> Result<(), BadFilter> {
-    EnvFilter::try_new(filter).map(drop).map_err(|e| BadFilter {
+fn parse_filter(filter: &str) -> Result<EnvFilter, BadFilter> {
+    EnvFilter::try_new(filter).map_err(|e| BadFilter {
         filter: filter.to_owned(),
         reason: e.to_string(),
     })
 }
 
+/// Check a filter before anything is started.
+pub fn check_filter(filter: &str) -> Result<(), BadFilter> {
+    parse_filter(filter).map(drop)
+}
+
 /// Install the process's logger: `filter` (RUST_LOG syntax) in `format`, on stderr.
 pub fn init(filter: &str, format: LogFormat) -> Result<(), BadFilter> {
-    check_filter(filter)?;
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(filter))
+        .with_env_filter(parse_filter(filter)?)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
@@ -87,7 +81,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filters_are_checked_and_flags_win_over_the_file_and_the_environment() {
+    fn filters_are_checked_and_the_flag_wins_over_the_environment() {
         assert!(check_filter("info").is_ok());
         assert!(check_filter("peerlink_relay=debug,warn").is_ok());
         let e = check_filter("[[[").expect_err("bad filter");
@@ -96,13 +90,7 @@ mod tests {
             log: Some("debug".into()),
             log_format: None,
         };
-        let file = LogArgs {
-            log: Some("warn".into()),
-            log_format: Some(LogFormat::Json),
-        };
-        let both = flags.or(file);
-        assert_eq!(both.log.as_deref(), Some("debug"));
-        assert_eq!(both.log_format, Some(LogFormat::Json));
+        assert_eq!(flags.filter("PATH", "info"), "debug");
         assert_eq!(
             LogArgs::default().filter("PEERLINK_CLI_TEST_UNSET_VARIABLE", "info"),
             "info"

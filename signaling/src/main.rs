@@ -185,10 +185,6 @@ struct Settings {
     log_format: Option<LogFormat>,
 }
 
-fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    Ok(peerlink_cli::parse_duration(s)?)
-}
-
 /// A `--deny-candidate` value: a CIDR range, or one address.
 fn parse_net(s: &str) -> anyhow::Result<IpNet> {
     let s = s.trim();
@@ -269,10 +265,10 @@ fn load() -> anyhow::Result<(Settings, Config)> {
     }
     let mut c = Config::default();
     let d = |v: &Option<String>, dflt: Duration| -> anyhow::Result<Duration> {
-        v.as_deref()
-            .map(parse_duration)
-            .transpose()
-            .map(|o| o.unwrap_or(dflt))
+        Ok(v.as_deref()
+            .map(peerlink_cli::parse_duration)
+            .transpose()?
+            .unwrap_or(dflt))
     };
     if let Some(v) = &s.node_id {
         c.node_id.clone_from(v);

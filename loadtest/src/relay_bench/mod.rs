@@ -1199,7 +1199,7 @@ mod tests {
         assert_eq!(
             ss.local_addr(50_001).map(|a| a.ip()),
             Some(ips[1]),
-            "session 50001 = socket 1, IP 1"
+            "index 50001 is on socket 1, IP 1"
         );
     }
 
