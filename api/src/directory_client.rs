@@ -325,14 +325,12 @@ impl DirectoryClient {
         let (tx, rx) = watch::channel(RegistrationState::default());
         let load = Arc::new(AtomicU64::new(registration.load.to_bits()));
         let span = info_span!("node_registration", node_id = %registration.node_id, epoch = registration.epoch);
-        let task = NodeLoop {
-            client: self.clone(),
+        let who = NodeRegistrant {
             reg: registration,
             presence,
             load: load.clone(),
-            state: tx,
         };
-        tokio::spawn(task.run(cancel.clone()).instrument(span));
+        tokio::spawn(run_registration(self.clone(), who, tx, cancel.clone()).instrument(span));
         NodeRegistration {
             _guard: cancel.clone().drop_guard(),
             cancel,
@@ -351,13 +349,11 @@ impl DirectoryClient {
         let cancel = CancellationToken::new();
         let (tx, rx) = watch::channel(RegistrationState::default());
         let span = info_span!("relay_registration", relay_id = %registration.relay_id);
-        let task = RelayLoop {
-            client: self.clone(),
+        let who = RelayRegistrant {
             reg: registration,
             status,
-            state: tx,
         };
-        tokio::spawn(task.run(cancel.clone()).instrument(span));
+        tokio::spawn(run_registration(self.clone(), who, tx, cancel.clone()).instrument(span));
         RelayRegistration {
             _guard: cancel.clone().drop_guard(),
             cancel,
@@ -493,24 +489,36 @@ fn interval_from_ms(ms: u64) -> Duration {
     Duration::from_millis(ms.max(50))
 }
 
-struct NodeLoop<P> {
-    client: DirectoryClient,
+/// What one registration loop keeps registered: a signaling node or a relay.
+trait Registrant: Send + 'static {
+    /// "node" or "relay", for log lines.
+    const WHAT: &'static str;
+
+    /// Register (or re-register): the heartbeat interval and the presence entries republished.
+    fn register(
+        &mut self,
+        client: &DirectoryClient,
+    ) -> impl Future<Output = Result<(Duration, u64), ClientError>> + Send;
+
+    /// One heartbeat: the next interval.
+    fn heartbeat(
+        &mut self,
+        client: &DirectoryClient,
+    ) -> impl Future<Output = Result<Duration, ClientError>> + Send;
+}
+
+struct NodeRegistrant<P> {
     reg: RegisterNodeRequest,
     presence: P,
     load: Arc<AtomicU64>,
-    state: watch::Sender<RegistrationState>,
 }
 
-impl<P: PresenceSource> NodeLoop<P> {
-    fn fail(&self, e: &ClientError) {
-        self.state
-            .send_modify(|s| s.last_error = Some(e.to_string()));
-    }
+impl<P: PresenceSource> Registrant for NodeRegistrant<P> {
+    const WHAT: &'static str = "node";
 
-    /// Register and republish presence; returns the heartbeat interval.
-    async fn register(&mut self) -> Result<Duration, ClientError> {
+    async fn register(&mut self, client: &DirectoryClient) -> Result<(Duration, u64), ClientError> {
         self.reg.load = f64::from_bits(self.load.load(Ordering::Relaxed));
-        let resp = self.client.register_node(&self.reg).await?;
+        let resp = client.register_node(&self.reg).await?;
         let entries = self.presence.current_presence();
         let mut republished = 0u64;
         for chunk in entries.chunks(MAX_PRESENCE_BATCH) {
@@ -519,180 +527,129 @@ impl<P: PresenceSource> NodeLoop<P> {
                 node_epoch: self.reg.epoch,
                 entries: chunk.to_vec(),
             };
-            let r = self.client.update_presence_batch(&req).await?;
-            republished += r.applied;
+            republished += client.update_presence_batch(&req).await?.applied;
         }
         info!(
             republished,
             purged = resp.purged_presence,
             "registered with directory"
         );
-        self.state.send_modify(|s| {
-            s.registrations += 1;
-            s.republished = republished;
-            s.registered = true;
-            s.last_error = None;
-        });
-        Ok(interval_from_ms(resp.heartbeat_interval_ms))
+        Ok((interval_from_ms(resp.heartbeat_interval_ms), republished))
     }
 
-    async fn run(mut self, cancel: CancellationToken) {
-        let mut interval = DEFAULT_RETRY_INTERVAL;
-        let mut registered = false;
-        loop {
-            if cancel.is_cancelled() {
-                return;
-            }
-            if !registered {
-                let attempt = tokio::select! {
-                    () = cancel.cancelled() => return,
-                    r = self.register() => r,
-                };
-                match attempt {
-                    Ok(i) => {
-                        interval = i;
-                        registered = true;
-                    }
-                    Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
-                        warn!(error = %e, "a newer epoch of this node is registered; stopping");
-                        self.state.send_modify(|s| {
-                            s.superseded = true;
-                            s.registered = false;
-                        });
-                        return;
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "registration failed; retrying");
-                        self.fail(&e);
-                    }
-                }
-            }
-            if !pause(&cancel, interval).await {
-                return;
-            }
-            if !registered {
-                continue;
-            }
-            let hb = NodeHeartbeatRequest {
-                node_id: self.reg.node_id.clone(),
-                epoch: self.reg.epoch,
-                load: f64::from_bits(self.load.load(Ordering::Relaxed)),
-            };
-            let result = tokio::select! {
-                () = cancel.cancelled() => return,
-                r = self.client.node_heartbeat(&hb) => r,
-            };
-            match result {
-                Ok(r) => {
-                    interval = interval_from_ms(r.heartbeat_interval_ms);
-                    self.state.send_modify(|s| {
-                        s.heartbeats += 1;
-                        s.last_error = None;
-                    });
-                }
-                Err(e) if e.is_unknown() => {
-                    info!("directory does not know this node; re-registering");
-                    registered = false;
-                    self.state.send_modify(|s| s.registered = false);
-                    // Re-register at once (top of the loop), no extra wait.
-                    continue;
-                }
-                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => {
-                    warn!(error = %e, "a newer epoch of this node is registered; stopping");
-                    self.state.send_modify(|s| {
-                        s.superseded = true;
-                        s.registered = false;
-                    });
-                    return;
-                }
-                Err(e) => {
-                    debug!(error = %e, "heartbeat failed");
-                    self.fail(&e);
-                }
-            }
-        }
+    async fn heartbeat(&mut self, client: &DirectoryClient) -> Result<Duration, ClientError> {
+        let hb = NodeHeartbeatRequest {
+            node_id: self.reg.node_id.clone(),
+            epoch: self.reg.epoch,
+            load: f64::from_bits(self.load.load(Ordering::Relaxed)),
+        };
+        let r = client.node_heartbeat(&hb).await?;
+        Ok(interval_from_ms(r.heartbeat_interval_ms))
     }
 }
 
-struct RelayLoop<S> {
-    client: DirectoryClient,
+struct RelayRegistrant<S> {
     reg: RegisterRelayRequest,
     status: S,
-    state: watch::Sender<RegistrationState>,
 }
 
-impl<S: RelayStatusSource> RelayLoop<S> {
-    async fn register(&mut self) -> Result<Duration, ClientError> {
+impl<S: RelayStatusSource> Registrant for RelayRegistrant<S> {
+    const WHAT: &'static str = "relay";
+
+    async fn register(&mut self, client: &DirectoryClient) -> Result<(Duration, u64), ClientError> {
         let st = self.status.current_status();
         self.reg.load = st.load;
         self.reg.allocations = st.allocations;
         self.reg.draining = st.draining;
-        let resp = self.client.register_relay(&self.reg).await?;
+        let resp = client.register_relay(&self.reg).await?;
         info!("relay registered with directory");
-        self.state.send_modify(|s| {
-            s.registrations += 1;
-            s.registered = true;
-            s.last_error = None;
-        });
-        Ok(interval_from_ms(resp.heartbeat_interval_ms))
+        Ok((interval_from_ms(resp.heartbeat_interval_ms), 0))
     }
 
-    async fn run(mut self, cancel: CancellationToken) {
-        let mut interval = DEFAULT_RETRY_INTERVAL;
-        let mut registered = false;
-        loop {
-            if !registered {
-                let attempt = tokio::select! {
-                    () = cancel.cancelled() => return,
-                    r = self.register() => r,
-                };
-                match attempt {
-                    Ok(i) => {
-                        interval = i;
-                        registered = true;
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "relay registration failed; retrying");
-                        self.state
-                            .send_modify(|s| s.last_error = Some(e.to_string()));
-                    }
-                }
-            }
-            if !pause(&cancel, interval).await {
-                return;
-            }
-            if !registered {
-                continue;
-            }
-            let st = self.status.current_status();
-            let hb = RelayHeartbeatRequest {
-                relay_id: self.reg.relay_id.clone(),
-                load: st.load,
-                allocations: st.allocations,
-                draining: st.draining,
-            };
-            let result = tokio::select! {
+    async fn heartbeat(&mut self, client: &DirectoryClient) -> Result<Duration, ClientError> {
+        let st = self.status.current_status();
+        let hb = RelayHeartbeatRequest {
+            relay_id: self.reg.relay_id.clone(),
+            load: st.load,
+            allocations: st.allocations,
+            draining: st.draining,
+        };
+        let r = client.relay_heartbeat(&hb).await?;
+        Ok(interval_from_ms(r.heartbeat_interval_ms))
+    }
+}
+
+/// The registration loop of both kinds: register (retrying), heartbeat every interval the
+/// directory recommends, re-register at once when it forgot us, stop for good when a newer
+/// epoch of us is registered or when cancelled.
+async fn run_registration<R: Registrant>(
+    client: DirectoryClient,
+    mut who: R,
+    state: watch::Sender<RegistrationState>,
+    cancel: CancellationToken,
+) {
+    let what = R::WHAT;
+    let superseded = |e: &ClientError| {
+        warn!(error = %e, "a newer epoch of this {what} is registered; stopping");
+        state.send_modify(|s| {
+            s.superseded = true;
+            s.registered = false;
+        });
+    };
+    let mut interval = DEFAULT_RETRY_INTERVAL;
+    let mut registered = false;
+    loop {
+        if !registered {
+            let attempt = tokio::select! {
                 () = cancel.cancelled() => return,
-                r = self.client.relay_heartbeat(&hb) => r,
+                r = who.register(&client) => r,
             };
-            match result {
-                Ok(r) => {
-                    interval = interval_from_ms(r.heartbeat_interval_ms);
-                    self.state.send_modify(|s| {
-                        s.heartbeats += 1;
+            match attempt {
+                Ok((i, republished)) => {
+                    interval = i;
+                    registered = true;
+                    state.send_modify(|s| {
+                        s.registrations += 1;
+                        s.republished = republished;
+                        s.registered = true;
                         s.last_error = None;
                     });
                 }
-                Err(e) if e.is_unknown() => {
-                    info!("directory does not know this relay; re-registering");
-                    registered = false;
-                    self.state.send_modify(|s| s.registered = false);
-                }
+                Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => return superseded(&e),
                 Err(e) => {
-                    debug!(error = %e, "relay heartbeat failed");
-                    self.state
-                        .send_modify(|s| s.last_error = Some(e.to_string()));
+                    debug!(error = %e, "{what} registration failed; retrying");
+                    state.send_modify(|s| s.last_error = Some(e.to_string()));
                 }
+            }
+        }
+        if !pause(&cancel, interval).await {
+            return;
+        }
+        if !registered {
+            continue;
+        }
+        let result = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = who.heartbeat(&client) => r,
+        };
+        match result {
+            Ok(i) => {
+                interval = i;
+                state.send_modify(|s| {
+                    s.heartbeats += 1;
+                    s.last_error = None;
+                });
+            }
+            Err(e) if e.is_unknown() => {
+                // Re-register at once (top of the loop), no extra wait.
+                info!("directory does not know this {what}; re-registering");
+                registered = false;
+                state.send_modify(|s| s.registered = false);
+            }
+            Err(e) if e.code() == Some(ErrorCode::StaleEpoch) => return superseded(&e),
+            Err(e) => {
+                debug!(error = %e, "{what} heartbeat failed");
+                state.send_modify(|s| s.last_error = Some(e.to_string()));
             }
         }
     }

@@ -16,15 +16,18 @@
 //! Every network await is bounded by [`SignalSession::io_timeout`] or the HTTP client's timeout.
 
 use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::signaling::{
     ClientMsg, Credentials, HttpError, PresenceStatus, RefreshRequest, ResumeOutcome, ServerMsg,
     TokenResponse, TurnCredentials,
 };
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Default bound on one HTTP request or one WebSocket handshake/write.
@@ -135,10 +138,14 @@ impl HttpApi {
         &self.base
     }
 
+    /// `host:port` of the node.
+    fn authority(&self) -> &str {
+        self.base.strip_prefix("http://").unwrap_or(&self.base)
+    }
+
     /// WebSocket URL of `/v1/ws` with the given query.
     fn ws_url(&self, query: &str) -> String {
-        let hostport = self.base.trim_start_matches("http://");
-        format!("ws://{hostport}/v1/ws?{query}")
+        format!("ws://{}/v1/ws?{query}", self.authority())
     }
 
     async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
@@ -266,19 +273,213 @@ pub struct Welcome {
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// A new connection of a session, opened by [`SignalSession::reopen`] and not yet installed.
-pub struct Reopened {
-    ws: Ws,
-    welcome: Welcome,
-    tokens: Tokens,
+/// Where and how [`Connection::open`] connects. The defaults suit one client; a load
+/// generator holding many sessions sets a source address and small buffers.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Local address to connect from (e.g. one of 127.0.0.0/8, to spread source addresses)
+    /// [default: chosen by the kernel].
+    pub source: Option<IpAddr>,
+    /// WebSocket read buffer, bytes [default: tungstenite's].
+    pub read_buffer: Option<usize>,
+    /// WebSocket write buffer, bytes (0 writes each frame through) [default: tungstenite's].
+    pub write_buffer: Option<usize>,
+    /// Bound on the TCP connect, the handshake, the `welcome` and each send
+    /// [default: [`DEFAULT_IO_TIMEOUT`]].
+    pub timeout: Duration,
 }
 
-impl std::fmt::Debug for Reopened {
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            source: None,
+            read_buffer: None,
+            write_buffer: None,
+            timeout: DEFAULT_IO_TIMEOUT,
+        }
+    }
+}
+
+/// One open `/v1/ws` connection past its `welcome`: typed frames out and in, nothing more (no
+/// acks, resume or duplicate suppression: [`SignalSession`] adds those on top).
+pub struct Connection {
+    ws: Ws,
+    welcome: Welcome,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reopened")
+        f.debug_struct("Connection")
             .field("welcome", &self.welcome)
             .finish_non_exhaustive()
     }
+}
+
+impl Connection {
+    /// Open `/v1/ws` as `device` with `access_token`; `resume_from` = the last seq this device
+    /// processed (None for a fresh session). Returns once `welcome` has arrived; an `error`
+    /// frame instead is [`SignalError::Server`].
+    pub async fn open(
+        api: &HttpApi,
+        access_token: &str,
+        device: &str,
+        resume_from: Option<u64>,
+        opts: &ConnectOptions,
+    ) -> Result<Self, SignalError> {
+        check_device(device)?;
+        let mut query = format!("token={access_token}&device={device}");
+        if let Some(seq) = resume_from {
+            query.push_str(&format!("&resume_from={seq}"));
+        }
+        let url = api.ws_url(&query);
+        let t = opts.timeout;
+        let tcp = tokio::time::timeout(t, tcp_connect(api.authority(), opts.source))
+            .await
+            .map_err(|_| SignalError::Timeout(t, "TCP connect"))?
+            .map_err(|e| SignalError::Ws(tungstenite::Error::Io(e)))?;
+        // Frames are small and answered at once: no Nagle delay.
+        tcp.set_nodelay(true)
+            .map_err(|e| SignalError::Ws(tungstenite::Error::Io(e)))?;
+        let mut cfg = WebSocketConfig::default();
+        if let Some(n) = opts.read_buffer {
+            cfg = cfg.read_buffer_size(n);
+        }
+        if let Some(n) = opts.write_buffer {
+            cfg = cfg.write_buffer_size(n);
+        }
+        let (mut ws, _) = tokio::time::timeout(
+            t,
+            tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(tcp), Some(cfg)),
+        )
+        .await
+        .map_err(|_| SignalError::Timeout(t, "WebSocket handshake"))??;
+        // The first frame is `welcome`; a `resync` may follow it (read later by `recv`).
+        let first = tokio::time::timeout(t, read_frame(&mut ws))
+            .await
+            .map_err(|_| SignalError::Timeout(t, "welcome"))??;
+        let welcome = match first {
+            ServerMsg::Welcome {
+                user,
+                device,
+                node,
+                resume,
+                acked_seq,
+                ..
+            } => Welcome {
+                user,
+                device,
+                node,
+                resume,
+                acked_seq,
+            },
+            ServerMsg::Error { code, message, .. } => {
+                return Err(SignalError::Server { code, message });
+            }
+            other => {
+                return Err(SignalError::Protocol(format!(
+                    "expected welcome first, got {other:?}"
+                )));
+            }
+        };
+        Ok(Self {
+            ws,
+            welcome,
+            timeout: t,
+        })
+    }
+
+    /// What `welcome` said.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// Send one frame (bounded by the connection's timeout).
+    pub async fn send(&mut self, msg: &ClientMsg) -> Result<(), SignalError> {
+        send_frame(&mut self.ws, msg, self.timeout).await
+    }
+
+    /// Next server frame. Cancel-safe; not bounded by itself.
+    pub async fn recv(&mut self) -> Result<ServerMsg, SignalError> {
+        read_frame(&mut self.ws).await
+    }
+
+    /// Separate halves, to send from one task while another reads.
+    pub fn split(self) -> (ConnectionSender, ConnectionReceiver) {
+        let (sink, stream) = self.ws.split();
+        (
+            ConnectionSender {
+                sink,
+                timeout: self.timeout,
+            },
+            ConnectionReceiver { stream },
+        )
+    }
+
+    /// Close the WebSocket (normal closure), bounded.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+    }
+}
+
+/// The sending half of a [`Connection`].
+pub struct ConnectionSender {
+    sink: SplitSink<Ws, Message>,
+    timeout: Duration,
+}
+
+impl ConnectionSender {
+    /// Send one frame (bounded by the connection's timeout).
+    pub async fn send(&mut self, msg: &ClientMsg) -> Result<(), SignalError> {
+        send_frame(&mut self.sink, msg, self.timeout).await
+    }
+}
+
+/// The receiving half of a [`Connection`].
+pub struct ConnectionReceiver {
+    stream: SplitStream<Ws>,
+}
+
+impl ConnectionReceiver {
+    /// Next server frame. Cancel-safe; not bounded by itself.
+    pub async fn recv(&mut self) -> Result<ServerMsg, SignalError> {
+        read_frame(&mut self.stream).await
+    }
+}
+
+async fn tcp_connect(authority: &str, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(src) = source else {
+        return TcpStream::connect(authority).await;
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host(authority).await? {
+        if addr.is_ipv4() != src.is_ipv4() {
+            continue;
+        }
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.bind(SocketAddr::new(src, 0))?;
+        match sock.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{authority} has no address of the family of {src}"),
+        )
+    }))
+}
+
+/// A new connection of a session, opened by [`SignalSession::reopen`] and not yet installed.
+#[derive(Debug)]
+pub struct Reopened {
+    conn: Connection,
+    tokens: Tokens,
 }
 
 /// One WebSocket session of one device, plus the state needed to resume it.
@@ -286,8 +487,7 @@ pub struct SignalSession {
     api: HttpApi,
     tokens: Tokens,
     device: String,
-    ws: Ws,
-    welcome: Welcome,
+    conn: Connection,
     /// Highest message seq handed to the application.
     delivered_seq: u64,
     /// Highest seq acked to the server (= processed).
@@ -331,20 +531,17 @@ impl SignalSession {
         device: &str,
         resume_from: Option<u64>,
     ) -> Result<Self, SignalError> {
-        check_device(device)?;
         let io_timeout = DEFAULT_IO_TIMEOUT;
-        let (ws, welcome, backlog) =
-            Self::open(&api, &tokens, device, resume_from, io_timeout).await?;
-        let start = resume_from.unwrap_or(welcome.acked_seq);
+        let conn = Self::open(&api, &tokens, device, resume_from, io_timeout).await?;
+        let start = resume_from.unwrap_or(conn.welcome.acked_seq);
         Ok(Self {
             api,
             tokens,
             device: device.to_owned(),
-            ws,
-            welcome,
+            conn,
             delivered_seq: start,
             acked_seq: start,
-            backlog,
+            backlog: VecDeque::new(),
             io_timeout,
             msg_counter: 0,
         })
@@ -356,44 +553,12 @@ impl SignalSession {
         device: &str,
         resume_from: Option<u64>,
         io_timeout: Duration,
-    ) -> Result<(Ws, Welcome, VecDeque<ServerMsg>), SignalError> {
-        let mut query = format!("token={}&device={device}", tokens.access_token);
-        if let Some(seq) = resume_from {
-            query.push_str(&format!("&resume_from={seq}"));
-        }
-        let url = api.ws_url(&query);
-        let (mut ws, _) = tokio::time::timeout(io_timeout, tokio_tungstenite::connect_async(url))
-            .await
-            .map_err(|_| SignalError::Timeout(io_timeout, "WebSocket handshake"))??;
-        // The first frame is `welcome`; a `resync` may follow it (read later by `recv`).
-        let first = tokio::time::timeout(io_timeout, read_frame(&mut ws))
-            .await
-            .map_err(|_| SignalError::Timeout(io_timeout, "welcome"))??;
-        let welcome = match first {
-            ServerMsg::Welcome {
-                user,
-                device,
-                node,
-                resume,
-                acked_seq,
-                ..
-            } => Welcome {
-                user,
-                device,
-                node,
-                resume,
-                acked_seq,
-            },
-            ServerMsg::Error { code, message, .. } => {
-                return Err(SignalError::Server { code, message });
-            }
-            other => {
-                return Err(SignalError::Protocol(format!(
-                    "expected welcome first, got {other:?}"
-                )));
-            }
+    ) -> Result<Connection, SignalError> {
+        let opts = ConnectOptions {
+            timeout: io_timeout,
+            ..ConnectOptions::default()
         };
-        Ok((ws, welcome, VecDeque::new()))
+        Connection::open(api, &tokens.access_token, device, resume_from, &opts).await
     }
 
     /// Log in over HTTP and connect in one step.
@@ -410,7 +575,7 @@ impl SignalSession {
 
     /// The `welcome` of the current connection.
     pub fn welcome(&self) -> &Welcome {
-        &self.welcome
+        &self.conn.welcome
     }
 
     /// Current tokens (persist them to skip the next login).
@@ -440,12 +605,7 @@ impl SignalSession {
 
     /// Send one frame (bounded by the I/O timeout).
     pub async fn send(&mut self, msg: &ClientMsg) -> Result<(), SignalError> {
-        let text = serde_json::to_string(msg)
-            .map_err(|e| SignalError::Protocol(format!("encoding {msg:?}: {e}")))?;
-        tokio::time::timeout(self.io_timeout, self.ws.send(Message::text(text)))
-            .await
-            .map_err(|_| SignalError::Timeout(self.io_timeout, "WebSocket send"))??;
-        Ok(())
+        self.conn.send(msg).await
     }
 
     /// Next server frame. `message` frames with a seq already handed out are dropped here.
@@ -457,7 +617,7 @@ impl SignalSession {
             return Ok(m);
         }
         loop {
-            let m = read_frame(&mut self.ws).await?;
+            let m = self.conn.recv().await?;
             if let Some(m) = self.filter(m) {
                 return Ok(m);
             }
@@ -526,7 +686,7 @@ impl SignalSession {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let m = tokio::time::timeout_at(deadline, read_frame(&mut self.ws))
+            let m = tokio::time::timeout_at(deadline, self.conn.recv())
                 .await
                 .map_err(|_| SignalError::Timeout(timeout, what))??;
             let Some(m) = self.filter(m) else { continue };
@@ -634,8 +794,8 @@ impl SignalSession {
             self.tokens = self.api.refresh(&self.tokens.refresh_token).await?;
         }
         // Close the old socket politely; ignore failures (it may already be gone).
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
-        let (ws, welcome, backlog) = Self::open(
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.ws.close(None)).await;
+        let conn = Self::open(
             &self.api,
             &self.tokens,
             &self.device,
@@ -643,13 +803,12 @@ impl SignalSession {
             self.io_timeout,
         )
         .await?;
-        self.ws = ws;
         // Messages after the acked seq that were handed out but not acked will be replayed;
         // deliver them again only if the application never acked them.
         self.delivered_seq = self.acked_seq;
-        self.backlog = backlog;
-        let outcome = welcome.resume;
-        self.welcome = welcome;
+        self.backlog.clear();
+        let outcome = conn.welcome.resume;
+        self.conn = conn;
         Ok(outcome)
     }
 
@@ -669,13 +828,8 @@ impl SignalSession {
             if tokens.needs_refresh() {
                 tokens = api.refresh(&tokens.refresh_token).await?;
             }
-            let (ws, welcome, _) =
-                Self::open(&api, &tokens, &device, Some(acked), io_timeout).await?;
-            Ok(Reopened {
-                ws,
-                welcome,
-                tokens,
-            })
+            let conn = Self::open(&api, &tokens, &device, Some(acked), io_timeout).await?;
+            Ok(Reopened { conn, tokens })
         }
     }
 
@@ -683,13 +837,12 @@ impl SignalSession {
     /// non-message frames read but not yet handed out stay queued. Returns how the server
     /// handled the resume.
     pub fn install(&mut self, r: Reopened) -> ResumeOutcome {
-        self.ws = r.ws;
         self.tokens = r.tokens;
         self.delivered_seq = self.acked_seq;
         self.backlog
             .retain(|m| !matches!(m, ServerMsg::Message { .. }));
-        let outcome = r.welcome.resume;
-        self.welcome = r.welcome;
+        let outcome = r.conn.welcome.resume;
+        self.conn = r.conn;
         outcome
     }
 
@@ -699,14 +852,29 @@ impl SignalSession {
     }
 
     /// Close the WebSocket (normal closure), bounded.
-    pub async fn close(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+    pub async fn close(self) {
+        self.conn.close().await;
     }
+}
+
+async fn send_frame<S>(sink: &mut S, msg: &ClientMsg, timeout: Duration) -> Result<(), SignalError>
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let text = serde_json::to_string(msg)
+        .map_err(|e| SignalError::Protocol(format!("encoding {msg:?}: {e}")))?;
+    tokio::time::timeout(timeout, sink.send(Message::text(text)))
+        .await
+        .map_err(|_| SignalError::Timeout(timeout, "WebSocket send"))??;
+    Ok(())
 }
 
 /// Read the next text frame as a [`ServerMsg`]; control frames are handled by tungstenite
 /// (pongs are queued automatically), binary frames are a protocol error.
-async fn read_frame(ws: &mut Ws) -> Result<ServerMsg, SignalError> {
+async fn read_frame<S>(ws: &mut S) -> Result<ServerMsg, SignalError>
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
     loop {
         let Some(frame) = ws.next().await else {
             return Err(SignalError::Closed {

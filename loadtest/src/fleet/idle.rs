@@ -7,16 +7,15 @@
 //! ephemeral ports; the node's per-IP session limit (`--max-conns-per-ip`, default 32) is
 //! raised to fit that spread and reported.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
+use peerlink_api::signaling_client::{ConnectOptions, Connection, HttpApi};
 use serde::Serialize;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::proc;
 use super::{FleetError, Result, within};
@@ -224,10 +223,7 @@ async fn run_async(c: &IdleConfig, nofile: u64) -> Result<IdleReport> {
     flags.extend(c.extra_flags.iter().cloned());
     let mut node = proc::start_signaling(&c.signaling_bin, dir.path(), "signaling", &flags, &[])?;
     let base = format!("http://{}", node.addr);
-    let addr: SocketAddr = node
-        .addr
-        .parse()
-        .map_err(|e| FleetError::Protocol(format!("bad http= address: {e}")))?;
+    let api = super::signaling_api(&base)?;
 
     let users = total.div_ceil(c.devices_per_user);
     let tokens = within(
@@ -241,7 +237,7 @@ async fn run_async(c: &IdleConfig, nofile: u64) -> Result<IdleReport> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let opener = Opener {
-        addr,
+        api,
         tokens: tokens.clone(),
         devices_per_user: c.devices_per_user,
         source_ips: c.source_ips,
@@ -322,8 +318,8 @@ pub(crate) struct Opened {
 
 /// Opens and holds sessions against one node.
 pub(crate) struct Opener {
-    /// Node address.
-    pub addr: SocketAddr,
+    /// The node's HTTP API (its address).
+    pub api: HttpApi,
     /// Access token per account.
     pub tokens: Arc<Vec<String>>,
     /// Sessions per account.
@@ -370,54 +366,26 @@ impl Opener {
             .ok_or_else(|| FleetError::Invalid("session index beyond accounts".into()))?;
         // 127.0.0.2 ..= 127.0.0.(1+source_ips); every address is loopback.
         let octet = 2 + (i % self.source_ips) as u8;
-        let src = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, octet), 0));
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(src)?;
-        let tcp = within(Duration::from_secs(30), "tcp connect", async {
-            Ok(sock.connect(self.addr).await?)
-        })
-        .await?;
-        tcp.set_nodelay(true)?;
-        let url = format!(
-            "ws://{}/v1/ws?token={token}&device=d{}",
-            self.addr,
-            i % self.devices_per_user
-        );
-        // Small client buffers: 100k clients live in this process too.
-        let cfg = WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .write_buffer_size(0);
-        let (mut ws, _) = within(Duration::from_secs(30), "websocket handshake", async {
-            Ok(tokio_tungstenite::client_async_with_config(url, tcp, Some(cfg)).await?)
-        })
-        .await?;
-        let first = within(Duration::from_secs(30), "welcome", async {
-            ws.next()
-                .await
-                .ok_or_else(|| FleetError::Protocol("closed before welcome".into()))?
-                .map_err(FleetError::from)
-        })
-        .await?;
-        match &first {
-            Message::Text(t) if t.as_str().contains("\"type\":\"welcome\"") => {}
-            other => {
-                return Err(FleetError::Protocol(format!(
-                    "session {i}: expected welcome, got {other:?}"
-                )));
-            }
-        }
+        let opts = ConnectOptions {
+            source: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, octet))),
+            // Small client buffers: 100k clients live in this process too.
+            read_buffer: Some(4096),
+            write_buffer: Some(0),
+            timeout: Duration::from_secs(30),
+        };
+        let device = format!("d{}", i % self.devices_per_user);
+        let mut conn = Connection::open(&self.api, token, &device, None, &opts)
+            .await
+            .map_err(|e| FleetError::Protocol(format!("session {i}: {e}")))?;
         let closed = self.closed.clone();
         let mut stop = self.stop.clone();
         // Hold: keep reading so pings are answered; end on stop or close.
         Ok(tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    m = ws.next() => match m {
-                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                            closed.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                        Some(Ok(_)) => {}
+                    m = conn.recv() => if m.is_err() {
+                        closed.fetch_add(1, Ordering::Relaxed);
+                        return;
                     },
                     r = stop.changed() => {
                         if r.is_err() || *stop.borrow() {

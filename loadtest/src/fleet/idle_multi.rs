@@ -100,7 +100,7 @@ pub fn run_worker(w: &WorkerConfig) -> Result<()> {
             let closed = Arc::new(AtomicU64::new(0));
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let opener = Opener {
-                addr: w.addr,
+                api: super::signaling_api(&format!("http://{}", w.addr))?,
                 tokens: Arc::new(tokens),
                 devices_per_user: w.devices_per_user,
                 source_ips: w.source_ips,

@@ -16,20 +16,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use peerlink_api::signaling::{
     CallId, Candidate, CandidateType, ClientMsg, ServerMsg, SessionDesc, Transport,
 };
+use peerlink_api::signaling_client::{ConnectOptions, Connection, SignalError};
 use serde::Serialize;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::proc::{self, Service};
 use super::stats::{self, Percentiles};
 use super::{FleetError, Result, within};
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -202,25 +198,13 @@ fn index_of(d: &SessionDesc) -> Option<usize> {
     d.ice_ufrag.strip_prefix("lt")?.parse().ok()
 }
 
-async fn connect(addr: &str, token: &str) -> Result<Ws> {
-    let url = format!("ws://{addr}/v1/ws?token={token}&device=bench");
-    let (mut ws, _) = within(Duration::from_secs(30), "websocket connect", async {
-        Ok(tokio_tungstenite::connect_async_with_config(url, None, true).await?)
-    })
-    .await?;
-    let first = within(Duration::from_secs(30), "welcome", async {
-        ws.next()
-            .await
-            .ok_or_else(|| FleetError::Protocol("closed before welcome".into()))?
-            .map_err(FleetError::from)
-    })
-    .await?;
-    match first {
-        Message::Text(t) if t.as_str().contains("\"type\":\"welcome\"") => Ok(ws),
-        other => Err(FleetError::Protocol(format!(
-            "expected welcome, got {other:?}"
-        ))),
-    }
+async fn connect(addr: &str, token: &str) -> Result<Connection> {
+    let api = super::signaling_api(&format!("http://{addr}"))?;
+    let opts = ConnectOptions {
+        timeout: Duration::from_secs(30),
+        ..ConnectOptions::default()
+    };
+    Ok(Connection::open(&api, token, "bench", None, &opts).await?)
 }
 
 /// Shared between the generator tasks; all indices are invite numbers.
@@ -485,30 +469,29 @@ fn error_code(code: &impl Serialize) -> String {
 /// One caller: sends its share of the schedule (every `pairs`-th invite from `p`) and counts
 /// what the node answers.
 async fn caller(
-    ws: Ws,
+    conn: Connection,
     mut due_rx: tokio::sync::mpsc::UnboundedReceiver<usize>,
     to: String,
     sh: Arc<Shared>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<CallerCounts> {
-    let (mut tx, mut rx) = ws.split();
+    let (mut tx, mut rx) = conn.split();
     let mut stop_r = stop.clone();
     let reader = tokio::spawn(async move {
         let mut c = CallerCounts::default();
         loop {
             tokio::select! {
-                m = rx.next() => match m {
-                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMsg>(t.as_str()) {
-                        Ok(ServerMsg::InviteSent { .. }) => c.invite_sent += 1,
-                        Ok(ServerMsg::CallEnded { .. }) => c.call_ended += 1,
-                        Ok(ServerMsg::Error { code, .. }) => {
-                            *c.errors.entry(error_code(&code)).or_default() += 1;
-                        }
-                        Ok(_) => {}
-                        Err(_) => *c.errors.entry("unparsed_frame".into()).or_default() += 1,
-                    },
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => {
+                m = rx.recv() => match m {
+                    Ok(ServerMsg::InviteSent { .. }) => c.invite_sent += 1,
+                    Ok(ServerMsg::CallEnded { .. }) => c.call_ended += 1,
+                    Ok(ServerMsg::Error { code, .. }) => {
+                        *c.errors.entry(error_code(&code)).or_default() += 1;
+                    }
+                    Ok(_) => {}
+                    Err(SignalError::Protocol(_)) => {
+                        *c.errors.entry("unparsed_frame".into()).or_default() += 1;
+                    }
+                    Err(_) => {
                         *c.errors.entry("caller_session_closed".into()).or_default() += 1;
                         break;
                     }
@@ -534,8 +517,6 @@ async fn caller(
             req: None,
             offer: offer(k),
         };
-        let text = serde_json::to_string(&msg)
-            .map_err(|e| FleetError::Protocol(format!("encoding invite: {e}")))?;
         let now = sh.now_us();
         c.max_lag_us = c.max_lag_us.max(now.saturating_sub(due));
         c.first_send_us = c.first_send_us.min(now);
@@ -543,7 +524,7 @@ async fn caller(
         if let Some(s) = sh.sent_us.get(k) {
             s.store(now + 1, Ordering::Relaxed);
         }
-        if tx.send(Message::Text(text.into())).await.is_err() {
+        if tx.send(&msg).await.is_err() {
             break;
         }
         c.sent += 1;
@@ -560,7 +541,7 @@ async fn caller(
 
 /// One callee: records each `incoming_call`'s latency and declines it.
 async fn callee(
-    mut ws: Ws,
+    mut conn: Connection,
     sh: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(Histogram<u64>, Histogram<u64>, u64)> {
@@ -569,21 +550,19 @@ async fn callee(
     let mut dup = 0;
     loop {
         let m = tokio::select! {
-            m = ws.next() => m,
+            m = conn.recv() => m,
             r = stop.changed() => {
                 if r.is_err() || *stop.borrow() { break }
                 continue;
             }
         };
-        let t = match m {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => break,
+        let m = match m {
+            Ok(m) => m,
+            Err(SignalError::Protocol(_)) => continue,
+            Err(_) => break,
         };
         let now = sh.now_us();
-        let Ok(ServerMsg::IncomingCall { call_id, offer, .. }) =
-            serde_json::from_str::<ServerMsg>(t.as_str())
-        else {
+        let ServerMsg::IncomingCall { call_id, offer, .. } = m else {
             continue;
         };
         if let Some(k) = index_of(&offer)
@@ -603,9 +582,7 @@ async fn callee(
         let decline = ClientMsg::Decline {
             call_id: CallId(call_id.0),
         };
-        let text = serde_json::to_string(&decline)
-            .map_err(|e| FleetError::Protocol(format!("encoding decline: {e}")))?;
-        if ws.send(Message::Text(text.into())).await.is_err() {
+        if conn.send(&decline).await.is_err() {
             break;
         }
     }
