@@ -1,7 +1,8 @@
 //! peerlink-api: the APIs the services speak, as data.
 //!
 //! It is: the serde types of the signaling node's WebSocket protocol and HTTP bodies
-//! ([`signaling`]), and of the directory's internal REST API ([`directory`]). Clients,
+//! ([`signaling`]), of the directory's internal REST API ([`directory`]), and the relay's
+//! `/stats` document ([`relay`]). Clients,
 //! services and tools meet each other only through these types, over the wire. With the
 //! `client` feature it also holds the typed async clients: of the directory
 //! (`directory_client`), with the register/heartbeat loops that signaling nodes and relays run,
@@ -15,6 +16,7 @@
 pub mod directory;
 #[cfg(feature = "client")]
 pub mod directory_client;
+pub mod relay;
 pub mod signaling;
 #[cfg(feature = "client")]
 pub mod signaling_client;

@@ -21,6 +21,8 @@ use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
 use serde::Serialize;
 
+pub use peerlink_api::relay::{Percentiles, Stats};
+
 use crate::core::{CoreCounters, DropReason, ERROR_CODES};
 use crate::registration::Registrar;
 
@@ -178,64 +180,6 @@ pub struct WorkerReport {
     pub core: CoreCounters,
     /// Live allocations on this worker.
     pub allocations: usize,
-}
-
-/// Percentiles of one histogram (µs).
-#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
-pub struct Percentiles {
-    /// Samples.
-    pub count: u64,
-    /// Median.
-    pub p50: u64,
-    /// 90th percentile.
-    pub p90: u64,
-    /// 99th percentile.
-    pub p99: u64,
-    /// 99.9th percentile.
-    pub p999: u64,
-    /// Maximum.
-    pub max: u64,
-    /// Mean.
-    pub mean: f64,
-}
-
-impl Percentiles {
-    /// Summarise `h`.
-    pub fn of(h: &Histogram<u64>) -> Self {
-        if h.is_empty() {
-            return Self::default();
-        }
-        Self {
-            count: h.len(),
-            p50: h.value_at_quantile(0.5),
-            p90: h.value_at_quantile(0.9),
-            p99: h.value_at_quantile(0.99),
-            p999: h.value_at_quantile(0.999),
-            max: h.max(),
-            mean: h.mean(),
-        }
-    }
-}
-
-/// The `/stats` document.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
-pub struct Stats {
-    /// Seconds since start.
-    pub uptime_s: f64,
-    /// Whether the relay is draining.
-    pub draining: bool,
-    /// Workers running.
-    pub workers: usize,
-    /// I/O backend in use ("uring" or "epoll").
-    pub io: String,
-    /// In-relay latency (µs) over the last interval.
-    pub latency_interval_us: Percentiles,
-    /// In-relay latency (µs) since start.
-    pub latency_total_us: Percentiles,
-    /// Live allocations.
-    pub allocations_active: u64,
-    /// Counters (name -> value), same names as the Prometheus metrics without prefix.
-    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// Merged state, updated by the metrics thread, read by HTTP handlers.

@@ -155,12 +155,12 @@ impl DirectoryReport {
             self.single.users_missing + self.batched.users_missing
         );
         s += "  target: >= 50,000 lookups/s per core (per CPU-second of the directory process)\n";
-        s += &Percentiles::header("  request latency");
-        s += &self.single.latency.row("  single GET");
-        s += &self
-            .batched
-            .latency
-            .row(&format!("  batch POST x{}", self.batch));
+        s += &stats::header("  request latency");
+        s += &stats::row(&self.single.latency, "  single GET");
+        s += &stats::row(
+            &self.batched.latency,
+            &format!("  batch POST x{}", self.batch),
+        );
         s
     }
 }

@@ -134,11 +134,12 @@ impl InviteReport {
                 errs.join(", ")
             }
         );
-        s += &Percentiles::header("  latency");
-        s += &self.latency.row("  caller send -> callee receive");
-        s += &self
-            .latency_from_schedule
-            .row("  scheduled send -> callee receive");
+        s += &stats::header("  latency");
+        s += &stats::row(&self.latency, "  caller send -> callee receive");
+        s += &stats::row(
+            &self.latency_from_schedule,
+            "  scheduled send -> callee receive",
+        );
         s += "  target: p99 <= 10 ms at 2,000 invites/s\n";
         s += &format!("  node flags: {}\n", self.node_flags.join(" "));
         s

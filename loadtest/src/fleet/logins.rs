@@ -159,8 +159,8 @@ impl LoginReport {
             "  logins ok / failed                     {:>10} / {}\n",
             self.logins_ok, self.logins_failed
         );
-        s += &Percentiles::header("  latency");
-        s += &self.latency.row("  POST /v1/login");
+        s += &stats::header("  latency");
+        s += &stats::row(&self.latency, "  POST /v1/login");
         s
     }
 }
