@@ -2,14 +2,16 @@
 //!
 //! It is: the log flags (`--log FILTER`, `--log-format text|json`, [`log::LogArgs`]) and the
 //! one logging setup behind them ([`log::init`]: stderr, ANSI colour only on a terminal, JSON
-//! lines through tracing-subscriber), and duration values ([`parse_duration`]: humantime's
-//! syntax, or bare seconds).
+//! lines through tracing-subscriber), duration values ([`parse_duration`]: humantime's
+//! syntax, or bare seconds), and the services' Prometheus exposition
+//! ([`metrics::Exposition`], through prometheus-client).
 //!
 //! It is not: a configuration system of its own; each binary's flags and TOML keys stay its own.
 
 #![deny(missing_docs)]
 
 pub mod log;
+pub mod metrics;
 
 use std::time::Duration;
 

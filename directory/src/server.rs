@@ -4,7 +4,6 @@
 //! Paths and bodies are listed in [`peerlink_api::directory`]. `/v1/*` needs `Authorization: Bearer <token>`
 //! (compared in constant time); `/healthz` and `/metrics` do not.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use peerlink_cli::metrics::Exposition;
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -565,129 +565,98 @@ async fn choose_relays<S: DirectoryStore>(
 async fn metrics<S: DirectoryStore>(State(st): State<AppState<S>>) -> Response {
     let stats = st.store.stats(st.clock.now()).await;
     let m = &st.metrics;
-    let mut out = String::with_capacity(2048);
-    let mut put = |name: &str, kind: &str, help: &str, v: u64| {
-        // Writing to a String cannot fail.
-        let _ = write!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-        );
-    };
     let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    put(
-        "peerlink_directory_nodes",
-        "gauge",
+    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut e = Exposition::new();
+    e.gauge(
+        "nodes",
         "Signaling nodes with a fresh heartbeat.",
-        stats.nodes,
+        gauge(stats.nodes),
     );
-    put(
-        "peerlink_directory_relays_healthy",
-        "gauge",
+    e.gauge(
+        "relays_healthy",
         "Relays with a fresh heartbeat.",
-        stats.relays_healthy,
+        gauge(stats.relays_healthy),
     );
-    put(
-        "peerlink_directory_relays_known",
-        "gauge",
+    e.gauge(
+        "relays_known",
         "Relays known (healthy or not yet swept).",
-        stats.relays_known,
+        gauge(stats.relays_known),
     );
-    put(
-        "peerlink_directory_presence_entries",
-        "gauge",
+    e.gauge(
+        "presence_entries",
         "Stored presence entries (expired ones linger until the next sweep).",
-        stats.presence_entries,
+        gauge(stats.presence_entries),
     );
-    put(
-        "peerlink_directory_lookup_requests_total",
-        "counter",
+    e.counter(
+        "lookup_requests_total",
         "Presence lookup requests (single or batch).",
         c(&m.lookup_requests),
     );
-    put(
-        "peerlink_directory_lookups_total",
-        "counter",
-        "Users looked up.",
-        c(&m.lookups),
-    );
-    put(
-        "peerlink_directory_choose_requests_total",
-        "counter",
+    e.counter("lookups_total", "Users looked up.", c(&m.lookups));
+    e.counter(
+        "choose_requests_total",
         "Relay choice requests.",
         c(&m.choose_requests),
     );
-    put(
-        "peerlink_directory_relays_chosen_total",
-        "counter",
+    e.counter(
+        "relays_chosen_total",
         "Relays handed out by choices.",
         c(&m.relays_chosen),
     );
-    put(
-        "peerlink_directory_choices_empty_total",
-        "counter",
+    e.counter(
+        "choices_empty_total",
         "Relay choices that found no usable relay.",
         c(&m.choices_empty),
     );
-    put(
-        "peerlink_directory_presence_writes_total",
-        "counter",
+    e.counter(
+        "presence_writes_total",
         "Presence entries written.",
         c(&m.presence_writes),
     );
-    put(
-        "peerlink_directory_stale_updates_total",
-        "counter",
+    e.counter(
+        "stale_updates_total",
         "Presence writes ignored for an older node epoch.",
         c(&m.stale_updates),
     );
-    put(
-        "peerlink_directory_node_registrations_total",
-        "counter",
+    e.counter(
+        "node_registrations_total",
         "Signaling node registrations.",
         c(&m.node_registrations),
     );
-    put(
-        "peerlink_directory_relay_registrations_total",
-        "counter",
+    e.counter(
+        "relay_registrations_total",
         "Relay registrations.",
         c(&m.relay_registrations),
     );
-    put(
-        "peerlink_directory_unknown_heartbeats_total",
-        "counter",
+    e.counter(
+        "unknown_heartbeats_total",
         "Heartbeats from unknown nodes or relays (told to re-register).",
         c(&m.unknown_heartbeats),
     );
-    put(
-        "peerlink_directory_unauthorized_total",
-        "counter",
+    e.counter(
+        "unauthorized_total",
         "Requests refused for a missing or wrong cluster token.",
         c(&m.unauthorized),
     );
-    put(
-        "peerlink_directory_swept_presence_total",
-        "counter",
+    e.counter(
+        "swept_presence_total",
         "Presence entries removed by the sweeper.",
         c(&m.swept_presence),
     );
-    put(
-        "peerlink_directory_swept_nodes_total",
-        "counter",
+    e.counter(
+        "swept_nodes_total",
         "Node records removed by the sweeper.",
         c(&m.swept_nodes),
     );
-    put(
-        "peerlink_directory_swept_relays_total",
-        "counter",
+    e.counter(
+        "swept_relays_total",
         "Relay records removed by the sweeper.",
         c(&m.swept_relays),
     );
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
+        [(header::CONTENT_TYPE, peerlink_cli::metrics::CONTENT_TYPE)],
+        e.render("peerlink_directory"),
     )
         .into_response()
 }

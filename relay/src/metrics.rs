@@ -8,7 +8,6 @@
 //!
 //! No per-user labels; every metric has HELP/TYPE lines and its unit in the name.
 
-use std::fmt::Write as _;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +21,7 @@ use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
 use serde::Serialize;
 
 pub use peerlink_api::relay::{Percentiles, Stats};
+use peerlink_cli::metrics::Exposition;
 
 use crate::core::{CoreCounters, DropReason, ERROR_CODES};
 use crate::registration::Registrar;
@@ -344,279 +344,198 @@ impl MetricsHub {
     /// Prometheus text exposition (format 0.0.4).
     pub fn prometheus(&self) -> String {
         let (io, core, allocs, total, _) = self.merged();
-        let mut out = String::with_capacity(8192);
-        let p = "peerlink_relay";
-        let section =
-            |out: &mut String, name: &str, kind: &str, help: &str, lines: &[(String, u64)]| {
-                let _ = writeln!(out, "# HELP {p}_{name} {help}\n# TYPE {p}_{name} {kind}");
-                for (labels, v) in lines {
-                    if labels.is_empty() {
-                        let _ = writeln!(out, "{p}_{name} {v}");
-                    } else {
-                        let _ = writeln!(out, "{p}_{name}{{{labels}}} {v}");
-                    }
-                }
-            };
         let dir = |a: &[u64; 3]| -> Vec<(String, u64)> {
             Direction::ALL
                 .iter()
-                .map(|d| (format!("direction=\"{}\"", d.as_str()), a[*d as usize]))
+                .map(|d| (d.as_str().to_owned(), a[*d as usize]))
                 .collect()
         };
         let sock = |a: &[u64; 2]| -> Vec<(String, u64)> {
-            vec![
-                ("socket=\"listener\"".into(), a[0]),
-                ("socket=\"relayed\"".into(), a[1]),
-            ]
+            vec![("listener".into(), a[0]), ("relayed".into(), a[1])]
         };
-        let one = |v: u64| vec![(String::new(), v)];
-        section(
-            &mut out,
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut e = Exposition::new();
+        e.counters(
             "forwarded_packets_total",
-            "counter",
             "Datagrams relayed, by direction.",
-            &dir(&io.fwd_packets),
+            "direction",
+            dir(&io.fwd_packets),
         );
-        section(
-            &mut out,
+        e.counters(
             "forwarded_bytes_total",
-            "counter",
             "Bytes relayed (datagram payload as sent), by direction.",
-            &dir(&io.fwd_bytes),
+            "direction",
+            dir(&io.fwd_bytes),
         );
-        section(
-            &mut out,
+        e.counters(
             "received_packets_total",
-            "counter",
             "Datagrams received, by socket kind.",
-            &sock(&io.rx_packets),
+            "socket",
+            sock(&io.rx_packets),
         );
-        section(
-            &mut out,
+        e.counters(
             "received_bytes_total",
-            "counter",
             "Bytes received, by socket kind.",
-            &sock(&io.rx_bytes),
+            "socket",
+            sock(&io.rx_bytes),
         );
-        section(
-            &mut out,
+        e.counter(
             "reply_packets_total",
-            "counter",
             "STUN responses and Data indications sent.",
-            &one(io.reply_packets),
+            io.reply_packets,
         );
-        section(
-            &mut out,
+        e.counter(
             "reply_bytes_total",
-            "counter",
             "Bytes of STUN responses and Data indications sent.",
-            &one(io.reply_bytes),
+            io.reply_bytes,
         );
         let drops: Vec<(String, u64)> = DropReason::ALL
             .iter()
             .map(|r| {
                 (
-                    format!("reason=\"{}\"", r.as_str()),
+                    r.as_str().to_owned(),
                     io.drops.get(r.index()).copied().unwrap_or(0),
                 )
             })
             .collect();
-        section(
-            &mut out,
+        e.counters(
             "dropped_packets_total",
-            "counter",
             "Datagrams dropped without a reply, by reason.",
-            &drops,
+            "reason",
+            drops,
         );
-        section(
-            &mut out,
+        e.counter(
             "send_errors_total",
-            "counter",
             "Sends that failed (packet dropped, allocation kept).",
-            &one(io.send_errors),
+            io.send_errors,
         );
-        section(
-            &mut out,
+        e.counter(
             "receive_errors_total",
-            "counter",
             "Receive completions with an error other than ENOBUFS.",
-            &one(io.recv_errors),
+            io.recv_errors,
         );
-        section(
-            &mut out,
-            "buffer_ring_empty_total",
-            "counter",
-            "Receives that found the provided-buffer ring empty (ENOBUFS); replenished and re-armed.",
-            &one(io.enobufs),
-        );
-        section(
-            &mut out,
+        e.counter("buffer_ring_empty_total", "Receives that found the provided-buffer ring empty (ENOBUFS); replenished and re-armed.", io.enobufs);
+        e.counter(
             "completion_queue_overflow_total",
-            "counter",
             "io_uring completion queue overflows (back-pressure applied).",
-            &one(io.cq_overflow),
+            io.cq_overflow,
         );
-        section(
-            &mut out,
-            "submission_queue_full_drops_total",
-            "counter",
-            "Forwards dropped because the submission queue stayed full under completion back-pressure.",
-            &one(io.sq_full_drops),
-        );
-        section(
-            &mut out,
+        e.counter("submission_queue_full_drops_total", "Forwards dropped because the submission queue stayed full under completion back-pressure.", io.sq_full_drops);
+        e.counter(
             "busy_polls_total",
-            "counter",
             "Busy polls started after a wake-up that handled datagrams (--busy-poll-us).",
-            &one(io.busy_polls),
+            io.busy_polls,
         );
-        section(
-            &mut out,
+        e.counter(
             "busy_poll_hits_total",
-            "counter",
             "Busy polls that found new datagrams before their budget ran out.",
-            &one(io.busy_poll_hits),
+            io.busy_poll_hits,
         );
-        section(
-            &mut out,
+        e.counter(
             "multishot_rearms_total",
-            "counter",
             "Multishot receives re-armed after ending without MORE.",
-            &one(io.rearms),
+            io.rearms,
         );
-        section(
-            &mut out,
+        e.counter(
             "kernel_receive_buffer_drops_total",
-            "counter",
             "Datagrams the kernel dropped on full socket receive buffers (SO_RXQ_OVFL).",
-            &one(io.kernel_rx_drops),
+            io.kernel_rx_drops,
         );
-        section(
-            &mut out,
+        e.counter(
             "relay_socket_open_failures_total",
-            "counter",
             "Relayed sockets that could not be opened.",
-            &one(io.relay_open_failures),
+            io.relay_open_failures,
         );
-        section(
-            &mut out,
+        e.gauge(
             "relayed_sockets",
-            "gauge",
             "Relayed sockets open.",
-            &one(io.relayed_sockets),
+            gauge(io.relayed_sockets),
         );
-        section(
-            &mut out,
-            "allocations_active",
-            "gauge",
-            "Allocations alive.",
-            &one(allocs),
-        );
-        section(
-            &mut out,
+        e.gauge("allocations_active", "Allocations alive.", gauge(allocs));
+        e.counter(
             "allocations_created_total",
-            "counter",
             "Allocations created.",
-            &one(core.allocations_created),
+            core.allocations_created,
         );
-        section(
-            &mut out,
+        e.counter(
             "allocations_expired_total",
-            "counter",
             "Allocations freed because their lifetime ran out.",
-            &one(core.allocations_expired),
+            core.allocations_expired,
         );
-        section(
-            &mut out,
+        e.counter(
             "allocations_deleted_total",
-            "counter",
             "Allocations freed by Refresh with LIFETIME 0.",
-            &one(core.allocations_deleted),
+            core.allocations_deleted,
         );
-        section(
-            &mut out,
+        e.counter(
             "auth_failures_total",
-            "counter",
             "Requests rejected for bad credentials (401 after credentials were presented).",
-            &one(core.auth_failures),
+            core.auth_failures,
         );
-        section(
-            &mut out,
+        e.counter(
             "stale_nonces_total",
-            "counter",
             "Requests answered 438 (stale, forged or other-address nonce).",
-            &one(core.stale_nonces),
+            core.stale_nonces,
         );
         let reqs = vec![
-            ("method=\"binding\"".to_string(), core.req_binding),
-            ("method=\"allocate\"".to_string(), core.req_allocate),
-            ("method=\"refresh\"".to_string(), core.req_refresh),
-            (
-                "method=\"create_permission\"".to_string(),
-                core.req_create_permission,
-            ),
-            ("method=\"channel_bind\"".to_string(), core.req_channel_bind),
-            ("method=\"send_indication\"".to_string(), core.ind_send),
-            ("method=\"other\"".to_string(), core.req_other),
+            ("binding".to_string(), core.req_binding),
+            ("allocate".to_string(), core.req_allocate),
+            ("refresh".to_string(), core.req_refresh),
+            ("create_permission".to_string(), core.req_create_permission),
+            ("channel_bind".to_string(), core.req_channel_bind),
+            ("send_indication".to_string(), core.ind_send),
+            ("other".to_string(), core.req_other),
         ];
-        section(
-            &mut out,
+        e.counters(
             "requests_total",
-            "counter",
             "STUN/TURN requests and indications received, by method.",
-            &reqs,
+            "method",
+            reqs,
         );
-        let mut resps = vec![("code=\"success\"".to_string(), core.resp_success)];
+        let mut resps = vec![("success".to_string(), core.resp_success)];
         for (i, code) in ERROR_CODES.iter().enumerate() {
             let label = if *code == 0 {
                 "other".to_string()
             } else {
                 code.to_string()
             };
-            resps.push((
-                format!("code=\"{label}\""),
-                core.resp_error.get(i).copied().unwrap_or(0),
-            ));
+            resps.push((label, core.resp_error.get(i).copied().unwrap_or(0)));
         }
-        section(
-            &mut out,
+        e.counters(
             "responses_total",
-            "counter",
             "STUN responses sent, by result (success or error code).",
-            &resps,
+            "code",
+            resps,
         );
         // The in-relay latency histogram (µs), cumulative since start.
-        let name = "in_relay_latency_microseconds";
-        let _ = writeln!(
-            out,
-            "# HELP {p}_{name} Kernel receive timestamp to send submission, per forwarded datagram, in microseconds.\n# TYPE {p}_{name} histogram"
+        let mut below = 0;
+        let buckets = LATENCY_BUCKETS_US
+            .iter()
+            .map(|&b| {
+                let upto = if total.is_empty() {
+                    0
+                } else {
+                    total.count_between(0, b)
+                };
+                let n = upto.saturating_sub(below);
+                below = upto;
+                (b as f64, n)
+            })
+            .collect();
+        e.histogram(
+            "in_relay_latency_microseconds",
+            "Kernel receive timestamp to send submission, per forwarded datagram, in microseconds.",
+            io.latency_sum_us as f64,
+            total.len(),
+            buckets,
         );
-        for b in LATENCY_BUCKETS_US {
-            let c = if total.is_empty() {
-                0
-            } else {
-                total.count_between(0, b)
-            };
-            let _ = writeln!(out, "{p}_{name}_bucket{{le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{p}_{name}_bucket{{le=\"+Inf\"}} {}", total.len());
-        let _ = writeln!(out, "{p}_{name}_sum {}", io.latency_sum_us);
-        let _ = writeln!(out, "{p}_{name}_count {}", total.len());
-        section(
-            &mut out,
-            "workers",
-            "gauge",
-            "Worker threads.",
-            &one(self.workers as u64),
-        );
-        section(
-            &mut out,
+        e.gauge("workers", "Worker threads.", gauge(self.workers as u64));
+        e.gauge(
             "draining",
-            "gauge",
             "1 while draining (not ready).",
-            &one(u64::from(!self.is_ready())),
+            gauge(u64::from(!self.is_ready())),
         );
-        out
+        e.render("peerlink_relay")
     }
 }
 

@@ -82,7 +82,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            peerlink_cli::metrics::CONTENT_TYPE,
         )],
         st.metrics.render(),
     )

@@ -1,7 +1,9 @@
-//! Node metrics: plain atomic counters rendered as Prometheus text (no per-user labels).
+//! Node metrics: plain atomic counters, exposed as Prometheus text through
+//! `peerlink_cli::metrics` (no per-user labels).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use peerlink_cli::metrics::Exposition;
 
 macro_rules! metrics {
     ($( $(#[doc = $help:literal])* $name:ident : $kind:ident ),* $(,)?) => {
@@ -13,21 +15,20 @@ macro_rules! metrics {
         impl Metrics {
             /// Prometheus text exposition.
             pub fn render(&self) -> String {
-                let mut s = String::new();
+                let mut e = Exposition::new();
                 $(
-                    let help = concat!($($help),*).trim();
-                    let _ = writeln!(s, "# HELP peerlink_signaling_{} {}", stringify!($name), help);
-                    let _ = writeln!(s, "# TYPE peerlink_signaling_{} {}", stringify!($name), metrics!(@kind $kind));
-                    let _ = writeln!(s, "peerlink_signaling_{} {}", stringify!($name), self.$name.load(Ordering::Relaxed));
+                    e.$kind(
+                        stringify!($name),
+                        concat!($($help),*).trim_ascii(),
+                        self.$name.load(Ordering::Relaxed),
+                    );
                 )*
-                s
+                e.render("peerlink_signaling")
             }
         }
     };
     (@ty counter) => { AtomicU64 };
     (@ty gauge) => { AtomicI64 };
-    (@kind counter) => { "counter" };
-    (@kind gauge) => { "gauge" };
 }
 
 metrics! {
