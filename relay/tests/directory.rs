@@ -6,22 +6,21 @@
 //! interval plus margin; a relay started while the directory is down serves anyway and registers
 //! once the directory comes up. Each relay test runs on both backends.
 //!
-//! Needs `target/<profile>/peerlink-directory` (the workspace build makes it).
+//! Takes `peerlink-directory` from the same target directory (built when missing).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Relay, STEP, TurnClient, free_tcp_port, wait_child};
+use common::{Relay, STEP, TurnClient, free_tcp_port};
 use peerlink_api::directory::{ChooseRelaysRequest, RelayInfo};
 use peerlink_api::directory_client::DirectoryClient;
+use peerlink_testkit::proc::{Service, workspace_bin};
 
 const TOKEN: &str = "relay-directory-test-token";
 const REGION: &str = "test-region";
@@ -32,70 +31,25 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Slack for a loaded 2-core machine on top of protocol-given delays.
 const MARGIN: Duration = Duration::from_secs(6);
 
-/// The directory binary next to the relay binary under test (same target dir and profile),
-/// else `<workspace>/target/debug`.
-fn directory_bin() -> PathBuf {
-    let beside = std::path::Path::new(common::bin())
-        .parent()
-        .map(|d| d.join("peerlink-directory"));
-    let fallback = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join("debug")
-        .join("peerlink-directory");
-    match beside {
-        Some(p) if p.exists() => p,
-        _ if fallback.exists() => fallback,
-        _ => panic!(
-            "peerlink-directory binary not found next to {} nor at {}; build the workspace \
-             first (cargo build --workspace)",
-            common::bin(),
-            fallback.display()
-        ),
-    }
-}
-
 /// A running directory process, killed (SIGKILL) and reaped on drop.
 struct Directory {
-    child: Child,
+    proc: Service,
     addr: SocketAddr,
 }
 
 impl Directory {
     fn start(port: u16) -> Directory {
-        let mut child = Command::new(directory_bin())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        let mut cmd = Command::new(workspace_bin("peerlink-directory"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--node-ttl", &NODE_TTL_S.to_string()])
             .env("PEERLINK_CLUSTER_TOKEN", TOKEN)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the readiness line, then keeps draining stdout so the child never blocks.
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            for _ in lines.by_ref() {}
+            .env("RUST_LOG", "warn");
+        let mut proc = Service::start("peerlink-directory", cmd);
+        let addr: SocketAddr = proc.wait_for(STEP, |l| {
+            l.strip_prefix("listening on ").map(|a| a.parse().unwrap())
         });
-        let mut dir = Directory {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        let line = match rx.recv_timeout(STEP) {
-            Ok(Some(Ok(line))) => line,
-            other => panic!("directory did not print its address: {other:?}"),
-        };
-        dir.addr = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
-        assert_eq!(dir.addr.port(), port);
-        dir
+        assert_eq!(addr.port(), port);
+        Directory { proc, addr }
     }
 
     fn url(&self) -> String {
@@ -103,15 +57,7 @@ impl Directory {
     }
 
     fn kill9(mut self) {
-        self.child.kill().unwrap();
-        assert!(wait_child(&mut self.child, STEP).is_some());
-    }
-}
-
-impl Drop for Directory {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(self.proc.kill().is_some());
     }
 }
 

@@ -218,7 +218,7 @@ async fn shutdown_does_not_wait_for_the_grace() {
     alice.abort();
     bob.wait_presence("alice", "offline").await;
     let started = Instant::now();
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(node.child.id()).unwrap());
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(node.pid()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let e = bob.recv_skip_presence().await;
     assert_eq!(
@@ -228,7 +228,7 @@ async fn shutdown_does_not_wait_for_the_grace() {
     assert_eq!(bob.recv_skip_presence().await["type"], "goodbye");
     assert_eq!(bob.closed().await.map(|c| c.0), Some(1001));
     let status = loop {
-        if let Some(s) = node.child.try_wait().unwrap() {
+        if let Some(s) = node.child().try_wait().unwrap() {
             break s;
         }
         assert!(

@@ -7,48 +7,19 @@
 
 mod common;
 
-use std::io::BufRead;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Node, desc};
+use peerlink_testkit::proc::{Service, workspace_bin};
 use serde_json::json;
 
 const CLUSTER_TOKEN: &str = "two-node-cluster-token";
 
+/// A running `peerlink-directory` (killed on drop).
 struct Directory {
-    child: Child,
+    _proc: Service,
     url: String,
-}
-
-impl Drop for Directory {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The directory binary next to ours; built on demand when this package was built alone.
-fn directory_bin() -> PathBuf {
-    let ours = PathBuf::from(env!("CARGO_BIN_EXE_peerlink-signaling"));
-    let bin = ours.with_file_name("peerlink-directory");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "peerlink-directory",
-                "--bin",
-                "peerlink-directory",
-            ])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("cargo build peerlink-directory");
-        assert!(status.success(), "building peerlink-directory failed");
-    }
-    bin
 }
 
 fn start_directory() -> Directory {
@@ -56,39 +27,17 @@ fn start_directory() -> Directory {
 }
 
 fn start_directory_with(args: &[&str]) -> Directory {
-    let child = Command::new(directory_bin())
-        .args(args)
+    let mut cmd = Command::new(workspace_bin("peerlink-directory"));
+    cmd.args(args)
         .env("PEERLINK_CLUSTER_TOKEN", CLUSTER_TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn peerlink-directory");
-    // Owned (killed on drop) before anything can fail.
-    let mut dir = Directory {
-        child,
-        url: String::new(),
-    };
-    let stdout = dir.child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+        .env("RUST_LOG", "warn");
+    let mut proc = Service::start("peerlink-directory", cmd);
+    let addr = proc.wait_for(Duration::from_secs(60), |l| {
+        l.strip_prefix("listening on ").map(|a| a.trim().to_owned())
     });
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("directory did not start");
-        if let Some(a) = line.strip_prefix("listening on ") {
-            dir.url = format!("http://{}", a.trim());
-            return dir;
-        }
+    Directory {
+        _proc: proc,
+        url: format!("http://{addr}"),
     }
 }
 
@@ -312,8 +261,8 @@ async fn directory_restart_and_node_failover() {
 
     // Node B dies: bob shows offline within the presence TTL.
     let token = a.token("bob").await;
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    b.child().kill().unwrap();
+    b.child().wait().unwrap();
     drop(bob);
     eventually("bob offline", || async {
         client
@@ -495,8 +444,8 @@ async fn restarted_node_purges_its_old_presence_and_stale_epochs_lose() {
     let old_epoch = loc.devices[0].node_epoch;
 
     // Node B dies without deregistering and comes back under the same id: a new epoch.
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    b.child().kill().unwrap();
+    b.child().wait().unwrap();
     drop(bob);
     let b = node(&db, &dir, "node-b");
     eventually("node-b re-registered", || async {

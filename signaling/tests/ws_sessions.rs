@@ -347,8 +347,8 @@ async fn kill_9_after_ack_loses_nothing() {
         .await;
     alice.recv_type("message_ack").await;
     // SIGKILL right after the ack.
-    node.child.kill().unwrap();
-    node.child.wait().unwrap();
+    node.child().kill().unwrap();
+    node.child().wait().unwrap();
     drop(alice);
     let node = Node::start(&p, &[]);
     let mut bob = node.connect("bob", "phone").await;
@@ -365,7 +365,7 @@ async fn shutdown_closes_1001_and_refuses_upgrades() {
     let mut node = Node::start(&p, &["--shutdown-grace", "5s"]);
     let token = node.token("alice").await;
     let mut ws = node.connect("alice", "d1").await;
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(node.child.id()).unwrap());
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(node.pid()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let bye = ws.recv_type("goodbye").await;
     assert!(bye["reconnect_after_ms"].as_u64().is_some());
@@ -386,7 +386,7 @@ async fn shutdown_closes_1001_and_refuses_upgrades() {
     // Then the process exits 0.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(status) = node.child.try_wait().unwrap() {
+        if let Some(status) = node.child().try_wait().unwrap() {
             assert!(status.success(), "{status}");
             break;
         }
@@ -571,6 +571,6 @@ async fn random_frames_never_break_the_session() {
         }
         assert!(frames < 1000, "no answer to list_contacts");
     }
-    assert!(node.child.try_wait().unwrap().is_none(), "the node died");
+    assert!(node.child().try_wait().unwrap().is_none(), "the node died");
     assert!(node.metric("frame_errors_total").await > 100);
 }

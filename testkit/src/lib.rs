@@ -1,8 +1,11 @@
 //! peerlink-testkit: test support shared by the workspace's crates (dev-only, never shipped).
 //!
-//! [`workspace`] reads the workspace's crate graph from `cargo metadata` and `cargo tree`; the
-//! test `tests/dependency_rules.rs` holds the crates to the layering rules with it.
+//! [`proc`] starts the services' binaries for tests (find, build when missing, wait for the
+//! announce line, kill on drop). [`workspace`] reads the workspace's crate graph from
+//! `cargo metadata` and `cargo tree`; the test `tests/dependency_rules.rs` holds the crates to
+//! the layering rules with it.
 
 #![deny(missing_docs)]
 
+pub mod proc;
 pub mod workspace;

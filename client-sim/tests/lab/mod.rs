@@ -83,47 +83,9 @@ pub fn sim_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_peerlink-sim"))
 }
 
-/// A service binary of another workspace crate: in `$PEERLINK_LAB_BIN_DIR` when set, else
-/// next to `peerlink-sim` (same profile), built with `cargo build` when missing (once per
-/// process).
+/// A service binary of another workspace crate (see `peerlink_testkit::proc::workspace_bin`).
 pub fn service_bin(name: &str) -> PathBuf {
-    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    if let Some(d) = std::env::var_os("PEERLINK_LAB_BIN_DIR") {
-        let p = PathBuf::from(d).join(name);
-        assert!(
-            p.is_file(),
-            "{} not found ($PEERLINK_LAB_BIN_DIR)",
-            p.display()
-        );
-        return p;
-    }
-    let sim = sim_bin();
-    let dir = sim.parent().expect("binary has a directory").to_path_buf();
-    let path = dir.join(name);
-    if path.is_file() {
-        return path;
-    }
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if !path.is_file() && !built.iter().any(|b| b == name) {
-        let package = name; // binaries are named like their packages
-        let release = dir.file_name().is_some_and(|d| d == "release");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "-p", package, "--bin", name])
-            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
-        if release {
-            cmd.arg("--release");
-        }
-        eprintln!("lab: {name} missing in {}: running {cmd:?}", dir.display());
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "cargo build of {name} failed ({status})");
-        built.push(name.to_owned());
-    }
-    assert!(
-        path.is_file(),
-        "{} still missing after cargo build",
-        path.display()
-    );
-    path
+    peerlink_testkit::proc::workspace_bin(name)
 }
 
 fn random_secret() -> String {

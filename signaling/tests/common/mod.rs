@@ -4,13 +4,13 @@
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use peerlink_testkit::proc::Service;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -22,19 +22,12 @@ pub const TURN_SECRET: &str = "integration-turn-secret";
 /// Bound on any single wait for a frame.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A running signaling node.
+/// A running signaling node (killed on drop).
 pub struct Node {
-    pub child: Child,
+    proc: Service,
     pub http: SocketAddr,
     pub stun: Vec<SocketAddr>,
     pub db: PathBuf,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Arguments every test node gets (cheap Argon2 for debug builds).
@@ -80,42 +73,40 @@ impl Node {
         cmd.args(args)
             .env("PEERLINK_TOKEN_SECRET", TOKEN_SECRET)
             .env("PEERLINK_TURN_SECRET", TURN_SECRET)
-            .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         configure(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn peerlink-signaling");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
+        let mut proc = Service::start("peerlink-signaling", cmd);
+        let http = proc.wait_for(Duration::from_secs(60), |l| {
+            l.strip_prefix("http=")
+                .map(|a| a.parse().expect("http addr"))
         });
-        let mut http = None;
-        let mut stun = Vec::new();
-        let want_stun = !args.iter().any(|a| a == "--no-stun");
-        while http.is_none() || (want_stun && stun.is_empty()) {
-            let line = rx
-                .recv_timeout(Duration::from_secs(60))
-                .expect("node did not announce its addresses");
-            if let Some(a) = line.strip_prefix("http=") {
-                http = Some(a.parse().expect("http addr"));
-            } else if let Some(a) = line.strip_prefix("stun=") {
-                stun = a
-                    .split(',')
-                    .map(|s| s.parse().expect("stun addr"))
-                    .collect();
-            }
-        }
+        let stun = if args.iter().any(|a| a == "--no-stun") {
+            Vec::new()
+        } else {
+            proc.wait_for(Duration::from_secs(60), |l| {
+                l.strip_prefix("stun=").map(|a| {
+                    a.split(',')
+                        .map(|s| s.parse().expect("stun addr"))
+                        .collect()
+                })
+            })
+        };
         Node {
-            child,
-            http: http.expect("http addr"),
+            proc,
+            http,
             stun,
             db: db.to_path_buf(),
         }
+    }
+
+    /// The node's process.
+    pub fn child(&mut self) -> &mut Child {
+        self.proc.child()
+    }
+
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     pub fn url(&self, path: &str) -> String {
