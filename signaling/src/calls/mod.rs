@@ -10,21 +10,27 @@
 //! session on this node; when the grace runs out first, its calls end as `disconnected`.
 //! Ringing calls it placed are cancelled at once, as are all its calls when the grace is 0 or
 //! the node is shutting down.
+//!
+//! Here: the call table and its arbitration (invite, answer, restart, hangup, ring timeout)
+//! and the delivery of their effects; in `validate`, the checks of descriptions and
+//! candidates; in `grace`, what happens when a party's session ends.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use tokio::task::AbortHandle;
+
+mod grace;
+mod validate;
+
+pub use grace::{deliver_device, end_graces_now, on_disconnect, on_reconnect};
+use validate::{check_candidate, check_desc};
 
 use crate::auth::normalize_username;
 use crate::cluster::{CallForward, DeliverRequest, Party};
 use crate::state::AppState;
-use peerlink_api::signaling::{
-    CallId, Candidate, ClientMsg, EndReason, ErrorCode, ServerMsg, SessionDesc, SessionPurpose,
-};
+use peerlink_api::signaling::{CallId, ClientMsg, EndReason, ErrorCode, ServerMsg, SessionDesc};
 
 /// Most calls one user may have ringing or active at once (as caller).
 pub const MAX_CALLS_PER_CALLER: usize = 8;
@@ -116,91 +122,6 @@ pub fn err(code: ErrorCode, message: impl Into<String>, id: Option<String>) -> S
         message: message.into(),
         id,
     }
-}
-
-fn ice_chars(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
-}
-
-fn check_candidate(st: &AppState, c: &Candidate) -> Result<(), (ErrorCode, String)> {
-    if c.foundation.is_empty() || c.foundation.len() > 32 || !ice_chars(&c.foundation) {
-        return Err((
-            ErrorCode::Invalid,
-            String::from("candidate foundation must be 1-32 ice-chars"),
-        ));
-    }
-    if c.component == 0 || c.port == 0 {
-        return Err((
-            ErrorCode::Invalid,
-            String::from("candidate component and port must be non-zero"),
-        ));
-    }
-    if let Err(why) = st.cfg.candidates.check(c.address) {
-        return Err((
-            ErrorCode::ForbiddenCandidate,
-            format!("candidate address {} {why}", c.address),
-        ));
-    }
-    Ok(())
-}
-
-fn check_desc(st: &AppState, d: &SessionDesc) -> Result<(), (ErrorCode, String)> {
-    if !(4..=256).contains(&d.ice_ufrag.len()) || !ice_chars(&d.ice_ufrag) {
-        return Err((
-            ErrorCode::Invalid,
-            String::from("ice_ufrag must be 4-256 ice-chars"),
-        ));
-    }
-    if !(22..=256).contains(&d.ice_pwd.len()) || !ice_chars(&d.ice_pwd) {
-        return Err((
-            ErrorCode::Invalid,
-            String::from("ice_pwd must be 22-256 ice-chars"),
-        ));
-    }
-    match STANDARD.decode(d.public_key.as_bytes()) {
-        Ok(k) if k.len() == 32 => {}
-        _ => {
-            return Err((
-                ErrorCode::Invalid,
-                String::from("public_key must be base64 of 32 bytes"),
-            ));
-        }
-    }
-    if d.candidates.len() > st.cfg.max_candidates {
-        return Err((
-            ErrorCode::TooManyCandidates,
-            format!(
-                "{} candidates, at most {}",
-                d.candidates.len(),
-                st.cfg.max_candidates
-            ),
-        ));
-    }
-    if let Some(fp) = &d.transfer_fingerprint
-        && (fp.len() != 64 || !fp.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-    {
-        return Err((
-            ErrorCode::Invalid,
-            String::from("transfer_fingerprint must be 64 lowercase hex digits"),
-        ));
-    }
-    if let SessionPurpose::File { name, .. } = &d.purpose
-        && (name.is_empty()
-            || name.len() > 255
-            || name.contains(['/', '\\'])
-            || name.chars().any(char::is_control)
-            || name == "."
-            || name == "..")
-    {
-        return Err((
-            ErrorCode::Invalid,
-            String::from(
-                "file name must be 1-255 bytes, not `.` or `..`, without path separators or control characters",
-            ),
-        ));
-    }
-    d.candidates.iter().try_for_each(|c| check_candidate(st, c))
 }
 
 /// The call a call frame refers to.
@@ -631,211 +552,6 @@ pub async fn arbitrate(st: &AppState, from: Party, msg: ClientMsg) -> Vec<Server
     };
     perform(st, effects).await;
     replies
-}
-
-/// Deliver `msg` to the session of `user`/`device` on this node, or queue it while that device
-/// is inside its call grace. Returns whether it was delivered or queued.
-pub fn deliver_device(st: &AppState, user: &str, device: &str, msg: &ServerMsg) -> bool {
-    let mut away = st.calls.lock_away();
-    if let Some(a) = away.get_mut(&(user.to_owned(), device.to_owned())) {
-        if a.queued.len() >= MAX_AWAY_QUEUE {
-            a.queued.pop_front();
-        }
-        a.queued.push_back(msg.clone());
-        return true;
-    }
-    // Sent under the lock, so frames queued before a reconnect stay ahead of later ones.
-    st.hub.send_device(user, device, msg, &st.metrics)
-}
-
-/// Whether `user`/`device` (connected here) is a party of an accepted call: one this node
-/// arbitrates, or one it answered that another node arbitrates.
-fn in_accepted_call(st: &AppState, user: &str, device: &str) -> bool {
-    let here = st.calls.lock().values().any(|c| {
-        matches!(&c.state, CallState::Active(p) if
-            (p.user == user && p.device == device && p.node.is_none())
-            || (c.caller.user == user && c.caller.device == device && c.caller.node.is_none()))
-    });
-    here || !st.hub.answered_by(user, device).is_empty()
-}
-
-/// A session of `user`/`device` on this node ended (and no newer one of the device is here).
-/// With a call grace and an accepted call, the device becomes *away* (see the module doc) and
-/// only the invites it placed that still ring are cancelled; otherwise its calls end now.
-pub async fn on_disconnect(st: &AppState, user: &str, device: &str) {
-    let grace = st.cfg.call_grace;
-    if grace.is_zero() || st.is_draining() || !in_accepted_call(st, user, device) {
-        end_calls(st, user, device, false).await;
-        return;
-    }
-    end_calls(st, user, device, true).await;
-    let key = (user.to_owned(), device.to_owned());
-    let generation = st.calls.next_generation.fetch_add(1, Ordering::Relaxed);
-    {
-        // Spawned under the lock: the timer cannot look for the entry before it exists.
-        let mut away = st.calls.lock_away();
-        let (st2, u, d) = (st.clone(), user.to_owned(), device.to_owned());
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            grace_expired(&st2, &u, &d, generation).await;
-        })
-        .abort_handle();
-        let queued = match away.remove(&key) {
-            Some(old) => {
-                old.timer.abort();
-                old.queued
-            }
-            None => VecDeque::new(),
-        };
-        away.insert(
-            key,
-            Away {
-                generation,
-                timer,
-                queued,
-            },
-        );
-    }
-    tracing::info!(
-        ?grace,
-        "call party disconnected; keeping its calls for the grace"
-    );
-    // The device may have reconnected while the entry was being made.
-    if st.hub.has_device(user, device) {
-        on_reconnect(st, user, device);
-    }
-}
-
-/// A session of `user`/`device` registered on this node: if the device was inside its call
-/// grace, its calls continue and the frames queued meanwhile go to the new session.
-pub fn on_reconnect(st: &AppState, user: &str, device: &str) {
-    let mut away = st.calls.lock_away();
-    let Some(a) = away.remove(&(user.to_owned(), device.to_owned())) else {
-        return;
-    };
-    a.timer.abort();
-    crate::metrics::Metrics::inc(&st.metrics.call_grace_resumed_total);
-    tracing::info!(
-        queued = a.queued.len(),
-        "call party reconnected within the grace"
-    );
-    for m in &a.queued {
-        st.hub.send_device(user, device, m, &st.metrics);
-    }
-}
-
-async fn grace_expired(st: &AppState, user: &str, device: &str, generation: u64) {
-    {
-        let mut away = st.calls.lock_away();
-        let key = (user.to_owned(), device.to_owned());
-        if away.get(&key).is_none_or(|a| a.generation != generation) {
-            return;
-        }
-        let Some(a) = away.remove(&key) else { return };
-        if st.hub.has_device(user, device) {
-            // Back, but its registration raced with this timer: hand over as on reconnect.
-            crate::metrics::Metrics::inc(&st.metrics.call_grace_resumed_total);
-            for m in &a.queued {
-                st.hub.send_device(user, device, m, &st.metrics);
-            }
-            return;
-        }
-    }
-    crate::metrics::Metrics::inc(&st.metrics.call_grace_expired_total);
-    tracing::info!("call grace ran out; ending the calls of the disconnected party");
-    end_calls(st, user, device, false).await;
-}
-
-/// Shutdown: end at once the calls of every device inside its call grace.
-pub async fn end_graces_now(st: &AppState) {
-    let gone: Vec<(String, String)> = {
-        let mut away = st.calls.lock_away();
-        away.drain()
-            .map(|(k, a)| {
-                a.timer.abort();
-                k
-            })
-            .collect()
-    };
-    for (user, device) in gone {
-        end_calls(st, &user, &device, false).await;
-    }
-}
-
-/// End the calls `user`/`device` (connected here) is a party of, here and (through their
-/// arbiter) calls it answered that another node arbitrates; `only_ringing`: just the invites
-/// it placed that still ring.
-async fn end_calls(st: &AppState, user: &str, device: &str, only_ringing: bool) {
-    let mut fx = Vec::new();
-    {
-        let mut map = st.calls.lock();
-        let ids: Vec<CallId> = map
-            .iter()
-            .filter(|(_, c)| {
-                let ringing = matches!(c.state, CallState::Ringing);
-                let caller = c.caller.user == user && c.caller.device == device && c.caller.node.is_none();
-                let callee = matches!(&c.state, CallState::Active(p) if p.user == user && p.device == device && p.node.is_none());
-                if only_ringing {
-                    caller && ringing
-                } else {
-                    caller || callee
-                }
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in ids {
-            let Some(c) = map.remove(&id) else { continue };
-            st.metrics.calls_open.fetch_sub(1, Ordering::Relaxed);
-            if let Some(t) = &c.timer {
-                t.abort();
-            }
-            let ended = ServerMsg::CallEnded {
-                call_id: id.clone(),
-                reason: EndReason::Disconnected,
-            };
-            match c.state {
-                CallState::Ringing => fx.push(Effect {
-                    to: Target::User {
-                        user: c.callee,
-                        except_device: None,
-                    },
-                    msg: ended,
-                }),
-                CallState::Active(callee) => {
-                    let other = if c.caller.user == user && c.caller.device == device {
-                        callee
-                    } else {
-                        c.caller
-                    };
-                    fx.push(Effect {
-                        to: Target::Party(other),
-                        msg: ended,
-                    });
-                }
-            }
-        }
-    }
-    perform(st, fx).await;
-    if only_ringing {
-        return;
-    }
-    if let Some(cluster) = st.cluster.as_ref() {
-        for (id, url) in st.hub.answered_by(user, device) {
-            st.hub.drop_route(&id);
-            let fwd = CallForward {
-                from: Party {
-                    user: user.to_owned(),
-                    device: device.to_owned(),
-                    node: Some(cluster.internal_url.clone()),
-                },
-                msg: ClientMsg::Hangup { call_id: id },
-                gone: true,
-            };
-            if let Err(e) = cluster.forward_call(&url, &fwd).await {
-                tracing::warn!(error = %e, "hangup of a disconnected callee not delivered");
-            }
-        }
-    }
 }
 
 /// On the arbiter: the session of `from` (on another node) ended; end call `id` if `from` is

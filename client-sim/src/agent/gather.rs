@@ -1,0 +1,242 @@
+//! Gathering: host candidates from the sockets, server-reflexive ones from STUN Binding
+//! responses, relayed ones from the TURN allocation; `gathering_complete` when all are in.
+
+use super::*;
+
+impl Agent {
+    pub(super) fn start_gathering(&mut self, now: Instant) {
+        self.gathering_reported = false;
+        for (i, addr) in self.sockets.clone().into_iter().enumerate() {
+            let pref = local_pref(i);
+            let c = Candidate::new(CandidateKind::Host, addr, addr, pref);
+            self.add_local(c, true);
+        }
+        if let Some(server) = self.cfg.stun_server {
+            for i in 0..self.sockets.len() {
+                if self.sockets[i].is_ipv4() != server.is_ipv4() {
+                    continue;
+                }
+                let tid = TransactionId::random(&mut self.rng);
+                let mut buf = vec![0u8; 64];
+                let payload = match MessageBuilder::new(&mut buf, MessageType::BINDING_REQUEST, tid)
+                    .and_then(|mut b| {
+                        b.add_fingerprint()?;
+                        Ok(b.finish())
+                    }) {
+                    Ok(n) => {
+                        buf.truncate(n);
+                        buf
+                    }
+                    Err(_) => {
+                        self.stats.send_errors += 1;
+                        continue;
+                    }
+                };
+                self.transmits.push_back(Transmit {
+                    socket: i,
+                    to: server,
+                    payload: payload.clone(),
+                });
+                self.gathers.push(Gather {
+                    socket: i,
+                    tid,
+                    payload,
+                    transmissions: 1,
+                    rto: self.cfg.stun_rto,
+                    next_at: now + self.cfg.stun_rto,
+                    done: false,
+                });
+            }
+        }
+        self.turn_order = self.turn_list();
+        self.turn_index = 0;
+        self.turn_allocated_once = false;
+        self.turn_started_at = None;
+        if let Some(first) = self.turn_order.first().map(|t| t.server) {
+            let releasing = self.retired.iter().any(|(_, t)| t.config().server == first);
+            if releasing {
+                // Same relay (and likely the same 5-tuple) as the allocation being released:
+                // let the release land first, or the relay answers 437.
+                self.turn_deferred_until = Some(now + self.cfg.turn_alternate_after);
+            } else {
+                self.start_turn(now);
+            }
+        }
+        self.check_gathering_complete();
+    }
+
+    pub(super) fn gather_timers(&mut self, now: Instant) {
+        let Some(server) = self.cfg.stun_server else {
+            return;
+        };
+        for g in self
+            .gathers
+            .iter_mut()
+            .filter(|g| !g.done && g.next_at <= now)
+        {
+            if g.transmissions >= self.cfg.stun_max_transmissions {
+                g.done = true;
+                continue;
+            }
+            g.transmissions += 1;
+            g.rto = (g.rto * 2).min(MAX_STUN_RTO);
+            g.next_at = now + g.rto;
+            self.transmits.push_back(Transmit {
+                socket: g.socket,
+                to: server,
+                payload: g.payload.clone(),
+            });
+        }
+        self.check_gathering_complete();
+    }
+
+    /// A Binding response to our server-reflexive request? Consumes it if so.
+    pub(super) fn try_gather_response(
+        &mut self,
+        socket: usize,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> bool {
+        if self.cfg.stun_server != Some(from) {
+            return false;
+        }
+        let Ok(msg) = Message::parse(data) else {
+            return false;
+        };
+        if msg.method() != Method::BINDING || !matches!(msg.class(), Class::Success | Class::Error)
+        {
+            return false;
+        }
+        let tid = msg.transaction_id();
+        let Some(g) = self
+            .gathers
+            .iter_mut()
+            .find(|g| g.tid == tid && g.socket == socket)
+        else {
+            return false;
+        };
+        let was_done = g.done;
+        g.done = true;
+        if !was_done
+            && msg.class() == Class::Success
+            && let Some(Ok(XorMappedAddress(mapped))) = msg.get::<XorMappedAddress>()
+        {
+            self.add_srflx(socket, mapped);
+        }
+        self.check_gathering_complete();
+        true
+    }
+
+    pub(super) fn add_srflx(&mut self, socket: usize, mapped: SocketAddr) {
+        let Some(&base) = self.sockets.get(socket) else {
+            return;
+        };
+        if self.locals.iter().any(|l| l.cand.addr == mapped) {
+            return;
+        }
+        let c = Candidate::new(
+            CandidateKind::ServerReflexive,
+            mapped,
+            base,
+            local_pref(socket),
+        );
+        // Server-reflexive candidates are trickled but not paired: their base (the host
+        // socket) already is (RFC 8445 section 6.1.2.4).
+        self.add_local(c, true);
+    }
+
+    pub(super) fn add_local(&mut self, c: Candidate, announce: bool) {
+        if announce {
+            self.events.push_back(Event::LocalCandidate(c.clone()));
+        }
+        self.locals.push(Local { cand: c });
+    }
+
+    pub(super) fn check_gathering_complete(&mut self) {
+        if self.gathering_reported {
+            return;
+        }
+        let stun_done = self.gathers.iter().all(|g| g.done);
+        let turn_done = self.turn_deferred_until.is_none()
+            && self
+                .turn
+                .as_ref()
+                .is_none_or(|t| t.state() != AllocationState::Allocating)
+            && (self.turn_allocated_once || self.turn_index + 1 >= self.turn_order.len());
+        if stun_done && turn_done {
+            self.gathering_reported = true;
+            self.events.push_back(Event::GatheringComplete);
+        }
+    }
+
+    pub(super) fn drain_turn(&mut self, now: Instant) {
+        let Some(t) = self.turn.as_mut() else {
+            return;
+        };
+        let server = t.config().server;
+        let mut events = Vec::new();
+        while let Some(ev) = t.poll_event() {
+            events.push(ev);
+        }
+        for ev in events {
+            match ev {
+                turn::Event::Allocated {
+                    relayed, mapped, ..
+                } => {
+                    self.turn_allocated_once = true;
+                    if let Some(m) = mapped {
+                        self.add_srflx(self.turn_socket, m);
+                    }
+                    let c = Candidate::new(CandidateKind::Relayed, relayed, relayed, 65535);
+                    self.add_local(c, true);
+                    let ips: Vec<_> = self.remotes.iter().map(|r| r.addr.ip()).collect();
+                    if let Some(t) = self.turn.as_mut() {
+                        for ip in ips {
+                            if !t.has_permission(ip) {
+                                let _ = t.create_permission(now, ip);
+                            }
+                        }
+                    }
+                    for r in self.remotes.clone() {
+                        self.add_pair(now, Via::Relay, &r);
+                    }
+                }
+                turn::Event::AllocationLost(e) => {
+                    self.end_relayed_pairs();
+                    if self
+                        .selected
+                        .and_then(|i| self.pairs.get(i))
+                        .is_some_and(|p| p.via == Via::Relay)
+                    {
+                        self.disconnect(DisconnectReason::RelayLost(e));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !self.turn_allocated_once
+            && self
+                .turn
+                .as_ref()
+                .is_some_and(|t| t.state() == AllocationState::Failed)
+            && self.turn_index + 1 < self.turn_order.len()
+        {
+            self.turn_failover(now);
+            return;
+        }
+        if let Some(t) = self.turn.as_mut() {
+            while let Some(tx) = t.poll_transmit() {
+                self.transmits.push_back(Transmit {
+                    socket: self.turn_socket,
+                    to: if tx.destination == server {
+                        server
+                    } else {
+                        tx.destination
+                    },
+                    payload: tx.payload,
+                });
+            }
+        }
+        self.check_gathering_complete();
+    }
+}
