@@ -39,6 +39,11 @@
 //! [`MediaFigures`], never played.
 //!
 //! What it is not: no multi-party, no video, no device audio (WAV in, WAV out).
+//!
+//! Here: the call's `Leg` (socket, agent, media), its event loop and the entry points; in
+//! `recovery`, the sans-IO decisions of restarts, consent and signaling reconnects (tested on
+//! a virtual clock); in `signal_link`, the link to signaling that carries them out; in `file`,
+//! the file part of a file session; in `report`, what a session reports.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -65,6 +70,17 @@ use crate::transfer::{
     TransferReport, TransferRole,
 };
 use peerlink_api::signaling_client::{Reopened, SignalError, SignalSession, parse_turn_uri};
+
+mod file;
+mod recovery;
+mod report;
+mod signal_link;
+
+use file::*;
+use recovery::*;
+use report::*;
+pub use report::{CallReport, DeclinedReport, FileReport, MediaFigures, SessionReport};
+use signal_link::*;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -183,89 +199,6 @@ impl Default for CallOptions {
     }
 }
 
-/// Media figures of one call (what this side received, and its own sending).
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct MediaFigures {
-    /// Media packets this side sent.
-    pub packets_sent: u64,
-    /// Media packets received.
-    pub packets_received: u64,
-    /// Packets lost (receiver's count).
-    pub packets_lost: i64,
-    /// Frames recovered from in-band FEC.
-    pub recovered_fec: u64,
-    /// Frames concealed.
-    pub concealed: u64,
-    /// Interarrival jitter, ms.
-    pub jitter_ms: f64,
-    /// Round-trip time from control reports, ms.
-    pub rtt_ms: Option<f64>,
-    /// E-model MOS.
-    pub mos: f64,
-    /// Seconds of audio recorded.
-    pub recorded_s: f64,
-    /// Datagrams dropped as unparseable (bad first byte, malformed RTP, bad payload type).
-    pub dropped_garbage: u64,
-    /// Media datagrams dropped because authentication failed (wrong key, tampering).
-    pub dropped_auth: u64,
-    /// Media datagrams dropped as replays (index seen before or behind the window).
-    pub dropped_replay: u64,
-    /// Application datagrams dropped because they came from no candidate pair's address.
-    pub dropped_unknown_source: u64,
-}
-
-/// The call report.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct CallReport {
-    /// "caller" or "callee".
-    pub role: String,
-    /// The other party.
-    pub peer: String,
-    /// Server call id.
-    pub call_id: String,
-    /// "direct" or "relay" (the path in use at the end).
-    pub path: Option<String>,
-    /// Our end of the selected path.
-    pub local: Option<String>,
-    /// The peer's end of the selected path.
-    pub remote: Option<String>,
-    /// Path changes after connecting (e.g. relay -> direct).
-    pub path_changes: u64,
-    /// Caller: invite sent -> accepted (ringing + answering); callee: none.
-    pub invite_to_answer_ms: Option<f64>,
-    /// Answer (caller: accept received; callee: accept sent) -> path selected.
-    pub answer_to_connected_ms: Option<f64>,
-    /// Answer -> first media packet received and accepted.
-    pub answer_to_first_media_ms: Option<f64>,
-    /// Local candidates gathered (host, srflx, relay).
-    pub local_candidates: Vec<String>,
-    /// Remote candidates received.
-    pub remote_candidates: usize,
-    /// Connectivity checks this side sent (consent checks included).
-    pub checks_sent: u64,
-    /// Agent: checks started -> path selected, ms.
-    pub checks_to_connected_ms: Option<f64>,
-    /// TURN allocations this side released mid-call because the call's path did not use them
-    /// (RFC 8445 section 8.3; the agent's `release_unused_relay_after`).
-    pub unused_relay_released: u64,
-    /// Media.
-    pub media: MediaFigures,
-    /// Recording path, if any.
-    pub recording: Option<String>,
-    /// How the call ended.
-    pub ended: String,
-    /// Machine-readable end: "hangup" (we hung up after the duration), "peer_hangup",
-    /// "peer_ended" (other signaling end reason), "consent_expired", "time_limit",
-    /// "signaling_lost" (the signaling session could not be reopened within the grace).
-    pub end: String,
-    /// ICE restarts this side made (own and in answer to the peer's).
-    pub restarts: u64,
-    /// Times the signaling WebSocket was reopened during the call after it failed.
-    pub signal_reconnects: u64,
-    /// Longest interval between two accepted media packets after the first one, ms.
-    pub max_media_gap_ms: f64,
-}
-
 fn random_token(len: usize) -> String {
     const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
@@ -316,93 +249,20 @@ struct Leg {
     packets_sent: u64,
     use_turn: bool,
     peer_key: Option<[u8; 32]>,
-    restarts: u64,
-    /// We restarted and wait for the peer's description (an `ice_restart` arriving now is
-    /// its answer, not a new restart).
-    awaiting_restart_answer: bool,
-    last_restart: Option<Instant>,
-    /// The agent reported the path lost since the last restart.
-    agent_lost: bool,
-    last_peer_rx: Option<Instant>,
+    /// When to restart, when consent expired, the signaling outage (sans-IO).
+    rec: Recovery,
     last_media_rx: Option<Instant>,
     max_media_gap: Duration,
     dropped_garbage: u64,
     dropped_auth: u64,
     dropped_replay: u64,
-    consent_timeout: Duration,
-    restart_after_silence: Duration,
     events: Option<tokio::sync::mpsc::UnboundedSender<CallEvent>>,
     /// File session: what to transfer, the QUIC identity, the peer's fingerprint.
     file: Option<FileSide>,
     /// Where received QUIC datagrams go while a transfer runs.
     quic_in: Option<Pipe>,
-    /// Signaling's WebSocket failed at this time and is not back yet.
-    sig_down: Option<Instant>,
-    /// Next reconnect attempt (while down).
-    sig_retry_at: Option<Instant>,
-    /// Wait before the next attempt after a failed one.
-    sig_backoff: Duration,
     /// Frames for signaling held while it is down.
     sig_outbox: Vec<ClientMsg>,
-    /// Why signaling went down last.
-    sig_err: Option<String>,
-    /// Reconnects so far.
-    signal_reconnects: u64,
-    signal_grace: Duration,
-    /// After a reconnect: re-send our unanswered ICE restart at this time.
-    resend_restart_at: Option<Instant>,
-    /// After such a re-send: restart anew at this time if still unanswered (in a glare the
-    /// peer takes the re-sent description as its answer, while its own may have been lost
-    /// on the way to the dead socket; a new restart makes it answer).
-    restart_followup_at: Option<Instant>,
-}
-
-/// First wait between two reconnect attempts (doubles each time).
-const SIG_BACKOFF: Duration = Duration::from_millis(100);
-/// Bound on one reconnect attempt.
-const SIG_ATTEMPT: Duration = Duration::from_secs(2);
-/// After a reconnect, how long held frames (e.g. the answer to our restart) get to arrive
-/// before our unanswered restart is sent again.
-const RESEND_RESTART_AFTER: Duration = Duration::from_millis(150);
-/// After that re-send, how long the peer's answer gets before we restart anew.
-const RESTART_FOLLOWUP_AFTER: Duration = Duration::from_millis(500);
-/// Bound on one signaling write during a call (a dead socket must not stall media).
-const SIG_WRITE: Duration = Duration::from_secs(2);
-
-/// The file part of a file session.
-struct FileSide {
-    /// Sender: the file; receiver: the directory to save into.
-    job: FileJob,
-    name: String,
-    size: u64,
-    identity: TransferIdentity,
-    peer_fp: Option<Fingerprint>,
-    progress: bool,
-    result: Option<Result<TransferReport, String>>,
-}
-
-enum FileJob {
-    Send(PathBuf),
-    Receive(PathBuf),
-}
-
-/// When the peer was last heard, for the silence that starts an ICE restart: its media and
-/// reports (`peer_rx`), and in a file session, whose data may pause, also its authenticated
-/// consent traffic on our selected pair. In a call the peer's media comes every 20 ms, and
-/// checks that still arrive on our selected pair do not prove its media reaches us: the peer
-/// may send it on a pair of its own, through a relay that died.
-fn last_heard(peer_rx: Instant, selected_pair_rx: Option<Instant>, file_session: bool) -> Instant {
-    match selected_pair_rx {
-        Some(t) if file_session => peer_rx.max(t),
-        _ => peer_rx,
-    }
-}
-
-/// What the recovery logic wants next.
-enum Recovery {
-    Fine,
-    Restart(&'static str),
-    ConsentExpired,
 }
 
 impl Leg {
@@ -473,120 +333,21 @@ impl Leg {
             packets_sent: 0,
             use_turn: opts.use_turn,
             peer_key: None,
-            restarts: 0,
-            awaiting_restart_answer: false,
-            last_restart: None,
-            agent_lost: false,
-            last_peer_rx: None,
+            rec: Recovery::new(
+                opts.consent_timeout,
+                opts.restart_after_silence,
+                opts.signal_grace,
+            ),
             last_media_rx: None,
             max_media_gap: Duration::ZERO,
             dropped_garbage: 0,
             dropped_auth: 0,
             dropped_replay: 0,
-            consent_timeout: opts.consent_timeout,
-            restart_after_silence: opts.restart_after_silence,
             events: opts.events.clone(),
             file: None,
             quic_in: None,
-            sig_down: None,
-            sig_retry_at: None,
-            sig_backoff: SIG_BACKOFF,
             sig_outbox: Vec::new(),
-            sig_err: None,
-            signal_reconnects: 0,
-            signal_grace: opts.signal_grace,
-            resend_restart_at: None,
-            restart_followup_at: None,
         })
-    }
-
-    /// Send a frame to signaling; while it is down (or if the write fails, which marks it
-    /// down) the frame is queued for the reconnect.
-    async fn signal(&mut self, sess: &mut SignalSession, msg: ClientMsg) {
-        if self.sig_down.is_some() {
-            self.sig_outbox.push(msg);
-            return;
-        }
-        let err = match tokio::time::timeout(SIG_WRITE, sess.send(&msg)).await {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("write timed out after {SIG_WRITE:?}"),
-        };
-        self.signal_lost(err, Instant::now());
-        self.sig_outbox.push(msg);
-    }
-
-    /// Signaling failed: reconnect from `retry_at` on (no-op if already down).
-    fn signal_lost(&mut self, why: String, retry_at: Instant) {
-        if self.sig_down.is_some() {
-            return;
-        }
-        tracing::warn!("signaling lost mid-call ({why}); reconnecting");
-        self.sig_down = Some(Instant::now());
-        self.sig_retry_at = Some(retry_at);
-        self.sig_backoff = SIG_BACKOFF;
-        self.sig_err = Some(why);
-        self.emit(CallEvent::Signaling { up: false });
-    }
-
-    /// When the grace for a signaling outage runs out (None while signaling is up).
-    fn sig_grace_end(&self) -> Option<Instant> {
-        self.sig_down.map(|t| t + self.signal_grace)
-    }
-
-    /// A reconnect attempt failed: try again after the backoff.
-    fn reconnect_failed(&mut self, why: String) {
-        tracing::info!("signaling reconnect failed: {why}");
-        let now = Instant::now();
-        self.sig_retry_at = Some(now + self.sig_backoff);
-        self.sig_backoff = (self.sig_backoff * 2).min(Duration::from_secs(1));
-        self.sig_err = Some(why);
-    }
-
-    /// The new connection is installed: send what was queued; an unanswered restart of ours
-    /// goes out again shortly unless it was among the queued frames.
-    async fn signal_restored(&mut self, sess: &mut SignalSession) {
-        self.sig_down = None;
-        self.sig_retry_at = None;
-        self.signal_reconnects += 1;
-        tracing::info!("signaling reconnected (#{})", self.signal_reconnects);
-        self.emit(CallEvent::Signaling { up: true });
-        let queued = std::mem::take(&mut self.sig_outbox);
-        let had_restart = queued
-            .iter()
-            .any(|m| matches!(m, ClientMsg::IceRestart { .. }));
-        if self.awaiting_restart_answer && !had_restart {
-            self.resend_restart_at = Some(Instant::now() + RESEND_RESTART_AFTER);
-        }
-        for m in queued {
-            self.signal(sess, m).await;
-        }
-    }
-
-    /// Opens signaling again, blocking (media pauses), until it works or the grace ends.
-    async fn restore_signal_now(&mut self, sess: &mut SignalSession) -> bool {
-        while let Some(end) = self.sig_grace_end() {
-            let now = Instant::now();
-            if now >= end {
-                return false;
-            }
-            if let Some(t) = self.sig_retry_at
-                && t > now
-            {
-                tokio::time::sleep_until(tokio::time::Instant::from_std(t.min(end))).await;
-                continue;
-            }
-            let bound = SIG_ATTEMPT.min(end.saturating_duration_since(now));
-            match tokio::time::timeout(bound, sess.reopen()).await {
-                Ok(Ok(r)) => {
-                    sess.install(r);
-                    self.signal_restored(sess).await;
-                }
-                Ok(Err(e)) => self.reconnect_failed(e.to_string()),
-                Err(_) => self.reconnect_failed(format!("attempt timed out after {bound:?}")),
-            }
-        }
-        true
     }
 
     /// Our current description with every local candidate (for a re-sent restart).
@@ -729,24 +490,24 @@ impl Leg {
                     }
                     let now = Instant::now();
                     self.t_connected.get_or_insert(now);
-                    self.last_peer_rx = Some(now);
+                    self.rec.on_path(now);
                     self.path = Some(path);
                     self.emit(CallEvent::Path { path, first });
                 }
                 Event::PathChanged { path } => {
                     self.path = Some(path);
                     self.path_changes += 1;
-                    self.last_peer_rx = Some(Instant::now());
+                    self.rec.on_peer_heard(Instant::now());
                     self.emit(CallEvent::Path { path, first: false });
                 }
                 Event::Disconnected { reason } => {
-                    if self.t_connected.is_none() && self.restarts == 0 {
+                    if self.t_connected.is_none() && self.rec.restarts() == 0 {
                         // Never connected (e.g. every pair failed): nothing to recover.
                         return Err(CallError::Connectivity(format!("{reason:?}")));
                     }
                     // Not the end: the recovery logic restarts (or ends on consent expiry).
                     tracing::info!("path lost ({reason:?}); recovering");
-                    self.agent_lost = true;
+                    self.rec.on_path_lost();
                 }
             }
         }
@@ -798,7 +559,7 @@ impl Leg {
             // QUIC (64-127, 192-255): the file transfer's, if one runs.
             match &self.quic_in {
                 Some(pipe) => {
-                    self.last_peer_rx = Some(now);
+                    self.rec.on_peer_heard(now);
                     // A full pipe drops, like UDP; QUIC recovers.
                     let _ = pipe.try_push(data.to_vec());
                 }
@@ -812,14 +573,14 @@ impl Leg {
         match m.handle_packet(now, &data) {
             Received::Media(_) => {
                 self.t_first_media.get_or_insert(now);
-                self.last_peer_rx = Some(now);
+                self.rec.on_peer_heard(now);
                 if let Some(prev) = self.last_media_rx {
                     self.max_media_gap =
                         self.max_media_gap.max(now.saturating_duration_since(prev));
                 }
                 self.last_media_rx = Some(now);
             }
-            Received::Report(_) => self.last_peer_rx = Some(now),
+            Received::Report(_) => self.rec.on_peer_heard(now),
             Received::Dropped(ReceiveDrop::Crypto(DropReason::AuthFailed)) => {
                 self.dropped_auth += 1;
             }
@@ -828,165 +589,6 @@ impl Leg {
             }
             Received::Dropped(_) => self.dropped_garbage += 1,
         }
-    }
-
-    /// Whether the path needs an ICE restart, or the call is over (consent expired).
-    fn recovery(&self, now: Instant) -> Recovery {
-        let (Some(_), Some(peer_rx)) = (self.t_connected, self.last_peer_rx) else {
-            return Recovery::Fine;
-        };
-        let last = last_heard(peer_rx, self.agent.selected_last_rx(), self.file.is_some());
-        let silent = now.saturating_duration_since(last);
-        if silent >= self.consent_timeout {
-            return Recovery::ConsentExpired;
-        }
-        let backoff_over = self
-            .last_restart
-            .is_none_or(|t| now.saturating_duration_since(t) >= self.restart_backoff());
-        if !backoff_over {
-            return Recovery::Fine;
-        }
-        if self.agent_lost {
-            return Recovery::Restart("path lost");
-        }
-        if silent >= self.silence_limit() {
-            return Recovery::Restart("no packets from peer");
-        }
-        Recovery::Fine
-    }
-
-    /// Silence that starts a restart: media comes every 20 ms; a file transfer can pause
-    /// (QUIC keep-alives and consent checks every 2 s then), so it gets more.
-    fn silence_limit(&self) -> Duration {
-        if self.file.is_some() {
-            self.restart_after_silence.max(Duration::from_millis(2500))
-        } else {
-            self.restart_after_silence
-        }
-    }
-
-    /// Least time between two own restarts (a restart needs a moment to validate a path).
-    fn restart_backoff(&self) -> Duration {
-        self.restart_after_silence.max(Duration::from_millis(500)) * 3 / 2
-    }
-
-    /// ICE restart: fresh TURN credentials, new ICE credentials, fresh gathering; our new
-    /// description goes to the peer as `ice_restart`.
-    async fn restart(&mut self, sess: &mut SignalSession, reason: &str) -> Result<(), CallError> {
-        let Some(call_id) = self.call_id.clone() else {
-            return Ok(());
-        };
-        if self.use_turn {
-            match tokio::time::timeout(Duration::from_secs(2), sess.turn_credentials()).await {
-                Ok(Ok(c)) => self.agent.set_turn_servers(turn_configs(&c)),
-                Ok(Err(e)) => tracing::warn!("restart without fresh TURN credentials: {e}"),
-                Err(_) => tracing::warn!("restart without fresh TURN credentials: timed out"),
-            }
-        }
-        self.ufrag = random_token(8);
-        self.pwd = random_token(24);
-        let now = Instant::now();
-        self.agent
-            .restart(now, (self.ufrag.clone(), self.pwd.clone()));
-        self.sent_cands.clear();
-        self.pending.clear();
-        self.gathered_all = false;
-        self.sent_eoc = false;
-        self.agent_lost = false;
-        self.restarts += 1;
-        self.last_restart = Some(now);
-        self.awaiting_restart_answer = true;
-        tracing::info!("ICE restart #{} ({reason})", self.restarts);
-        self.emit(CallEvent::Restarted {
-            restarts: self.restarts,
-            reason: reason.to_owned(),
-        });
-        self.resend_restart_at = None;
-        self.restart_followup_at = None;
-        let desc = self.desc();
-        self.signal(sess, ClientMsg::IceRestart { call_id, desc })
-            .await;
-        Ok(())
-    }
-
-    /// The peer restarted: restart too unless this is the answer to our own restart, then
-    /// apply its credentials and candidates.
-    async fn on_remote_restart(
-        &mut self,
-        sess: &mut SignalSession,
-        d: &SessionDesc,
-    ) -> Result<(), CallError> {
-        let key = decode_key(&d.public_key)?;
-        if self.peer_key.is_some_and(|k| k != key) {
-            return Err(CallError::BadDesc(
-                "the peer's public key changed in an ICE restart".into(),
-            ));
-        }
-        if !self.awaiting_restart_answer {
-            self.restart(sess, "peer restarted").await?;
-        }
-        self.awaiting_restart_answer = false;
-        self.add_remote_ice(d);
-        Ok(())
-    }
-
-    /// Starts the QUIC transfer of a file session over the selected path (virtual addresses:
-    /// path changes and ICE restarts underneath are invisible to QUIC). Returns the pipe of
-    /// datagrams QUIC wants sent and the task's handle.
-    fn start_transfer(&mut self) -> Result<(Pipe, TransferTask), CallError> {
-        let f = self
-            .file
-            .as_ref()
-            .ok_or_else(|| CallError::Transfer("not a file session".into()))?;
-        let peer_fp = f
-            .peer_fp
-            .ok_or_else(|| CallError::Transfer("no peer fingerprint".into()))?;
-        let (role, local, peer) = match self.role {
-            IceRole::Controlling => (
-                TransferRole::Client,
-                VIRTUAL_CLIENT_ADDR,
-                VIRTUAL_SERVER_ADDR,
-            ),
-            IceRole::Controlled => (
-                TransferRole::Server,
-                VIRTUAL_SERVER_ADDR,
-                VIRTUAL_CLIENT_ADDR,
-            ),
-        };
-        let (path, handle) = DatagramPath::new(local, peer);
-        self.quic_in = Some(handle.incoming.clone());
-        let identity = f.identity.clone();
-        let bar = ProgressBar::new(&f.name, !f.progress);
-        let job = match &f.job {
-            FileJob::Send(p) => FileJob::Send(p.clone()),
-            FileJob::Receive(d) => FileJob::Receive(d.clone()),
-        };
-        let task = tokio::spawn(async move {
-            let opts = EndpointOptions::default();
-            let pc = crate::transfer::endpoint(path, &identity, peer_fp, role, &opts)
-                .await
-                .map_err(|e| format!("QUIC connection: {e}"))?;
-            match job {
-                FileJob::Send(p) => {
-                    let r = crate::transfer::send_file(&pc.connection, &p, bar.callback()).await;
-                    pc.close().await;
-                    r.map_err(|e| e.to_string())
-                }
-                FileJob::Receive(dir) => {
-                    let r =
-                        crate::transfer::receive_file(&pc.connection, &dir, bar.callback()).await;
-                    // The sender closes once it has our verdict; closing first could drop it.
-                    if r.is_ok() {
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(5), pc.connection.closed())
-                                .await;
-                    }
-                    pc.close().await;
-                    r.map_err(|e| e.to_string())
-                }
-            }
-        });
-        Ok((handle.outgoing.clone(), task))
     }
 
     /// Releases the TURN allocation and waits (bounded) for the relay to confirm.
@@ -1077,79 +679,10 @@ impl Leg {
         if send_frames && self.path.is_some() && self.media.is_some() {
             w = w.min(self.next_frame.unwrap_or_else(Instant::now));
         }
-        if let (Some(_), Some(last)) = (self.t_connected, self.last_peer_rx) {
-            w = w.min(last + self.silence_limit());
-            w = w.min(last + self.consent_timeout);
-            if let Some(r) = self.last_restart {
-                w = w.min(r + self.restart_backoff());
-            }
+        if let Some(t) = self.rec.path_timeout(self.file.is_some()) {
+            w = w.min(t);
         }
         w
-    }
-
-    fn report(
-        &self,
-        peer: &str,
-        (end, ended): (&str, String),
-        invite_to_answer: Option<Duration>,
-    ) -> CallReport {
-        let stats = self.media.as_ref().map(|m| m.stats());
-        let agent_stats = self.agent.stats();
-        let ta = self.t_answer;
-        let since = |t: Option<Instant>| match (ta, t) {
-            (Some(a), Some(b)) => Some(ms(b.saturating_duration_since(a))),
-            _ => None,
-        };
-        CallReport {
-            role: match self.role {
-                IceRole::Controlling => "caller".into(),
-                IceRole::Controlled => "callee".into(),
-            },
-            peer: peer.to_owned(),
-            call_id: self
-                .call_id
-                .as_ref()
-                .map(|c| c.0.clone())
-                .unwrap_or_default(),
-            path: self.path.map(|p| match p.kind {
-                PathKind::Direct => "direct".into(),
-                PathKind::Relay => "relay".into(),
-            }),
-            local: self.path.map(|p| p.local.to_string()),
-            remote: self.path.map(|p| p.remote.to_string()),
-            path_changes: self.path_changes,
-            invite_to_answer_ms: invite_to_answer.map(ms),
-            answer_to_connected_ms: since(self.t_connected),
-            answer_to_first_media_ms: since(self.t_first_media),
-            local_candidates: self.local_cands.clone(),
-            remote_candidates: self.remote_cands,
-            checks_sent: agent_stats.checks_sent,
-            checks_to_connected_ms: agent_stats.time_to_connected.map(ms),
-            unused_relay_released: agent_stats.unused_relay_released,
-            media: stats
-                .map(|s| MediaFigures {
-                    packets_sent: self.packets_sent,
-                    packets_received: s.packets_received,
-                    packets_lost: s.packets_lost,
-                    recovered_fec: s.recovered_fec,
-                    concealed: s.concealed,
-                    jitter_ms: ms(s.jitter),
-                    rtt_ms: s.rtt.map(ms),
-                    mos: s.mos,
-                    recorded_s: self.heard.len() as f64 / f64::from(crate::media::SAMPLE_RATE),
-                    dropped_garbage: self.dropped_garbage,
-                    dropped_auth: self.dropped_auth,
-                    dropped_replay: self.dropped_replay,
-                    dropped_unknown_source: agent_stats.app_dropped,
-                })
-                .unwrap_or_default(),
-            recording: None,
-            ended,
-            end: end.to_owned(),
-            restarts: self.restarts,
-            signal_reconnects: self.signal_reconnects,
-            max_media_gap_ms: ms(self.max_media_gap),
-        }
     }
 }
 
@@ -1233,21 +766,6 @@ type Reopening = std::pin::Pin<
     >,
 >;
 
-/// The attempt's outcome (pending forever without one).
-async fn reopened(
-    r: Option<&mut Reopening>,
-) -> Result<Result<Reopened, SignalError>, tokio::time::error::Elapsed> {
-    match r {
-        Some(f) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Whether a signaling failure is final: this device was replaced by a newer session.
-fn signal_fatal(e: &SignalError) -> bool {
-    matches!(e, SignalError::Closed { code: 4001, .. })
-}
-
 /// Handle one signaling frame of the call.
 async fn on_signal(
     leg: &mut Leg,
@@ -1289,40 +807,28 @@ async fn run_loop(
     let mut xfer: Option<(Pipe, TransferTask)> = None;
     // Receiver: after the transfer, wait this long for the sender's hangup.
     let mut linger: Option<Instant> = None;
-    let mut reopening: Option<Reopening> = None;
+    let mut reopening: Option<(Reopening, Duration)> = None;
     loop {
         leg.flush().await?;
         leg.handle_events(sess).await?;
         leg.flush().await?;
         let now = Instant::now();
-        if let Some(end) = leg.sig_grace_end() {
-            if reopening.is_none() && now >= end {
-                return Ok(LoopEnd::SignalLost);
+        match leg.rec.poll_signal(now) {
+            SignalNext::Fine => {}
+            SignalNext::Lost => return Ok(LoopEnd::SignalLost),
+            SignalNext::Reconnect(bound) => {
+                reopening = Some((Box::pin(tokio::time::timeout(bound, sess.reopen())), bound));
             }
-            if reopening.is_none() && leg.sig_retry_at.is_none_or(|t| now >= t) {
-                let bound = SIG_ATTEMPT.min(end.saturating_duration_since(now));
-                reopening = Some(Box::pin(tokio::time::timeout(bound, sess.reopen())));
+            SignalNext::ResendRestart => {
+                if let Some(call_id) = leg.call_id.clone() {
+                    tracing::info!("re-sending our unanswered ICE restart after the reconnect");
+                    let desc = leg.full_desc();
+                    leg.signal(sess, ClientMsg::IceRestart { call_id, desc })
+                        .await;
+                }
             }
-        } else if let Some(t) = leg.resend_restart_at
-            && now >= t
-        {
-            leg.resend_restart_at = None;
-            if leg.awaiting_restart_answer
-                && let Some(call_id) = leg.call_id.clone()
-            {
-                tracing::info!("re-sending our unanswered ICE restart after the reconnect");
-                let desc = leg.full_desc();
-                leg.signal(sess, ClientMsg::IceRestart { call_id, desc })
-                    .await;
-                leg.restart_followup_at = Some(Instant::now() + RESTART_FOLLOWUP_AFTER);
-            }
-        } else if let Some(t) = leg.restart_followup_at
-            && now >= t
-        {
-            leg.restart_followup_at = None;
-            if leg.awaiting_restart_answer {
-                leg.restart(sess, "restart unanswered after a signaling reconnect")
-                    .await?;
+            SignalNext::Restart(why) => {
+                leg.restart(sess, why).await?;
                 continue;
             }
         }
@@ -1346,10 +852,13 @@ async fn run_loop(
         if now >= hard_deadline {
             return Ok(LoopEnd::TimeUp);
         }
-        match leg.recovery(now) {
-            Recovery::Fine => {}
-            Recovery::ConsentExpired => return Ok(LoopEnd::ConsentExpired),
-            Recovery::Restart(why) => {
+        match leg
+            .rec
+            .poll_path(now, leg.agent.selected_last_rx(), leg.file.is_some())
+        {
+            PathNext::Fine => {}
+            PathNext::ConsentExpired => return Ok(LoopEnd::ConsentExpired),
+            PathNext::Restart(why) => {
                 leg.restart(sess, why).await?;
                 continue;
             }
@@ -1365,21 +874,10 @@ async fn run_loop(
         if let Some(t) = linger {
             deadline = deadline.min(t);
         }
-        if let Some(end) = leg.sig_grace_end() {
-            deadline = deadline.min(end);
-            if reopening.is_none()
-                && let Some(t) = leg.sig_retry_at
-            {
-                deadline = deadline.min(t);
-            }
-        }
-        for t in [leg.resend_restart_at, leg.restart_followup_at]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(t) = leg.rec.signal_timeout() {
             deadline = deadline.min(t);
         }
-        let sig_up = leg.sig_down.is_none();
+        let sig_up = !leg.rec.signal_down();
         let wake = tokio::time::Instant::from_std(leg.wake(true, deadline).max(now));
         let out = xfer.as_ref().map(|x| x.0.clone());
         tokio::select! {
@@ -1407,16 +905,9 @@ async fn run_loop(
                 }
                 linger = Some(Instant::now() + Duration::from_secs(3));
             }
-            r = reopened(reopening.as_mut()) => {
-                reopening = None;
-                match r {
-                    Ok(Ok(r)) => {
-                        sess.install(r);
-                        leg.signal_restored(sess).await;
-                    }
-                    Ok(Err(e)) => leg.reconnect_failed(e.to_string()),
-                    Err(_) => leg.reconnect_failed("attempt timed out".into()),
-                }
+            r = reopened(reopening.as_mut().map(|(f, _)| f)) => {
+                let bound = reopening.take().map_or(Duration::ZERO, |(_, b)| b);
+                leg.reconnected(sess, r, bound).await;
             }
             m = sess.recv(), if sig_up => {
                 let m = match m {
@@ -1478,19 +969,19 @@ async fn run_and_end(
     let call_id = leg.call_id.clone();
     // Ending while signaling is down: get it back (within the grace) to say so.
     if matches!(&res, Ok(e) if !matches!(e, LoopEnd::SignalLost))
-        && leg.sig_down.is_some()
+        && leg.rec.signal_down()
         && !leg.restore_signal_now(sess).await
     {
         tracing::warn!("signaling still down at the end of the call; the server ends it");
     }
     let out = match res {
         Ok(LoopEnd::SignalLost) => {
-            let why = leg.sig_err.clone().unwrap_or_default();
+            let why = leg.rec.last_signal_error().unwrap_or_default().to_owned();
             Ok((
                 "signaling_lost",
                 format!(
                     "signaling lost: not reconnected within {:.1} s ({why})",
-                    leg.signal_grace.as_secs_f64()
+                    leg.rec.signal_grace().as_secs_f64()
                 ),
             ))
         }
@@ -1505,7 +996,7 @@ async fn run_and_end(
                 "consent_expired",
                 format!(
                     "consent expired: no packets from peer for {} s",
-                    leg.consent_timeout.as_secs_f64()
+                    leg.rec.consent_timeout().as_secs_f64()
                 ),
             ))
         }
@@ -1528,123 +1019,6 @@ async fn run_and_end(
     };
     leg.close().await;
     out
-}
-
-/// Outcome of one file session (`send-file`, or a file accepted by `listen`).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct FileReport {
-    /// "sender" or "receiver".
-    pub role: String,
-    /// The other party.
-    pub peer: String,
-    /// Server call (session) id.
-    pub call_id: String,
-    /// File name as offered.
-    pub name: String,
-    /// File size, bytes.
-    pub size: u64,
-    /// Sender: the source; receiver: where the verified file was saved.
-    pub file: String,
-    /// File bytes carried in this session (less than `size` when resumed).
-    pub bytes: u64,
-    /// Transfer time (offer answered -> verdict), seconds.
-    pub duration_s: f64,
-    /// `bytes * 8 / duration`, bit/s.
-    pub throughput_bps: f64,
-    /// True when the receiver already held verified chunks (resumed download).
-    pub resumed: bool,
-    /// Bytes the receiver already held.
-    pub resumed_from: u64,
-    /// BLAKE3 of the whole file (hex), verified by the receiver.
-    pub blake3: String,
-    /// "direct" or "relay" (the path in use at the end).
-    pub path: Option<String>,
-    /// Path changes after connecting (restarts included).
-    pub path_changes: u64,
-    /// ICE restarts this side made.
-    pub restarts: u64,
-    /// Times the signaling WebSocket was reopened during the session after it failed.
-    pub signal_reconnects: u64,
-    /// QUIC smoothed RTT at the end, ms.
-    pub rtt_ms: f64,
-    /// Packets QUIC declared lost.
-    pub lost_packets: u64,
-    /// Answer -> path selected, ms.
-    pub answer_to_connected_ms: Option<f64>,
-    /// Machine-readable end (as in [`CallReport::end`]).
-    pub end: String,
-    /// How the session ended.
-    pub ended: String,
-}
-
-/// A session declined by `listen` (a file offered without `--save-dir`).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct DeclinedReport {
-    /// The other party.
-    pub peer: String,
-    /// Server call (session) id.
-    pub call_id: String,
-    /// Why.
-    pub reason: String,
-}
-
-/// What one answered session was (one JSON line per session for `listen --json`).
-#[derive(Clone, Debug, serde::Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum SessionReport {
-    /// An audio call.
-    Call(CallReport),
-    /// A file session.
-    File(FileReport),
-    /// A session this side declined.
-    Declined(DeclinedReport),
-}
-
-fn file_report(
-    leg: &Leg,
-    peer: &str,
-    (end, ended): (&str, String),
-) -> Result<FileReport, CallError> {
-    let f = leg
-        .file
-        .as_ref()
-        .ok_or_else(|| CallError::Transfer("not a file session".into()))?;
-    let t = match &f.result {
-        Some(Ok(t)) => t,
-        Some(Err(e)) => return Err(CallError::Transfer(e.clone())),
-        None => {
-            return Err(CallError::Transfer(format!(
-                "the session ended before the transfer finished ({ended})"
-            )));
-        }
-    };
-    let call = leg.report(peer, (end, ended), None);
-    Ok(FileReport {
-        role: match leg.role {
-            IceRole::Controlling => "sender".into(),
-            IceRole::Controlled => "receiver".into(),
-        },
-        peer: peer.to_owned(),
-        call_id: call.call_id,
-        name: t.name.clone(),
-        size: t.size,
-        file: t.path.display().to_string(),
-        bytes: t.bytes,
-        duration_s: t.duration.as_secs_f64(),
-        throughput_bps: t.goodput_bps,
-        resumed: t.resumed_from > 0,
-        resumed_from: t.resumed_from,
-        blake3: t.blake3.clone(),
-        path: call.path,
-        path_changes: call.path_changes,
-        restarts: call.restarts,
-        signal_reconnects: call.signal_reconnects,
-        rtt_ms: t.rtt_ms,
-        lost_packets: t.lost_packets,
-        answer_to_connected_ms: call.answer_to_connected_ms,
-        end: call.end,
-        ended: call.ended,
-    })
 }
 
 /// Invite `peer` (a call, or a file session when `file` is set), run the session and end it.
@@ -1695,7 +1069,7 @@ async fn place(
         leg.flush().await?;
         leg.handle_events(sess).await?;
         leg.flush().await?;
-        if let Some(why) = leg.sig_down.and(leg.sig_err.clone()) {
+        if let Some(why) = leg.rec.signal_error().map(str::to_owned) {
             // Before the answer the server cancels the invite of a dropped caller.
             leg.close().await;
             return Err(CallError::Signal(SignalError::Protocol(format!(
@@ -1894,23 +1268,5 @@ pub async fn answer_next(
             "expected a call, declined a file session: {}",
             d.reason
         ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The peer's media stopped at t0 (its relay died) while its checks kept arriving on our
-    /// selected pair through another relay: in a call the silence still runs from t0, in a
-    /// file session the checks count.
-    #[test]
-    fn consent_checks_do_not_hide_a_calls_lost_media() {
-        let t0 = Instant::now();
-        let check = t0 + Duration::from_millis(900);
-        assert_eq!(last_heard(t0, Some(check), false), t0);
-        assert_eq!(last_heard(t0, Some(check), true), check);
-        assert_eq!(last_heard(check, Some(t0), true), check);
-        assert_eq!(last_heard(t0, None, true), t0);
     }
 }
