@@ -1,10 +1,11 @@
-//! The fuzz body, shared by `proto/fuzz` (cargo-fuzz target `parse`) and the corpus replay test
-//! `proto/tests/fuzz_corpus.rs`. Not part of the supported API.
+//! The fuzz bodies, shared by `proto/fuzz` (cargo-fuzz targets `parse` and `stream`) and the
+//! corpus replay tests `proto/tests/fuzz_corpus.rs`. Not part of the supported API.
 
 use core::fmt::Write;
 
 use crate::attrs::describe;
 use crate::channel::{self, ChannelData};
+use crate::stream::{self, FrameKind, StreamError, StreamFramer};
 use crate::stun::{Message, MessageBuilder, ParseError};
 use crate::{auth, demux};
 
@@ -127,4 +128,92 @@ fn is_integrity(typ: u16) -> bool {
         crate::attrs::attr_type::MESSAGE_INTEGRITY
             | crate::attrs::attr_type::MESSAGE_INTEGRITY_SHA256
     )
+}
+
+/// Frame cap of the stream fuzz body: small enough that the fuzzer reaches it.
+pub const FUZZ_MAX_FRAME: usize = 1024;
+
+/// Frames `data` as one TCP/TLS stream and checks what must hold for any input: no panic; the
+/// frames and the final error do not depend on how the bytes were cut into reads (the first
+/// byte of `data` picks the read sizes); every frame is STUN or ChannelData of the length its
+/// header declares, within the cap; the framer never holds more than was pushed and not taken.
+pub fn fuzz_stream(data: &[u8]) {
+    let Some((&seed, stream)) = data.split_first() else {
+        return;
+    };
+    let whole = frame_all(stream, &[stream.len().max(1)]);
+    let sizes = [usize::from(seed % 7) + 1, usize::from(seed / 7 % 13) + 1, 1];
+    let pieces = frame_all(stream, &sizes);
+    assert_eq!(whole, pieces, "framing depends on how the stream was cut");
+
+    let (frames, consumed, err) = whole;
+    assert!(consumed <= stream.len());
+    let mut at = 0;
+    for (kind, bytes) in &frames {
+        assert!(bytes.len() <= FUZZ_MAX_FRAME);
+        assert_eq!(&stream[at..at + bytes.len()], bytes.as_slice());
+        match kind {
+            FrameKind::Stun => {
+                assert_eq!(bytes[0] >> 6, 0);
+                let body = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
+                assert_eq!(bytes.len(), crate::stun::HEADER_LEN + body);
+                // A STUN frame is exactly what a datagram would be: the codec must not panic.
+                let _ = Message::parse(bytes);
+                at += bytes.len();
+            }
+            FrameKind::ChannelData => {
+                assert_eq!(bytes[0] >> 6, 1);
+                let payload = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
+                assert_eq!(bytes.len(), channel::CHANNEL_HEADER_LEN + payload);
+                at += bytes.len() + stream::channel_padding(bytes.len());
+            }
+        }
+    }
+    assert_eq!(at, consumed);
+    if let Some(e) = err {
+        // The error is about the frame right after the last good one.
+        assert_eq!(
+            stream::frame_extent(&stream[consumed..], FUZZ_MAX_FRAME),
+            Err(e)
+        );
+    }
+}
+
+/// Frames, bytes consumed by them and the error (if any) of `stream` pushed in reads of the
+/// `sizes` in turn (`Vec`s are fine here: the stream body is not about allocation).
+type Framed = (Vec<(FrameKind, Vec<u8>)>, usize, Option<StreamError>);
+
+fn frame_all(stream: &[u8], sizes: &[usize]) -> Framed {
+    let mut f = StreamFramer::new(FUZZ_MAX_FRAME);
+    let mut frames = Vec::new();
+    let mut consumed = 0;
+    let mut rest = stream;
+    let mut i = 0;
+    let mut err = None;
+    while !rest.is_empty() && err.is_none() {
+        let n = sizes[i % sizes.len()].min(rest.len());
+        i += 1;
+        f.push(&rest[..n]);
+        rest = &rest[n..];
+        loop {
+            match f.next_frame() {
+                Ok(Some(fr)) => {
+                    consumed += match fr.kind {
+                        FrameKind::Stun => fr.bytes.len(),
+                        FrameKind::ChannelData => {
+                            fr.bytes.len() + stream::channel_padding(fr.bytes.len())
+                        }
+                    };
+                    frames.push((fr.kind, fr.bytes.to_vec()));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        assert!(f.buffered() <= stream.len() - consumed);
+    }
+    (frames, consumed, err)
 }

@@ -2,7 +2,7 @@
 //!
 //! What it is: a zero-copy STUN/TURN codec (RFC 8489, RFC 8656, RFC 5780 and RFC 8445
 //! attributes; parsing borrows from the datagram, encoding writes into a caller buffer),
-//! TURN ChannelData framing, the RFC 7983 first-byte demultiplexer, credentials (long-term
+//! TURN ChannelData framing, stream framing for TURN over TCP/TLS ([`stream`]), the RFC 7983 first-byte demultiplexer, credentials (long-term
 //! and short-term keys, MESSAGE-INTEGRITY / -SHA256 / FINGERPRINT, TURN REST ephemeral
 //! credentials compatible with coturn's `use-auth-secret`), and [`addr`] (the IPv4 address an
 //! IPv6 spelling carries, for the address policies of the relay and signaling).
@@ -47,6 +47,7 @@ pub mod channel;
 pub mod demux;
 pub mod error_code;
 pub mod ice;
+pub mod stream;
 pub mod stun;
 
 #[doc(hidden)]
