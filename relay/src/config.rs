@@ -102,6 +102,24 @@ pub struct Config {
     /// TURN address clients should use, announced to the directory. Default: the listen
     /// address, or the first relay-ip with the listen port when listening on a wildcard.
     pub public_addr: Option<SocketAddr>,
+    /// TCP addresses of TURN-over-TCP listeners (RFC 8656 client transport). Default none.
+    pub listen_tcp: Vec<SocketAddr>,
+    /// TCP addresses of TURN-over-TLS listeners (443 is the usual one). Default none; needs
+    /// `tls_cert` and `tls_key`.
+    pub listen_tls: Vec<SocketAddr>,
+    /// PEM certificate chain (leaf first) for the TLS listeners; re-read on SIGHUP. Default
+    /// none.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`; re-read on SIGHUP. Default none.
+    pub tls_key: Option<PathBuf>,
+    /// TCP and TLS client connections over all workers. Default 10000.
+    pub max_stream_connections: usize,
+    /// Seconds a TLS handshake may take. Default 10.
+    pub stream_handshake_timeout: u64,
+    /// Seconds a TCP/TLS connection without an allocation may go without a request. Default 30.
+    pub stream_idle_timeout: u64,
+    /// Seconds a frame begun on a TCP/TLS connection may take to complete. Default 10.
+    pub stream_stall_timeout: u64,
 }
 
 impl Default for Config {
@@ -137,6 +155,14 @@ impl Default for Config {
             relay_id: None,
             region: "local".into(),
             public_addr: None,
+            listen_tcp: Vec::new(),
+            listen_tls: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            max_stream_connections: 10_000,
+            stream_handshake_timeout: 10,
+            stream_idle_timeout: 30,
+            stream_stall_timeout: 10,
         }
     }
 }
@@ -163,6 +189,9 @@ pub enum ConfigError {
     /// A semantic check failed.
     #[error("invalid config: {0}")]
     Invalid(String),
+    /// The TLS certificate or key cannot be used.
+    #[error("invalid config: {0}")]
+    Tls(#[from] crate::stream::TlsError),
 }
 
 /// A validated configuration plus what was derived from it.
@@ -176,6 +205,8 @@ pub struct Validated {
     pub relay_ips: Vec<IpAddr>,
     /// Directory registration, when `directory` is set.
     pub directory: Option<DirectorySettings>,
+    /// The TLS certificate and key, loaded, when there are TLS listeners.
+    pub tls: Option<crate::stream::TlsStore>,
 }
 
 impl Config {
@@ -297,12 +328,60 @@ impl Config {
             Some(url) => Some(self.directory_settings(url, &relay_ips)?),
             None => None,
         };
+        let tls = self.stream_settings()?;
         Ok(Validated {
             config: self,
             workers,
             relay_ips,
             directory,
+            tls,
         })
+    }
+
+    /// Checks the TCP/TLS listener settings and loads the TLS certificate and key.
+    fn stream_settings(&self) -> Result<Option<crate::stream::TlsStore>, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let all: Vec<&SocketAddr> = self.listen_tcp.iter().chain(&self.listen_tls).collect();
+        for (i, a) in all.iter().enumerate() {
+            if a.port() == 0 {
+                return bad(format!("stream listener {a}: port must not be 0"));
+            }
+            if all[..i].contains(a) {
+                return bad(format!("stream listener {a} is given twice"));
+            }
+            if **a == self.metrics {
+                return bad(format!("stream listener {a} equals the metrics address"));
+            }
+        }
+        if self.max_stream_connections == 0 {
+            return bad("max-stream-connections must be at least 1".into());
+        }
+        for (name, v) in [
+            ("stream-handshake-timeout", self.stream_handshake_timeout),
+            ("stream-idle-timeout", self.stream_idle_timeout),
+            ("stream-stall-timeout", self.stream_stall_timeout),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return bad(format!("{name} {v} must be 1..=3600 seconds"));
+            }
+        }
+        match (&self.tls_cert, &self.tls_key, self.listen_tls.is_empty()) {
+            (Some(cert), Some(key), false) => Ok(Some(crate::stream::TlsStore::open(cert, key)?)),
+            (None, None, true) => Ok(None),
+            (_, _, false) => bad("listen-tls needs both --tls-cert and --tls-key".into()),
+            (_, _, true) => bad("tls-cert / tls-key given without a listen-tls address".into()),
+        }
+    }
+
+    /// The limits of the TCP/TLS connections.
+    pub fn stream_limits(&self) -> crate::stream::StreamLimits {
+        crate::stream::StreamLimits {
+            max_connections: self.max_stream_connections,
+            handshake_timeout: Duration::from_secs(self.stream_handshake_timeout),
+            idle_timeout: Duration::from_secs(self.stream_idle_timeout),
+            stall_timeout: Duration::from_secs(self.stream_stall_timeout),
+            ..crate::stream::StreamLimits::default()
+        }
     }
 
     /// Check and resolve the directory registration settings.
@@ -407,6 +486,9 @@ impl Validated {
             .collect();
         core.port_range = c.min_port..=c.max_port;
         core.service_ports = vec![metrics];
+        // The stream listeners are service ports too (never peers).
+        core.service_ports
+            .extend(c.listen_tcp.iter().chain(&c.listen_tls).copied());
         core.allow_peers = c.allow_peers.clone();
         core.deny_peers = c.deny_peers.clone();
         core.max_allocations = c.max_allocations;
@@ -485,6 +567,17 @@ mod tests {
             Box::new(|c| c.relay_ip = vec!["127.0.0.2".parse().unwrap(); 2]),
             Box::new(|c| c.relay_ip = vec!["224.0.0.1".parse().unwrap()]),
             Box::new(|c| c.busy_poll_us = 1001),
+            Box::new(|c| c.listen_tls = vec!["127.0.0.1:5349".parse().unwrap()]),
+            Box::new(|c| {
+                c.listen_tls = vec!["127.0.0.1:5349".parse().unwrap()];
+                c.tls_cert = Some("/nonexistent/cert.pem".into());
+                c.tls_key = Some("/nonexistent/key.pem".into());
+            }),
+            Box::new(|c| c.tls_cert = Some("/nonexistent/cert.pem".into())),
+            Box::new(|c| c.listen_tcp = vec!["127.0.0.1:0".parse().unwrap()]),
+            Box::new(|c| c.listen_tcp = vec!["127.0.0.1:3478".parse().unwrap(); 2]),
+            Box::new(|c| c.max_stream_connections = 0),
+            Box::new(|c| c.stream_idle_timeout = 0),
         ];
         for (i, f) in cases.iter().enumerate() {
             let mut c = ok_base();
@@ -499,6 +592,59 @@ mod tests {
             .map(|s| s.parse().unwrap())
             .collect();
         assert_eq!(c.validate().unwrap().relay_ips.len(), 3);
+    }
+
+    /// PEM text of one DER block (what rcgen's optional `pem` feature would write).
+    fn pem_block(label: &str, der: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut out = format!("-----BEGIN {label}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {label}-----\n"));
+        out
+    }
+
+    #[test]
+    fn stream_listeners_from_toml_with_a_real_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["relay.test".into()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, pem_block("CERTIFICATE", ck.cert.der())).unwrap();
+        std::fs::write(
+            &key,
+            pem_block("PRIVATE KEY", &ck.signing_key.serialize_der()),
+        )
+        .unwrap();
+        let text = format!(
+            "listen = \"127.0.0.1:3478\"\nusers = [\"a:b\"]\nlisten_tcp = [\"127.0.0.1:3478\"]\n\
+             listen_tls = [\"127.0.0.1:5349\", \"[::1]:5349\"]\ntls_cert = {:?}\ntls_key = {:?}\n\
+             max_stream_connections = 50\nstream_idle_timeout = 5\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+        let c: Config = toml::from_str(&text).unwrap();
+        let v = c.validate().unwrap();
+        assert!(v.tls.is_some());
+        let l = v.config.stream_limits();
+        assert_eq!(l.max_connections, 50);
+        assert_eq!(l.idle_timeout, Duration::from_secs(5));
+        assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+        let core = v.core_config("127.0.0.1:9641".parse().unwrap());
+        assert!(
+            core.service_ports
+                .contains(&"127.0.0.1:5349".parse().unwrap())
+        );
+        // An unreadable key is refused with its path in the message.
+        let mut bad = v.config.clone();
+        bad.tls_key = Some(dir.path().join("missing.pem"));
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("missing.pem"), "{e}");
+        // Defaults: no stream listeners at all.
+        assert!(ok_base().validate().unwrap().tls.is_none());
+        assert!(Config::default().listen_tcp.is_empty() && Config::default().listen_tls.is_empty());
     }
 
     #[test]

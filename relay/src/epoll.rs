@@ -1,4 +1,5 @@
-//! The epoll backend: level-triggered epoll over the listener and the relayed sockets,
+//! The epoll backend: level-triggered epoll over the listener, the relayed sockets and the
+//! TCP/TLS side's own epoll fd ([`crate::stream`]),
 //! `recvmmsg` batches of [`BATCH`] into buffers that keep [`HEADROOM`] bytes in front of the
 //! payload, and `sendmmsg` of forwards straight from those buffers (consecutive forwards from the
 //! same socket go in one call). Used where io_uring is unavailable or with `--io epoll`.
@@ -27,6 +28,8 @@ const MAX_ROUNDS: usize = 8;
 const MAX_WAIT: Duration = Duration::from_millis(50);
 /// Token of the listener in epoll data.
 const LISTENER_TOKEN: u64 = u64::MAX;
+/// Token of the TCP/TLS side's own epoll fd (see [`crate::stream`]).
+const STREAMS_TOKEN: u64 = u64::MAX - 1;
 
 /// Errors of the epoll backend.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,9 @@ pub fn run(mut ctx: WorkerCtx, busy_poll: Duration) -> Result<(), EpollError> {
         ctx.listener.as_raw_fd(),
         LISTENER_TOKEN,
     )?;
+    if let Some(fd) = ctx.streams_fd() {
+        epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, STREAMS_TOKEN)?;
+    }
 
     let stride = HEADROOM + PAYLOAD_CAP;
     let mut rx = Box::new(RxBatch {
@@ -148,6 +154,11 @@ pub fn run(mut ctx: WorkerCtx, busy_poll: Duration) -> Result<(), EpollError> {
         let now = Instant::now();
         for ev in events.iter().take(n as usize) {
             let data = ev.u64;
+            if data == STREAMS_TOKEN {
+                ctx.poll_streams(now);
+                sync_sockets(&mut ctx, epfd)?;
+                continue;
+            }
             let (fd, src_kind) = if data == LISTENER_TOKEN {
                 (ctx.listener.as_raw_fd(), Source::Listener)
             } else {
@@ -368,9 +379,7 @@ fn flush(
                 start += 1;
             } else {
                 for item in &tx[start..start + r as usize] {
-                    let d = item.direction as usize;
-                    ctx.counters.fwd_packets[d] += 1;
-                    ctx.counters.fwd_bytes[d] += item.len as u64;
+                    ctx.counters.forwarded(item.direction, item.len);
                 }
                 start += r as usize;
             }

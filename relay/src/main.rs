@@ -11,7 +11,7 @@ use peerlink_relay::config::{Config, IoMode};
 use peerlink_relay::server::{self, Exit};
 use peerlink_relay::stats_client;
 
-/// peerlink TURN relay (RFC 8656 over UDP) with io_uring and epoll backends.
+/// peerlink TURN relay (RFC 8656 over UDP, TCP and TLS) with io_uring and epoll backends.
 #[derive(Parser, Debug)]
 #[command(
     name = "peerlink-relay",
@@ -129,6 +129,31 @@ struct RunArgs {
     /// TURN address clients should use, announced to the directory [default: the listen address].
     #[arg(long)]
     public_addr: Option<SocketAddr>,
+    /// TURN over TCP listen address (repeatable) [default none].
+    #[arg(long)]
+    listen_tcp: Vec<SocketAddr>,
+    /// TURN over TLS listen address, e.g. 0.0.0.0:443 (repeatable; needs --tls-cert and
+    /// --tls-key) [default none].
+    #[arg(long)]
+    listen_tls: Vec<SocketAddr>,
+    /// PEM certificate chain for the TLS listeners (re-read on SIGHUP).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listeners (re-read on SIGHUP).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// TCP and TLS client connections over all workers [default 10000].
+    #[arg(long)]
+    max_stream_connections: Option<usize>,
+    /// Seconds a TLS handshake may take [default 10].
+    #[arg(long)]
+    stream_handshake_timeout: Option<u64>,
+    /// Seconds a TCP/TLS connection without an allocation may go without a request [default 30].
+    #[arg(long)]
+    stream_idle_timeout: Option<u64>,
+    /// Seconds a frame begun on a TCP/TLS connection may take to complete [default 10].
+    #[arg(long)]
+    stream_stall_timeout: Option<u64>,
 }
 
 fn build_config(a: RunArgs) -> anyhow::Result<Config> {
@@ -145,12 +170,15 @@ fn build_config(a: RunArgs) -> anyhow::Result<Config> {
     set!(listen <- listen, realm <- realm, io <- io, metrics <- metrics, min_port <- min_port,
          max_port <- max_port, max_allocations <- max_allocations, user_quota <- user_quota,
          drain_timeout <- drain_timeout, log_level <- log_level, log_format <- log_format, uring_buffers <- uring_buffers,
-         busy_poll_us <- busy_poll_us, region <- region);
+         busy_poll_us <- busy_poll_us, region <- region,
+         max_stream_connections <- max_stream_connections,
+         stream_handshake_timeout <- stream_handshake_timeout,
+         stream_idle_timeout <- stream_idle_timeout, stream_stall_timeout <- stream_stall_timeout);
     macro_rules! set_opt {
         ($($field:ident <- $arg:ident),* $(,)?) => { $(if a.$arg.is_some() { c.$field = a.$arg; })* };
     }
     set_opt!(directory <- directory, cluster_token <- cluster_token, relay_id <- relay_id,
-             public_addr <- public_addr);
+             public_addr <- public_addr, tls_cert <- tls_cert, tls_key <- tls_key);
     if a.legacy_channel_range {
         c.legacy_channel_range = true;
     }
@@ -161,7 +189,8 @@ fn build_config(a: RunArgs) -> anyhow::Result<Config> {
         c.histogram_log = Some(p);
     }
     set_vec!(relay_ip <- relay_ip, auth_secrets <- auth_secret, users <- user,
-             allow_peers <- allow_peer, deny_peers <- deny_peer);
+             allow_peers <- allow_peer, deny_peers <- deny_peer, listen_tcp <- listen_tcp,
+             listen_tls <- listen_tls);
     Ok(c)
 }
 

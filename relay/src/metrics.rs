@@ -23,8 +23,10 @@ use serde::Serialize;
 pub use peerlink_api::relay::{Percentiles, Stats};
 use peerlink_cli::metrics::Exposition;
 
-use crate::core::{CoreCounters, DropReason, ERROR_CODES};
+use crate::core::{CoreCounters, DropReason, ERROR_CODES, Transport};
 use crate::registration::Registrar;
+use crate::stream::StreamCounters;
+use crate::stream::conn::CloseReason;
 
 /// Highest latency the histograms track (µs): 60 s; larger values saturate.
 pub const LATENCY_MAX_US: u64 = 60_000_000;
@@ -125,6 +127,18 @@ pub struct IoCounters {
     pub latency_sum_us: u64,
     /// Relayed sockets open now.
     pub relayed_sockets: u64,
+    /// Messages received from clients (datagrams on the listener, frames of streams), by
+    /// [`Transport::index`]. The stream slots of this and the three below are filled from
+    /// `streams` at report time.
+    pub client_rx_packets: [u64; 3],
+    /// Bytes of those messages.
+    pub client_rx_bytes: [u64; 3],
+    /// Messages sent to clients (responses, Data indications, ChannelData), by transport.
+    pub client_tx_packets: [u64; 3],
+    /// Bytes of those messages.
+    pub client_tx_bytes: [u64; 3],
+    /// TCP/TLS connection counters.
+    pub streams: StreamCounters,
 }
 
 impl IoCounters {
@@ -134,6 +148,24 @@ impl IoCounters {
             drops: vec![0; DropReason::COUNT],
             ..Default::default()
         }
+    }
+
+    /// A datagram of `bytes` forwarded in direction `d` over UDP (towards a peer, or towards a
+    /// UDP client from the listener).
+    #[inline]
+    pub fn forwarded(&mut self, d: Direction, bytes: usize) {
+        self.fwd_packets[d as usize] += 1;
+        self.fwd_bytes[d as usize] += bytes as u64;
+        if d != Direction::ClientToPeer {
+            self.client_tx(Transport::Udp, bytes);
+        }
+    }
+
+    /// A message of `bytes` sent to a client over `t`.
+    #[inline]
+    pub fn client_tx(&mut self, t: Transport, bytes: usize) {
+        self.client_tx_packets[t.index()] += 1;
+        self.client_tx_bytes[t.index()] += bytes as u64;
     }
 
     fn add(&mut self, o: &IoCounters) {
@@ -165,6 +197,13 @@ impl IoCounters {
         self.relay_open_failures += o.relay_open_failures;
         self.latency_sum_us += o.latency_sum_us;
         self.relayed_sockets += o.relayed_sockets;
+        for t in 0..3 {
+            self.client_rx_packets[t] += o.client_rx_packets[t];
+            self.client_rx_bytes[t] += o.client_rx_bytes[t];
+            self.client_tx_packets[t] += o.client_tx_packets[t];
+            self.client_tx_bytes[t] += o.client_tx_bytes[t];
+        }
+        self.streams.add(&o.streams);
     }
 }
 
@@ -321,6 +360,41 @@ impl MetricsHub {
         v.push(("allocations_created".into(), core.allocations_created));
         v.push(("allocations_expired".into(), core.allocations_expired));
         v.push(("allocations_deleted".into(), core.allocations_deleted));
+        v.push(("allocations_closed".into(), core.allocations_closed));
+        for t in Transport::ALL {
+            let i = t.index();
+            let n = t.as_str();
+            v.push((
+                format!("allocations_active_{n}"),
+                core.allocations_active_by[i],
+            ));
+            v.push((
+                format!("allocations_created_{n}"),
+                core.allocations_created_by[i],
+            ));
+            v.push((
+                format!("client_received_packets_{n}"),
+                io.client_rx_packets[i],
+            ));
+            v.push((format!("client_received_bytes_{n}"), io.client_rx_bytes[i]));
+            v.push((format!("client_sent_packets_{n}"), io.client_tx_packets[i]));
+            v.push((format!("client_sent_bytes_{n}"), io.client_tx_bytes[i]));
+        }
+        let st = &io.streams;
+        for t in [Transport::Tcp, Transport::Tls] {
+            let i = t.index();
+            let n = t.as_str();
+            v.push((format!("stream_connections_{n}"), st.active[i]));
+            v.push((format!("stream_accepted_{n}"), st.accepted[i]));
+            v.push((format!("stream_refused_{n}"), st.refused[i]));
+            for r in CloseReason::ALL {
+                v.push((
+                    format!("stream_closed_{n}_{}", r.as_str()),
+                    st.closed[i][r.index()],
+                ));
+            }
+        }
+        v.push(("tls_handshakes".into(), st.handshakes));
         v.push(("auth_failures".into(), core.auth_failures));
         v.push(("stale_nonces".into(), core.stale_nonces));
         v
@@ -468,6 +542,97 @@ impl MetricsHub {
             core.allocations_deleted,
         );
         e.counter(
+            "allocations_closed_total",
+            "Allocations freed because their TCP or TLS connection closed.",
+            core.allocations_closed,
+        );
+        let by_transport = |a: &[u64; 3]| -> Vec<(String, u64)> {
+            Transport::ALL
+                .iter()
+                .map(|t| (t.as_str().to_owned(), a[t.index()]))
+                .collect()
+        };
+        let streams_only = |a: &[u64; 3]| -> Vec<(String, u64)> {
+            [Transport::Tcp, Transport::Tls]
+                .iter()
+                .map(|t| (t.as_str().to_owned(), a[t.index()]))
+                .collect()
+        };
+        e.counters(
+            "allocations_by_transport_created_total",
+            "Allocations created, by client transport.",
+            "transport",
+            by_transport(&core.allocations_created_by),
+        );
+        for (t, n) in by_transport(&core.allocations_active_by) {
+            e.gauge(
+                &format!("allocations_active_{t}"),
+                "Allocations alive whose client uses this transport.",
+                gauge(n),
+            );
+        }
+        e.counters(
+            "client_received_packets_total",
+            "Messages received from clients (datagrams, stream frames), by client transport.",
+            "transport",
+            by_transport(&io.client_rx_packets),
+        );
+        e.counters(
+            "client_received_bytes_total",
+            "Bytes of messages received from clients, by client transport.",
+            "transport",
+            by_transport(&io.client_rx_bytes),
+        );
+        e.counters(
+            "client_sent_packets_total",
+            "Messages sent to clients (responses, Data indications, ChannelData), by client transport.",
+            "transport",
+            by_transport(&io.client_tx_packets),
+        );
+        e.counters(
+            "client_sent_bytes_total",
+            "Bytes of messages sent to clients, by client transport.",
+            "transport",
+            by_transport(&io.client_tx_bytes),
+        );
+        let st = &io.streams;
+        for (t, n) in streams_only(&st.active) {
+            e.gauge(
+                &format!("stream_connections_{t}"),
+                "TCP or TLS client connections open.",
+                gauge(n),
+            );
+        }
+        e.counters(
+            "stream_connections_accepted_total",
+            "TCP and TLS client connections accepted, by transport.",
+            "transport",
+            streams_only(&st.accepted),
+        );
+        e.counters(
+            "stream_connections_refused_total",
+            "TCP and TLS client connections closed at once over the connection limit.",
+            "transport",
+            streams_only(&st.refused),
+        );
+        for t in [Transport::Tcp, Transport::Tls] {
+            let closed: Vec<(String, u64)> = CloseReason::ALL
+                .iter()
+                .map(|r| (r.as_str().to_owned(), st.closed[t.index()][r.index()]))
+                .collect();
+            e.counters(
+                &format!("stream_connections_closed_{}_total", t.as_str()),
+                "TCP or TLS client connections closed, by reason.",
+                "reason",
+                closed,
+            );
+        }
+        e.counter(
+            "tls_handshakes_total",
+            "TLS handshakes completed.",
+            st.handshakes,
+        );
+        e.counter(
             "auth_failures_total",
             "Requests rejected for bad credentials (401 after credentials were presented).",
             core.auth_failures,
@@ -556,6 +721,11 @@ fn sum_core(all: &[CoreCounters]) -> CoreCounters {
         t.allocations_created += c.allocations_created;
         t.allocations_expired += c.allocations_expired;
         t.allocations_deleted += c.allocations_deleted;
+        t.allocations_closed += c.allocations_closed;
+        for i in 0..3 {
+            t.allocations_created_by[i] += c.allocations_created_by[i];
+            t.allocations_active_by[i] += c.allocations_active_by[i];
+        }
         for (a, b) in t.drops.iter_mut().zip(c.drops.iter()) {
             *a += b;
         }

@@ -1,18 +1,20 @@
 //! Process wiring: pick the backend, bind every socket, start workers, the metrics thread and the
-//! HTTP thread, then supervise: signals (SIGTERM/SIGUSR1 drain, SIGINT stop), drain completion,
+//! HTTP thread, then supervise: signals (SIGTERM/SIGUSR1 drain, SIGINT stop, SIGHUP TLS
+//! certificate reload), drain completion,
 //! and worker death (which takes the process down with an error). With `--directory`, the
 //! metrics thread also registers the relay; a drain start is announced to it at once.
 
 use std::net::{TcpListener, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{IoMode, Validated};
-use crate::core::{Core, Shared};
+use crate::core::{Core, Shared, Transport};
 use crate::metrics::{MetricsHub, run_metrics_thread};
 use crate::registration::Registrar;
+use crate::stream::{self, Streams, TlsStore};
 use crate::worker::{SocketTable, WorkerCtx};
 use crate::{epoll, http, net, uring};
 
@@ -102,6 +104,7 @@ fn signal_set() -> nix::sys::signal::SigSet {
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGUSR1);
     set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
     set
 }
 
@@ -145,6 +148,7 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
         })?;
         listeners.push(sock);
     }
+    let mut stream_listeners = bind_stream_listeners(cfg, v.workers)?;
     let http_listener = TcpListener::bind(cfg.metrics).map_err(|source| ServerError::Bind {
         what: "metrics HTTP",
         addr: cfg.metrics,
@@ -191,6 +195,8 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
         })
         .map_err(ServerError::Start)?;
 
+    let stream_total = Arc::new(AtomicUsize::new(0));
+    let stream_limits = cfg.stream_limits();
     let mut workers: Vec<WorkerHandle> = Vec::new();
     let seed_base: u64 = rand::random();
     let uring_buffers = cfg.uring_buffers;
@@ -206,7 +212,7 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
             cfg.min_port..=cfg.max_port,
             seed_base.rotate_left(17).wrapping_add(index as u64),
         );
-        let ctx = WorkerCtx::new(
+        let mut ctx = WorkerCtx::new(
             index,
             core,
             table,
@@ -214,6 +220,19 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
             report_tx.clone(),
             stop.clone(),
         );
+        if let Some(mine) = stream_listeners.get_mut(index).map(std::mem::take)
+            && !mine.is_empty()
+        {
+            let streams = Streams::new(
+                index,
+                mine,
+                v.tls.clone(),
+                stream_limits.clone(),
+                stream_total.clone(),
+            )
+            .map_err(ServerError::Start)?;
+            ctx = ctx.with_streams(streams);
+        }
         let handle = std::thread::Builder::new()
             .name(format!("relay-worker-{index}"))
             .spawn(move || match backend {
@@ -232,6 +251,8 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
         io = backend.as_str(),
         workers = v.workers,
         relay_ips = ?v.relay_ips,
+        listen_tcp = ?cfg.listen_tcp,
+        listen_tls = ?cfg.listen_tls,
         ports = %format!("{}-{}", cfg.min_port, cfg.max_port),
         "peerlink-relay ready"
     );
@@ -243,7 +264,9 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
                 tracing::info!("SIGINT: stopping now");
                 break Ok(Exit::Interrupted);
             }
-            if drain_deadline.is_none() {
+            if sig == libc::SIGHUP {
+                reload_tls(v.tls.as_ref());
+            } else if drain_deadline.is_none() {
                 let name = if sig == libc::SIGTERM {
                     "SIGTERM"
                 } else {
@@ -307,6 +330,56 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
         }
     }
     outcome
+}
+
+/// SIGHUP: re-read the TLS certificate and key. New handshakes use them; established
+/// connections keep theirs. A failed reload keeps the previous pair.
+fn reload_tls(tls: Option<&TlsStore>) {
+    let Some(store) = tls else {
+        tracing::info!("SIGHUP: no TLS listener, nothing to reload");
+        return;
+    };
+    match store.reload() {
+        Ok(()) => tracing::info!(
+            cert = %store.cert_path().display(),
+            "SIGHUP: TLS certificate reloaded; new handshakes use it"
+        ),
+        Err(e) => {
+            tracing::warn!("SIGHUP: TLS reload failed, keeping the previous certificate: {e}")
+        }
+    }
+}
+
+/// Every worker's TCP/TLS listeners: for each worker, one `SO_REUSEPORT` socket per
+/// `listen_tcp` and `listen_tls` address, after an exclusive bind proved no other process
+/// holds the address.
+fn bind_stream_listeners(
+    cfg: &crate::config::Config,
+    workers: usize,
+) -> Result<Vec<Vec<(TcpListener, Transport)>>, ServerError> {
+    let addrs: Vec<(std::net::SocketAddr, Transport)> = cfg
+        .listen_tcp
+        .iter()
+        .map(|a| (*a, Transport::Tcp))
+        .chain(cfg.listen_tls.iter().map(|a| (*a, Transport::Tls)))
+        .collect();
+    let mut out: Vec<Vec<(TcpListener, Transport)>> = (0..workers).map(|_| Vec::new()).collect();
+    for (addr, transport) in addrs {
+        let what = match transport {
+            Transport::Tls => "TURN over TLS listener",
+            _ => "TURN over TCP listener",
+        };
+        drop(TcpListener::bind(addr).map_err(|source| ServerError::Bind { what, addr, source })?);
+        for mine in out.iter_mut() {
+            let l = stream::bind_listener(addr).map_err(|source| ServerError::Bind {
+                what,
+                addr,
+                source,
+            })?;
+            mine.push((l, transport));
+        }
+    }
+    Ok(out)
 }
 
 /// A worker thread handle: `Err` carries the fatal error.

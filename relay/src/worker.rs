@@ -21,11 +21,12 @@ use rand_chacha::ChaCha8Rng;
 use slab::Slab;
 
 use crate::core::{
-    AddrFamily, AllocationId, Core, DropReason, HEADROOM, OpenError, Output, RelaySockets,
-    SCRATCH_LEN, SocketRef,
+    AddrFamily, AllocationId, Client, Core, DropReason, HEADROOM, Link, OpenError, Output,
+    RelaySockets, SCRATCH_LEN, SocketRef, Transport,
 };
 use crate::metrics::{Direction, IoCounters, REPORT_INTERVAL, SocketKind, WorkerReport};
 use crate::net;
+use crate::stream::{CoreIo, Streams};
 
 /// Multiplicative hasher for `AllocationId` keys (a u32 the core already made unique; no
 /// attacker controls it, so SipHash's DoS resistance buys nothing on this per-packet lookup).
@@ -285,6 +286,8 @@ pub struct WorkerCtx {
     pub listener: UdpSocket,
     /// SO_RXQ_OVFL last seen on the listener.
     pub listener_ovfl: u32,
+    /// TCP/TLS listeners and connections (`None` without `--listen-tcp` / `--listen-tls`).
+    pub streams: Option<Streams>,
     reports: Sender<WorkerReport>,
     next_report: Instant,
     stop: Arc<AtomicBool>,
@@ -309,10 +312,43 @@ impl WorkerCtx {
             scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
             listener,
             listener_ovfl: 0,
+            streams: None,
             reports,
             next_report: Instant::now() + REPORT_INTERVAL,
             stop,
         }
+    }
+
+    /// Serve TCP/TLS clients with `streams` too.
+    pub fn with_streams(mut self, streams: Streams) -> Self {
+        self.streams = Some(streams);
+        self
+    }
+
+    /// The streams' epoll fd, for the backend to watch.
+    pub fn streams_fd(&self) -> Option<RawFd> {
+        self.streams.as_ref().map(Streams::fd)
+    }
+
+    /// Handle whatever the stream connections have ready (the backend saw their fd readable).
+    pub fn poll_streams(&mut self, now: Instant) {
+        let Some(streams) = self.streams.as_mut() else {
+            return;
+        };
+        let mut io = CoreIo {
+            core: &mut self.core,
+            sockets: &mut self.sockets,
+            scratch: &mut self.scratch,
+            listener: self.listener.as_raw_fd(),
+            counters: &mut self.counters,
+        };
+        streams.poll(now, &mut io);
+    }
+
+    /// Whether allocation `id`'s relayed socket must keep its fd (its client is on a stream:
+    /// the stream side sends with `sendto` on it, outside the ring).
+    pub fn keeps_fd(&self, id: AllocationId) -> bool {
+        self.core.client_of(id).is_some_and(|c| c.link != Link::Udp)
     }
 
     /// Whether the process asked workers to stop.
@@ -375,21 +411,29 @@ impl WorkerCtx {
             self.count_drop(DropReason::Truncated);
             return None;
         }
-        let out = match src_kind {
-            Source::Listener => self.core.handle_listener(
-                now,
-                src,
-                frame,
-                len,
-                &mut self.scratch,
-                &mut self.sockets,
-            ),
+        let routed = match src_kind {
+            Source::Listener => {
+                self.counters.client_rx_packets[Transport::Udp.index()] += 1;
+                self.counters.client_rx_bytes[Transport::Udp.index()] += len as u64;
+                self.core.handle_client(
+                    now,
+                    Client::udp(src),
+                    frame,
+                    len,
+                    &mut self.scratch,
+                    &mut self.sockets,
+                )
+            }
             Source::Relayed(_, id) => {
                 self.core
-                    .handle_relayed(now, id, src, frame, len, &mut self.scratch)
+                    .handle_peer(now, id, src, frame, len, &mut self.scratch)
             }
         };
-        match out {
+        if routed.link != Link::Udp {
+            self.deliver_to_stream(routed.out, routed.link, kind, frame);
+            return None;
+        }
+        match routed.out {
             Output::Forward { from, to, range } => {
                 if range.start > range.end || range.end > frame.len() {
                     self.count_drop(DropReason::Malformed);
@@ -440,13 +484,15 @@ impl WorkerCtx {
                             let d = match kind {
                                 SocketKind::Relayed => Direction::PeerToClient,
                                 SocketKind::Listener => Direction::ClientToClient,
-                            } as usize;
-                            self.counters.fwd_packets[d] += 1;
-                            self.counters.fwd_bytes[d] += n as u64;
+                            };
+                            self.counters.forwarded(d, n);
                         }
                         Ok(n) => {
                             self.counters.reply_packets += 1;
                             self.counters.reply_bytes += n as u64;
+                            if from == SocketRef::Listener {
+                                self.counters.client_tx(Transport::Udp, n);
+                            }
                         }
                         Err(e) => {
                             self.counters.send_errors += 1;
@@ -460,6 +506,38 @@ impl WorkerCtx {
             // The core counts its own drops (CoreCounters::drops); io counts only the drops it
             // decides itself (truncation, vanished socket, bad range). Metrics add the two.
             Output::Drop(_) => None,
+        }
+    }
+
+    /// A client-bound output of the UDP path whose client is on a TCP/TLS connection of this
+    /// worker: its bytes (from the receive buffer or the scratch buffer) go into that
+    /// connection, framed.
+    #[cold]
+    fn deliver_to_stream(&mut self, out: Output, link: Link, kind: SocketKind, frame: &[u8]) {
+        let (bytes, data) = match &out {
+            Output::Forward { range, .. } => (frame.get(range.clone()), true),
+            Output::Reply { len, data, .. } => (self.scratch.get(..*len), *data),
+            Output::Drop(_) => return,
+        };
+        let (Some(bytes), Some(streams)) = (bytes, self.streams.as_mut()) else {
+            self.count_drop(DropReason::NoAllocation);
+            return;
+        };
+        let n = bytes.len();
+        if !streams.deliver(link, bytes, &mut self.core, &mut self.sockets) {
+            self.counters.send_errors += 1;
+            return;
+        }
+        if data {
+            let d = match kind {
+                SocketKind::Relayed => Direction::PeerToClient,
+                SocketKind::Listener => Direction::ClientToClient,
+            } as usize;
+            self.counters.fwd_packets[d] += 1;
+            self.counters.fwd_bytes[d] += n as u64;
+        } else {
+            self.counters.reply_packets += 1;
+            self.counters.reply_bytes += n as u64;
         }
     }
 
@@ -478,18 +556,25 @@ impl WorkerCtx {
         Some(sock.as_raw_fd())
     }
 
-    /// Run the core's timers if due.
+    /// Run the core's timers and the streams' timeouts if due.
     pub fn poll_timers(&mut self, now: Instant) {
         if self.core.poll_timeout().is_some_and(|t| t <= now) {
             self.core.handle_timeout(now, &mut self.sockets);
         }
+        if let Some(s) = self.streams.as_mut() {
+            s.sweep(now, &mut self.core, &mut self.sockets);
+        }
     }
 
-    /// The next instant the loop must wake for (core timer or report), capped at `cap` from now.
+    /// The next instant the loop must wake for (core timer, stream timeouts, report), capped
+    /// at `cap` from now.
     pub fn next_wake(&self, now: Instant, cap: std::time::Duration) -> Instant {
         let mut t = (now + cap).min(self.next_report);
         if let Some(c) = self.core.poll_timeout() {
             t = t.min(c);
+        }
+        if let Some(s) = self.streams.as_ref().filter(|s| s.connections() > 0) {
+            t = t.min(s.next_sweep());
         }
         t
     }
@@ -506,6 +591,9 @@ impl WorkerCtx {
     /// Free every allocation (end of a drain or stop) and send the final report. The sockets
     /// are closed when the backend drops the `closed` list (after its last submission).
     pub fn finish(&mut self) {
+        if let Some(s) = self.streams.as_mut() {
+            s.shutdown();
+        }
         self.core.shutdown(&mut self.sockets);
         self.sockets.opened.clear();
         self.force_report();
@@ -515,6 +603,17 @@ impl WorkerCtx {
     pub fn force_report(&mut self) {
         self.counters.relay_open_failures = self.sockets.open_failures;
         self.counters.relayed_sockets = self.sockets.len() as u64;
+        if let Some(s) = &self.streams {
+            let st = &s.counters;
+            for t in [Transport::Tcp, Transport::Tls] {
+                let i = t.index();
+                self.counters.client_rx_packets[i] = st.rx_frames[i];
+                self.counters.client_rx_bytes[i] = st.rx_bytes[i];
+                self.counters.client_tx_packets[i] = st.tx_frames[i];
+                self.counters.client_tx_bytes[i] = st.tx_bytes[i];
+            }
+            self.counters.streams = st.clone();
+        }
         let report = WorkerReport {
             worker: self.index,
             interval: self.histogram.clone(),

@@ -8,14 +8,14 @@ use peerlink_proto::attrs::{Data, XorPeerAddress};
 use peerlink_proto::channel::{CHANNEL_HEADER_LEN, ChannelData, ChannelDataError};
 use peerlink_proto::{MessageBuilder, MessageType, TransactionId};
 
-use super::{AllocationId, Core, DropReason, HEADROOM, Output, SocketRef};
+use super::{AllocationId, Client, Core, DropReason, HEADROOM, Output, SocketRef};
 
 impl Core {
     /// ChannelData from a client on the listener.
     pub(super) fn channel_from_client(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         buf: &mut [u8],
         end: usize,
         scratch: &mut [u8],
@@ -155,11 +155,12 @@ impl Core {
     }
 
     /// Frames `buf[start..start+dlen]` from `peer` for `client`: ChannelData in place when a
-    /// channel is bound (needs 4 bytes before `start`), else a Data indication in scratch.
+    /// channel is bound (needs 4 bytes before `start`), else a Data indication in scratch. The
+    /// client's link (the listener, or its TCP/TLS connection) is left in `self.dest`.
     #[allow(clippy::too_many_arguments)]
     fn frame_for_client(
         &mut self,
-        client: SocketAddr,
+        client: Client,
         channel: Option<u16>,
         peer: SocketAddr,
         buf: &mut [u8],
@@ -175,9 +176,10 @@ impl Core {
             };
             buf[hstart..hstart + 2].copy_from_slice(&ch.to_be_bytes());
             buf[hstart + 2..start].copy_from_slice(&len16.to_be_bytes());
+            self.dest = client.link;
             return Output::Forward {
                 from: SocketRef::Listener,
-                to: client,
+                to: client.addr,
                 range: hstart..start + dlen,
             };
         }
@@ -190,9 +192,10 @@ impl Core {
             // A payload too large for a STUN message: only a channel could carry it.
             return Output::Drop(Some(DropReason::TooLarge));
         }
+        self.dest = client.link;
         Output::Reply {
             from: SocketRef::Listener,
-            to: client,
+            to: client.addr,
             len: b.finish(),
             data: true,
         }

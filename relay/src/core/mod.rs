@@ -100,6 +100,103 @@ pub enum SocketRef {
     Relayed(AllocationId),
 }
 
+/// The transport a client reaches the relay over (the protocol of its 5-tuple). Relayed
+/// traffic towards peers is UDP whatever the client's transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// UDP datagrams on the listener.
+    Udp = 0,
+    /// A TCP connection.
+    Tcp = 1,
+    /// A TLS connection over TCP.
+    Tls = 2,
+}
+
+impl Transport {
+    /// Every transport, in index order.
+    pub const ALL: [Transport; 3] = [Transport::Udp, Transport::Tcp, Transport::Tls];
+
+    /// Metric label: `udp`, `tcp`, `tls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+
+    /// Index into per-transport counter arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One TCP or TLS connection of a worker, named by its backend (opaque to the core, unique
+/// among the worker's live connections).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StreamId(pub u64);
+
+/// How the relay reaches a client: the worker's UDP listener, or one TCP/TLS connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Link {
+    /// Datagrams on the listener.
+    Udp,
+    /// A TCP connection.
+    Tcp(StreamId),
+    /// A TLS connection.
+    Tls(StreamId),
+}
+
+impl Link {
+    /// The connection, for a stream link.
+    pub fn stream(self) -> Option<StreamId> {
+        match self {
+            Link::Udp => None,
+            Link::Tcp(s) | Link::Tls(s) => Some(s),
+        }
+    }
+
+    /// The transport of this link.
+    pub fn transport(self) -> Transport {
+        match self {
+            Link::Udp => Transport::Udp,
+            Link::Tcp(_) => Transport::Tcp,
+            Link::Tls(_) => Transport::Tls,
+        }
+    }
+}
+
+/// A client as the core keys its allocation: transport address and link. A TCP client at
+/// 1.2.3.4:5000 is not the UDP client at 1.2.3.4:5000, and two connections are two clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Client {
+    /// The client's address as the relay sees it (source of its datagrams or connection).
+    pub addr: SocketAddr,
+    /// How it is reached.
+    pub link: Link,
+}
+
+impl Client {
+    /// A UDP client at `addr`.
+    pub fn udp(addr: SocketAddr) -> Self {
+        Client {
+            addr,
+            link: Link::Udp,
+        }
+    }
+}
+
+/// An [`Output`] and, when it goes to a client (`from` is [`SocketRef::Listener`]), the link
+/// that reaches that client: a stream link means "write it to that connection" (framed; a
+/// ChannelData padded to 4), not "send it from the listener".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routed {
+    /// What to do.
+    pub out: Output,
+    /// The client's link for outputs towards a client; [`Link::Udp`] otherwise.
+    pub link: Link,
+}
+
 /// Address family of a relayed address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AddrFamily {
@@ -386,6 +483,12 @@ pub struct CoreCounters {
     pub allocations_expired: u64,
     /// Allocations freed by Refresh LIFETIME=0.
     pub allocations_deleted: u64,
+    /// Allocations freed because their TCP/TLS connection closed.
+    pub allocations_closed: u64,
+    /// Allocations created, per client transport ([`Transport::index`]).
+    pub allocations_created_by: [u64; 3],
+    /// Allocations alive now, per client transport (a gauge kept with the counters).
+    pub allocations_active_by: [u64; 3],
     /// Drops, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     /// Authentication failures (401 after credentials were presented, 438 not included).
@@ -482,6 +585,7 @@ impl Shared {
 enum FreeReason {
     Expired,
     Deleted,
+    Closed,
     Shutdown,
 }
 
@@ -502,6 +606,8 @@ pub struct Core {
     rng: u64,
     /// Reused buffer for expired ids.
     expired: Vec<AllocationId>,
+    /// Link of the client the output being built goes to (see [`Routed`]).
+    dest: Link,
 }
 
 impl Core {
@@ -526,12 +632,16 @@ impl Core {
             relay_v6: config.relay_addrs.iter().copied().find(IpAddr::is_ipv6),
             rng: hash::splitmix(&mut s),
             expired: Vec::new(),
+            dest: Link::Udp,
             cfg: config,
             shared,
         }
     }
 
-    /// A datagram of `len` bytes at `buf[HEADROOM..HEADROOM+len]` arrived on the listener from `src`.
+    /// A datagram of `len` bytes at `buf[HEADROOM..HEADROOM+len]` arrived on the listener from
+    /// `src` (a UDP client). Every client-bound output goes to a UDP client here unless a
+    /// short-circuit reached a stream client: backends that serve streams use
+    /// [`Core::handle_client`], which says.
     pub fn handle_listener(
         &mut self,
         now: Instant,
@@ -541,9 +651,26 @@ impl Core {
         scratch: &mut [u8],
         sockets: &mut dyn RelaySockets,
     ) -> Output {
-        let out = self.listener(now, src, buf, len, scratch, sockets);
+        self.handle_client(now, Client::udp(src), buf, len, scratch, sockets)
+            .out
+    }
+
+    /// A message of `len` bytes at `buf[HEADROOM..HEADROOM+len]` from `client`: a datagram on
+    /// the listener ([`Link::Udp`]) or one frame of a TCP/TLS connection (a STUN message, or a
+    /// ChannelData without its stream padding).
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        client: Client,
+        buf: &mut [u8],
+        len: usize,
+        scratch: &mut [u8],
+        sockets: &mut dyn RelaySockets,
+    ) -> Routed {
+        self.dest = client.link;
+        let out = self.listener(now, client, buf, len, scratch, sockets);
         self.count(&out);
-        out
+        self.routed(out)
     }
 
     /// A datagram arrived on the relayed socket of `id` from peer `src` (same buffer layout).
@@ -556,9 +683,46 @@ impl Core {
         len: usize,
         scratch: &mut [u8],
     ) -> Output {
+        self.handle_peer(now, id, src, buf, len, scratch).out
+    }
+
+    /// [`Core::handle_relayed`] with the link of the client the output goes to.
+    pub fn handle_peer(
+        &mut self,
+        now: Instant,
+        id: AllocationId,
+        src: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+        scratch: &mut [u8],
+    ) -> Routed {
+        self.dest = Link::Udp;
         let out = self.relayed(now, id, src, buf, len, scratch);
         self.count(&out);
-        out
+        self.routed(out)
+    }
+
+    /// The TCP/TLS connection of `client` closed: its allocation, if any, is freed (RFC 8656
+    /// section 3.1: an allocation over TCP or TLS lives as long as its connection). Returns
+    /// whether there was one.
+    pub fn close_stream(&mut self, client: Client, sockets: &mut dyn RelaySockets) -> bool {
+        match self.table.by_client(&client) {
+            Some(id) => {
+                self.free(id, sockets, FreeReason::Closed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `client` holds a live allocation.
+    pub fn has_allocation(&self, client: &Client, now: Instant) -> bool {
+        self.live(client, now).is_some()
+    }
+
+    /// The client of allocation `id`, if alive.
+    pub fn client_of(&self, id: AllocationId) -> Option<Client> {
+        self.table.get(id).map(|a| a.client)
     }
 
     /// Expire allocations/permissions/channels due at `now`; closes sockets of freed allocations.
@@ -630,11 +794,34 @@ impl Core {
         if let Some(a) = self.table.remove(id) {
             sockets.close(id);
             self.shared.release(&a.username);
+            let t = a.client.link.transport().index();
+            self.counters.allocations_active_by[t] =
+                self.counters.allocations_active_by[t].saturating_sub(1);
             match why {
                 FreeReason::Expired => self.counters.allocations_expired += 1,
                 FreeReason::Deleted => self.counters.allocations_deleted += 1,
+                FreeReason::Closed => self.counters.allocations_closed += 1,
                 FreeReason::Shutdown => {}
             }
+        }
+    }
+
+    /// `out` with the link of its client (`Link::Udp` unless it goes to a stream client).
+    fn routed(&mut self, out: Output) -> Routed {
+        let link = std::mem::replace(&mut self.dest, Link::Udp);
+        let to_client = matches!(
+            out,
+            Output::Forward {
+                from: SocketRef::Listener,
+                ..
+            } | Output::Reply {
+                from: SocketRef::Listener,
+                ..
+            }
+        );
+        Routed {
+            out,
+            link: if to_client { link } else { Link::Udp },
         }
     }
 

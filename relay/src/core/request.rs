@@ -19,7 +19,7 @@ use peerlink_proto::{
 use super::auth::{NONCE_LEN, NonceError};
 use super::table::{Cached, Channel, NewAllocation};
 use super::{
-    AddrFamily, AllocationId, Core, DropReason, FreeReason, HEADROOM, OpenError, Output,
+    AddrFamily, AllocationId, Client, Core, DropReason, FreeReason, HEADROOM, OpenError, Output,
     QuotaError, RelaySockets, SocketRef, error_index,
 };
 
@@ -71,11 +71,11 @@ fn family_of(addr: &SocketAddr) -> AddrFamily {
 }
 
 impl Core {
-    /// Entry point for a datagram on the listener.
+    /// Entry point for a datagram on the listener or a frame of a client's stream.
     pub(super) fn listener(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         buf: &mut [u8],
         len: usize,
         scratch: &mut [u8],
@@ -95,7 +95,7 @@ impl Core {
     }
 
     /// The live allocation of a client 5-tuple (an expired one not yet swept counts as gone).
-    pub(super) fn live(&self, src: &SocketAddr, now: Instant) -> Option<AllocationId> {
+    pub(super) fn live(&self, src: &Client, now: Instant) -> Option<AllocationId> {
         let id = self.table.by_client(src)?;
         self.table.get(id).filter(|a| a.expires > now).map(|_| id)
     }
@@ -103,7 +103,7 @@ impl Core {
     fn stun(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         buf: &mut [u8],
         end: usize,
         scratch: &mut [u8],
@@ -166,7 +166,7 @@ impl Core {
                 if let Some(n) = self.retransmission(now, src, &req, scratch) {
                     return Output::Reply {
                         from: SocketRef::Listener,
-                        to: src,
+                        to: src.addr,
                         len: n,
                         data: false,
                     };
@@ -207,7 +207,7 @@ impl Core {
                 self.remember(now, src, &req, &scratch[..len]);
                 Output::Reply {
                     from: SocketRef::Listener,
-                    to: src,
+                    to: src.addr,
                     len,
                     data: false,
                 }
@@ -217,7 +217,7 @@ impl Core {
     }
 
     /// Keeps the answer to a request on an existing allocation for its retransmissions.
-    fn remember(&mut self, now: Instant, src: SocketAddr, req: &Req<'_>, reply: &[u8]) {
+    fn remember(&mut self, now: Instant, src: Client, req: &Req<'_>, reply: &[u8]) {
         if !matches!(
             req.method,
             Method::ALLOCATE | Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND
@@ -249,7 +249,7 @@ impl Core {
     fn retransmission(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'_>,
         scratch: &mut [u8],
     ) -> Option<usize> {
@@ -269,14 +269,14 @@ impl Core {
         Some(c.bytes.len())
     }
 
-    fn binding(&mut self, src: SocketAddr, req: &Req<'_>, scratch: &mut [u8]) -> Handled {
+    fn binding(&mut self, src: Client, req: &Req<'_>, scratch: &mut [u8]) -> Handled {
         let unknown = req.msg.unknown_comprehension_required();
         if !unknown.is_empty() {
             return self.error(scratch, req, ec::UNKNOWN_ATTRIBUTE, None, Some(&unknown));
         }
         let typ = MessageType::new(Class::Success, Method::BINDING);
         let mut b = MessageBuilder::new(scratch, typ, req.tid).map_err(internal)?;
-        b.add(&XorMappedAddress(src)).map_err(internal)?;
+        b.add(&XorMappedAddress(src.addr)).map_err(internal)?;
         let n = seal(b, self.cfg.software.as_deref(), None, req.fingerprint).map_err(internal)?;
         self.counters.resp_success += 1;
         Ok(n)
@@ -307,12 +307,12 @@ impl Core {
     fn unauth_error(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'_>,
         code: u16,
         scratch: &mut [u8],
     ) -> Handled {
-        if !self.limiter.allow(now, src.ip()) {
+        if !self.limiter.allow(now, src.addr.ip()) {
             return Err(Output::Drop(Some(DropReason::RateLimited)));
         }
         let typ = MessageType::new(Class::Error, req.method);
@@ -320,7 +320,7 @@ impl Core {
         b.add(&ErrorCode::new(code)).map_err(internal)?;
         if code == ec::UNAUTHORIZED || code == ec::STALE_NONCE {
             let mut nbuf = [0u8; NONCE_LEN];
-            let nonce = self.nonces.make(now, src, &mut nbuf);
+            let nonce = self.nonces.make(now, src.addr, &mut nbuf);
             b.add(&Realm(&self.cfg.realm)).map_err(internal)?;
             b.add(&Nonce(nonce)).map_err(internal)?;
         }
@@ -333,7 +333,7 @@ impl Core {
     fn authenticate<'m>(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'m>,
         scratch: &mut [u8],
     ) -> Result<Authed<'m>, Output> {
@@ -348,7 +348,7 @@ impl Core {
         ) else {
             return Err(self.unauth_reply(now, src, req, ec::BAD_REQUEST, scratch));
         };
-        if let Err(e) = self.nonces.check(now, src, nonce.as_bytes()) {
+        if let Err(e) = self.nonces.check(now, src.addr, nonce.as_bytes()) {
             let _: NonceError = e;
             self.counters.stale_nonces += 1;
             return Err(self.unauth_reply(now, src, req, ec::STALE_NONCE, scratch));
@@ -403,7 +403,7 @@ impl Core {
     fn unauth_reply(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'_>,
         code: u16,
         scratch: &mut [u8],
@@ -411,7 +411,7 @@ impl Core {
         match self.unauth_error(now, src, req, code, scratch) {
             Ok(len) => Output::Reply {
                 from: SocketRef::Listener,
-                to: src,
+                to: src.addr,
                 len,
                 data: false,
             },
@@ -423,7 +423,7 @@ impl Core {
     fn owned(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'_>,
         auth: &Authed<'_>,
         scratch: &mut [u8],
@@ -460,7 +460,7 @@ impl Core {
     fn allocate(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'_>,
         auth: &Authed<'_>,
         scratch: &mut [u8],
@@ -576,11 +576,14 @@ impl Core {
             },
         );
         self.counters.allocations_created += 1;
+        let t = src.link.transport().index();
+        self.counters.allocations_created_by[t] += 1;
+        self.counters.allocations_active_by[t] += 1;
         let secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
         self.success(scratch, req, &auth.key, |b| {
             b.add(&XorRelayedAddress(relayed))?;
             b.add(&Lifetime(secs))?;
-            b.add(&XorMappedAddress(src))?;
+            b.add(&XorMappedAddress(src.addr))?;
             if refuse_v6 {
                 b.add(&AddressErrorCode {
                     family: AddressFamily::V6,
@@ -595,7 +598,7 @@ impl Core {
     fn refresh(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'_>,
         auth: &Authed<'_>,
         scratch: &mut [u8],
@@ -653,7 +656,7 @@ impl Core {
     fn create_permission(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'_>,
         auth: &Authed<'_>,
         scratch: &mut [u8],
@@ -711,7 +714,7 @@ impl Core {
     fn channel_bind(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'_>,
         auth: &Authed<'_>,
         scratch: &mut [u8],
@@ -772,7 +775,7 @@ impl Core {
     fn parse_send(
         &mut self,
         now: Instant,
-        src: SocketAddr,
+        src: Client,
         req: &Req<'_>,
         buf_base: usize,
     ) -> Result<(AllocationId, SocketAddr, usize, usize), Output> {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::AllocationId;
 use super::hash::{FastState, SipState};
+use super::{AllocationId, Client};
 
 /// Slab slot bits of an [`AllocationId`]; the remaining high bits are a generation counter.
 pub const SLOT_BITS: u32 = 20;
@@ -83,8 +83,9 @@ pub struct Cached {
 pub struct Allocation {
     /// Its id (slot + generation).
     pub id: AllocationId,
-    /// Client transport address (the 5-tuple: client, listener, UDP).
-    pub client: SocketAddr,
+    /// Client transport address and link (the 5-tuple: client, listener, transport; a stream
+    /// client is its connection).
+    pub client: Client,
     /// Relayed transport address.
     pub relayed: SocketAddr,
     /// Username that created it.
@@ -165,8 +166,8 @@ impl Allocation {
 
 /// Fields of a new allocation.
 pub struct NewAllocation {
-    /// Client transport address.
-    pub client: SocketAddr,
+    /// Client transport address and link.
+    pub client: Client,
     /// Relayed transport address.
     pub relayed: SocketAddr,
     /// Username.
@@ -186,7 +187,7 @@ pub struct NewAllocation {
 /// The allocation table.
 pub struct Table {
     slab: Slab<Allocation>,
-    by_client: HashMap<SocketAddr, AllocationId, SipState>,
+    by_client: HashMap<Client, AllocationId, SipState>,
     by_relayed: HashMap<SocketAddr, AllocationId, FastState>,
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
     generation: u32,
@@ -291,7 +292,7 @@ impl Table {
 
     /// The allocation of a client 5-tuple.
     #[inline]
-    pub fn by_client(&self, client: &SocketAddr) -> Option<AllocationId> {
+    pub fn by_client(&self, client: &Client) -> Option<AllocationId> {
         self.by_client.get(client).copied()
     }
 

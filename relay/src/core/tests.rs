@@ -104,6 +104,8 @@ impl RelaySockets for FakeSockets {
 struct Sent {
     out: Output,
     bytes: Vec<u8>,
+    /// Link of the client a client-bound output goes to.
+    link: Link,
 }
 
 impl Sent {
@@ -188,7 +190,24 @@ impl Harness {
             &mut scratch,
             &mut self.sockets,
         );
-        self.finish(out, buf, scratch)
+        self.finish(out, Link::Udp, buf, scratch)
+    }
+
+    /// A message from `client` (a datagram, or one frame of its stream) through
+    /// `Core::handle_client`.
+    fn client_sends_on(&mut self, client: super::Client, message: &[u8]) -> Sent {
+        let mut buf = vec![0xEE; HEADROOM + message.len()];
+        buf[HEADROOM..].copy_from_slice(message);
+        let mut scratch = vec![0u8; SCRATCH_LEN];
+        let r = self.core.handle_client(
+            self.now,
+            client,
+            &mut buf,
+            message.len(),
+            &mut scratch,
+            &mut self.sockets,
+        );
+        self.finish(r.out, r.link, buf, scratch)
     }
 
     /// A datagram from a peer to the relayed socket of `id`.
@@ -196,20 +215,20 @@ impl Harness {
         let mut buf = vec![0xEE; HEADROOM + payload.len()];
         buf[HEADROOM..].copy_from_slice(payload);
         let mut scratch = vec![0u8; SCRATCH_LEN];
-        let out =
-            self.core
-                .handle_relayed(self.now, id, src, &mut buf, payload.len(), &mut scratch);
-        self.finish(out, buf, scratch)
+        let r = self
+            .core
+            .handle_peer(self.now, id, src, &mut buf, payload.len(), &mut scratch);
+        self.finish(r.out, r.link, buf, scratch)
     }
 
-    fn finish(&mut self, out: Output, buf: Vec<u8>, scratch: Vec<u8>) -> Sent {
+    fn finish(&mut self, out: Output, link: Link, buf: Vec<u8>, scratch: Vec<u8>) -> Sent {
         let bytes = match &out {
             Output::Forward { range, .. } => buf[range.clone()].to_vec(),
             Output::Reply { len, .. } => scratch[..*len].to_vec(),
             Output::Drop(_) => Vec::new(),
         };
         self.last_buf = buf;
-        Sent { out, bytes }
+        Sent { out, bytes, link }
     }
 
     /// Moves the virtual clock, firing due timers like a backend would.
@@ -254,6 +273,8 @@ fn udp(b: &mut MessageBuilder<'_>) {
 
 struct Client {
     addr: SocketAddr,
+    /// How the client reaches the relay (UDP unless a test says otherwise).
+    link: Link,
     user: String,
     key: [u8; 16],
     nonce: Option<String>,
@@ -266,6 +287,7 @@ impl Client {
     fn new(addr: &str, user: &str, pass: &str) -> Self {
         Client {
             addr: sa(addr),
+            link: Link::Udp,
             user: user.into(),
             key: long_term_key(user, REALM, pass),
             nonce: None,
@@ -279,6 +301,28 @@ impl Client {
         let name = rest::username(expiry, user);
         let pw = rest::password(secret, &name);
         Client::new(addr, &name, &pw)
+    }
+
+    /// The same user over a TCP (`tls` false) or TLS connection `id` from the same address.
+    fn over_stream(&self, id: u64, tls: bool) -> Self {
+        let mut c = Client::new("0.0.0.0:0", &self.user, "unused");
+        c.addr = self.addr;
+        c.key = self.key;
+        c.link = if tls {
+            Link::Tls(StreamId(id))
+        } else {
+            Link::Tcp(StreamId(id))
+        };
+        c.tid = 1_000_000 * (id + 1);
+        c
+    }
+
+    /// The core's view of this client.
+    fn core_client(&self) -> super::Client {
+        super::Client {
+            addr: self.addr,
+            link: self.link,
+        }
     }
 
     fn next_tid(&mut self) -> TransactionId {
@@ -331,7 +375,11 @@ impl Client {
         for _ in 0..2 {
             let tid = self.next_tid();
             let req = self.build(tid, method, attrs, self.nonce.is_some());
-            let sent = h.client_sends(self.addr, &req);
+            let sent = h.client_sends_on(self.core_client(), &req);
+            assert_eq!(
+                sent.link, self.link,
+                "the answer goes back on the request's link"
+            );
             let resp = sent.reply().to_vec();
             let m = Message::parse(&resp).unwrap();
             assert_eq!(m.transaction_id(), tid);
@@ -1949,4 +1997,157 @@ fn random_and_bit_flipped_datagrams_never_panic_nor_create_state() {
     // the unmodified request still works
     assert_eq!(err_code(h.client_sends(c.addr, &valid).reply()), None);
     assert_eq!(h.core.allocations(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients over TCP and TLS (the backend hands in whole frames; the core keys them by link)
+
+#[test]
+fn stream_clients_are_other_5_tuples_than_the_udp_client_at_the_same_address() {
+    let mut h = Harness::new();
+    let udp_alice = alice(&mut h);
+    let mut tcp_alice = udp_alice.over_stream(1, false);
+    let mut tls_alice = udp_alice.over_stream(2, true);
+    let r_tcp = tcp_alice
+        .allocate(&mut h)
+        .expect("TCP allocation beside the UDP one");
+    let r_tls = tls_alice
+        .allocate(&mut h)
+        .expect("TLS allocation beside both");
+    let r_udp = udp_alice.relayed.unwrap();
+    assert!(r_udp != r_tcp && r_tcp != r_tls && r_udp != r_tls);
+    assert_eq!(h.core.allocations(), 3);
+    // A second TCP connection from the same address (another listener) is yet another client.
+    let mut tcp2 = udp_alice.over_stream(3, false);
+    assert!(tcp2.allocate(&mut h).is_ok());
+    // Refresh with LIFETIME 0 on one link deletes only that link's allocation.
+    assert_eq!(err_code(&tcp_alice.refresh(&mut h, Some(0))), None);
+    assert_eq!(h.core.allocations(), 3);
+    assert!(h.core.has_allocation(&udp_alice.core_client(), h.now));
+    assert!(!h.core.has_allocation(&tcp_alice.core_client(), h.now));
+    assert!(h.core.has_allocation(&tls_alice.core_client(), h.now));
+    let c = h.core.counters();
+    assert_eq!(c.allocations_created_by, [1, 2, 1]);
+    assert_eq!(c.allocations_active_by, [1, 1, 1]);
+}
+
+#[test]
+fn binding_over_a_stream_maps_the_connection_address_and_answers_on_it() {
+    let mut h = Harness::new();
+    let c = Client::new("198.51.100.7:5000", "alice", "alice-pw").over_stream(9, true);
+    let req = c.build(TransactionId([7; 12]), Method::BINDING, &no_attrs, false);
+    let sent = h.client_sends_on(c.core_client(), &req);
+    assert_eq!(sent.link, Link::Tls(StreamId(9)));
+    assert!(
+        matches!(sent.out, Output::Reply { from: SocketRef::Listener, to, .. } if to == c.addr)
+    );
+    let m = Message::parse(sent.reply()).unwrap();
+    assert_eq!(m.get::<XorMappedAddress>().unwrap().unwrap().0, c.addr);
+}
+
+#[test]
+fn peer_data_for_a_stream_client_is_routed_to_its_connection() {
+    let mut h = Harness::new();
+    let mut c = Client::new("198.51.100.30:6000", "bob", "bob-pw").over_stream(5, false);
+    let r = c.allocate(&mut h).unwrap();
+    let id = h.id_of(r);
+    assert_eq!(h.core.client_of(id), Some(c.core_client()));
+    assert_eq!(c.permit(&mut h, &[sa(PEER)]), None);
+    // Client -> peer: a Send indication framed on the stream leaves from the relayed socket.
+    let ind = c.send_indication(sa(PEER), b"up");
+    let sent = h.client_sends_on(c.core_client(), &ind);
+    assert!(
+        matches!(sent.out, Output::Forward { from: SocketRef::Relayed(i), to, .. } if i == id && to == sa(PEER))
+    );
+    assert_eq!(sent.bytes, b"up");
+    // Peer -> client without a channel: a Data indication towards the connection.
+    let sent = h.peer_sends(id, sa(PEER), b"down");
+    assert_eq!(sent.link, Link::Tcp(StreamId(5)));
+    assert!(matches!(sent.out, Output::Reply { data: true, to, .. } if to == c.addr));
+    // With a channel: ChannelData in place (unpadded: padding is the stream writer's job).
+    assert_eq!(c.bind(&mut h, 0x4001, sa(PEER)), None);
+    let sent = h.peer_sends(id, sa(PEER), b"down!");
+    assert_eq!(sent.link, Link::Tcp(StreamId(5)));
+    assert!(matches!(
+        sent.out,
+        Output::Forward {
+            from: SocketRef::Listener,
+            ..
+        }
+    ));
+    assert_eq!(ChannelData::parse(&sent.bytes).unwrap().data, b"down!");
+    // ChannelData from the stream (framer took the padding off) goes to the peer.
+    let sent = h.client_sends_on(c.core_client(), &channel_data(0x4001, b"abc"));
+    assert!(matches!(
+        sent.out,
+        Output::Forward {
+            from: SocketRef::Relayed(_),
+            ..
+        }
+    ));
+    assert_eq!(sent.bytes, b"abc");
+    // The same bytes from the UDP client at the same address: no allocation there.
+    let sent = h.client_sends(c.addr, &channel_data(0x4001, b"abc"));
+    assert_eq!(sent.drop_reason(), Some(DropReason::NoAllocation));
+}
+
+#[test]
+fn closing_a_stream_frees_its_allocation_and_nothing_else() {
+    let mut h = Harness::new();
+    let mut udp = alice(&mut h);
+    let mut tcp = udp.over_stream(1, false);
+    tcp.allocate(&mut h).unwrap();
+    let closed_before = h.sockets.closed;
+    assert!(h.core.close_stream(tcp.core_client(), &mut h.sockets));
+    assert_eq!(h.sockets.closed, closed_before + 1, "relayed socket closed");
+    assert!(
+        !h.core.close_stream(tcp.core_client(), &mut h.sockets),
+        "only once"
+    );
+    let never = udp.over_stream(77, true);
+    assert!(!h.core.close_stream(never.core_client(), &mut h.sockets));
+    assert!(h.core.has_allocation(&udp.core_client(), h.now));
+    assert_eq!(h.core.allocations(), 1);
+    let c = h.core.counters();
+    assert_eq!((c.allocations_closed, c.allocations_deleted), (1, 0));
+    assert_eq!(c.allocations_active_by, [1, 0, 0]);
+    // The quota is given back: the user can allocate again on a new connection.
+    assert_eq!(h.shared.total_allocations(), 1);
+    let mut again = udp.over_stream(2, false);
+    assert!(again.allocate(&mut h).is_ok());
+    assert_eq!(err_code(&udp.refresh(&mut h, Some(0))), None);
+    let (a, b, c, _, _) = h.core.table_sizes();
+    assert_eq!((a, b, c), (1, 1, 1));
+}
+
+#[test]
+fn short_circuit_reaches_a_stream_client_on_its_connection() {
+    let mut h = Harness::new();
+    let mut a = alice(&mut h); // UDP
+    let mut b = Client::new("198.51.100.21:1", "bob", "bob-pw").over_stream(4, true);
+    let rb = b.allocate(&mut h).unwrap();
+    let ra = a.relayed.unwrap();
+    assert_eq!(a.bind(&mut h, 0x4000, rb), None);
+    assert_eq!(b.permit(&mut h, &[ra]), None);
+    // UDP alice -> TLS bob, no channel on bob's side: Data indication for bob's connection.
+    let sent = h.client_sends(a.addr, &channel_data(0x4000, b"ping"));
+    assert!(matches!(sent.out, Output::Reply { data: true, to, .. } if to == b.addr));
+    let sent = h.client_sends_on(a.core_client(), &channel_data(0x4000, b"ping"));
+    assert_eq!(sent.link, Link::Tls(StreamId(4)));
+    // bob binds a channel: ChannelData rewritten in place for bob's connection.
+    assert_eq!(b.bind(&mut h, 0x4ABC, ra), None);
+    let sent = h.client_sends_on(a.core_client(), &channel_data(0x4000, b"pong"));
+    assert_eq!(sent.link, Link::Tls(StreamId(4)));
+    assert!(
+        matches!(sent.out, Output::Forward { from: SocketRef::Listener, to, .. } if to == b.addr)
+    );
+    // TLS bob -> UDP alice: the answer goes to alice's UDP link.
+    assert_eq!(a.permit(&mut h, &[rb]), None);
+    let ind = b.send_indication(ra, b"back");
+    let sent = h.client_sends_on(b.core_client(), &ind);
+    assert_eq!(sent.link, Link::Udp);
+    assert!(
+        matches!(sent.out, Output::Forward { from: SocketRef::Listener, to, .. } if to == a.addr)
+    );
+    assert_eq!(h.core.counters().short_circuited, 4);
 }

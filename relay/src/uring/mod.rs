@@ -105,6 +105,8 @@ const KIND_LISTENER: u64 = 1;
 const KIND_RELAYED: u64 = 2;
 const KIND_SEND: u64 = 3;
 const KIND_CANCEL: u64 = 4;
+/// The one-shot poll on the TCP/TLS side's epoll fd ([`crate::stream`]).
+const KIND_STREAMS: u64 = 5;
 
 /// Completion token: kind (8 bits) | generation (24 bits) | key (32 bits).
 fn token(kind: u64, generation: u32, key: usize) -> u64 {
@@ -410,6 +412,8 @@ struct Uring {
     /// ([`Io::settle`]).
     deferred_close: Vec<UdpSocket>,
     overflow_seen: u32,
+    /// The poll on the streams' epoll fd is in flight.
+    streams_armed: bool,
     fixed: FixedFiles,
     /// Receive msghdr shared by every multishot receive (boxed for the worker's life).
     recv_msg: *const libc::msghdr,
@@ -589,6 +593,7 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), 
             unsubmitted_sends: 0,
             deferred_close: Vec::with_capacity(64),
             overflow_seen: 0,
+            streams_armed: false,
             fixed,
             recv_msg: &*recv_msg,
         },
@@ -602,6 +607,8 @@ pub fn run(mut ctx: WorkerCtx, buffers: u32, busy_poll: Duration) -> Result<(), 
             "cannot queue the listener receive",
         )));
     }
+    // Arms the poll on the streams' epoll fd, if there is one.
+    after_core(&mut ctx, &mut io)?;
     tracing::debug!(
         worker = ctx.index,
         registered_files = io.st.fixed.cap,
@@ -777,9 +784,7 @@ fn handle_cqe(
                     ctx.counters.send_errors += 1;
                     tracing::trace!(worker = ctx.index, errno = -res, "forward send failed");
                 } else {
-                    let d = slot.direction as usize;
-                    ctx.counters.fwd_packets[d] += 1;
-                    ctx.counters.fwd_bytes[d] += res as u64;
+                    ctx.counters.forwarded(slot.direction, res as usize);
                 }
             }
             io.bufs.recycle(bid);
@@ -839,6 +844,10 @@ fn handle_cqe(
                 }
             }
         }
+        KIND_STREAMS => {
+            io.st.streams_armed = false;
+            ctx.poll_streams(now);
+        }
         _ => {} // KIND_CANCEL: nothing to do.
     }
     Ok(())
@@ -858,12 +867,32 @@ fn after_core(ctx: &mut WorkerCtx, io: &mut Io<'_, '_>) -> io::Result<()> {
             io.st.deferred_close.push(sock);
         }
     }
+    // The streams' epoll fd: one one-shot poll at a time, re-armed once it fired (a one-shot
+    // poll completes at once when the set is still ready, so nothing left over is missed).
+    if !io.st.streams_armed
+        && let Some(fd) = ctx.streams_fd()
+    {
+        let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(token(KIND_STREAMS, 0, 0));
+        if io.push(&sqe)? {
+            io.st.streams_armed = true;
+        }
+    }
     while let Some((key, generation)) = ctx.sockets.opened.pop() {
         if let Some(fd) = ctx.prepare_opened(key, generation) {
             let tok = token(KIND_RELAYED, generation, key);
             let target = io.st.fixed.register(&io.submitter, key, fd);
-            if let Target::Fixed(_) = target {
+            let keep = ctx
+                .sockets
+                .slab
+                .get(key)
+                .is_some_and(|e| ctx.keeps_fd(e.id));
+            if let Target::Fixed(_) = target
+                && !keep
+            {
                 // The ring holds the socket now; the fd would only count against RLIMIT_NOFILE.
+                // A stream client's socket keeps it: the stream side sends on it with sendto.
                 ctx.sockets.release_fd(key);
             }
             if !io.arm(tok, target)? {

@@ -15,6 +15,8 @@ use peerlink_proto::attrs::{
 use peerlink_proto::auth::long_term_key;
 use peerlink_proto::{Class, Message, MessageBuilder, MessageType, Method, TransactionId};
 
+pub mod stream_client;
+
 /// Both backends, for parametrised tests.
 pub const BACKENDS: [&str; 2] = ["uring", "epoll"];
 
@@ -110,6 +112,11 @@ impl Relay {
             } else {
                 &["--workers", "2"]
             };
+            let log_flags: &[&str] = if extra.contains(&"--log") {
+                &[]
+            } else {
+                &["--log-level", "info"]
+            };
             let mut args: Vec<String> = [
                 "--listen",
                 &listen.to_string(),
@@ -125,10 +132,9 @@ impl Relay {
                 io,
                 "--metrics",
                 &metrics.to_string(),
-                "--log-level",
-                "info",
             ]
             .iter()
+            .chain(log_flags)
             .chain(relay_ip)
             .chain(workers)
             .map(|s| s.to_string())
