@@ -1,7 +1,7 @@
 //! Interop with coturn's own clients (Debian package `coturn`): `turnutils_uclient` in
 //! ChannelData, send-indication and client-to-client modes, against `turnutils_peer`, with a
-//! static user and with a TURN REST secret; `turnutils_stunclient` for Binding. Every scenario
-//! runs on both backends. Each run is small (`-n 50 -m 5 -l 170`) and bounded by a timeout.
+//! static user and with a TURN REST secret, over UDP, TCP (`-t`) and TLS (`-t -S`);
+//! `turnutils_stunclient` for Binding. Every scenario runs on both backends. Each run is small (`-n 50 -m 5 -l 170`) and bounded by a timeout.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -23,6 +23,8 @@ struct Outcome {
     received: Option<u64>,
     lost: Option<u64>,
     errors: Vec<String>,
+    /// TLS handshakes the relay refused (TLS 1.0/1.1 attempts; see `parse_uclient`).
+    tls_refusals: u64,
 }
 
 fn parse_uclient(out: &str) -> Outcome {
@@ -39,8 +41,22 @@ fn parse_uclient(out: &str) -> Outcome {
     // (RFC 8656 7.2); uclient logs "error 437", then "trying allocate again", reopens the socket
     // and carries on. That recovery is uclient's own design, not a fault of the server.
     let recovered_437 = out.contains("trying allocate again 437");
+    // With -S, uclient opens each connection with a TLS method picked from several, TLS 1.0
+    // and 1.1 among them; the relay (rustls) refuses those versions, and uclient reconnects
+    // with another method until one connects. Those refusals are expected, not failures.
+    let tls_retried = out.contains("tls_connect: client session connected");
     for line in out.lines() {
         if recovered_437 && line.contains("error 437 (Allocation Mismatch)") {
+            continue;
+        }
+        if tls_retried
+            && (line.contains("tls_connect: cannot connect")
+                || line.contains("alert handshake failure")
+                || line.contains("alert protocol version"))
+        {
+            if line.contains("tls_connect: cannot connect") {
+                o.tls_refusals += 1;
+            }
             continue;
         }
         // Final totals line: "start_mclient: tot_send_msgs=250, tot_recv_msgs=250"
@@ -76,18 +92,53 @@ enum Mode {
     C2cSend,
 }
 
-fn run_uclient(io: &str, mode: Mode, auth: Auth) {
-    run_uclient_on(io, mode, auth, false);
+/// How uclient reaches the relay.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    Udp,
+    /// `-t`, to the relay's `--listen-tcp`.
+    Tcp,
+    /// `-t -S`, to the relay's `--listen-tls`.
+    Tls,
 }
 
-fn run_uclient_on(io: &str, mode: Mode, auth: Auth, ipv6: bool) {
+fn run_uclient(io: &str, mode: Mode, auth: Auth) {
+    run_uclient_on(io, mode, auth, false, Via::Udp);
+}
+
+fn run_uclient_via(io: &str, mode: Mode, auth: Auth, via: Via) {
+    run_uclient_on(io, mode, auth, false, via);
+}
+
+fn run_uclient_on(io: &str, mode: Mode, auth: Auth, ipv6: bool, via: Via) {
     // coturn's uclient picks channel numbers in RFC 5766's 0x4000-0x7FFF.
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, _) = common::stream_client::write_cert(certs.path());
+    let stream_port = common::free_tcp_port();
+    let stream_addr = format!("127.0.0.1:{stream_port}");
+    let mut extra = vec!["--legacy-channel-range"];
+    match via {
+        Via::Udp => {}
+        Via::Tcp => extra.extend(["--listen-tcp", &stream_addr]),
+        Via::Tls => extra.extend([
+            "--listen-tls",
+            &stream_addr,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ]),
+    }
     let relay = if ipv6 {
-        Relay::start_v6(io, &["--legacy-channel-range"])
+        Relay::start_v6(io, &extra)
     } else {
-        Relay::start(io, &["--legacy-channel-range"])
+        Relay::start(io, &extra)
     };
     let host = relay.listen.ip().to_string();
+    let server_port = match via {
+        Via::Udp => relay.listen.port(),
+        Via::Tcp | Via::Tls => stream_port,
+    };
     let peer_port = free_udp_port();
     let _peer = if matches!(mode, Mode::Channel | Mode::Send) {
         let child = Command::new("turnutils_peer")
@@ -116,7 +167,7 @@ fn run_uclient_on(io: &str, mode: Mode, auth: Auth, ipv6: bool) {
         "-r".into(),
         peer_port.to_string(),
         "-p".into(),
-        relay.listen.port().to_string(),
+        server_port.to_string(),
         "-z".into(),
         "5".into(),
     ];
@@ -135,6 +186,11 @@ fn run_uclient_on(io: &str, mode: Mode, auth: Auth, ipv6: bool) {
     }
     if ipv6 {
         args.push("-x".into()); // ask for an IPv6 relayed address
+    }
+    match via {
+        Via::Udp => {}
+        Via::Tcp => args.push("-t".into()),
+        Via::Tls => args.extend(["-t", "-S"].map(String::from)),
     }
     args.push(host.clone());
     let out_path = tempfile::NamedTempFile::new().unwrap();
@@ -176,6 +232,26 @@ fn run_uclient_on(io: &str, mode: Mode, auth: Auth, ipv6: bool) {
             >= expected
     });
     assert_eq!(relay.stat("send_errors"), 0);
+    // Over TCP/TLS every client connected as a stream (and no datagram came from uclient's
+    // clients on the UDP listener besides none at all).
+    match via {
+        Via::Udp => {}
+        Via::Tcp => assert!(relay.stat("stream_accepted_tcp") >= clients, "{out}"),
+        Via::Tls => {
+            assert!(relay.stat("stream_accepted_tls") >= clients, "{out}");
+            assert!(relay.stat("tls_handshakes") >= clients, "{out}");
+            // The refusals uclient logged were TLS-error closes on the relay's side (uclient
+            // logs some refusals more than once, so the counts are not compared exactly).
+            if o.tls_refusals > 0 {
+                relay.wait_until("refused handshakes counted", Duration::from_secs(5), || {
+                    relay.stat("stream_closed_tls_tls_error") >= 1
+                });
+            }
+        }
+    }
+    if via != Via::Udp {
+        assert_eq!(relay.stat("client_received_packets_udp"), 0, "{out}");
+    }
 }
 
 macro_rules! interop {
@@ -200,6 +276,35 @@ interop! {
     client_to_client_rest_secret: Mode::C2c, Auth::Rest;
     client_to_client_send_static_user: Mode::C2cSend, Auth::User;
     client_to_client_send_rest_secret: Mode::C2cSend, Auth::Rest;
+}
+
+macro_rules! interop_stream {
+    ($($name:ident: $mode:expr, $auth:expr, $via:expr;)*) => {
+        mod stream_uring {
+            use super::*;
+            $(#[test] fn $name() { run_uclient_via("uring", $mode, $auth, $via); })*
+        }
+        mod stream_epoll {
+            use super::*;
+            $(#[test] fn $name() { run_uclient_via("epoll", $mode, $auth, $via); })*
+        }
+    };
+}
+
+// uclient over TCP (`-t`) and TLS (`-t -S`); its peers and relayed traffic stay UDP.
+interop_stream! {
+    tcp_channel_data_static_user: Mode::Channel, Auth::User, Via::Tcp;
+    tcp_channel_data_rest_secret: Mode::Channel, Auth::Rest, Via::Tcp;
+    tcp_send_indication_static_user: Mode::Send, Auth::User, Via::Tcp;
+    tcp_send_indication_rest_secret: Mode::Send, Auth::Rest, Via::Tcp;
+    tcp_client_to_client_static_user: Mode::C2c, Auth::User, Via::Tcp;
+    tcp_client_to_client_send_rest_secret: Mode::C2cSend, Auth::Rest, Via::Tcp;
+    tls_channel_data_static_user: Mode::Channel, Auth::User, Via::Tls;
+    tls_channel_data_rest_secret: Mode::Channel, Auth::Rest, Via::Tls;
+    tls_send_indication_static_user: Mode::Send, Auth::User, Via::Tls;
+    tls_send_indication_rest_secret: Mode::Send, Auth::Rest, Via::Tls;
+    tls_client_to_client_static_user: Mode::C2c, Auth::User, Via::Tls;
+    tls_client_to_client_send_rest_secret: Mode::C2cSend, Auth::Rest, Via::Tls;
 }
 
 fn run_stunclient(io: &str) {
@@ -239,22 +344,22 @@ fn run_stunclient(io: &str) {
 
 #[test]
 fn ipv6_channel_data_uring() {
-    run_uclient_on("uring", Mode::Channel, Auth::User, true);
+    run_uclient_on("uring", Mode::Channel, Auth::User, true, Via::Udp);
 }
 
 #[test]
 fn ipv6_channel_data_epoll() {
-    run_uclient_on("epoll", Mode::Channel, Auth::User, true);
+    run_uclient_on("epoll", Mode::Channel, Auth::User, true, Via::Udp);
 }
 
 #[test]
 fn ipv6_client_to_client_uring() {
-    run_uclient_on("uring", Mode::C2c, Auth::Rest, true);
+    run_uclient_on("uring", Mode::C2c, Auth::Rest, true, Via::Udp);
 }
 
 #[test]
 fn ipv6_client_to_client_epoll() {
-    run_uclient_on("epoll", Mode::C2c, Auth::Rest, true);
+    run_uclient_on("epoll", Mode::C2c, Auth::Rest, true, Via::Udp);
 }
 
 #[test]

@@ -101,6 +101,7 @@ both!(
     connection_limit_refuses_the_excess,
     sighup_reloads_the_certificate_for_new_handshakes,
     stream_and_udp_clients_short_circuit,
+    a_client_that_stops_reading_is_disconnected,
 );
 
 /// Send indication out and Data indication back; then ChannelData both ways, with payload
@@ -452,4 +453,52 @@ fn tls_listener_without_certificate_or_with_unreadable_pem_exits_2() {
         // Nothing was bound: the port is still free.
         assert!(std::net::TcpListener::bind(&tls).is_ok());
     }
+}
+
+/// A TCP client that never reads while its peer floods it: once the kernel's buffers and the
+/// relay's send buffer are full, the relay closes that connection (never blocking the worker)
+/// and frees its allocation; another client is served throughout.
+fn a_client_that_stops_reading_is_disconnected(io: &str) {
+    let r = start(io, &[]);
+    let p = peer();
+    let peer_addr = p.local_addr().unwrap();
+    // A small receive window, set before connecting, so the kernel holds little for it.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect_timeout(&r.tcp.into(), STEP).unwrap();
+    let tcp: TcpStream = sock.into();
+    tcp.set_read_timeout(Some(STEP)).unwrap();
+    let mut sleeper = StreamClient::new(common::stream_client::Transport::Tcp(tcp), "user", "pass");
+    let relayed = sleeper.allocate().unwrap();
+    sleeper.create_permission(peer_addr).unwrap();
+    sleeper.channel_bind(CHANNEL, peer_addr).unwrap();
+    let mut other = connect(&r, true);
+    other.allocate().unwrap();
+    let payload = vec![0x5A; 3000];
+    let sample = "peerlink_relay_stream_connections_closed_tcp_total{reason=\"send_buffer_full\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut sent = 0u64;
+    // At most 40,000 datagrams (120 MB), paced in bursts, until the relay gives up on it.
+    while sent < 40_000 && std::time::Instant::now() < deadline {
+        for _ in 0..200 {
+            let _ = p.send_to(&payload, relayed);
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        if sent.is_multiple_of(2000) && metric(&r.relay, sample) >= 1 {
+            break;
+        }
+    }
+    wait_metric(&r.relay, sample, 1);
+    r.relay
+        .wait_until("the sleeper's allocation freed", STEP, || {
+            r.relay.stat("allocations_active") == 1
+        });
+    assert!(other.binding_ok(), "the other client is still served");
+    // RSS stays bounded: the relay did not buffer the flood.
+    assert!(
+        r.relay.rss_kib() < 200 * 1024,
+        "RSS {} KiB",
+        r.relay.rss_kib()
+    );
 }

@@ -334,14 +334,16 @@ impl Conn {
                 Ok(())
             }
             Session::Tls(tls) => {
+                // Frame and padding in one write, so they go out as one TLS record: some
+                // clients (coturn's) take every record for a message of its own.
                 let mut w = tls.writer();
-                let n = w
-                    .write(bytes)
-                    .map_err(|e| Closing::new(CloseReason::Tls, e))?;
-                let p = w
-                    .write(pad)
-                    .map_err(|e| Closing::new(CloseReason::Tls, e))?;
-                if n < bytes.len() || p < pad.len() {
+                let n = if pad.is_empty() {
+                    w.write(bytes)
+                } else {
+                    w.write_vectored(&[IoSlice::new(bytes), IoSlice::new(pad)])
+                }
+                .map_err(|e| Closing::new(CloseReason::Tls, e))?;
+                if n < bytes.len() + pad.len() {
                     return Err(overflow());
                 }
                 self.flush()
