@@ -1,10 +1,21 @@
-//! The sans-IO TURN core of peerlink-relay (RFC 8656 over UDP, STUN per RFC 8489).
+//! The sans-IO TURN core of peerlink-relay (RFC 8656 with UDP, TCP and TLS clients, STUN per
+//! RFC 8489).
 //!
 //! What it is: all protocol state of one worker — allocations, long-term authentication,
 //! permissions, channels, quotas, peer policy — driven by an I/O backend that hands in
 //! datagrams and the monotonic `now`, and acts on the returned [`Output`]. What it is not: no
 //! sockets, threads, clock reads or unseeded randomness; relayed sockets belong to io and are
 //! opened/closed through [`RelaySockets`].
+//!
+//! ## Clients and links
+//!
+//! A client is a [`Client`]: its address and its [`Link`] (the UDP listener, or one TCP/TLS
+//! connection named by the backend). Allocations are keyed by it, so a stream client and the
+//! UDP client at the same address are two 5-tuples. A stream frame (one STUN message or one
+//! ChannelData without its padding) comes in through [`Core::handle_client`] exactly like a
+//! datagram; every output towards a client comes back as a [`Routed`] naming that client's
+//! link, and the backend writes stream-bound ones into the connection.
+//! [`Core::close_stream`] frees the allocation of a connection that closed.
 //!
 //! ## Flow
 //!

@@ -43,6 +43,11 @@
 //! Replies (STUN responses, Data indications) are written by the core into a per-worker scratch
 //! buffer reused for the next datagram, so they are sent with a direct non-blocking `sendto`
 //! rather than queued (one syscall per reply: requests, and peer data without a channel).
+//!
+//! TCP/TLS clients ([`crate::stream`]) live in an epoll set of their own; the ring polls its fd
+//! with a one-shot `POLL_ADD` (re-armed after each round) and the stream side reads, writes and
+//! runs the core outside the ring. The relayed socket of a stream client's allocation keeps its
+//! fd after registration, because the stream side sends on it with `sendto`.
 
 pub mod bufring;
 
