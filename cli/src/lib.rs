@@ -4,7 +4,8 @@
 //! one logging setup behind them ([`log::init`]: stderr, ANSI colour only on a terminal, JSON
 //! lines through tracing-subscriber), duration values ([`parse_duration`]: humantime's
 //! syntax, or bare seconds), and the services' Prometheus exposition
-//! ([`metrics::Exposition`], through prometheus-client).
+//! ([`metrics::Exposition`], through prometheus-client), and children that never outlive their
+//! launcher ([`process::die_with_parent`]).
 //!
 //! It is not: a configuration system of its own; each binary's flags and TOML keys stay its own.
 
@@ -12,6 +13,7 @@
 
 pub mod log;
 pub mod metrics;
+pub mod process;
 
 use std::time::Duration;
 
