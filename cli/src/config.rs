@@ -13,11 +13,12 @@
 //!   switches need `#[serde(skip_serializing_if = "Vec::is_empty")]` /
 //!   `"std::ops::Not::not"`; `--config` itself is `#[serde(skip)]`.
 //!
-//! [`load`] reads the file into a TOML table, lays the serialized flags over it (a key that is
-//! set replaces the file's value, a list replaces the file's whole list, tables merge key by
-//! key) and deserializes the settings once. Every error names where the value came from (the
-//! file's path, or the command line and environment) and the key: an unknown key, a value of
-//! the wrong type, a duration that does not parse. Checks that need several values together
+//! [`load`] reads the file into a TOML table and checks it on its own (a mistake in the file is
+//! an error even where a flag replaces the value), lays the serialized flags over it (a key
+//! that is set replaces the file's value, a list replaces the file's whole list, tables merge
+//! key by key) and deserializes the settings from the result. Every error names where the value
+//! came from (the file's path, or the command line and environment) and the key: an unknown
+//! key, a value of the wrong type, a duration that does not parse. Checks that need several values together
 //! stay with each service (its `validate`), after loading and before anything is bound.
 
 use std::fmt;
@@ -138,12 +139,25 @@ fn layer<T: DeserializeOwned>(
     overrides: &impl Serialize,
 ) -> Result<T, ConfigError> {
     let over = toml::Table::try_from(overrides).map_err(|e| ConfigError::Flags(e.to_string()))?;
-    let from_flags: Vec<String> = over.keys().cloned().collect();
-    let (path, mut table) = match base {
-        Some((p, t)) => (Some(p), t),
-        None => (None, toml::Table::new()),
+    let Some((path, mut table)) = base else {
+        return deserialize(over, &|_| Origin::Flags);
     };
+    // The file must be valid on its own, also where a flag replaces a value: a mistake in it
+    // is reported now, not once the flag is dropped.
+    deserialize::<T>(table.clone(), &|_| Origin::File(path.to_owned()))?;
+    let from_flags: Vec<String> = over.keys().cloned().collect();
     overlay(&mut table, over);
+    deserialize(table, &|top| match top {
+        Some(k) if !from_flags.iter().any(|f| f == k) => Origin::File(path.to_owned()),
+        _ => Origin::Flags,
+    })
+}
+
+/// Deserialize `T` from `table`; `origin` tells where a value under a top-level key came from.
+fn deserialize<T: DeserializeOwned>(
+    table: toml::Table,
+    origin: &dyn Fn(Option<&str>) -> Origin,
+) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         use serde_path_to_error::Segment;
         let segments: Vec<&Segment> = e.path().iter().collect();
@@ -151,12 +165,7 @@ fn layer<T: DeserializeOwned>(
             Some(Segment::Map { key }) => Some(key.as_str()),
             _ => None,
         };
-        let origin = match path {
-            Some(p) if !top.is_some_and(|k| from_flags.iter().any(|f| f == k)) => {
-                Origin::File(p.to_owned())
-            }
-            _ => Origin::Flags,
-        };
+        let origin = origin(top);
         let key = (!segments.is_empty()).then(|| e.path().to_string());
         // The TOML deserializer's own message, without the location it appends ("in `key`"):
         // the key is named above.
@@ -479,14 +488,18 @@ mod tests {
     }
 
     #[test]
-    fn a_value_the_flags_replaced_is_blamed_on_the_flags() {
-        // A file value that a flag replaces is never looked at.
+    fn the_file_is_valid_on_its_own_and_flag_values_are_blamed_on_the_flags() {
+        // A bad file value is an error even where a flag replaces it.
         let flags = Flags {
             workers: Some(2),
             ..Flags::default()
         };
-        let s = file("workers = \"four\"\n", &flags).unwrap();
-        assert_eq!(s.workers, Some(2));
+        let e = file("workers = \"four\"\n", &flags).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("config /etc/svc.toml: key `workers`: "),
+            "{e}"
+        );
         // A flag value the settings refuse is reported as the command line's.
         #[derive(Serialize)]
         struct Bad {

@@ -66,7 +66,10 @@ fn child() {
         return;
     };
     let args: Vec<&str> = args.split('\u{1f}').filter(|a| !a.is_empty()).collect();
-    let flags = Flags::try_parse_from(std::iter::once("svc").chain(args)).unwrap();
+    let flags = match Flags::try_parse_from(std::iter::once("svc").chain(args)) {
+        Ok(f) => f,
+        Err(e) => return println!("ERROR {}", e.to_string().lines().next().unwrap_or_default()),
+    };
     match peerlink_cli::config::load::<Settings>(flags.config.as_deref(), &flags) {
         Ok(s) => println!(
             "SETTINGS {}",
@@ -211,7 +214,16 @@ fn errors_name_the_file_and_the_key() {
         )),
         "{e}"
     );
-    // The same bad duration in the file is never read when the environment replaces it.
-    let s = load(&["--config", &path], &[(TIMEOUT_ENV, "2s")]).unwrap();
-    assert_eq!(s.timeout, Duration::from_secs(2));
+    // The file must be valid on its own, also where the environment replaces the value.
+    let e = load(&["--config", &path], &[(TIMEOUT_ENV, "2s")]).unwrap_err();
+    assert!(
+        e.starts_with(&format!("config {path}: key `timeout`: ")),
+        "{e}"
+    );
+    // A bad value in the environment is refused by the parser, naming the variable's flag.
+    let e = load(&[], &[(TIMEOUT_ENV, "soon")]).unwrap_err();
+    assert!(
+        e.contains("invalid value 'soon' for '--timeout <TIMEOUT>'"),
+        "{e}"
+    );
 }
