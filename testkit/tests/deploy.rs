@@ -957,7 +957,11 @@ fn relay_with(config: &Path, directory: &str) -> (Service, String) {
         .env("PEERLINK_CLUSTER_TOKEN", CLUSTER_TOKEN)
         .env("PEERLINK_RELAY_AUTH_SECRET", TURN_SECRET);
     let mut r = Service::start("peerlink-relay", cmd);
-    let ready = wait_http_ok(&metrics, "/readyz", Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ready = false;
+    while !ready && Instant::now() < deadline && matches!(r.child().try_wait(), Ok(None)) {
+        ready = wait_http_ok(&metrics, "/readyz", Duration::from_millis(300));
+    }
     assert!(
         ready,
         "peerlink-relay --config {} never became ready (exit: {:?})",
