@@ -613,7 +613,8 @@ fn alert_rules_use_only_exposed_metrics() {
 
 /// The `/metrics` sample names of a running directory, relay and signaling node.
 fn exposed_metric_names() -> BTreeSet<String> {
-    let fleet = Fleet::start(&scratch("metrics"));
+    let dir = scratch("metrics");
+    let fleet = Fleet::start(&dir);
     let mut names = BTreeSet::new();
     for addr in [&fleet.directory, &fleet.relay_metrics, &fleet.signaling] {
         let body = http_get(addr, "/metrics").1;
@@ -631,6 +632,8 @@ fn exposed_metric_names() -> BTreeSet<String> {
             && names.iter().any(|n| n.starts_with("peerlink_directory_")),
         "every service exposes metrics: {names:?}"
     );
+    drop(fleet);
+    let _ = std::fs::remove_dir_all(&dir);
     names
 }
 
