@@ -95,6 +95,15 @@ fn server_owner() -> Option<(u32, u32)> {
     }
 }
 
+/// Run `f` on a thread of its own: the sync `postgres` client starts a runtime of its own,
+/// which must not happen on a thread already inside one (an async test).
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    })
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -209,8 +218,8 @@ impl PgServer {
                 self.child = None;
                 panic!("postgres exited at start ({status}): {}", self.log_tail());
             }
-            match self.admin() {
-                Ok(_) => return,
+            match off_runtime(|| self.admin().map(drop)) {
+                Ok(()) => return,
                 Err(e) if Instant::now() > deadline => {
                     panic!(
                         "postgres did not accept connections within {START_WAIT:?}: {e}; {}",
@@ -261,16 +270,20 @@ impl PgServer {
     /// Create a new empty database `t_<random>` and return its URL.
     pub fn create_database(&self) -> String {
         let name = format!("t_{}", random_hex());
-        let mut c = self.admin().expect("connecting to the test server");
-        c.batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("CREATE DATABASE");
+        off_runtime(|| {
+            let mut c = self.admin().expect("connecting to the test server");
+            c.batch_execute(&format!("CREATE DATABASE {name}"))
+                .expect("CREATE DATABASE");
+        });
         self.url(&name)
     }
 
-    /// Run `sql` in database `db` of the URL `url` (e.g. to look behind a store's back).
+    /// Run `sql` in the database at `url` (e.g. to look behind a store's back).
     pub fn execute(url: &str, sql: &str) {
-        let mut c = postgres::Client::connect(url, postgres::NoTls).expect("connecting");
-        c.batch_execute(sql).expect("executing SQL");
+        off_runtime(|| {
+            let mut c = postgres::Client::connect(url, postgres::NoTls).expect("connecting");
+            c.batch_execute(sql).expect("executing SQL");
+        });
     }
 
     /// Stop the server as a crash would: immediate shutdown (SIGQUIT: no checkpoint, every

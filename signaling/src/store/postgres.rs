@@ -123,6 +123,18 @@ fn retryable(e: &postgres::Error) -> bool {
     })
 }
 
+/// The error with its cause: the server's message for a database error, the I/O error for a
+/// connection failure (`postgres::Error`'s own text is only "db error" / "error connecting").
+fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
 fn pg_err(e: postgres::Error) -> StoreError {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
@@ -136,9 +148,9 @@ fn pg_err(e: postgres::Error) -> StoreError {
     }
     let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
     if e.is_closed() || io {
-        StoreError::Unavailable(e.to_string())
+        StoreError::Unavailable(describe(&e))
     } else {
-        StoreError::Backend(e.to_string())
+        StoreError::Backend(describe(&e))
     }
 }
 
@@ -189,7 +201,10 @@ impl PgStore {
             )));
         }
         let mut client = config.connect(NoTls).map_err(|e| {
-            StoreError::Unavailable(format!("cannot connect to PostgreSQL at {shown}: {e}"))
+            StoreError::Unavailable(format!(
+                "cannot connect to PostgreSQL at {shown}: {}",
+                describe(&e)
+            ))
         })?;
         let sync: String = client
             .query_one("SHOW synchronous_commit", &[])
