@@ -2,8 +2,10 @@
 //!
 //! Every flag can also be set in a TOML file (`--config`, keys = flag names with `_`). The
 //! file comes first, then the environment (secrets: `PEERLINK_TOKEN_SECRET`,
-//! `PEERLINK_TURN_SECRET`, `PEERLINK_CLUSTER_TOKEN`), then the flags (`peerlink_cli::config`).
-//! A bad configuration exits with status 2 before any socket is bound. Once bound, the binary prints `http=ADDR` and `stun=ADDR[,ADDR..]`
+//! `PEERLINK_TURN_SECRET`, `PEERLINK_CLUSTER_TOKEN`; the store: `PEERLINK_STORE`), then the
+//! flags (`peerlink_cli::config`). A bad configuration exits with status 2 before any socket
+//! is bound; a store that cannot be opened (unreachable, refused credentials, newer schema)
+//! with status 1, also before. Once bound, the binary prints `http=ADDR` and `stun=ADDR[,ADDR..]`
 //! lines on stdout.
 
 use std::io::Write as _;
