@@ -5,6 +5,9 @@
 #   nftables, iproute2, conntrack : the NAT lab (network namespaces, NAT rules, mapping flushes)
 #   cmake, pkg-config, libopus-dev : the Opus codec for the reference client
 #   prometheus (promtool), kubectl, kubernetes-validate (pip) : the deploy/ checks
+#   postgresql  initdb + postgres (and the `postgres` user): signaling's PostgreSQL store tests
+#               start their own server in a temporary directory; the package's cluster is never
+#               started here
 set -euo pipefail
 
 need_cmds=(turnserver:coturn turnutils_uclient:coturn nft:nftables ip:iproute2
@@ -20,13 +23,20 @@ done
 for pkg in "${need_pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+# PostgreSQL's server binaries live off PATH, in /usr/lib/postgresql/<version>/bin.
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+   || ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null \
+   || ! getent passwd postgres >/dev/null; then
+  missing+=(postgresql)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "setup: installing ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  # Never let a package start its daemon here (coturn ships a service): tests start their own.
+  # Never let a package start its daemon here (coturn and postgresql ship services): tests
+  # start their own.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod +x /usr/sbin/policy-rc.d

@@ -13,6 +13,10 @@ use serde::Deserialize;
 
 use crate::auth::Argon2Cost;
 use crate::candidates::{CandidatePolicy, MAX_DENY_RANGES};
+use crate::store::{PgOptions, StoreLocation};
+
+/// The SQLite file used when neither `store` nor `db` is set.
+pub const DEFAULT_DB: &str = "peerlink-signaling.db";
 
 /// Longest accepted `call_grace`.
 pub const MAX_CALL_GRACE: Duration = Duration::from_secs(600);
@@ -186,8 +190,23 @@ pub struct Settings {
     pub stun_alt: Option<SocketAddr>,
     /// No STUN responder. Default false.
     pub no_stun: bool,
-    /// SQLite database path. Default `peerlink-signaling.db`.
-    pub db: PathBuf,
+    /// SQLite database path (the same as `store = "sqlite:PATH"`; giving both is an error).
+    /// Default `peerlink-signaling.db` when `store` is not set either.
+    pub db: Option<PathBuf>,
+    /// Where the store lives: `sqlite:PATH`, a bare path (SQLite), or
+    /// `postgres://user:password@host:port/db` (env `PEERLINK_STORE`). Default: `db`.
+    pub store: Option<String>,
+    /// PostgreSQL: most pooled connections. Default 8.
+    pub store_pool_size: u32,
+    /// PostgreSQL: connect timeout of one connection. Default 5 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub store_connect_timeout: Duration,
+    /// PostgreSQL: longest wait for a pooled connection before a request fails. Default 5 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub store_checkout_timeout: Duration,
+    /// PostgreSQL: `statement_timeout` of every statement. Default 5 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub store_statement_timeout: Duration,
     /// [`Config::directory`].
     pub directory: Option<String>,
     /// [`Config::cluster_token`].
@@ -297,7 +316,12 @@ impl Default for Settings {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3479))),
             stun_alt: c.stun_alt,
             no_stun: false,
-            db: PathBuf::from("peerlink-signaling.db"),
+            db: None,
+            store: None,
+            store_pool_size: PgOptions::default().pool_size,
+            store_connect_timeout: PgOptions::default().connect_timeout,
+            store_checkout_timeout: PgOptions::default().checkout_timeout,
+            store_statement_timeout: PgOptions::default().statement_timeout,
             directory: c.directory,
             cluster_token: c.cluster_token,
             node_id: c.node_id,
@@ -358,6 +382,43 @@ fn parse_net(s: &str) -> Result<IpNet, ConfigError> {
 }
 
 impl Settings {
+    /// Where the store lives: `store`, else `db` as an SQLite path, else [`DEFAULT_DB`].
+    /// Both set, or a malformed `store`, is an error.
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
+        match (&self.store, &self.db) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "both --store and --db are set: use one (--db PATH is --store sqlite:PATH)".into(),
+            )),
+            (Some(s), None) => StoreLocation::parse(s)
+                .map_err(|e| ConfigError::Invalid(format!("bad --store: {e}"))),
+            (None, Some(p)) => Ok(StoreLocation::Sqlite(p.clone())),
+            (None, None) => Ok(StoreLocation::Sqlite(PathBuf::from(DEFAULT_DB))),
+        }
+    }
+
+    /// The PostgreSQL pool and timeouts, checked.
+    pub fn pg_options(&self) -> Result<PgOptions, ConfigError> {
+        if self.store_pool_size == 0 || self.store_pool_size > 1000 {
+            return Err(ConfigError::Invalid(
+                "store pool size must be 1-1000".into(),
+            ));
+        }
+        if self.store_connect_timeout.is_zero()
+            || self.store_checkout_timeout.is_zero()
+            || self.store_statement_timeout.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "store connect, checkout and statement timeouts must be positive".into(),
+            ));
+        }
+        Ok(PgOptions {
+            pool_size: self.store_pool_size,
+            connect_timeout: self.store_connect_timeout,
+            checkout_timeout: self.store_checkout_timeout,
+            statement_timeout: self.store_statement_timeout,
+        })
+    }
+
     /// The node's configuration, validated ([`Config::validate`]). Settings the binary keeps
     /// (`listen`, `db`, `log`, `log_format`) are not part of it.
     pub fn to_config(&self) -> Result<Config, ConfigError> {
@@ -510,9 +571,15 @@ mod tests {
         let s: Settings = peerlink_cli::config::load_file(&path).unwrap();
         let d = Settings::default();
         // The example shows the defaults.
+        assert_eq!((s.listen, s.stun), (d.listen, d.stun));
         assert_eq!(
-            (s.listen, s.stun, s.db.clone()),
-            (d.listen, d.stun, d.db.clone())
+            s.store_location().unwrap(),
+            d.store_location().unwrap(),
+            "the example's store is the default"
+        );
+        assert_eq!(
+            (s.store_pool_size, s.store_checkout_timeout),
+            (d.store_pool_size, d.store_checkout_timeout)
         );
         assert_eq!(
             (s.token_ttl, s.refresh_ttl, s.turn_ttl),
@@ -525,6 +592,43 @@ mod tests {
         assert_eq!(s.dedup_retention, d.dedup_retention);
         assert_eq!(s.argon2_m_kib, d.argon2_m_kib);
         assert!(s.deny_candidate.is_empty());
+    }
+
+    #[test]
+    fn store_and_db() {
+        let d = Settings::default();
+        assert_eq!(
+            d.store_location().unwrap(),
+            StoreLocation::Sqlite(DEFAULT_DB.into())
+        );
+        let s = Settings {
+            db: Some("/x.db".into()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            s.store_location().unwrap(),
+            StoreLocation::Sqlite("/x.db".into())
+        );
+        let s = Settings {
+            store: Some("postgres://u:p@127.0.0.1:5432/db".into()),
+            ..Settings::default()
+        };
+        assert!(matches!(
+            s.store_location().unwrap(),
+            StoreLocation::Postgres(_)
+        ));
+        let s = Settings {
+            store: Some("sqlite:/y.db".into()),
+            db: Some("/x.db".into()),
+            ..Settings::default()
+        };
+        let e = s.store_location().unwrap_err().to_string();
+        assert!(e.contains("both --store and --db"), "{e}");
+        let s = Settings {
+            store_pool_size: 0,
+            ..Settings::default()
+        };
+        assert!(s.pg_options().is_err());
     }
 
     #[test]

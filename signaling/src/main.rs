@@ -2,14 +2,15 @@
 //!
 //! Every flag can also be set in a TOML file (`--config`, keys = flag names with `_`). The
 //! file comes first, then the environment (secrets: `PEERLINK_TOKEN_SECRET`,
-//! `PEERLINK_TURN_SECRET`, `PEERLINK_CLUSTER_TOKEN`), then the flags (`peerlink_cli::config`).
-//! A bad configuration exits with status 2 before any socket is bound. Once bound, the binary prints `http=ADDR` and `stun=ADDR[,ADDR..]`
+//! `PEERLINK_TURN_SECRET`, `PEERLINK_CLUSTER_TOKEN`; the store: `PEERLINK_STORE`), then the
+//! flags (`peerlink_cli::config`). A bad configuration exits with status 2 before any socket
+//! is bound; a store that cannot be opened (unreachable, refused credentials, newer schema)
+//! with status 1, also before. Once bound, the binary prints `http=ADDR` and `stun=ADDR[,ADDR..]`
 //! lines on stdout.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -17,7 +18,7 @@ use clap::Parser;
 use peerlink_cli::log::LogFormat;
 use peerlink_signaling::config::{ConfigError, Settings};
 use peerlink_signaling::serve::serve;
-use peerlink_signaling::store::SqliteStore;
+use peerlink_signaling::store::{PgOptions, StoreLocation};
 use peerlink_signaling::stun::StunResponder;
 use peerlink_signaling::{AppState, Config, app};
 use serde::Serialize;
@@ -48,9 +49,35 @@ struct Flags {
     /// Disable the STUN responder.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     no_stun: Option<bool>,
-    /// SQLite database path [default: peerlink-signaling.db].
+    /// SQLite database path; the same as `--store sqlite:PATH`, and an error together with
+    /// `--store` [default: peerlink-signaling.db].
     #[arg(long)]
     db: Option<PathBuf>,
+    /// Store: `sqlite:PATH`, a bare path (SQLite) or `postgres://user:pass@host:port/db`
+    /// [default: the --db file].
+    #[arg(
+        long,
+        env = "PEERLINK_STORE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    store: Option<String>,
+    /// PostgreSQL: most pooled connections [default: 8].
+    #[arg(long)]
+    store_pool_size: Option<u32>,
+    /// PostgreSQL: connect timeout of one connection [default: 5s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    store_connect_timeout: Option<Duration>,
+    /// PostgreSQL: longest wait for a pooled connection; then the request fails (503, or an
+    /// `error` frame) [default: 5s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    store_checkout_timeout: Option<Duration>,
+    /// PostgreSQL: statement_timeout of every statement [default: 5s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    store_statement_timeout: Option<Duration>,
     /// Directory base URL (multi-node); without it the node runs standalone.
     #[arg(long)]
     directory: Option<String>,
@@ -197,12 +224,33 @@ struct Flags {
     log_format: Option<LogFormat>,
 }
 
+/// What the binary runs with: the settings, the node's configuration, where the store is
+/// and the PostgreSQL pool settings.
+struct Loaded {
+    settings: Settings,
+    config: Config,
+    store: StoreLocation,
+    pg: PgOptions,
+}
+
 /// The config file, then the environment, then the flags; then checked.
-fn load() -> Result<(Settings, Config), ConfigError> {
+fn load() -> Result<Loaded, ConfigError> {
     let flags = Flags::parse();
     let settings: Settings = peerlink_cli::config::load(flags.config.as_deref(), &flags)?;
     let config = settings.to_config()?;
-    Ok((settings, config))
+    let store = settings.store_location()?;
+    let pg = settings.pg_options()?;
+    Ok(Loaded {
+        settings,
+        config,
+        store,
+        pg,
+    })
+}
+
+/// The store setting as it may be logged.
+fn store_shown(s: &Settings) -> String {
+    s.store_location().map(|l| l.redacted()).unwrap_or_default()
 }
 
 async fn wait_for_signal() {
@@ -230,7 +278,12 @@ async fn wait_for_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (settings, cfg) = match load() {
+    let Loaded {
+        settings,
+        config: cfg,
+        store,
+        pg,
+    } = match load() {
         Ok(x) => x,
         Err(e) => {
             eprintln!("peerlink-signaling: {e:#}");
@@ -241,9 +294,24 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("peerlink-signaling: {e}");
         std::process::exit(2);
     }
-    let db_path = settings.db.clone();
-    let store =
-        SqliteStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+    // Open (and migrate) the store before binding anything: an unreachable server, refused
+    // credentials or a newer schema end the process here, with status 1.
+    let store = {
+        let shown = store.redacted();
+        let opened =
+            tokio::task::spawn_blocking(move || peerlink_signaling::store::open(&store, &pg))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        match opened {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("peerlink-signaling: store {shown}: {e}");
+                std::process::exit(1);
+            }
+        }
+    };
+    tracing::info!(store = %store_shown(&settings), "store open");
     let (stun_addr, stun_alt) = (cfg.stun, cfg.stun_alt);
     let listen = settings.listen;
 
@@ -260,7 +328,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("http://{http_addr}")),
         );
     }
-    let state = AppState::new(cfg, Arc::new(store)).context("building node state")?;
+    let state = AppState::new(cfg, store).context("building node state")?;
     let stun = match stun_addr {
         Some(a) => Some(StunResponder::bind(a, stun_alt).await?),
         None => None,
@@ -354,6 +422,16 @@ mod tests {
             "false",
             "--db",
             "/tmp/x.db",
+            "--store",
+            "postgres://u:p@127.0.0.1:5/db",
+            "--store-pool-size",
+            "3",
+            "--store-connect-timeout",
+            "21s",
+            "--store-checkout-timeout",
+            "22s",
+            "--store-statement-timeout",
+            "23s",
             "--directory",
             "http://127.0.0.1:8500",
             "--cluster-token",
@@ -443,7 +521,14 @@ mod tests {
         ]);
         let s = settings(&f).unwrap();
         assert_eq!(s.listen, "127.0.0.1:1".parse().unwrap());
-        assert_eq!(s.db, PathBuf::from("/tmp/x.db"));
+        assert_eq!(s.db, Some(PathBuf::from("/tmp/x.db")));
+        assert_eq!(s.store.as_deref(), Some("postgres://u:p@127.0.0.1:5/db"));
+        assert!(s.store_location().is_err(), "--db and --store conflict");
+        let pg = s.pg_options().unwrap();
+        assert_eq!(pg.pool_size, 3);
+        assert_eq!(pg.connect_timeout, Duration::from_secs(21));
+        assert_eq!(pg.checkout_timeout, Duration::from_secs(22));
+        assert_eq!(pg.statement_timeout, Duration::from_secs(23));
         assert_eq!((s.log.as_str(), s.log_format), ("debug", LogFormat::Json));
         let c = s.to_config().unwrap();
         assert_eq!(c.stun, Some("127.0.0.1:2".parse().unwrap()));
