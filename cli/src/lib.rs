@@ -1,17 +1,23 @@
 //! peerlink-cli: what every peerlink binary shares on its command line.
 //!
-//! It is: the log flags (`--log FILTER`, `--log-format text|json`, [`log::LogArgs`]) and the
-//! one logging setup behind them ([`log::init`]: stderr, ANSI colour only on a terminal, JSON
-//! lines through tracing-subscriber), duration values ([`parse_duration`]: humantime's
-//! syntax, or bare seconds), and the services' Prometheus exposition
-//! ([`metrics::Exposition`], through prometheus-client).
+//! It is: the one configuration layering of the services ([`config::load`]: the TOML file,
+//! then the environment, then the flags; errors name the file or flag and the key), the log
+//! flags (`--log FILTER`, `--log-format text|json`, [`log::LogArgs`]) and the one logging
+//! setup behind them ([`log::init`]: stderr, ANSI colour only on a terminal, JSON lines through
+//! tracing-subscriber), duration values ([`parse_duration`], and [`config::duration`] for
+//! settings: humantime's syntax, or bare seconds), and the services' Prometheus exposition
+//! ([`metrics::Exposition`], through prometheus-client), and children that never outlive their
+//! launcher ([`process::die_with_parent`]).
 //!
-//! It is not: a configuration system of its own; each binary's flags and TOML keys stay its own.
+//! It is not: the services' settings themselves; each binary's flags, TOML keys, defaults and
+//! checks stay its own.
 
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod log;
 pub mod metrics;
+pub mod process;
 
 use std::time::Duration;
 

@@ -143,7 +143,7 @@ pub enum Cmd {
     /// Get TURN credentials and make a real allocation on the first relay, then release it.
     TurnCheck,
     /// Start a local fleet (directory, relay, signaling) on loopback and keep it running
-    /// until Ctrl-C.
+    /// until SIGINT (Ctrl-C) or SIGTERM, which stop every service it started.
     Fleet,
     /// Start a local fleet (or use --server), register two users and exercise presence,
     /// chat, offline delivery, a call, TURN and media through the relay; print the report.
@@ -568,7 +568,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "relay_metrics": relay.map(|r| r.metrics.to_string()),
                     "logs": f.dir().display().to_string()}),
                 format!(
-                    "directory {}\nsignaling {}\nstun {}\nrelay {} (metrics {})\nlogs in {}\nCtrl-C stops the fleet",
+                    "directory {}\nsignaling {}\nstun {}\nrelay {} (metrics {})\nlogs in {}\nCtrl-C or SIGTERM stops the fleet",
                     f.directory_url,
                     f.signaling_url,
                     f.stun.map(|s| s.to_string()).unwrap_or_default(),
@@ -577,8 +577,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     f.dir().display()
                 ),
             );
-            let _ = tokio::signal::ctrl_c().await;
-            f.stop().await;
+            // Until SIGINT or SIGTERM, which end the command by dropping this future, and the
+            // fleet with it: every child is killed.
+            let _running = f;
+            std::future::pending::<()>().await;
         }
         Cmd::Demo {
             media_seconds,

@@ -4,7 +4,9 @@
 //! relay given through its static `--relay` list, which TURN credentials fall back to when the
 //! directory knows no relay), started as child processes on free loopback ports with embedded
 //! defaults (in-memory directory, SQLite in a temp dir, fresh random secrets). Children are
-//! killed when the [`Fleet`] is dropped; logs (stderr) go to files in the fleet's temp dir.
+//! killed when the [`Fleet`] is dropped, and get SIGTERM from the kernel when the launching
+//! process dies however it dies ([`peerlink_cli::process::die_with_parent`]); logs (stderr)
+//! go to files in the fleet's temp dir.
 //!
 //! What it is not: a deployment tool (see `deploy/`), and it never touches non-loopback
 //! addresses. Binaries are found next to the running executable, in `$PEERLINK_BIN_DIR`, or in
@@ -343,6 +345,7 @@ impl Fleet {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(file))
             .kill_on_drop(true);
+        peerlink_cli::process::die_with_parent(cmd.as_std_mut());
         let mut child = cmd.spawn().map_err(io_err(format!("spawning {name}")))?;
         let out = child.stdout.take().ok_or_else(|| FleetError::NotReady {
             service: name.into(),

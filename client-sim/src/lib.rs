@@ -1,15 +1,15 @@
-//! peerlink-sim: the reference client — connectivity agent, Opus media pipeline, encrypted file
-//! transfer, call orchestration and the `demo` that runs a local fleet.
+//! peerlink-sim: the reference client as a tokio application — calls and file transfers over
+//! real UDP sockets and the signaling WebSocket, the local fleet launcher and the `demo`.
 //!
-//! The protocol state machines (`agent`, `turn`, `media`, `transfer`'s protocol) are sans-IO;
-//! `call`, `fleet` and `demo` are the I/O layer (with `peerlink_api::signaling_client`, the
-//! signaling client) on tokio and real UDP sockets.
+//! The protocol state machines live in `peerlink-client-core` (sans-IO) and are re-exported
+//! here under their own names: [`agent`], [`turn`], [`media`], [`netsim`]. This crate adds
+//! the I/O around them: [`call`] (one call or file session, with
+//! `peerlink_api::signaling_client`), [`transfer`] (QUIC file transfer over the call's path),
+//! [`fleet`] (start a local directory, relays and signaling nodes) and [`demo`].
 
-pub mod agent;
+pub use peerlink_client_core::{agent, media, netsim, turn};
+
 pub mod call;
 pub mod demo;
 pub mod fleet;
-pub mod media;
-pub mod netsim;
 pub mod transfer;
-pub mod turn;

@@ -16,11 +16,32 @@ async fn main() -> std::process::ExitCode {
         eprintln!("peerlink-sim: {e}");
         return std::process::ExitCode::from(2);
     }
-    match cli::run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("peerlink-sim: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+    // SIGINT or SIGTERM ends any command by dropping it: a local fleet's drop kills its
+    // children and removes its directory (children of a launcher killed outright get SIGTERM
+    // from the kernel, see `peerlink_cli::process`).
+    tokio::select! {
+        r = cli::run(args) => match r {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("peerlink-sim: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        signal = terminated() => std::process::ExitCode::from(128 + signal),
+    }
+}
+
+/// The first SIGINT or SIGTERM, as its number (pending forever if neither can be watched).
+async fn terminated() -> u8 {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => 2,
+            _ = term.recv() => 15,
+        },
+        _ => std::future::pending().await,
     }
 }

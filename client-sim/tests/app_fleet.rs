@@ -208,3 +208,71 @@ async fn cli_register_login_chat_inbox_turn_check_call_listen() {
     .await
     .expect("test timed out");
 }
+
+/// The `host:port` of an `http://host:port` URL.
+fn authority(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// Start `peerlink-sim --json fleet`, check its services answer, send the launcher `signal`,
+/// and require every service it started to stop listening within 10 s.
+async fn fleet_command_services_stop_with_the_launcher(signal: libc::c_int) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_peerlink-sim"))
+        .args(["--json", "fleet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run peerlink-sim fleet");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the fleet did not announce itself within 60 s")
+        .unwrap()
+        .expect("peerlink-sim fleet exited before announcing");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addrs: Vec<String> = [
+        authority(v["directory"].as_str().unwrap()),
+        authority(v["signaling"].as_str().unwrap()),
+        v["relay_metrics"].as_str().unwrap().to_owned(),
+    ]
+    .into();
+    for a in &addrs {
+        tokio::net::TcpStream::connect(a)
+            .await
+            .unwrap_or_else(|e| panic!("{a} does not answer while the fleet runs: {e}"));
+    }
+    let pid = libc::pid_t::try_from(child.id().unwrap()).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("peerlink-sim fleet did not exit")
+        .unwrap();
+    assert!(!status.success(), "{status:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for a in &addrs {
+        while tokio::net::TcpStream::connect(a).await.is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{a} still answers 10 s after its launcher got signal {signal}: orphaned"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn fleet_command_stops_its_services_on_sigterm_and_sigint() {
+    fleet_command_services_stop_with_the_launcher(libc::SIGTERM).await;
+    fleet_command_services_stop_with_the_launcher(libc::SIGINT).await;
+}
+
+#[tokio::test]
+async fn services_of_a_killed_fleet_command_exit_with_it() {
+    fleet_command_services_stop_with_the_launcher(libc::SIGKILL).await;
+}

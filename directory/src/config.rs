@@ -1,8 +1,8 @@
-//! The binary's configuration: a serde struct read from an optional TOML file, every field
-//! also settable by a command-line flag (flags win). Validated before any socket is bound.
+//! The binary's configuration: [`Settings`], the TOML file's format, loaded through
+//! `peerlink_cli::config::load` (the file, then the environment, then the flags; flags win),
+//! and checked by [`Settings::validate`] into a [`Config`] before any socket is bound.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,45 +15,85 @@ pub const TOKEN_ENV: &str = "PEERLINK_CLUSTER_TOKEN";
 /// Shortest accepted cluster token.
 pub const MIN_TOKEN_LEN: usize = 8;
 
-/// Directory configuration (TOML). Every field is optional in the file.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
+/// Directory settings (TOML keys are the field names; every key is optional). Durations are
+/// humantime text (`"30s"`, `"2m"`) or a number of seconds (`30`, `2.5`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
     /// Listen address. Default `127.0.0.1:8500`.
-    pub listen: Option<SocketAddr>,
+    pub listen: SocketAddr,
     /// Shared cluster token. No default: required (better from `PEERLINK_CLUSTER_TOKEN`).
     pub cluster_token: Option<String>,
-    /// Presence TTL in seconds. Default 30.
-    pub presence_ttl: Option<f64>,
-    /// Node and relay liveness TTL in seconds. Default 10.
-    pub node_ttl: Option<f64>,
+    /// Presence TTL. Default 30 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub presence_ttl: Duration,
+    /// Node and relay liveness TTL. Default 10 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub node_ttl: Duration,
     /// Relay-choice RNG seed. Default: from OS entropy.
+    #[serde(deserialize_with = "seed::deserialize")]
     pub seed: Option<u64>,
-    /// Whole-request timeout in seconds. Default 10.
-    pub request_timeout: Option<f64>,
+    /// Whole-request timeout. Default 10 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub request_timeout: Duration,
     /// Request body limit in bytes. Default 2 MiB.
-    pub body_limit: Option<usize>,
+    pub body_limit: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8500)),
+            cluster_token: None,
+            presence_ttl: Duration::from_secs(30),
+            node_ttl: Duration::from_secs(10),
+            seed: None,
+            request_timeout: Duration::from_secs(10),
+            body_limit: crate::server::DEFAULT_BODY_LIMIT,
+        }
+    }
+}
+
+/// The seed is a `u64`; TOML integers stop at `i64::MAX`, so a larger seed given as a flag
+/// travels as its decimal text ([`seed::serialize`]) and is read back from it.
+pub mod seed {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// An integer, or (above `i64::MAX`) its decimal text.
+    pub fn serialize<S: Serializer>(seed: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match seed {
+            Some(v) if i64::try_from(*v).is_ok() => s.serialize_u64(*v),
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seed {
+        Int(u64),
+        Text(String),
+    }
+
+    /// A non-negative integer, or the decimal text [`serialize`] writes for a large one.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match Seed::deserialize(d)? {
+            Seed::Int(v) => Ok(Some(v)),
+            Seed::Text(t) => t
+                .parse()
+                .map(Some)
+                .map_err(|_| serde::de::Error::custom(format!("bad seed {t:?}: not a u64"))),
+        }
+    }
 }
 
 /// Why a configuration is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// Path.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for [`FileConfig`].
-    #[error("bad config {path}: {source}")]
-    Parse {
-        /// Path.
-        path: String,
-        /// Cause.
-        source: Box<toml::de::Error>,
-    },
+    /// The file, the environment or a flag does not give [`Settings`] (unreadable file,
+    /// unknown key, bad value): the message names the file or the flags, and the key.
+    #[error(transparent)]
+    Load(#[from] peerlink_cli::config::ConfigError),
     /// A value is out of range or missing.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -72,42 +112,17 @@ pub struct Config {
     pub limits: HttpLimits,
 }
 
-impl FileConfig {
-    /// Read and parse a TOML file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source: Box::new(source),
-        })
-    }
-
-    /// Fields set in `over` replace those in `self`.
-    pub fn merge(self, over: FileConfig) -> FileConfig {
-        FileConfig {
-            listen: over.listen.or(self.listen),
-            cluster_token: over.cluster_token.or(self.cluster_token),
-            presence_ttl: over.presence_ttl.or(self.presence_ttl),
-            node_ttl: over.node_ttl.or(self.node_ttl),
-            seed: over.seed.or(self.seed),
-            request_timeout: over.request_timeout.or(self.request_timeout),
-            body_limit: over.body_limit.or(self.body_limit),
-        }
-    }
-
-    /// Apply defaults and validate.
-    pub fn finish(self) -> Result<Config, ConfigError> {
-        let secs = |name: &str, v: Option<f64>, default: f64| -> Result<Duration, ConfigError> {
-            let v = v.unwrap_or(default);
-            if !v.is_finite() || !(0.01..=86_400.0).contains(&v) {
+impl Settings {
+    /// Check the values and build the configuration the service runs with.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let secs = |name: &str, v: Duration| -> Result<Duration, ConfigError> {
+            if !(Duration::from_millis(10)..=Duration::from_secs(86_400)).contains(&v) {
                 return Err(ConfigError::Invalid(format!(
-                    "{name} must be between 0.01 and 86400 seconds, got {v}"
+                    "{name} must be between 0.01 and 86400 seconds, got {}",
+                    v.as_secs_f64()
                 )));
             }
-            Ok(Duration::from_secs_f64(v))
+            Ok(v)
         };
         let token = self.cluster_token.ok_or_else(|| {
             ConfigError::Invalid(format!(
@@ -124,24 +139,22 @@ impl FileConfig {
                 "cluster token must be printable ASCII without spaces".to_owned(),
             ));
         }
-        let body_limit = self.body_limit.unwrap_or(crate::server::DEFAULT_BODY_LIMIT);
+        let body_limit = self.body_limit;
         if !(1024..=64 * 1024 * 1024).contains(&body_limit) {
             return Err(ConfigError::Invalid(format!(
                 "body_limit must be between 1 KiB and 64 MiB, got {body_limit}"
             )));
         }
         Ok(Config {
-            listen: self
-                .listen
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8500))),
+            listen: self.listen,
             cluster_token: token,
             store: StoreConfig {
-                presence_ttl: secs("presence_ttl", self.presence_ttl, 30.0)?,
-                node_ttl: secs("node_ttl", self.node_ttl, 10.0)?,
+                presence_ttl: secs("presence_ttl", self.presence_ttl)?,
+                node_ttl: secs("node_ttl", self.node_ttl)?,
                 seed: self.seed,
             },
             limits: HttpLimits {
-                request_timeout: secs("request_timeout", self.request_timeout, 10.0)?,
+                request_timeout: secs("request_timeout", self.request_timeout)?,
                 body_limit,
             },
         })
@@ -150,72 +163,164 @@ impl FileConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+
+    /// The flags as the binary serializes them (`src/main.rs`).
+    #[derive(Debug, Clone, Default, serde::Serialize)]
+    struct Overrides {
+        listen: Option<SocketAddr>,
+        cluster_token: Option<String>,
+        #[serde(with = "peerlink_cli::config::duration::option")]
+        presence_ttl: Option<Duration>,
+        #[serde(with = "peerlink_cli::config::duration::option")]
+        node_ttl: Option<Duration>,
+        #[serde(serialize_with = "seed::serialize")]
+        seed: Option<u64>,
+        #[serde(with = "peerlink_cli::config::duration::option")]
+        request_timeout: Option<Duration>,
+        body_limit: Option<usize>,
+    }
+
+    fn load(text: &str, flags: &Overrides) -> Result<Settings, peerlink_cli::config::ConfigError> {
+        peerlink_cli::config::load_str(Path::new("directory.toml"), text, flags)
+    }
+
+    fn with_token() -> Settings {
+        Settings {
+            cluster_token: Some("0123456789".into()),
+            ..Settings::default()
+        }
+    }
 
     #[test]
     fn file_parses_and_flags_override() {
-        let file: FileConfig = toml::from_str(
-            "listen = \"127.0.0.1:9000\"\ncluster_token = \"file-token\"\npresence_ttl = 5\nnode_ttl = 2.5\nseed = 7\n",
-        )
-        .unwrap();
-        let flags = FileConfig {
-            node_ttl: Some(1.0),
+        let file = "listen = \"127.0.0.1:9000\"\ncluster_token = \"file-token\"\npresence_ttl = 5\n\
+                    node_ttl = 2.5\nseed = 7\nrequest_timeout = \"1m\"\n";
+        let cfg = load(file, &Overrides::default())
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(
+            cfg.store.node_ttl,
+            Duration::from_millis(2500),
+            "seconds as a float"
+        );
+        assert_eq!(
+            cfg.limits.request_timeout,
+            Duration::from_secs(60),
+            "humantime text"
+        );
+        let flags = Overrides {
+            node_ttl: Some(Duration::from_secs(1)),
+            seed: Some(9),
             ..Default::default()
         };
-        let cfg = file.merge(flags).finish().unwrap();
+        let cfg = load(file, &flags).unwrap().validate().unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(cfg.cluster_token, "file-token");
         assert_eq!(cfg.store.presence_ttl, Duration::from_secs(5));
         assert_eq!(cfg.store.node_ttl, Duration::from_secs(1));
-        assert_eq!(cfg.store.seed, Some(7));
+        assert_eq!(cfg.store.seed, Some(9));
+    }
+
+    #[test]
+    fn every_flag_sets_its_key() {
+        let flags = Overrides {
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            cluster_token: Some("flag-token".into()),
+            presence_ttl: Some(Duration::from_millis(1500)),
+            node_ttl: Some(Duration::from_secs(2)),
+            seed: Some(3),
+            request_timeout: Some(Duration::from_secs(4)),
+            body_limit: Some(4096),
+        };
+        let s = load("", &flags).unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                listen: "127.0.0.1:1".parse().unwrap(),
+                cluster_token: Some("flag-token".into()),
+                presence_ttl: Duration::from_millis(1500),
+                node_ttl: Duration::from_secs(2),
+                seed: Some(3),
+                request_timeout: Duration::from_secs(4),
+                body_limit: 4096,
+            }
+        );
+    }
+
+    #[test]
+    fn a_seed_above_i64_max_survives_the_layering() {
+        let flags = Overrides {
+            seed: Some(u64::MAX),
+            ..Default::default()
+        };
+        assert_eq!(load("seed = 1\n", &flags).unwrap().seed, Some(u64::MAX));
+        assert!(load("seed = -1\n", &Overrides::default()).is_err());
+        assert!(load("seed = \"x\"\n", &Overrides::default()).is_err());
     }
 
     #[test]
     fn defaults_apply() {
-        let cfg = FileConfig {
-            cluster_token: Some("0123456789".into()),
-            ..Default::default()
-        }
-        .finish()
-        .unwrap();
+        let cfg = load("cluster_token = \"0123456789\"\n", &Overrides::default())
+            .unwrap()
+            .validate()
+            .unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:8500".parse().unwrap());
         assert_eq!(cfg.store.presence_ttl, Duration::from_secs(30));
         assert_eq!(cfg.store.node_ttl, Duration::from_secs(10));
+        assert_eq!(cfg.store.seed, None);
+        assert_eq!(cfg.limits, HttpLimits::default());
         assert_eq!(cfg.store.heartbeat_interval().as_millis(), 3_333);
     }
 
     #[test]
     fn bad_values_are_refused() {
-        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
-        assert!(toml::from_str::<FileConfig>("listen = \"nope\"").is_err());
-        let base = FileConfig {
-            cluster_token: Some("0123456789".into()),
-            ..Default::default()
-        };
-        assert!(FileConfig::default().finish().is_err(), "token required");
+        for (text, want) in [
+            ("bogus = 1", "config directory.toml: unknown key `bogus`"),
+            ("listen = \"nope\"", "config directory.toml: key `listen`: "),
+            (
+                "node_ttl = \"ten\"",
+                "config directory.toml: key `node_ttl`: bad duration \"ten\"",
+            ),
+            (
+                "presence_ttl = -1",
+                "config directory.toml: key `presence_ttl`: bad duration",
+            ),
+        ] {
+            let e = load(text, &Overrides::default()).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{text}: {e}");
+        }
+        assert!(Settings::default().validate().is_err(), "token required");
         for bad in [
-            FileConfig {
-                presence_ttl: Some(0.0),
-                ..base.clone()
+            Settings {
+                presence_ttl: Duration::ZERO,
+                ..with_token()
             },
-            FileConfig {
-                node_ttl: Some(f64::NAN),
-                ..base.clone()
+            Settings {
+                node_ttl: Duration::from_millis(9),
+                ..with_token()
             },
-            FileConfig {
-                body_limit: Some(10),
-                ..base.clone()
+            Settings {
+                request_timeout: Duration::from_secs(86_401),
+                ..with_token()
             },
-            FileConfig {
+            Settings {
+                body_limit: 10,
+                ..with_token()
+            },
+            Settings {
                 cluster_token: Some("short".into()),
-                ..base.clone()
+                ..with_token()
             },
-            FileConfig {
+            Settings {
                 cluster_token: Some("has space inside".into()),
-                ..base.clone()
+                ..with_token()
             },
         ] {
-            assert!(matches!(bad.finish(), Err(ConfigError::Invalid(_))));
+            assert!(matches!(bad.validate(), Err(ConfigError::Invalid(_))));
         }
     }
 }

@@ -2,18 +2,21 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use peerlink_cli::log::LogArgs;
 use peerlink_directory::clock::SystemClock;
-use peerlink_directory::config::{FileConfig, TOKEN_ENV};
+use peerlink_directory::config::{self, Settings, TOKEN_ENV};
 use peerlink_directory::memory::MemoryStore;
 use peerlink_directory::server::{AppState, Sweeper, app, sweep_interval};
 use tracing::{info, warn};
 
+// Each setting flag serializes to the key of the same name in the config file, unset ones to
+// nothing (`peerlink_cli::config`: the file, then the environment, then the flags).
 /// peerlink directory: presence, signaling-node and relay registry, relay choice.
-#[derive(Debug, Parser)]
+#[derive(Debug, Parser, serde::Serialize)]
 #[command(version, about)]
 struct Cli {
     /// Listen address [default: 127.0.0.1:8500].
@@ -22,27 +25,38 @@ struct Cli {
     /// Shared cluster token (bearer); better given through the environment.
     #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
     cluster_token: Option<String>,
-    /// Presence TTL in seconds [default: 30].
-    #[arg(long)]
-    presence_ttl: Option<f64>,
-    /// Node and relay liveness TTL in seconds [default: 10].
-    #[arg(long)]
-    node_ttl: Option<f64>,
+    /// Presence TTL in seconds (or a duration: 30s, 1m) [default: 30].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    presence_ttl: Option<Duration>,
+    /// Node and relay liveness TTL in seconds (or a duration) [default: 10].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    node_ttl: Option<Duration>,
     /// Relay-choice RNG seed [default: OS entropy].
     #[arg(long)]
+    #[serde(serialize_with = "config::seed::serialize")]
     seed: Option<u64>,
-    /// Whole-request timeout in seconds [default: 10].
-    #[arg(long)]
-    request_timeout: Option<f64>,
+    /// Whole-request timeout in seconds (or a duration) [default: 10].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    request_timeout: Option<Duration>,
     /// Request body limit in bytes [default: 2 MiB].
     #[arg(long)]
     body_limit: Option<usize>,
     /// TOML config file; flags override its values.
     #[arg(long)]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// Logging [default filter: $RUST_LOG, else info].
     #[command(flatten)]
+    #[serde(skip)]
     log: LogArgs,
+}
+
+/// The config file, then the environment, then the flags; validated.
+fn load(cli: &Cli) -> Result<config::Config, config::ConfigError> {
+    peerlink_cli::config::load::<Settings>(cli.config.as_deref(), cli)?.validate()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,21 +65,8 @@ fn main() -> anyhow::Result<()> {
         &cli.log.filter("RUST_LOG", "info"),
         cli.log.log_format.unwrap_or_default(),
     )?;
-    let file = match &cli.config {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
-    };
-    let flags = FileConfig {
-        listen: cli.listen,
-        cluster_token: cli.cluster_token,
-        presence_ttl: cli.presence_ttl,
-        node_ttl: cli.node_ttl,
-        seed: cli.seed,
-        request_timeout: cli.request_timeout,
-        body_limit: cli.body_limit,
-    };
     // Validated before any socket is bound: bad config exits non-zero here.
-    let cfg = file.merge(flags).finish()?;
+    let cfg = load(&cli)?;
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(serve(cfg))
 }
@@ -117,5 +118,81 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => info!("ctrl-c: shutting down"),
         () = term => info!("SIGTERM: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("peerlink-directory").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn every_flag_sets_its_key_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("directory.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\ncluster_token = \"file-token\"\npresence_ttl = 5\n\
+             node_ttl = 2.5\nseed = 7\nrequest_timeout = 3\nbody_limit = 2048\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let cfg = load(&cli(&["--config", file, "--cluster-token", "file-token"])).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(cfg.store.node_ttl, Duration::from_millis(2500));
+        assert_eq!(cfg.limits.body_limit, 2048);
+        let cfg = load(&cli(&[
+            "--config",
+            file,
+            "--listen",
+            "127.0.0.1:9001",
+            "--cluster-token",
+            "flag-token",
+            "--presence-ttl",
+            "1.5",
+            "--node-ttl",
+            "2s",
+            "--seed",
+            "18446744073709551615",
+            "--request-timeout",
+            "1m",
+            "--body-limit",
+            "4096",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(cfg.cluster_token, "flag-token");
+        assert_eq!(cfg.store.presence_ttl, Duration::from_millis(1500));
+        assert_eq!(cfg.store.node_ttl, Duration::from_secs(2));
+        assert_eq!(cfg.store.seed, Some(u64::MAX));
+        assert_eq!(cfg.limits.request_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.limits.body_limit, 4096);
+    }
+
+    #[test]
+    fn bad_values_name_their_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("directory.toml");
+        std::fs::write(&path, "nodettl = 1\n").unwrap();
+        let e = load(&cli(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("config {}: unknown key `nodettl`", path.display())),
+            "{e}"
+        );
+        for args in [
+            &["--node-ttl", "ten"][..],
+            &["--presence-ttl", "-1"],
+            &["--seed", "-1"],
+        ] {
+            let argv = std::iter::once("peerlink-directory").chain(args.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{args:?}");
+        }
+        let e = load(&cli(&["--cluster-token", "0123456789", "--node-ttl", "0"])).unwrap_err();
+        assert!(e.to_string().contains("node_ttl must be between"), "{e}");
     }
 }

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use peerlink_api::directory::*;
 use peerlink_api::directory_client::{DirectoryClient, RegistrationState, RelayStatus};
+use peerlink_testkit::proc::Service;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::time::timeout;
 
@@ -23,40 +24,28 @@ const BIN: &str = env!("CARGO_BIN_EXE_peerlink-directory");
 /// Generous bound for anything on this shared, loaded machine.
 const STEP: Duration = Duration::from_secs(30);
 
-/// A running directory process; killed (SIGKILL) and reaped on drop.
+/// A running directory process (`peerlink_testkit::proc::Service`: stdout drained, killed and
+/// reaped on drop).
 struct Directory {
-    child: Child,
+    svc: Service,
     addr: SocketAddr,
 }
 
 impl Directory {
     async fn start(port: u16, extra: &[&str]) -> Directory {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = std::process::Command::new(BIN);
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(extra)
             .env_remove("PEERLINK_CLUSTER_TOKEN")
             .env("PEERLINK_CLUSTER_TOKEN", TOKEN)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn directory");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = timeout(STEP, lines.next_line())
-            .await
-            .expect("directory did not report listening in time")
-            .expect("read stdout")
-            .expect("directory exited before listening");
-        let addr: SocketAddr = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("address");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Directory { child, addr }
+            .stderr(Stdio::inherit());
+        let mut svc = Service::start("peerlink-directory", cmd);
+        let addr: SocketAddr = svc.wait_for(STEP, |l| {
+            l.strip_prefix("listening on ").and_then(|a| a.parse().ok())
+        });
+        Directory { svc, addr }
     }
 
     fn url(&self) -> String {
@@ -64,11 +53,19 @@ impl Directory {
     }
 
     async fn kill9(mut self) {
-        self.child.start_kill().expect("SIGKILL");
-        timeout(STEP, self.child.wait())
-            .await
-            .expect("reap in time")
-            .expect("wait");
+        self.svc.kill().expect("SIGKILL and reap");
+    }
+
+    /// Its exit status, waiting up to `bound` for it.
+    async fn exit_within(&mut self, bound: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.svc.child().try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running after {bound:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -291,12 +288,9 @@ async fn sigterm_shuts_down_cleanly() {
         .expect("in time")
         .expect_err("401");
     assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
-    let pid = nix::unistd::Pid::from_raw(dir.child.id().expect("pid") as i32);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(dir.svc.pid()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let status = timeout(STEP, dir.child.wait())
-        .await
-        .expect("exited in time")
-        .expect("wait");
+    let status = dir.exit_within(STEP).await;
     assert!(status.success(), "{status:?}");
 }
 

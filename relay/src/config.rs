@@ -1,14 +1,16 @@
-//! The relay's configuration: a serde struct read from TOML (`--config PATH`), overridden field
-//! by field by the command line, validated as a whole before any socket is bound.
+//! The relay's configuration: one serde struct, the TOML file's format (`--config PATH`). The
+//! binary loads it through `peerlink_cli::config::load`: the file, then the environment, then
+//! the flags, key by key; then it is validated as a whole before any socket is bound.
 //!
-//! Each field's doc states its default. Unknown keys are an error.
+//! Each field's doc states its default. Unknown keys are an error. Durations are humantime
+//! text (`"30s"`, `"1h"`) or a number of seconds.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use peerlink_api::directory_client::DirectoryClient;
 use peerlink_cli::log::LogFormat;
@@ -17,7 +19,7 @@ use crate::core::CoreConfig;
 use crate::registration::{DirectorySettings, REQUEST_TIMEOUT};
 
 /// Which I/O backend to run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum IoMode {
     /// io_uring when the kernel allows it, else epoll (one log line says so).
@@ -64,8 +66,9 @@ pub struct Config {
     pub max_allocations: usize,
     /// Allocations per username. Default 100.
     pub user_quota: usize,
-    /// Seconds a drain (SIGTERM/SIGUSR1) waits for allocations to end. Default 30.
-    pub drain_timeout: u64,
+    /// How long a drain (SIGTERM/SIGUSR1) waits for allocations to end. Default 30 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub drain_timeout: Duration,
     /// HdrHistogram interval log of in-relay latency (V2 compressed). Default none.
     pub histogram_log: Option<PathBuf>,
     /// Log filter (RUST_LOG syntax; flag `--log`). Default `info`.
@@ -74,16 +77,18 @@ pub struct Config {
     pub log_format: LogFormat,
     /// SOFTWARE attribute on responses. Default `peerlink-relay`; empty = omitted.
     pub software: String,
-    /// Maximum allocation lifetime in seconds. Default 3600.
-    pub max_lifetime: u64,
+    /// Maximum allocation lifetime. Default 3600 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub max_lifetime: Duration,
     /// Per-allocation bandwidth cap in bytes/s (each direction). Default none.
     pub bandwidth_limit: Option<u64>,
     /// Accept ChannelBind numbers 0x4000-0x7FFF (RFC 5766; coturn and its `turnutils_uclient`
     /// use them) instead of RFC 8656's 0x4000-0x4FFF. Default false.
     pub legacy_channel_range: bool,
-    /// Seconds ahead a TURN REST username's expiry may lie. Default 86700: coturn's tools and
+    /// How far ahead a TURN REST username's expiry may lie. Default 86700 s: coturn's tools and
     /// typical REST services issue 24 h credentials, plus 5 minutes of clock-skew allowance.
-    pub rest_max_ttl: u64,
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub rest_max_ttl: Duration,
     /// Provided receive buffers per io_uring worker (power of two, 4 KiB each). Default 1024.
     pub uring_buffers: u32,
     /// After a wake-up that handled datagrams, poll for this many microseconds before sleeping
@@ -114,12 +119,16 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// TCP and TLS client connections over all workers. Default 10000.
     pub max_stream_connections: usize,
-    /// Seconds a TLS handshake may take. Default 10.
-    pub stream_handshake_timeout: u64,
-    /// Seconds a TCP/TLS connection without an allocation may go without a request. Default 30.
-    pub stream_idle_timeout: u64,
-    /// Seconds a frame begun on a TCP/TLS connection may take to complete. Default 10.
-    pub stream_stall_timeout: u64,
+    /// How long a TLS handshake may take. Default 10 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub stream_handshake_timeout: Duration,
+    /// How long a TCP/TLS connection without an allocation may go without a request.
+    /// Default 30 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub stream_idle_timeout: Duration,
+    /// How long a frame begun on a TCP/TLS connection may take to complete. Default 10 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub stream_stall_timeout: Duration,
 }
 
 impl Default for Config {
@@ -139,15 +148,15 @@ impl Default for Config {
             max_port: 65535,
             max_allocations: 100_000,
             user_quota: 100,
-            drain_timeout: 30,
+            drain_timeout: Duration::from_secs(30),
             histogram_log: None,
             log_level: "info".into(),
             log_format: LogFormat::Text,
             software: "peerlink-relay".into(),
-            max_lifetime: 3600,
+            max_lifetime: Duration::from_secs(3600),
             bandwidth_limit: None,
             legacy_channel_range: false,
-            rest_max_ttl: 86_700,
+            rest_max_ttl: Duration::from_secs(86_700),
             uring_buffers: crate::uring::BUF_ENTRIES,
             busy_poll_us: 0,
             directory: None,
@@ -160,9 +169,9 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             max_stream_connections: 10_000,
-            stream_handshake_timeout: 10,
-            stream_idle_timeout: 30,
-            stream_stall_timeout: 10,
+            stream_handshake_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(30),
+            stream_stall_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -170,22 +179,10 @@ impl Default for Config {
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("reading config {path}: {source}")]
-    Read {
-        /// Path given.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for [`Config`] (bad value, unknown key, ...).
-    #[error("parsing config {path}: {message}")]
-    Parse {
-        /// Path given.
-        path: PathBuf,
-        /// Parser message (names the key).
-        message: String,
-    },
+    /// The file, the environment or a flag does not give a [`Config`] (unreadable file, bad
+    /// value, unknown key, ...): the message names the file or the flags, and the key.
+    #[error(transparent)]
+    Load(#[from] peerlink_cli::config::ConfigError),
     /// A semantic check failed.
     #[error("invalid config: {0}")]
     Invalid(String),
@@ -210,16 +207,9 @@ pub struct Validated {
 }
 
 impl Config {
-    /// Read a TOML file.
+    /// Read a TOML file alone (no environment, no flags).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
+        Ok(peerlink_cli::config::load_file(path)?)
     }
 
     /// Check everything that can be checked without binding a socket.
@@ -283,7 +273,7 @@ impl Config {
         if self.user_quota == 0 {
             return bad("user-quota must be at least 1".into());
         }
-        if self.max_lifetime < 600 {
+        if self.max_lifetime < Duration::from_secs(600) {
             return bad("max-lifetime must be at least 600 seconds (RFC 8656 default)".into());
         }
         let relay_ips = if self.relay_ip.is_empty() {
@@ -361,8 +351,8 @@ impl Config {
             ("stream-idle-timeout", self.stream_idle_timeout),
             ("stream-stall-timeout", self.stream_stall_timeout),
         ] {
-            if !(1..=3600).contains(&v) {
-                return bad(format!("{name} {v} must be 1..=3600 seconds"));
+            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&v) {
+                return bad(format!("{name} {v:?} must be 1 s to 1 h"));
             }
         }
         match (&self.tls_cert, &self.tls_key, self.listen_tls.is_empty()) {
@@ -377,9 +367,9 @@ impl Config {
     pub fn stream_limits(&self) -> crate::stream::StreamLimits {
         crate::stream::StreamLimits {
             max_connections: self.max_stream_connections,
-            handshake_timeout: Duration::from_secs(self.stream_handshake_timeout),
-            idle_timeout: Duration::from_secs(self.stream_idle_timeout),
-            stall_timeout: Duration::from_secs(self.stream_stall_timeout),
+            handshake_timeout: self.stream_handshake_timeout,
+            idle_timeout: self.stream_idle_timeout,
+            stall_timeout: self.stream_stall_timeout,
             ..crate::stream::StreamLimits::default()
         }
     }
@@ -493,16 +483,16 @@ impl Validated {
         core.deny_peers = c.deny_peers.clone();
         core.max_allocations = c.max_allocations;
         core.max_allocations_per_user = c.user_quota;
-        core.max_lifetime = Duration::from_secs(c.max_lifetime);
+        core.max_lifetime = c.max_lifetime;
         core.bandwidth_limit_bps = c.bandwidth_limit;
         core.legacy_channel_range = c.legacy_channel_range;
-        core.rest_max_ttl = Duration::from_secs(c.rest_max_ttl);
+        core.rest_max_ttl = c.rest_max_ttl;
         Arc::new(core)
     }
 
     /// The drain timeout.
     pub fn drain_timeout(&self) -> Duration {
-        Duration::from_secs(self.config.drain_timeout)
+        self.config.drain_timeout
     }
 }
 
@@ -577,7 +567,7 @@ mod tests {
             Box::new(|c| c.listen_tcp = vec!["127.0.0.1:0".parse().unwrap()]),
             Box::new(|c| c.listen_tcp = vec!["127.0.0.1:3478".parse().unwrap(); 2]),
             Box::new(|c| c.max_stream_connections = 0),
-            Box::new(|c| c.stream_idle_timeout = 0),
+            Box::new(|c| c.stream_idle_timeout = Duration::ZERO),
         ];
         for (i, f) in cases.iter().enumerate() {
             let mut c = ok_base();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use peerlink_relay::config::{Config, IoMode};
+use peerlink_relay::config::{Config, ConfigError, IoMode};
 use peerlink_relay::server::{self, Exit};
 use peerlink_relay::stats_client;
 
@@ -38,11 +38,13 @@ enum Cmd {
     },
 }
 
-/// Every flag overrides the same key of the config file (see `Config` for defaults).
-#[derive(Args, Debug)]
+/// Every flag overrides the same key of the config file (see `Config` for defaults): it
+/// serializes to that key, unset flags to nothing (`peerlink_cli::config`).
+#[derive(Args, Debug, serde::Serialize)]
 struct RunArgs {
     /// TOML config file; flags override its keys.
     #[arg(long)]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// TURN/STUN UDP listen address [default 0.0.0.0:3478].
     #[arg(long)]
@@ -50,6 +52,7 @@ struct RunArgs {
     /// Relayed sockets bind here; repeat for more relayed addresses (allocations take the
     /// addresses of their family in turn) [default: the listen IP].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     relay_ip: Vec<IpAddr>,
     /// REALM [default peerlink].
     #[arg(long)]
@@ -61,15 +64,19 @@ struct RunArgs {
         value_delimiter = ',',
         hide_env_values = true
     )]
+    #[serde(rename = "auth_secrets", skip_serializing_if = "Vec::is_empty")]
     auth_secret: Vec<String>,
     /// Static user NAME:PASSWORD (repeatable).
     #[arg(long)]
+    #[serde(rename = "users", skip_serializing_if = "Vec::is_empty")]
     user: Vec<String>,
     /// Peer range allowed even where the built-in policy denies it (repeatable).
     #[arg(long)]
+    #[serde(rename = "allow_peers", skip_serializing_if = "Vec::is_empty")]
     allow_peer: Vec<ipnet::IpNet>,
     /// Extra peer range denied (repeatable).
     #[arg(long)]
+    #[serde(rename = "deny_peers", skip_serializing_if = "Vec::is_empty")]
     deny_peer: Vec<ipnet::IpNet>,
     /// Worker threads [default: available cores].
     #[arg(long)]
@@ -92,9 +99,10 @@ struct RunArgs {
     /// Allocations per username [default 100].
     #[arg(long)]
     user_quota: Option<usize>,
-    /// Seconds a drain waits for allocations to end [default 30].
-    #[arg(long)]
-    drain_timeout: Option<u64>,
+    /// Seconds a drain waits for allocations to end (or a duration: 30s, 2m) [default 30].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    drain_timeout: Option<Duration>,
     /// Write an HdrHistogram interval log (V2 compressed) of in-relay latency here.
     #[arg(long)]
     histogram_log: Option<PathBuf>,
@@ -106,6 +114,7 @@ struct RunArgs {
     log_format: Option<peerlink_cli::log::LogFormat>,
     /// Accept ChannelBind numbers up to 0x7FFF (RFC 5766 clients such as coturn's uclient).
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     legacy_channel_range: bool,
     /// Provided receive buffers per io_uring worker (power of two) [default 1024].
     #[arg(long)]
@@ -131,10 +140,12 @@ struct RunArgs {
     public_addr: Option<SocketAddr>,
     /// TURN over TCP listen address (repeatable) [default none].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     listen_tcp: Vec<SocketAddr>,
     /// TURN over TLS listen address, e.g. 0.0.0.0:443 (repeatable; needs --tls-cert and
     /// --tls-key) [default none].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     listen_tls: Vec<SocketAddr>,
     /// PEM certificate chain for the TLS listeners (re-read on SIGHUP).
     #[arg(long)]
@@ -145,53 +156,24 @@ struct RunArgs {
     /// TCP and TLS client connections over all workers [default 10000].
     #[arg(long)]
     max_stream_connections: Option<usize>,
-    /// Seconds a TLS handshake may take [default 10].
-    #[arg(long)]
-    stream_handshake_timeout: Option<u64>,
-    /// Seconds a TCP/TLS connection without an allocation may go without a request [default 30].
-    #[arg(long)]
-    stream_idle_timeout: Option<u64>,
-    /// Seconds a frame begun on a TCP/TLS connection may take to complete [default 10].
-    #[arg(long)]
-    stream_stall_timeout: Option<u64>,
+    /// How long a TLS handshake may take (10s, or seconds) [default 10s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    stream_handshake_timeout: Option<Duration>,
+    /// How long a TCP/TLS connection without an allocation may go without a request
+    /// [default 30s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    stream_idle_timeout: Option<Duration>,
+    /// How long a frame begun on a TCP/TLS connection may take to complete [default 10s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    stream_stall_timeout: Option<Duration>,
 }
 
-fn build_config(a: RunArgs) -> anyhow::Result<Config> {
-    let mut c = match &a.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    macro_rules! set {
-        ($($field:ident <- $arg:ident),* $(,)?) => { $(if let Some(v) = a.$arg { c.$field = v; })* };
-    }
-    macro_rules! set_vec {
-        ($($field:ident <- $arg:ident),* $(,)?) => { $(if !a.$arg.is_empty() { c.$field = a.$arg; })* };
-    }
-    set!(listen <- listen, realm <- realm, io <- io, metrics <- metrics, min_port <- min_port,
-         max_port <- max_port, max_allocations <- max_allocations, user_quota <- user_quota,
-         drain_timeout <- drain_timeout, log_level <- log_level, log_format <- log_format, uring_buffers <- uring_buffers,
-         busy_poll_us <- busy_poll_us, region <- region,
-         max_stream_connections <- max_stream_connections,
-         stream_handshake_timeout <- stream_handshake_timeout,
-         stream_idle_timeout <- stream_idle_timeout, stream_stall_timeout <- stream_stall_timeout);
-    macro_rules! set_opt {
-        ($($field:ident <- $arg:ident),* $(,)?) => { $(if a.$arg.is_some() { c.$field = a.$arg; })* };
-    }
-    set_opt!(directory <- directory, cluster_token <- cluster_token, relay_id <- relay_id,
-             public_addr <- public_addr, tls_cert <- tls_cert, tls_key <- tls_key);
-    if a.legacy_channel_range {
-        c.legacy_channel_range = true;
-    }
-    if let Some(w) = a.workers {
-        c.workers = Some(w);
-    }
-    if let Some(p) = a.histogram_log {
-        c.histogram_log = Some(p);
-    }
-    set_vec!(relay_ip <- relay_ip, auth_secrets <- auth_secret, users <- user,
-             allow_peers <- allow_peer, deny_peers <- deny_peer, listen_tcp <- listen_tcp,
-             listen_tls <- listen_tls);
-    Ok(c)
+/// The config file, then the environment, then the flags (`peerlink_cli::config::load`).
+fn build_config(a: &RunArgs) -> Result<Config, ConfigError> {
+    Ok(peerlink_cli::config::load(a.config.as_deref(), a)?)
 }
 
 fn stats(watch: bool, metrics: SocketAddr) -> anyhow::Result<()> {
@@ -219,7 +201,7 @@ fn main() -> ExitCode {
         };
     }
     // Configuration is read and validated completely before any socket is bound.
-    let validated = match build_config(cli.run).and_then(|c| Ok(c.validate()?)) {
+    let validated = match build_config(&cli.run).and_then(Config::validate) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("peerlink-relay: {e:#}");
@@ -245,6 +227,255 @@ fn main() -> ExitCode {
             tracing::error!("peerlink-relay: {e}");
             eprintln!("peerlink-relay: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli =
+            Cli::try_parse_from(std::iter::once("peerlink-relay").chain(args.iter().copied()))
+                .unwrap();
+        assert!(cli.cmd.is_none());
+        cli.run
+    }
+
+    #[test]
+    fn every_flag_sets_its_config_key() {
+        // Every flag given once (the environment variables may fill auth_secret and
+        // cluster_token; the flags win over them).
+        let a = run_args(&[
+            "--listen",
+            "127.0.0.1:4000",
+            "--relay-ip",
+            "127.0.0.2",
+            "--relay-ip",
+            "::1",
+            "--realm",
+            "r",
+            "--auth-secret",
+            "s1,s2",
+            "--user",
+            "a:b",
+            "--user",
+            "c:d",
+            "--allow-peer",
+            "10.0.0.0/8",
+            "--deny-peer",
+            "192.0.2.0/24",
+            "--workers",
+            "3",
+            "--io",
+            "epoll",
+            "--metrics",
+            "127.0.0.1:4001",
+            "--min-port",
+            "50000",
+            "--max-port",
+            "50100",
+            "--max-allocations",
+            "7",
+            "--user-quota",
+            "2",
+            "--drain-timeout",
+            "1m",
+            "--histogram-log",
+            "/tmp/h.hlog",
+            "--log-level",
+            "debug",
+            "--log-format",
+            "json",
+            "--legacy-channel-range",
+            "--uring-buffers",
+            "64",
+            "--busy-poll-us",
+            "50",
+            "--directory",
+            "http://127.0.0.1:8500",
+            "--cluster-token",
+            "tok-tok-tok",
+            "--relay-id",
+            "r1",
+            "--region",
+            "eu",
+            "--public-addr",
+            "127.0.0.1:4000",
+            "--listen-tcp",
+            "127.0.0.1:4443",
+            "--listen-tls",
+            "127.0.0.1:4444",
+            "--tls-cert",
+            "/tmp/c.pem",
+            "--tls-key",
+            "/tmp/k.pem",
+            "--max-stream-connections",
+            "9",
+            "--stream-handshake-timeout",
+            "3s",
+            "--stream-idle-timeout",
+            "4",
+            "--stream-stall-timeout",
+            "500ms",
+        ]);
+        let c = build_config(&a).unwrap();
+        assert_eq!(
+            c.listen_tcp,
+            vec!["127.0.0.1:4443".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.listen_tls,
+            vec!["127.0.0.1:4444".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.tls_cert.as_deref(),
+            Some(std::path::Path::new("/tmp/c.pem"))
+        );
+        assert_eq!(
+            c.tls_key.as_deref(),
+            Some(std::path::Path::new("/tmp/k.pem"))
+        );
+        assert_eq!(c.max_stream_connections, 9);
+        assert_eq!(c.stream_handshake_timeout, Duration::from_secs(3));
+        assert_eq!(c.stream_idle_timeout, Duration::from_secs(4));
+        assert_eq!(c.stream_stall_timeout, Duration::from_millis(500));
+        assert_eq!(c.listen, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(
+            c.relay_ip,
+            [
+                "127.0.0.2".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.realm, "r");
+        assert_eq!(c.auth_secrets, ["s1", "s2"]);
+        assert_eq!(c.users, ["a:b", "c:d"]);
+        assert_eq!(
+            c.allow_peers,
+            ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert_eq!(
+            c.deny_peers,
+            ["192.0.2.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert_eq!(c.workers, Some(3));
+        assert_eq!(c.io, IoMode::Epoll);
+        assert_eq!(c.metrics, "127.0.0.1:4001".parse().unwrap());
+        assert_eq!((c.min_port, c.max_port), (50000, 50100));
+        assert_eq!((c.max_allocations, c.user_quota), (7, 2));
+        assert_eq!(c.drain_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.histogram_log.as_deref(),
+            Some(std::path::Path::new("/tmp/h.hlog"))
+        );
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.log_format, peerlink_cli::log::LogFormat::Json);
+        assert!(c.legacy_channel_range);
+        assert_eq!((c.uring_buffers, c.busy_poll_us), (64, 50));
+        assert_eq!(c.directory.as_deref(), Some("http://127.0.0.1:8500"));
+        assert_eq!(c.cluster_token.as_deref(), Some("tok-tok-tok"));
+        assert_eq!(c.relay_id.as_deref(), Some("r1"));
+        assert_eq!(c.region, "eu");
+        assert_eq!(c.public_addr, Some("127.0.0.1:4000".parse().unwrap()));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn flags_override_the_file_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:3478\"\nrealm = \"filerealm\"\nusers = [\"f:1\", \"g:2\"]\n\
+             allow_peers = [\"10.0.0.0/8\"]\nio = \"epoll\"\ndrain_timeout = 5\n\
+             legacy_channel_range = true\nmax_lifetime = \"2h\"\nrest_max_ttl = 600\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = build_config(&run_args(&["--config", file])).unwrap();
+        assert_eq!(c.realm, "filerealm");
+        assert_eq!(c.users, ["f:1", "g:2"]);
+        assert_eq!(c.io, IoMode::Epoll);
+        assert_eq!(
+            c.drain_timeout,
+            Duration::from_secs(5),
+            "integer seconds, as before"
+        );
+        assert_eq!(c.max_lifetime, Duration::from_secs(7200));
+        assert_eq!(c.rest_max_ttl, Duration::from_secs(600));
+        assert!(c.legacy_channel_range);
+        assert_eq!(c.min_port, 49152, "a key in neither keeps its default");
+
+        let c = build_config(&run_args(&[
+            "--config",
+            file,
+            "--io",
+            "uring",
+            "--user",
+            "c:3",
+            "--drain-timeout",
+            "90",
+        ]))
+        .unwrap();
+        assert_eq!(c.io, IoMode::Uring);
+        assert_eq!(c.users, ["c:3"], "a repeated flag replaces the file's list");
+        assert_eq!(c.drain_timeout, Duration::from_secs(90));
+        assert_eq!(c.realm, "filerealm");
+        assert_eq!(
+            c.allow_peers.len(),
+            1,
+            "an absent list flag keeps the file's list"
+        );
+        assert!(
+            c.legacy_channel_range,
+            "an absent switch keeps the file's true"
+        );
+    }
+
+    #[test]
+    fn bad_file_values_name_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        for (text, want) in [
+            ("lisen = \"1.2.3.4:5\"\n", "unknown key `lisen`"),
+            (
+                "listen = \"nope\"\n",
+                "key `listen`: invalid socket address syntax",
+            ),
+            (
+                "drain_timeout = \"soon\"\n",
+                "key `drain_timeout`: bad duration \"soon\"",
+            ),
+            (
+                "drain_timeout = -1\n",
+                "key `drain_timeout`: bad duration -1",
+            ),
+            ("users = \"a:b\"\n", "key `users`: invalid type"),
+            ("user = [\"a:b\"]\n", "unknown key `user`"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = build_config(&run_args(&["--config", path.to_str().unwrap()])).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(&format!("config {}: ", path.display())),
+                "{text}: {msg}"
+            );
+            assert!(msg.contains(want), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn bad_flag_values_are_refused_by_the_parser() {
+        for args in [
+            &["--drain-timeout", "soon"][..],
+            &["--drain-timeout", "-5"],
+            &["--listen", "999.1.1.1:3478"],
+            &["--io", "kqueue"],
+        ] {
+            let argv = std::iter::once("peerlink-relay").chain(args.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{args:?}");
         }
     }
 }

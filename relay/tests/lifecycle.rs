@@ -397,6 +397,12 @@ fn invalid_config_exits_before_binding() {
     .unwrap();
     let bad_addr = dir.path().join("bad.toml");
     std::fs::write(&bad_addr, "listen = \"not-an-address\"\n").unwrap();
+    let bad_duration = dir.path().join("duration.toml");
+    std::fs::write(
+        &bad_duration,
+        "users = [\"a:b\"]\ndrain_timeout = \"soon\"\n",
+    )
+    .unwrap();
     let base = ["--listen", listen.as_str(), "--relay-ip", "127.0.0.1"];
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -409,15 +415,16 @@ fn invalid_config_exits_before_binding() {
         (vec!["--user", "a:b", "--workers", "0"], "workers"),
         (vec!["--config", unknown_key.to_str().unwrap()], "lisen"),
         (vec!["--config", bad_addr.to_str().unwrap()], "listen"),
+        (
+            vec!["--config", bad_duration.to_str().unwrap()],
+            "key `drain_timeout`: bad duration \"soon\"",
+        ),
     ];
     for (extra, reason) in cases {
         let mut args: Vec<&str> = base.to_vec();
         args.extend(extra.iter().copied());
         let (code, err) = run_expect_failure(&args, &[]);
-        assert!(
-            matches!(code, Some(c) if c != 0),
-            "{args:?} exited {code:?}: {err}"
-        );
+        assert_eq!(code, Some(2), "{args:?} exited {code:?}: {err}");
         assert!(
             err.contains(reason),
             "{args:?}: stderr should name {reason:?}: {err}"

@@ -186,6 +186,10 @@ pub struct Claims {
     pub exp: u64,
     /// Issued at, unix seconds.
     pub iat: u64,
+    /// Token id: refresh tokens only, the key (hashed) of the token's record in the store,
+    /// through which it is rotated and revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// Token verification failures.
@@ -231,28 +235,46 @@ impl Tokens {
         &self.access_audience
     }
 
-    /// Issue a token for `user` at `now_unix`.
+    /// Issue a token for `user` at `now_unix`: the token and its expiry. A refresh token
+    /// carries a fresh random id ([`Claims::jti`]); see [`Tokens::issue_refresh`].
     pub fn issue(
         &self,
         kind: TokenKind,
         user: &str,
         now_unix: u64,
     ) -> Result<(String, u64), TokenError> {
+        self.issue_claims(kind, user, now_unix)
+            .map(|(t, c)| (t, c.exp))
+    }
+
+    /// Issue a refresh token: the token and its claims (whose `jti` the store keeps).
+    pub fn issue_refresh(&self, user: &str, now_unix: u64) -> Result<(String, Claims), TokenError> {
+        self.issue_claims(TokenKind::Refresh, user, now_unix)
+    }
+
+    fn issue_claims(
+        &self,
+        kind: TokenKind,
+        user: &str,
+        now_unix: u64,
+    ) -> Result<(String, Claims), TokenError> {
         let (aud, ttl) = match kind {
             TokenKind::Access => (&self.access_audience, self.access_ttl),
             TokenKind::Refresh => (&self.refresh_audience, self.refresh_ttl),
         };
         let exp = now_unix + ttl.as_secs();
+        let jti = (kind == TokenKind::Refresh).then(|| hex::encode(rand::random::<[u8; 16]>()));
         let claims = Claims {
             sub: user.to_owned(),
             aud: aud.clone(),
             iss: self.issuer.clone(),
             exp,
             iat: now_unix,
+            jti,
         };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.enc)
             .map_err(|e| TokenError::Invalid(e.to_string()))?;
-        Ok((t, exp))
+        Ok((t, claims))
     }
 
     /// Verify a token of `kind`: HS256 only, audience and issuer pinned, expiry enforced
@@ -281,6 +303,9 @@ impl Tokens {
         }
         if normalize_username(&data.claims.sub).as_deref() != Ok(data.claims.sub.as_str()) {
             return Err(TokenError::Invalid("bad subject".into()));
+        }
+        if kind == TokenKind::Refresh && data.claims.jti.as_deref().is_none_or(str::is_empty) {
+            return Err(TokenError::Invalid("refresh token without an id".into()));
         }
         Ok(data.claims)
     }

@@ -3,8 +3,8 @@
 //! connected to other nodes, to forward callee frames to the node arbitrating a call, and to
 //! wake other nodes' sessions when a message for their user was stored.
 //!
-//! Accounts and messages live in the shared [`crate::store::Store`] (SQLite: the nodes of a
-//! fleet share one database file), so a node only nudges the recipient's nodes; the
+//! Accounts and messages live in the shared [`crate::store::Store`] (one SQLite file or
+//! one PostgreSQL database for the whole fleet), so a node only nudges the recipient's nodes; the
 //! message itself is read from the store by the recipient's session.
 
 use std::collections::BTreeSet;

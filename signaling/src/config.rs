@@ -1,11 +1,22 @@
-//! Runtime configuration of a signaling node (built by the binary from CLI flags, a TOML file
-//! and environment secrets; tests build it directly).
+//! Runtime configuration of a signaling node: [`Config`], what the node runs with (tests build
+//! it directly), and [`Settings`], the binary's TOML file format, which the binary loads
+//! through `peerlink_cli::config::load` (the file, then the environment, then the flags) and
+//! turns into a [`Config`] with [`Settings::to_config`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
+
+use ipnet::IpNet;
+use peerlink_cli::log::LogFormat;
+use serde::Deserialize;
 
 use crate::auth::Argon2Cost;
 use crate::candidates::{CandidatePolicy, MAX_DENY_RANGES};
+use crate::store::{PgOptions, StoreLocation};
+
+/// The SQLite file used when neither `store` nor `db` is set.
+pub const DEFAULT_DB: &str = "peerlink-signaling.db";
 
 /// Longest accepted `call_grace`.
 pub const MAX_CALL_GRACE: Duration = Duration::from_secs(600);
@@ -156,9 +167,315 @@ impl Default for Config {
 /// A configuration that cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file, the environment or a flag does not give [`Settings`] (unreadable file,
+    /// unknown key, bad value): the message names the file or the flags, and the key.
+    #[error(transparent)]
+    Load(#[from] peerlink_cli::config::ConfigError),
     /// Explanation.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+/// The binary's settings: the TOML file's format, every key a long flag with `_` for `-`, every
+/// key optional. The defaults are [`Config::default`]'s, and the binary's own below. Durations
+/// are humantime text (`"500ms"`, `"30s"`, `"15m"`, `"7d"`) or a number of seconds.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// HTTP + WebSocket listen address. Default `127.0.0.1:8443`.
+    pub listen: SocketAddr,
+    /// STUN responder address. Default `127.0.0.1:3479`.
+    pub stun: SocketAddr,
+    /// Second STUN address (RFC 5780). Default none.
+    pub stun_alt: Option<SocketAddr>,
+    /// No STUN responder. Default false.
+    pub no_stun: bool,
+    /// SQLite database path (the same as `store = "sqlite:PATH"`; giving both is an error).
+    /// Default `peerlink-signaling.db` when `store` is not set either.
+    pub db: Option<PathBuf>,
+    /// Where the store lives: `sqlite:PATH`, a bare path (SQLite), or
+    /// `postgres://user:password@host:port/db` (env `PEERLINK_STORE`). Default: `db`.
+    pub store: Option<String>,
+    /// PostgreSQL: most pooled connections. Default 8.
+    pub store_pool_size: u32,
+    /// PostgreSQL: connect timeout of one connection. Default 5 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub store_connect_timeout: Duration,
+    /// PostgreSQL: longest wait for a pooled connection before a request fails. Default 5 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub store_checkout_timeout: Duration,
+    /// PostgreSQL: `statement_timeout` of every statement. Default 5 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub store_statement_timeout: Duration,
+    /// [`Config::directory`].
+    pub directory: Option<String>,
+    /// [`Config::cluster_token`].
+    pub cluster_token: Option<String>,
+    /// [`Config::node_id`].
+    pub node_id: String,
+    /// [`Config::region`].
+    pub region: String,
+    /// [`Config::public_url`].
+    pub public_url: Option<String>,
+    /// [`Config::internal_url`].
+    pub internal_url: Option<String>,
+    /// [`Config::token_secret`]; required.
+    pub token_secret: Option<String>,
+    /// [`Config::token_issuer`].
+    pub token_issuer: String,
+    /// [`Config::token_ttl`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub token_ttl: Duration,
+    /// [`Config::refresh_ttl`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub refresh_ttl: Duration,
+    /// [`Config::turn_secret`].
+    pub turn_secret: Option<String>,
+    /// [`Config::turn_ttl`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub turn_ttl: Duration,
+    /// [`Config::relays`] (flag `--relay`, repeatable).
+    pub relay: Vec<String>,
+    /// [`Argon2Cost::m_kib`].
+    pub argon2_m_kib: u32,
+    /// [`Argon2Cost::t`].
+    pub argon2_t: u32,
+    /// [`Argon2Cost::p`].
+    pub argon2_p: u32,
+    /// [`Config::hash_concurrency`].
+    pub hash_concurrency: usize,
+    /// [`Config::login_failures_per_account`].
+    pub login_failures_per_account: u32,
+    /// [`Config::login_failures_per_ip`].
+    pub login_failures_per_ip: u32,
+    /// [`Config::login_window`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub login_window: Duration,
+    /// [`Config::ring_timeout`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub ring_timeout: Duration,
+    /// [`Config::call_grace`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub call_grace: Duration,
+    /// [`Config::max_ws_message`].
+    pub max_ws_message: usize,
+    /// [`Config::ws_read_buffer`].
+    pub ws_read_buffer: usize,
+    /// [`Config::outbound_queue`].
+    pub outbound_queue: usize,
+    /// [`Config::write_timeout`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub write_timeout: Duration,
+    /// [`Config::ping_interval`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub ping_interval: Duration,
+    /// [`Config::idle_timeout`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub idle_timeout: Duration,
+    /// [`Config::auth_timeout`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub auth_timeout: Duration,
+    /// [`Config::msg_rate`].
+    pub msg_rate: u32,
+    /// [`Config::msg_burst`].
+    pub msg_burst: u32,
+    /// [`Config::flood_close_after`].
+    pub flood_close_after: u32,
+    /// [`Config::max_conns_per_ip`].
+    pub max_conns_per_ip: u32,
+    /// [`Config::max_candidates`].
+    pub max_candidates: usize,
+    /// Candidate ranges refused (`CIDR` or one address; flag `--deny-candidate`, repeatable).
+    pub deny_candidate: Vec<String>,
+    /// Accept loopback candidates. Default: whether `listen` is a loopback address.
+    pub allow_loopback_candidates: Option<bool>,
+    /// [`Config::max_body_bytes`].
+    pub max_body_bytes: usize,
+    /// [`Config::dedup_retention`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub dedup_retention: Duration,
+    /// [`Config::header_timeout`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub header_timeout: Duration,
+    /// [`Config::shutdown_grace`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub shutdown_grace: Duration,
+    /// Log filter (RUST_LOG syntax). Default `info`.
+    pub log: String,
+    /// Log line format. Default `text`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let c = Config::default();
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            stun: c
+                .stun
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3479))),
+            stun_alt: c.stun_alt,
+            no_stun: false,
+            db: None,
+            store: None,
+            store_pool_size: PgOptions::default().pool_size,
+            store_connect_timeout: PgOptions::default().connect_timeout,
+            store_checkout_timeout: PgOptions::default().checkout_timeout,
+            store_statement_timeout: PgOptions::default().statement_timeout,
+            directory: c.directory,
+            cluster_token: c.cluster_token,
+            node_id: c.node_id,
+            region: c.region,
+            public_url: c.public_url,
+            internal_url: c.internal_url,
+            token_secret: None,
+            token_issuer: c.token_issuer,
+            token_ttl: c.token_ttl,
+            refresh_ttl: c.refresh_ttl,
+            turn_secret: None,
+            turn_ttl: c.turn_ttl,
+            relay: c.relays,
+            argon2_m_kib: c.argon2.m_kib,
+            argon2_t: c.argon2.t,
+            argon2_p: c.argon2.p,
+            hash_concurrency: c.hash_concurrency,
+            login_failures_per_account: c.login_failures_per_account,
+            login_failures_per_ip: c.login_failures_per_ip,
+            login_window: c.login_window,
+            ring_timeout: c.ring_timeout,
+            call_grace: c.call_grace,
+            max_ws_message: c.max_ws_message,
+            ws_read_buffer: c.ws_read_buffer,
+            outbound_queue: c.outbound_queue,
+            write_timeout: c.write_timeout,
+            ping_interval: c.ping_interval,
+            idle_timeout: c.idle_timeout,
+            auth_timeout: c.auth_timeout,
+            msg_rate: c.msg_rate,
+            msg_burst: c.msg_burst,
+            flood_close_after: c.flood_close_after,
+            max_conns_per_ip: c.max_conns_per_ip,
+            max_candidates: c.max_candidates,
+            deny_candidate: Vec::new(),
+            allow_loopback_candidates: None,
+            max_body_bytes: c.max_body_bytes,
+            dedup_retention: c.dedup_retention,
+            header_timeout: c.header_timeout,
+            shutdown_grace: c.shutdown_grace,
+            log: "info".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A `deny_candidate` value: a CIDR range, or one address.
+fn parse_net(s: &str) -> Result<IpNet, ConfigError> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| {
+            ConfigError::Invalid(format!(
+                "bad --deny-candidate {s:?} (use a range like 10.0.0.0/8)"
+            ))
+        })
+}
+
+impl Settings {
+    /// Where the store lives: `store`, else `db` as an SQLite path, else [`DEFAULT_DB`].
+    /// Both set, or a malformed `store`, is an error.
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
+        match (&self.store, &self.db) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "both --store and --db are set: use one (--db PATH is --store sqlite:PATH)".into(),
+            )),
+            (Some(s), None) => StoreLocation::parse(s)
+                .map_err(|e| ConfigError::Invalid(format!("bad --store: {e}"))),
+            (None, Some(p)) => Ok(StoreLocation::Sqlite(p.clone())),
+            (None, None) => Ok(StoreLocation::Sqlite(PathBuf::from(DEFAULT_DB))),
+        }
+    }
+
+    /// The PostgreSQL pool and timeouts, checked.
+    pub fn pg_options(&self) -> Result<PgOptions, ConfigError> {
+        if self.store_pool_size == 0 || self.store_pool_size > 1000 {
+            return Err(ConfigError::Invalid(
+                "store pool size must be 1-1000".into(),
+            ));
+        }
+        if self.store_connect_timeout.is_zero()
+            || self.store_checkout_timeout.is_zero()
+            || self.store_statement_timeout.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "store connect, checkout and statement timeouts must be positive".into(),
+            ));
+        }
+        Ok(PgOptions {
+            pool_size: self.store_pool_size,
+            connect_timeout: self.store_connect_timeout,
+            checkout_timeout: self.store_checkout_timeout,
+            statement_timeout: self.store_statement_timeout,
+        })
+    }
+
+    /// The node's configuration, validated ([`Config::validate`]). Settings the binary keeps
+    /// (`listen`, `db`, `log`, `log_format`) are not part of it.
+    pub fn to_config(&self) -> Result<Config, ConfigError> {
+        let mut c = Config {
+            node_id: self.node_id.clone(),
+            token_secret: self.token_secret.clone().unwrap_or_default().into_bytes(),
+            token_issuer: self.token_issuer.clone(),
+            token_ttl: self.token_ttl,
+            refresh_ttl: self.refresh_ttl,
+            turn_secret: self.turn_secret.clone().map(String::into_bytes),
+            turn_ttl: self.turn_ttl,
+            relays: self.relay.clone(),
+            argon2: Argon2Cost {
+                m_kib: self.argon2_m_kib,
+                t: self.argon2_t,
+                p: self.argon2_p,
+            },
+            hash_concurrency: self.hash_concurrency,
+            login_failures_per_account: self.login_failures_per_account,
+            login_failures_per_ip: self.login_failures_per_ip,
+            login_window: self.login_window,
+            ring_timeout: self.ring_timeout,
+            call_grace: self.call_grace,
+            max_ws_message: self.max_ws_message,
+            ws_read_buffer: self.ws_read_buffer,
+            outbound_queue: self.outbound_queue,
+            write_timeout: self.write_timeout,
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            auth_timeout: self.auth_timeout,
+            msg_rate: self.msg_rate,
+            msg_burst: self.msg_burst,
+            flood_close_after: self.flood_close_after,
+            max_conns_per_ip: self.max_conns_per_ip,
+            max_candidates: self.max_candidates,
+            max_body_bytes: self.max_body_bytes,
+            dedup_retention: self.dedup_retention,
+            header_timeout: self.header_timeout,
+            shutdown_grace: self.shutdown_grace,
+            directory: self.directory.clone(),
+            cluster_token: self.cluster_token.clone(),
+            region: self.region.clone(),
+            public_url: self.public_url.clone(),
+            internal_url: self.internal_url.clone(),
+            stun: (!self.no_stun).then_some(self.stun),
+            stun_alt: self.stun_alt,
+            ..Config::default()
+        };
+        for cidr in &self.deny_candidate {
+            c.candidates.deny.push(parse_net(cidr)?);
+        }
+        c.candidates.allow_loopback = self
+            .allow_loopback_candidates
+            .unwrap_or_else(|| self.listen.ip().is_loopback());
+        c.validate()?;
+        Ok(c)
+    }
 }
 
 impl Config {
@@ -218,5 +535,110 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_settings_are_the_default_config() {
+        let s = Settings {
+            token_secret: Some("x".repeat(32)),
+            ..Settings::default()
+        };
+        let c = s.to_config().unwrap();
+        let d = Config::default();
+        assert_eq!(c.stun, d.stun);
+        assert_eq!(c.token_ttl, d.token_ttl);
+        assert_eq!(c.call_grace, d.call_grace);
+        assert_eq!(c.dedup_retention, d.dedup_retention);
+        assert_eq!(c.max_candidates, d.max_candidates);
+        assert!(
+            c.candidates.allow_loopback,
+            "the default listen address is loopback"
+        );
+        assert!(
+            Settings::default().to_config().is_err(),
+            "a token secret is required"
+        );
+    }
+
+    #[test]
+    fn the_example_config_parses_with_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let s: Settings = peerlink_cli::config::load_file(&path).unwrap();
+        let d = Settings::default();
+        // The example shows the defaults.
+        assert_eq!((s.listen, s.stun), (d.listen, d.stun));
+        assert_eq!(
+            s.store_location().unwrap(),
+            d.store_location().unwrap(),
+            "the example's store is the default"
+        );
+        assert_eq!(
+            (s.store_pool_size, s.store_checkout_timeout),
+            (d.store_pool_size, d.store_checkout_timeout)
+        );
+        assert_eq!(
+            (s.token_ttl, s.refresh_ttl, s.turn_ttl),
+            (d.token_ttl, d.refresh_ttl, d.turn_ttl)
+        );
+        assert_eq!(
+            (s.ring_timeout, s.call_grace),
+            (d.ring_timeout, d.call_grace)
+        );
+        assert_eq!(s.dedup_retention, d.dedup_retention);
+        assert_eq!(s.argon2_m_kib, d.argon2_m_kib);
+        assert!(s.deny_candidate.is_empty());
+    }
+
+    #[test]
+    fn store_and_db() {
+        let d = Settings::default();
+        assert_eq!(
+            d.store_location().unwrap(),
+            StoreLocation::Sqlite(DEFAULT_DB.into())
+        );
+        let s = Settings {
+            db: Some("/x.db".into()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            s.store_location().unwrap(),
+            StoreLocation::Sqlite("/x.db".into())
+        );
+        let s = Settings {
+            store: Some("postgres://u:p@127.0.0.1:5432/db".into()),
+            ..Settings::default()
+        };
+        assert!(matches!(
+            s.store_location().unwrap(),
+            StoreLocation::Postgres(_)
+        ));
+        let s = Settings {
+            store: Some("sqlite:/y.db".into()),
+            db: Some("/x.db".into()),
+            ..Settings::default()
+        };
+        let e = s.store_location().unwrap_err().to_string();
+        assert!(e.contains("both --store and --db"), "{e}");
+        let s = Settings {
+            store_pool_size: 0,
+            ..Settings::default()
+        };
+        assert!(s.pg_options().is_err());
+    }
+
+    #[test]
+    fn bad_deny_candidate_is_named() {
+        let s = Settings {
+            token_secret: Some("x".repeat(32)),
+            deny_candidate: vec!["10.0.0.0/33".into()],
+            ..Settings::default()
+        };
+        let e = s.to_config().unwrap_err().to_string();
+        assert!(e.contains("bad --deny-candidate \"10.0.0.0/33\""), "{e}");
     }
 }

@@ -4,8 +4,12 @@
 //! | method + path | body -> answer |
 //! |---|---|
 //! | `POST /v1/register` | `Credentials` -> 201 `{"username"}`, 400 invalid, 409 taken |
-//! | `POST /v1/login` | `Credentials` -> `TokenResponse`, 401 `invalid_credentials`, 429 `throttled` |
-//! | `POST /v1/refresh` | `RefreshRequest` -> `TokenResponse`, 401 |
+//! | `POST /v1/login` | `Credentials` (with an optional `device`) -> `TokenResponse`, 401 `invalid_credentials`, 429 `throttled` |
+//!
+//! A store that cannot be reached (PostgreSQL down, no pooled connection in time) answers 503
+//! `store_unavailable` with `Retry-After`; other storage failures 500 `storage`.
+//! | `POST /v1/refresh` | `RefreshRequest` -> `TokenResponse` with the next refresh token (the one presented is revoked), 401 `invalid_token`, 401 `token_reused` (a revoked token: its device's chain is revoked) |
+//! | `POST /v1/logout` | `RefreshRequest` -> 204 (every refresh token of its device revoked), 401 |
 //! | `POST /v1/turn-credentials` | (Bearer access token) -> `TurnCredentials`, 401, 503 |
 //! | `GET /v1/ws?token=&device=&resume_from=` | WebSocket upgrade (see [`peerlink_api::signaling`]) |
 //! | `GET /healthz` | `ok` (503 `draining` during shutdown) |
@@ -29,7 +33,7 @@ use crate::cluster::{
 };
 use crate::metrics::Metrics;
 use crate::state::{AppState, now_unix, now_unix_ms};
-use crate::store::StoreError;
+use crate::store::{RefreshOutcome, StoreError};
 use peerlink_api::signaling::{
     Credentials, HttpError, RefreshRequest, ServerMsg, TokenResponse, TurnCredentials,
 };
@@ -54,6 +58,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/register", post(register))
         .route("/v1/login", post(login))
         .route("/v1/refresh", post(refresh))
+        .route("/v1/logout", post(logout))
         .route("/v1/turn-credentials", post(turn_credentials))
         .route("/v1/ws", get(crate::session::ws_upgrade))
         .route("/healthz", get(healthz))
@@ -128,27 +133,71 @@ async fn register(State(st): State<AppState>, Json(c): Json<Credentials>) -> Res
         Err(StoreError::UserExists) => {
             error_response(StatusCode::CONFLICT, "username_taken", "username is taken")
         }
-        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Err(e) => storage_error(&e),
     }
 }
 
-fn tokens_for(st: &AppState, user: &str) -> Response {
-    let now = now_unix();
-    let access = st.tokens.issue(TokenKind::Access, user, now);
-    let refresh = st.tokens.issue(TokenKind::Refresh, user, now);
-    match (access, refresh) {
-        (Ok((access_token, _)), Ok((refresh_token, _))) => Json(TokenResponse {
+/// The answer to a storage failure: 503 with `Retry-After` while the store cannot be reached,
+/// else 500.
+pub fn storage_error(e: &StoreError) -> Response {
+    match e {
+        StoreError::Unavailable(_) => {
+            let mut r = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                &e.to_string(),
+            );
+            r.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from(1u32));
+            r
+        }
+        _ => error_response(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+    }
+}
+
+fn token_failed() -> Response {
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "token",
+        "token signing failed",
+    )
+}
+
+fn ms_of(unix_s: u64) -> u64 {
+    unix_s.saturating_mul(1000)
+}
+
+/// The token answer: a new access token and `refresh_token`.
+fn token_answer(st: &AppState, user: &str, refresh_token: String) -> Response {
+    match st.tokens.issue(TokenKind::Access, user, now_unix()) {
+        Ok((access_token, _)) => Json(TokenResponse {
             username: user.to_owned(),
             access_token,
             expires_in: st.tokens.access_ttl.as_secs(),
             refresh_token,
         })
         .into_response(),
-        _ => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "token",
-            "token signing failed",
-        ),
+        Err(_) => token_failed(),
+    }
+}
+
+/// Tokens for a login: a refresh token starting (or continuing) `device`'s chain, recorded
+/// in the store before it is handed out.
+async fn tokens_for_login(st: &AppState, user: &str, device: String) -> Response {
+    let now = now_unix();
+    let Ok((refresh_token, claims)) = st.tokens.issue_refresh(user, now) else {
+        return token_failed();
+    };
+    let hash = crate::store::refresh_token_hash(claims.jti.as_deref().unwrap_or_default());
+    let u2 = user.to_owned();
+    let exp = ms_of(claims.exp);
+    match st
+        .db
+        .call(move |s| s.add_refresh_token(&hash, &u2, &device, exp, now_unix_ms()))
+        .await
+    {
+        Ok(()) => token_answer(st, user, refresh_token),
+        Err(e) => storage_error(&e),
     }
 }
 
@@ -159,6 +208,17 @@ async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(c): Json<Credentials>,
 ) -> Response {
+    let device = match c.device.as_deref() {
+        Some(d) if crate::session::valid_device(d) => d.to_owned(),
+        Some(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_device",
+                "device must be 1-64 of A-Z a-z 0-9 _ -",
+            );
+        }
+        None => format!("login-{}", hex::encode(rand::random::<[u8; 8]>())),
+    };
     let now = Instant::now();
     let ip_key = ThrottleKey::Ip(peer.ip());
     // Unknown, malformed and existing names share one throttle key space and one answer.
@@ -185,13 +245,7 @@ async fn login(
             let u2 = u.clone();
             match st.db.call(move |s| s.password_hash(&u2)).await {
                 Ok(h) => h,
-                Err(e) => {
-                    return error_response(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "storage",
-                        &e.to_string(),
-                    );
-                }
+                Err(e) => return storage_error(&e),
             }
         }
         None => None,
@@ -217,7 +271,7 @@ async fn login(
         (true, Some(user)) => {
             st.throttle_account.reset(&acct_key);
             Metrics::inc(&st.metrics.logins_total);
-            tokens_for(&st, &user)
+            tokens_for_login(&st, &user, device).await
         }
         _ => {
             st.throttle_ip.fail(ip_key, Instant::now());
@@ -229,23 +283,64 @@ async fn login(
 }
 
 async fn refresh(State(st): State<AppState>, Json(r): Json<RefreshRequest>) -> Response {
-    match st
+    let now = now_unix();
+    let claims = match st.tokens.verify(TokenKind::Refresh, &r.refresh_token, now) {
+        Ok(c) => c,
+        Err(e) => return error_response(StatusCode::UNAUTHORIZED, "invalid_token", &e.to_string()),
+    };
+    let old = crate::store::refresh_token_hash(claims.jti.as_deref().unwrap_or_default());
+    let Ok((next_token, next)) = st.tokens.issue_refresh(&claims.sub, now) else {
+        return token_failed();
+    };
+    let new = crate::store::refresh_token_hash(next.jti.as_deref().unwrap_or_default());
+    let exp = ms_of(next.exp);
+    let outcome = st
+        .db
+        .call(move |s| s.rotate_refresh_token(&old, &new, exp, now_unix_ms()))
+        .await;
+    match outcome {
+        Ok(RefreshOutcome::Rotated { user, .. }) if user == claims.sub => {
+            Metrics::inc(&st.metrics.refreshes_total);
+            token_answer(&st, &user, next_token)
+        }
+        Ok(RefreshOutcome::Rotated { .. }) => error_response(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "token of another user",
+        ),
+        Ok(RefreshOutcome::Reused { user, device }) => {
+            Metrics::inc(&st.metrics.refresh_reuses_total);
+            tracing::warn!(%user, %device, "revoked refresh token presented: device's tokens revoked");
+            error_response(
+                StatusCode::UNAUTHORIZED,
+                "token_reused",
+                "refresh token was already used or revoked; every token of its device is revoked: log in again",
+            )
+        }
+        Ok(RefreshOutcome::Expired) => {
+            error_response(StatusCode::UNAUTHORIZED, "invalid_token", "token expired")
+        }
+        Ok(RefreshOutcome::Unknown) => error_response(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "unknown refresh token",
+        ),
+        Err(e) => storage_error(&e),
+    }
+}
+
+async fn logout(State(st): State<AppState>, Json(r): Json<RefreshRequest>) -> Response {
+    let claims = match st
         .tokens
         .verify(TokenKind::Refresh, &r.refresh_token, now_unix())
     {
-        Ok(c) => {
-            let u = c.sub.clone();
-            match st.db.call(move |s| s.user_exists(&u)).await {
-                Ok(true) => tokens_for(&st, &c.sub),
-                Ok(false) => {
-                    error_response(StatusCode::UNAUTHORIZED, "invalid_token", "unknown user")
-                }
-                Err(e) => {
-                    error_response(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string())
-                }
-            }
-        }
-        Err(e) => error_response(StatusCode::UNAUTHORIZED, "invalid_token", &e.to_string()),
+        Ok(c) => c,
+        Err(e) => return error_response(StatusCode::UNAUTHORIZED, "invalid_token", &e.to_string()),
+    };
+    let hash = crate::store::refresh_token_hash(claims.jti.as_deref().unwrap_or_default());
+    match st.db.call(move |s| s.revoke_refresh_chain(&hash)).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => storage_error(&e),
     }
 }
 

@@ -2,7 +2,7 @@
 //! and key exchange, durable text messages, contacts and presence, TURN credentials and the UDP
 //! STUN responder (RFC 5780 behaviour discovery when a second address is configured).
 //!
-//! It is: an axum service built by [`http::app`] over a [`store::Store`] (SQLite by default),
+//! It is: an axum service built by [`http::app`] over a [`store::Store`] (SQLite by default, or PostgreSQL),
 //! and a multi-node mode through the directory ([`cluster`]). The WebSocket protocol and HTTP
 //! bodies it speaks are `peerlink_api::signaling`, which clients share without linking this
 //! crate.

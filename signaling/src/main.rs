@@ -1,38 +1,38 @@
 //! `peerlink-signaling`: CLI, config file and wiring only (see the library for behaviour).
 //!
-//! Every flag can also be set in a TOML file (`--config`, keys = flag names with `_`); flags
-//! win over the file. Secrets come from the environment: `PEERLINK_TOKEN_SECRET`,
-//! `PEERLINK_TURN_SECRET`, `PEERLINK_CLUSTER_TOKEN`. A bad configuration exits non-zero before
-//! any socket is bound. Once bound, the binary prints `http=ADDR` and `stun=ADDR[,ADDR..]`
+//! Every flag can also be set in a TOML file (`--config`, keys = flag names with `_`). The
+//! file comes first, then the environment (secrets: `PEERLINK_TOKEN_SECRET`,
+//! `PEERLINK_TURN_SECRET`, `PEERLINK_CLUSTER_TOKEN`; the store: `PEERLINK_STORE`), then the
+//! flags (`peerlink_cli::config`). A bad configuration exits with status 2 before any socket
+//! is bound; a store that cannot be opened (unreachable, refused credentials, newer schema)
+//! with status 1, also before. Once bound, the binary prints `http=ADDR` and `stun=ADDR[,ADDR..]`
 //! lines on stdout.
 
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use ipnet::IpNet;
 use peerlink_cli::log::LogFormat;
-use peerlink_signaling::auth::Argon2Cost;
+use peerlink_signaling::config::{ConfigError, Settings};
 use peerlink_signaling::serve::serve;
-use peerlink_signaling::store::SqliteStore;
+use peerlink_signaling::store::{PgOptions, StoreLocation};
 use peerlink_signaling::stun::StunResponder;
 use peerlink_signaling::{AppState, Config, app};
-use serde::Deserialize;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-/// Command line; every field is optional so the TOML file can supply it.
-#[derive(Parser, Deserialize, Debug, Default)]
+// The command line: every setting is optional and serializes to its key of the TOML file
+// (`Settings`), unset ones to nothing; `peerlink_cli::config::load` lays them over the file.
+#[derive(Parser, Serialize, Debug, Default)]
 #[command(
     name = "peerlink-signaling",
     version,
     about = "peerlink signaling node"
 )]
-#[serde(default, deny_unknown_fields)]
-struct Settings {
+struct Flags {
     /// TOML config file (keys as the long flags with `_`).
     #[arg(long)]
     #[serde(skip)]
@@ -49,9 +49,35 @@ struct Settings {
     /// Disable the STUN responder.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     no_stun: Option<bool>,
-    /// SQLite database path [default: peerlink-signaling.db].
+    /// SQLite database path; the same as `--store sqlite:PATH`, and an error together with
+    /// `--store` [default: peerlink-signaling.db].
     #[arg(long)]
     db: Option<PathBuf>,
+    /// Store: `sqlite:PATH`, a bare path (SQLite) or `postgres://user:pass@host:port/db`
+    /// [default: the --db file].
+    #[arg(
+        long,
+        env = "PEERLINK_STORE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    store: Option<String>,
+    /// PostgreSQL: most pooled connections [default: 8].
+    #[arg(long)]
+    store_pool_size: Option<u32>,
+    /// PostgreSQL: connect timeout of one connection [default: 5s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    store_connect_timeout: Option<Duration>,
+    /// PostgreSQL: longest wait for a pooled connection; then the request fails (503, or an
+    /// `error` frame) [default: 5s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    store_checkout_timeout: Option<Duration>,
+    /// PostgreSQL: statement_timeout of every statement [default: 5s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    store_statement_timeout: Option<Duration>,
     /// Directory base URL (multi-node); without it the node runs standalone.
     #[arg(long)]
     directory: Option<String>,
@@ -78,17 +104,20 @@ struct Settings {
     #[arg(long)]
     token_issuer: Option<String>,
     /// Access token lifetime, e.g. 15m [default: 15m].
-    #[arg(long)]
-    token_ttl: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    token_ttl: Option<Duration>,
     /// Refresh token lifetime [default: 7d].
-    #[arg(long)]
-    refresh_ttl: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    refresh_ttl: Option<Duration>,
     /// TURN REST shared secret (same as the relays').
     #[arg(long, env = "PEERLINK_TURN_SECRET", hide_env_values = true)]
     turn_secret: Option<String>,
     /// TURN credential lifetime [default: 1h].
-    #[arg(long)]
-    turn_ttl: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    turn_ttl: Option<Duration>,
     /// Static relay address host:port (repeatable), used without a directory.
     #[arg(long = "relay")]
     relay: Option<Vec<String>>,
@@ -111,15 +140,18 @@ struct Settings {
     #[arg(long)]
     login_failures_per_ip: Option<u32>,
     /// Login throttle window [default: 5m].
-    #[arg(long)]
-    login_window: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    login_window: Option<Duration>,
     /// Ring timeout [default: 30s].
-    #[arg(long)]
-    ring_timeout: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    ring_timeout: Option<Duration>,
     /// Keep an accepted call this long after a party's session drops without a hangup,
     /// waiting for the same device to reconnect; 0 ends it at once [default: 5s].
-    #[arg(long)]
-    call_grace: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    call_grace: Option<Duration>,
     /// Largest WebSocket message, bytes [default: 65536].
     #[arg(long)]
     max_ws_message: Option<usize>,
@@ -130,17 +162,21 @@ struct Settings {
     #[arg(long)]
     outbound_queue: Option<usize>,
     /// Frame write timeout [default: 10s].
-    #[arg(long)]
-    write_timeout: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    write_timeout: Option<Duration>,
     /// Ping interval [default: 20s].
-    #[arg(long)]
-    ping_interval: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    ping_interval: Option<Duration>,
     /// Idle timeout [default: 60s].
-    #[arg(long)]
-    idle_timeout: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    idle_timeout: Option<Duration>,
     /// Time for the first `auth` frame of a session opened without a token [default: 10s].
-    #[arg(long)]
-    auth_timeout: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    auth_timeout: Option<Duration>,
     /// Client frames per second per session [default: 20].
     #[arg(long)]
     msg_rate: Option<u32>,
@@ -168,14 +204,17 @@ struct Settings {
     #[arg(long)]
     max_body_bytes: Option<usize>,
     /// How long message ids are remembered for deduplication [default: 30d].
-    #[arg(long)]
-    dedup_retention: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    dedup_retention: Option<Duration>,
     /// Complete request headers must arrive within this [default: 10s].
-    #[arg(long)]
-    header_timeout: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    header_timeout: Option<Duration>,
     /// After shutdown starts, keep answering 503 this long [default: 2s].
-    #[arg(long)]
-    shutdown_grace: Option<String>,
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    shutdown_grace: Option<Duration>,
     /// Log filter in RUST_LOG syntax, e.g. `info` or `peerlink_signaling=debug,warn`
     /// [default: info].
     #[arg(long, value_name = "FILTER")]
@@ -185,158 +224,33 @@ struct Settings {
     log_format: Option<LogFormat>,
 }
 
-/// A `--deny-candidate` value: a CIDR range, or one address.
-fn parse_net(s: &str) -> anyhow::Result<IpNet> {
-    let s = s.trim();
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-        .map(|n| n.trunc())
-        .map_err(|_| anyhow::anyhow!("bad --deny-candidate {s:?} (use a range like 10.0.0.0/8)"))
+/// What the binary runs with: the settings, the node's configuration, where the store is
+/// and the PostgreSQL pool settings.
+struct Loaded {
+    settings: Settings,
+    config: Config,
+    store: StoreLocation,
+    pg: PgOptions,
 }
 
-/// The HTTP listen address.
-fn listen_addr(s: &Settings) -> SocketAddr {
-    s.listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8443)))
+/// The config file, then the environment, then the flags; then checked.
+fn load() -> Result<Loaded, ConfigError> {
+    let flags = Flags::parse();
+    let settings: Settings = peerlink_cli::config::load(flags.config.as_deref(), &flags)?;
+    let config = settings.to_config()?;
+    let store = settings.store_location()?;
+    let pg = settings.pg_options()?;
+    Ok(Loaded {
+        settings,
+        config,
+        store,
+        pg,
+    })
 }
 
-macro_rules! merge {
-    ($cli:ident, $file:ident, $($f:ident),*) => { $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )* };
-}
-
-fn load() -> anyhow::Result<(Settings, Config)> {
-    let mut s = Settings::parse();
-    if let Some(path) = s.config.clone() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let mut f: Settings =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        merge!(
-            s,
-            f,
-            listen,
-            stun,
-            stun_alt,
-            no_stun,
-            db,
-            directory,
-            cluster_token,
-            node_id,
-            public_url,
-            internal_url,
-            token_secret,
-            token_issuer,
-            token_ttl,
-            refresh_ttl,
-            turn_secret,
-            turn_ttl,
-            relay,
-            argon2_m_kib,
-            argon2_t,
-            argon2_p,
-            hash_concurrency,
-            login_failures_per_account,
-            login_failures_per_ip,
-            login_window,
-            ring_timeout,
-            call_grace,
-            max_ws_message,
-            ws_read_buffer,
-            outbound_queue,
-            write_timeout,
-            ping_interval,
-            idle_timeout,
-            auth_timeout,
-            msg_rate,
-            msg_burst,
-            flood_close_after,
-            max_conns_per_ip,
-            max_candidates,
-            deny_candidate,
-            allow_loopback_candidates,
-            max_body_bytes,
-            shutdown_grace,
-            header_timeout,
-            dedup_retention,
-            region,
-            log,
-            log_format
-        );
-    }
-    let mut c = Config::default();
-    let d = |v: &Option<String>, dflt: Duration| -> anyhow::Result<Duration> {
-        Ok(v.as_deref()
-            .map(peerlink_cli::parse_duration)
-            .transpose()?
-            .unwrap_or(dflt))
-    };
-    if let Some(v) = &s.node_id {
-        c.node_id.clone_from(v);
-    }
-    c.token_secret = s.token_secret.clone().unwrap_or_default().into_bytes();
-    if let Some(v) = &s.token_issuer {
-        c.token_issuer.clone_from(v);
-    }
-    c.token_ttl = d(&s.token_ttl, c.token_ttl)?;
-    c.refresh_ttl = d(&s.refresh_ttl, c.refresh_ttl)?;
-    c.turn_secret = s.turn_secret.clone().map(String::into_bytes);
-    c.turn_ttl = d(&s.turn_ttl, c.turn_ttl)?;
-    c.relays = s.relay.clone().unwrap_or_default();
-    c.argon2 = Argon2Cost {
-        m_kib: s.argon2_m_kib.unwrap_or(c.argon2.m_kib),
-        t: s.argon2_t.unwrap_or(c.argon2.t),
-        p: s.argon2_p.unwrap_or(c.argon2.p),
-    };
-    c.hash_concurrency = s.hash_concurrency.unwrap_or(c.hash_concurrency);
-    c.login_failures_per_account = s
-        .login_failures_per_account
-        .unwrap_or(c.login_failures_per_account);
-    c.login_failures_per_ip = s.login_failures_per_ip.unwrap_or(c.login_failures_per_ip);
-    c.login_window = d(&s.login_window, c.login_window)?;
-    c.ring_timeout = d(&s.ring_timeout, c.ring_timeout)?;
-    c.call_grace = d(&s.call_grace, c.call_grace)?;
-    c.max_ws_message = s.max_ws_message.unwrap_or(c.max_ws_message);
-    c.ws_read_buffer = s.ws_read_buffer.unwrap_or(c.ws_read_buffer);
-    c.outbound_queue = s.outbound_queue.unwrap_or(c.outbound_queue);
-    c.write_timeout = d(&s.write_timeout, c.write_timeout)?;
-    c.ping_interval = d(&s.ping_interval, c.ping_interval)?;
-    c.idle_timeout = d(&s.idle_timeout, c.idle_timeout)?;
-    c.auth_timeout = d(&s.auth_timeout, c.auth_timeout)?;
-    c.msg_rate = s.msg_rate.unwrap_or(c.msg_rate);
-    c.msg_burst = s.msg_burst.unwrap_or(c.msg_burst);
-    c.flood_close_after = s.flood_close_after.unwrap_or(c.flood_close_after);
-    c.max_conns_per_ip = s.max_conns_per_ip.unwrap_or(c.max_conns_per_ip);
-    c.max_candidates = s.max_candidates.unwrap_or(c.max_candidates);
-    for cidr in s.deny_candidate.iter().flatten() {
-        c.candidates.deny.push(parse_net(cidr)?);
-    }
-    c.candidates.allow_loopback = s
-        .allow_loopback_candidates
-        .unwrap_or_else(|| listen_addr(&s).ip().is_loopback());
-    c.max_body_bytes = s.max_body_bytes.unwrap_or(c.max_body_bytes);
-    c.shutdown_grace = d(&s.shutdown_grace, c.shutdown_grace)?;
-    c.header_timeout = d(&s.header_timeout, c.header_timeout)?;
-    c.dedup_retention = d(&s.dedup_retention, c.dedup_retention)?;
-    c.directory.clone_from(&s.directory);
-    c.cluster_token.clone_from(&s.cluster_token);
-    c.public_url.clone_from(&s.public_url);
-    if let Some(r) = &s.region {
-        c.region.clone_from(r);
-    }
-    c.internal_url.clone_from(&s.internal_url);
-    c.stun = if s.no_stun.unwrap_or(false) {
-        None
-    } else {
-        Some(
-            s.stun.unwrap_or(
-                c.stun
-                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3479))),
-            ),
-        )
-    };
-    c.stun_alt = s.stun_alt;
-    c.validate()?;
-    Ok((s, c))
+/// The store setting as it may be logged.
+fn store_shown(s: &Settings) -> String {
+    s.store_location().map(|l| l.redacted()).unwrap_or_default()
 }
 
 async fn wait_for_signal() {
@@ -364,28 +278,42 @@ async fn wait_for_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (settings, cfg) = match load() {
+    let Loaded {
+        settings,
+        config: cfg,
+        store,
+        pg,
+    } = match load() {
         Ok(x) => x,
         Err(e) => {
             eprintln!("peerlink-signaling: {e:#}");
             std::process::exit(2);
         }
     };
-    if let Err(e) = peerlink_cli::log::init(
-        settings.log.as_deref().unwrap_or("info"),
-        settings.log_format.unwrap_or_default(),
-    ) {
+    if let Err(e) = peerlink_cli::log::init(&settings.log, settings.log_format) {
         eprintln!("peerlink-signaling: {e}");
         std::process::exit(2);
     }
-    let db_path = settings
-        .db
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("peerlink-signaling.db"));
-    let store =
-        SqliteStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+    // Open (and migrate) the store before binding anything: an unreachable server, refused
+    // credentials or a newer schema end the process here, with status 1.
+    let store = {
+        let shown = store.redacted();
+        let opened =
+            tokio::task::spawn_blocking(move || peerlink_signaling::store::open(&store, &pg))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        match opened {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("peerlink-signaling: store {shown}: {e}");
+                std::process::exit(1);
+            }
+        }
+    };
+    tracing::info!(store = %store_shown(&settings), "store open");
     let (stun_addr, stun_alt) = (cfg.stun, cfg.stun_alt);
-    let listen = listen_addr(&settings);
+    let listen = settings.listen;
 
     // Bind everything, then announce.
     let listener = tokio::net::TcpListener::bind(listen)
@@ -400,7 +328,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|| format!("http://{http_addr}")),
         );
     }
-    let state = AppState::new(cfg, Arc::new(store)).context("building node state")?;
+    let state = AppState::new(cfg, store).context("building node state")?;
     let stun = match stun_addr {
         Some(a) => Some(StunResponder::bind(a, stun_alt).await?),
         None => None,
@@ -464,4 +392,280 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("bye");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("peerlink-signaling").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    fn settings(f: &Flags) -> Result<Settings, peerlink_cli::config::ConfigError> {
+        peerlink_cli::config::load(f.config.as_deref(), f)
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn every_flag_sets_its_key() {
+        let f = flags(&[
+            "--listen",
+            "127.0.0.1:1",
+            "--stun",
+            "127.0.0.1:2",
+            "--stun-alt",
+            "127.0.0.1:3",
+            "--no-stun",
+            "false",
+            "--db",
+            "/tmp/x.db",
+            "--store",
+            "postgres://u:p@127.0.0.1:5/db",
+            "--store-pool-size",
+            "3",
+            "--store-connect-timeout",
+            "21s",
+            "--store-checkout-timeout",
+            "22s",
+            "--store-statement-timeout",
+            "23s",
+            "--directory",
+            "http://127.0.0.1:8500",
+            "--cluster-token",
+            "cluster-token",
+            "--node-id",
+            "n7",
+            "--region",
+            "eu",
+            "--public-url",
+            "ws://pub",
+            "--internal-url",
+            "http://int",
+            "--token-secret",
+            SECRET,
+            "--token-issuer",
+            "iss",
+            "--token-ttl",
+            "1m",
+            "--refresh-ttl",
+            "2h",
+            "--turn-secret",
+            "turn",
+            "--turn-ttl",
+            "3m",
+            "--relay",
+            "127.0.0.1:3478",
+            "--relay",
+            "127.0.0.2:3478",
+            "--argon2-m-kib",
+            "64",
+            "--argon2-t",
+            "1",
+            "--argon2-p",
+            "2",
+            "--hash-concurrency",
+            "3",
+            "--login-failures-per-account",
+            "4",
+            "--login-failures-per-ip",
+            "5",
+            "--login-window",
+            "6m",
+            "--ring-timeout",
+            "7s",
+            "--call-grace",
+            "8s",
+            "--max-ws-message",
+            "4096",
+            "--ws-read-buffer",
+            "512",
+            "--outbound-queue",
+            "9",
+            "--write-timeout",
+            "10s",
+            "--ping-interval",
+            "11s",
+            "--idle-timeout",
+            "12s",
+            "--auth-timeout",
+            "13s",
+            "--msg-rate",
+            "14",
+            "--msg-burst",
+            "15",
+            "--flood-close-after",
+            "16",
+            "--max-conns-per-ip",
+            "17",
+            "--max-candidates",
+            "18",
+            "--deny-candidate",
+            "10.0.0.0/8",
+            "--allow-loopback-candidates",
+            "false",
+            "--max-body-bytes",
+            "1000",
+            "--dedup-retention",
+            "1d",
+            "--header-timeout",
+            "19s",
+            "--shutdown-grace",
+            "20s",
+            "--log",
+            "debug",
+            "--log-format",
+            "json",
+        ]);
+        let s = settings(&f).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(s.db, Some(PathBuf::from("/tmp/x.db")));
+        assert_eq!(s.store.as_deref(), Some("postgres://u:p@127.0.0.1:5/db"));
+        assert!(s.store_location().is_err(), "--db and --store conflict");
+        let pg = s.pg_options().unwrap();
+        assert_eq!(pg.pool_size, 3);
+        assert_eq!(pg.connect_timeout, Duration::from_secs(21));
+        assert_eq!(pg.checkout_timeout, Duration::from_secs(22));
+        assert_eq!(pg.statement_timeout, Duration::from_secs(23));
+        assert_eq!((s.log.as_str(), s.log_format), ("debug", LogFormat::Json));
+        let c = s.to_config().unwrap();
+        assert_eq!(c.stun, Some("127.0.0.1:2".parse().unwrap()));
+        assert_eq!(c.stun_alt, Some("127.0.0.1:3".parse().unwrap()));
+        assert_eq!(c.directory.as_deref(), Some("http://127.0.0.1:8500"));
+        assert_eq!(c.cluster_token.as_deref(), Some("cluster-token"));
+        assert_eq!((c.node_id.as_str(), c.region.as_str()), ("n7", "eu"));
+        assert_eq!(c.public_url.as_deref(), Some("ws://pub"));
+        assert_eq!(c.internal_url.as_deref(), Some("http://int"));
+        assert_eq!(c.token_secret, SECRET.as_bytes());
+        assert_eq!(c.token_issuer, "iss");
+        assert_eq!(c.token_ttl, Duration::from_secs(60));
+        assert_eq!(c.refresh_ttl, Duration::from_secs(7200));
+        assert_eq!(c.turn_secret.as_deref(), Some(&b"turn"[..]));
+        assert_eq!(c.turn_ttl, Duration::from_secs(180));
+        assert_eq!(c.relays, ["127.0.0.1:3478", "127.0.0.2:3478"]);
+        assert_eq!((c.argon2.m_kib, c.argon2.t, c.argon2.p), (64, 1, 2));
+        assert_eq!(c.hash_concurrency, 3);
+        assert_eq!(
+            (c.login_failures_per_account, c.login_failures_per_ip),
+            (4, 5)
+        );
+        assert_eq!(c.login_window, Duration::from_secs(360));
+        assert_eq!(c.ring_timeout, Duration::from_secs(7));
+        assert_eq!(c.call_grace, Duration::from_secs(8));
+        assert_eq!(
+            (c.max_ws_message, c.ws_read_buffer, c.outbound_queue),
+            (4096, 512, 9)
+        );
+        assert_eq!(c.write_timeout, Duration::from_secs(10));
+        assert_eq!(c.ping_interval, Duration::from_secs(11));
+        assert_eq!(c.idle_timeout, Duration::from_secs(12));
+        assert_eq!(c.auth_timeout, Duration::from_secs(13));
+        assert_eq!((c.msg_rate, c.msg_burst, c.flood_close_after), (14, 15, 16));
+        assert_eq!((c.max_conns_per_ip, c.max_candidates), (17, 18));
+        assert_eq!(
+            c.candidates.deny,
+            ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert!(
+            !c.candidates.allow_loopback,
+            "the flag's false beats the loopback default"
+        );
+        assert_eq!(c.max_body_bytes, 1000);
+        assert_eq!(c.dedup_retention, Duration::from_secs(86_400));
+        assert_eq!(c.header_timeout, Duration::from_secs(19));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        let s = settings(&flags(&["--no-stun", "--token-secret", SECRET])).unwrap();
+        assert_eq!(s.to_config().unwrap().stun, None);
+    }
+
+    #[test]
+    fn flags_override_the_file_and_lists_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "token_secret = \"{SECRET}\"\nnode_id = \"from-file\"\nring_timeout = \"45s\"\n\
+                 idle_timeout = 90\ndeny_candidate = [\"100.64.0.0/10\", \"192.0.2.1\"]\n\
+                 relay = [\"127.0.0.1:3478\"]\nno_stun = true\n"
+            ),
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = settings(&flags(&["--config", file]))
+            .unwrap()
+            .to_config()
+            .unwrap();
+        assert_eq!(c.node_id, "from-file");
+        assert_eq!(c.ring_timeout, Duration::from_secs(45));
+        assert_eq!(
+            c.idle_timeout,
+            Duration::from_secs(90),
+            "a number of seconds"
+        );
+        assert_eq!(c.candidates.deny.len(), 2);
+        assert_eq!(c.stun, None);
+        let c = settings(&flags(&[
+            "--config",
+            file,
+            "--node-id",
+            "from-flag",
+            "--deny-candidate",
+            "198.51.100.0/24",
+            "--ring-timeout",
+            "5s",
+            "--no-stun",
+            "false",
+        ]))
+        .unwrap()
+        .to_config()
+        .unwrap();
+        assert_eq!(c.node_id, "from-flag");
+        assert_eq!(c.ring_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.candidates.deny,
+            ["198.51.100.0/24".parse::<ipnet::IpNet>().unwrap()],
+            "the flags' ranges replace the file's"
+        );
+        assert_eq!(
+            c.relays,
+            ["127.0.0.1:3478"],
+            "an absent list flag keeps the file's"
+        );
+        assert_eq!(c.stun, Some("127.0.0.1:3479".parse().unwrap()));
+        assert!(
+            c.candidates.allow_loopback,
+            "default: listening on loopback"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        for (text, want) in [
+            ("no_such_option = 1\n", "unknown key `no_such_option`"),
+            (
+                "ring_timeout = \"soon\"\n",
+                "key `ring_timeout`: bad duration \"soon\"",
+            ),
+            ("relay = \"127.0.0.1:3478\"\n", "key `relay`: invalid type"),
+            ("msg_rate = -1\n", "key `msg_rate`: invalid value"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = settings(&flags(&["--config", path.to_str().unwrap()])).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(&format!("config {}: ", path.display())),
+                "{msg}"
+            );
+            assert!(msg.contains(want), "{text}: {msg}");
+        }
+        assert!(
+            Flags::try_parse_from(["peerlink-signaling", "--ring-timeout", "soon"]).is_err(),
+            "a bad flag duration is the parser's error"
+        );
+    }
 }

@@ -40,6 +40,10 @@ metrics! {
     login_failures_total: counter,
     /// Login attempts refused by the throttle.
     login_throttled_total: counter,
+    /// Refresh tokens rotated.
+    refreshes_total: counter,
+    /// Revoked refresh tokens presented again (their device's chain revoked).
+    refresh_reuses_total: counter,
     /// WebSocket sessions currently open.
     sessions_open: gauge,
     /// WebSocket sessions accepted.

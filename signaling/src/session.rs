@@ -59,7 +59,8 @@ fn refuse(st: &AppState, status: StatusCode, code: &str, msg: &str) -> Response 
     crate::http::error_response(status, code, msg)
 }
 
-fn valid_device(d: &str) -> bool {
+/// A device name: 1-64 of `[A-Za-z0-9_-]`.
+pub(crate) fn valid_device(d: &str) -> bool {
     !d.is_empty()
         && d.len() <= 64
         && d.bytes()

@@ -137,7 +137,8 @@ impl AppState {
         })))
     }
 
-    /// Periodic housekeeping: forget message ids older than the dedup retention.
+    /// Periodic housekeeping: forget message ids older than the dedup retention and refresh
+    /// tokens past their expiry.
     pub async fn maintain(&self) {
         let before = now_unix_ms().saturating_sub(
             u64::try_from(self.cfg.dedup_retention.as_millis()).unwrap_or(u64::MAX),
@@ -146,6 +147,12 @@ impl AppState {
             Ok(n) if n > 0 => tracing::info!(pruned = n, "old message ids forgotten"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "message id pruning failed"),
+        }
+        let now = now_unix_ms();
+        match self.db.call(move |s| s.prune_refresh_tokens(now)).await {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "expired refresh tokens forgotten"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "refresh token pruning failed"),
         }
     }
 

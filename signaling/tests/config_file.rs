@@ -1,5 +1,5 @@
-//! The binary's configuration: a TOML file sets flags, secrets come from the environment, and
-//! a bad configuration exits non-zero before anything is bound.
+//! The binary's configuration: a TOML file sets flags, the environment beats the file, and a
+//! bad configuration exits with status 2 before anything is bound.
 // Test helpers outside #[test] fns: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
@@ -59,6 +59,21 @@ fn bad_configuration_exits_before_binding() {
     std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nno_such_option = 1\n").unwrap();
     let (code, err) = run_to_exit(&["--config", cfg.to_str().unwrap(), "--db", db], true);
     assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "config {}: unknown key `no_such_option`",
+            cfg.display()
+        )),
+        "{err}"
+    );
+    // A bad duration in the file, named with its key.
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nring_timeout = \"soon\"\n").unwrap();
+    let (code, err) = run_to_exit(&["--config", cfg.to_str().unwrap(), "--db", db], true);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("key `ring_timeout`: bad duration \"soon\""),
+        "{err}"
+    );
     // A bad duration.
     let (code, err) = run_to_exit(
         &[
@@ -108,7 +123,8 @@ async fn toml_file_sets_flags() {
     std::fs::write(
         &cfg,
         "listen = \"127.0.0.1:0\"\nstun = \"127.0.0.1:0\"\nmax_conns_per_ip = 1\nargon2_m_kib = 64\nargon2_t = 1\n\
-         node_id = \"from-file\"\nlog = \"warn\"\ndeny_candidate = [\"100.64.0.0/10\", \"192.0.2.1\"]\n",
+         node_id = \"from-file\"\nlog = \"warn\"\ndeny_candidate = [\"100.64.0.0/10\", \"192.0.2.1\"]\n\
+         token_secret = \"short\"\nring_timeout = 45\n",
     )
     .unwrap();
     let node = Node::start_raw(
@@ -120,6 +136,8 @@ async fn toml_file_sets_flags() {
             db.display().to_string(),
         ],
     );
+    // The file's too-short token secret is replaced by PEERLINK_TOKEN_SECRET (the environment
+    // beats the file), so the node started.
     let token = node.token("alice").await;
     let mut ws = common::Ws::connect(&node.ws_url(&format!("token={token}&device=a"))).await;
     assert_eq!(ws.recv_type("welcome").await["node"], "from-file");

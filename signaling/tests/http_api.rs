@@ -247,6 +247,7 @@ async fn tokens_are_checked_strictly() {
         iss: "peerlink".into(),
         exp: now() + 600,
         iat: now(),
+        jti: None,
     };
     assert_eq!(
         call(
@@ -334,6 +335,110 @@ async fn tokens_are_checked_strictly() {
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+async fn refresh(st: &AppState, token: &str) -> (StatusCode, Value) {
+    call(
+        router(st, [127, 0, 0, 1]),
+        "POST",
+        "/v1/refresh",
+        Some(json!({ "refresh_token": token })),
+        None,
+    )
+    .await
+}
+
+/// Rotation: each refresh token works once and yields the next; presenting a used one again
+/// revokes the device's whole chain; logout revokes it too; a validly signed refresh token
+/// the store never issued, or one without an id, is refused.
+#[tokio::test]
+async fn refresh_tokens_rotate_reuse_revokes_the_chain_and_logout_revokes() {
+    let st = state(config());
+    register(&st, "alice", "password-1").await;
+    let r = || router(&st, [127, 0, 0, 1]);
+    let body = json!({"username": "alice", "password": "password-1", "device": "phone"});
+    let (s, v) = call(r(), "POST", "/v1/login", Some(body.clone()), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let t0 = v["refresh_token"].as_str().unwrap().to_owned();
+    let (s, v) = refresh(&st, &t0).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let t1 = v["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(t0, t1, "a new refresh token");
+    let (s, v) = refresh(&st, &t1).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let t2 = v["refresh_token"].as_str().unwrap().to_owned();
+    // t1 again: reuse. Refused, and t2 (the live one of the chain) dies with it.
+    let (s, v) = refresh(&st, &t1).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("token_reused"))
+    );
+    let (s, v) = refresh(&st, &t2).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("token_reused"))
+    );
+
+    // Another device's chain is not touched by that; logout ends it.
+    let other = json!({"username": "alice", "password": "password-1", "device": "laptop"});
+    let (_, v) = call(r(), "POST", "/v1/login", Some(other), None).await;
+    let l0 = v["refresh_token"].as_str().unwrap().to_owned();
+    let (_, v) = call(r(), "POST", "/v1/login", Some(body), None).await;
+    let p0 = v["refresh_token"].as_str().unwrap().to_owned();
+    let (s, v) = refresh(&st, &l0).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let l1 = v["refresh_token"].as_str().unwrap().to_owned();
+    let (s, _) = call(
+        r(),
+        "POST",
+        "/v1/logout",
+        Some(json!({ "refresh_token": l1 })),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(refresh(&st, &l1).await.0, StatusCode::UNAUTHORIZED);
+    // The phone's new login is a live chain of its own.
+    assert_eq!(refresh(&st, &p0).await.0, StatusCode::OK);
+
+    // Signed with the right secret, but never issued (or no id at all): refused.
+    let forged = Claims {
+        sub: "alice".into(),
+        aud: "peerlink-refresh".into(),
+        iss: "peerlink".into(),
+        exp: now() + 600,
+        iat: now(),
+        jti: Some("0123456789abcdef".into()),
+    };
+    let (s, v) = refresh(&st, &forge(&forged, Algorithm::HS256, SECRET)).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_token"))
+    );
+    let no_id = Claims {
+        jti: None,
+        ..forged
+    };
+    assert_eq!(
+        refresh(&st, &forge(&no_id, Algorithm::HS256, SECRET))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let bad_device = json!({"username": "alice", "password": "password-1", "device": "a b"});
+    assert_eq!(
+        call(r(), "POST", "/v1/login", Some(bad_device), None)
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    let (_, m) = call(r(), "GET", "/metrics", None, None).await;
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("peerlink_signaling_refresh_reuses_total 3"),
+        "{m}"
+    );
 }
 
 #[tokio::test]

@@ -1,16 +1,17 @@
 //! Two signaling nodes and the real directory binary on loopback: a call (invite, ringing,
 //! accept, candidates both ways, hangup) and a message between users on different nodes.
-//! The nodes share one SQLite file (accounts and messages), as the nodes of a fleet share one
-//! store.
+//! The nodes share one store (accounts and messages), as the nodes of a fleet do: an SQLite
+//! file, and for the tests run on both stores (`<test>::postgres`) a PostgreSQL database.
 // Test helpers outside #[test] fns: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Node, desc};
+use common::{Node, TestStore, desc};
 use peerlink_testkit::proc::{Service, workspace_bin};
 use serde_json::json;
 
@@ -42,7 +43,15 @@ fn start_directory_with(args: &[&str]) -> Directory {
 }
 
 fn node(db: &std::path::Path, dir: &Directory, id: &str) -> Node {
-    let mut args = common::base_args(db);
+    node_on_args(db, common::base_args(db), dir, id)
+}
+
+/// A node on `store` (SQLite file or PostgreSQL database).
+fn node_on(store: &TestStore, dir: &Directory, id: &str) -> Node {
+    node_on_args(&store.path(), common::store_args(store), dir, id)
+}
+
+fn node_on_args(db: &std::path::Path, mut args: Vec<String>, dir: &Directory, id: &str) -> Node {
     for a in [
         "--directory",
         &dir.url,
@@ -56,13 +65,11 @@ fn node(db: &std::path::Path, dir: &Directory, id: &str) -> Node {
     Node::start_raw(db, &args)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn call_and_message_across_nodes() {
-    let d = tempfile::tempdir().unwrap();
-    let db = d.path().join("shared.db");
+on_both_stores!(call_and_message_across_nodes);
+async fn call_and_message_across_nodes(store: TestStore) {
     let dir = start_directory();
-    let a = node(&db, &dir, "node-a");
-    let b = node(&db, &dir, "node-b");
+    let a = node_on(&store, &dir, "node-a");
+    let b = node_on(&store, &dir, "node-b");
 
     let mut bob = b.connect("bob", "phone").await;
     let mut alice = a.connect("alice", "laptop").await;
@@ -212,11 +219,9 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn directory_restart_and_node_failover() {
+on_both_stores!(directory_restart_and_node_failover);
+async fn directory_restart_and_node_failover(store: TestStore) {
     use peerlink_api::directory_client::DirectoryClient;
-    let d = tempfile::tempdir().unwrap();
-    let db = d.path().join("shared.db");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -232,8 +237,8 @@ async fn directory_restart_and_node_failover() {
         "3",
     ];
     let dir = start_directory_with(&dir_args);
-    let a = node(&db, &dir, "node-a");
-    let mut b = node(&db, &dir, "node-b");
+    let a = node_on(&store, &dir, "node-a");
+    let mut b = node_on(&store, &dir, "node-b");
     let mut bob = b.connect("bob", "phone").await;
     let mut alice = a.connect("alice", "laptop").await;
     let client = DirectoryClient::new(&dir.url, CLUSTER_TOKEN).unwrap();

@@ -4,11 +4,12 @@
 // Test helpers outside #[test] fns: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
-use common::{Node, WAIT, Ws};
+use common::{Node, TestStore, WAIT, Ws};
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -137,10 +138,9 @@ async fn flood_is_rate_limited_then_closed() {
     assert_eq!(node.metric("flood_closes_total").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offline_message_dedup_conflict_and_ack() {
-    let (_d, p) = db();
-    let node = Node::start(&p, &[]);
+on_both_stores!(offline_message_dedup_conflict_and_ack);
+async fn offline_message_dedup_conflict_and_ack(store: TestStore) {
+    let node = Node::start_on(&store, &[]);
     node.token("bob").await;
     let mut alice = node.connect("alice", "d1").await;
     let msg = json!({"type": "send_message", "id": "m-1", "to": "bob", "body": "hello bob"});
@@ -203,10 +203,9 @@ async fn offline_message_dedup_conflict_and_ack() {
     assert_eq!(node.metric("message_duplicates_total").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resume_after_dropped_connection_and_resync() {
-    let (_d, p) = db();
-    let node = Node::start(&p, &[]);
+on_both_stores!(resume_after_dropped_connection_and_resync);
+async fn resume_after_dropped_connection_and_resync(store: TestStore) {
+    let node = Node::start_on(&store, &[]);
     let token = node.token("bob").await;
     let mut alice = node.connect("alice", "d1").await;
     let mut bob = node.connect("bob", "phone").await;
@@ -336,10 +335,9 @@ async fn slow_consumer_is_closed() {
     drop(victim);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_after_ack_loses_nothing() {
-    let (_d, p) = db();
-    let mut node = Node::start(&p, &[]);
+on_both_stores!(kill_9_after_ack_loses_nothing);
+async fn kill_9_after_ack_loses_nothing(store: TestStore) {
+    let mut node = Node::start_on(&store, &[]);
     node.token("bob").await;
     let mut alice = node.connect("alice", "d1").await;
     alice
@@ -350,13 +348,16 @@ async fn kill_9_after_ack_loses_nothing() {
     node.child().kill().unwrap();
     node.child().wait().unwrap();
     drop(alice);
-    let node = Node::start(&p, &[]);
+    let node = Node::start_on(&store, &[]);
     let mut bob = node.connect("bob", "phone").await;
     let m = bob.recv_type("message").await;
     assert_eq!(
         (m["id"].as_str(), m["body"].as_str()),
         (Some("durable-1"), Some("survive"))
     );
+    // Exactly once: nothing else is queued, the next frame answers our request.
+    bob.send(json!({"type": "list_contacts"})).await;
+    bob.recv_type("contacts").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

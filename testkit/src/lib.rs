@@ -1,11 +1,13 @@
 //! peerlink-testkit: test support shared by the workspace's crates (dev-only, never shipped).
 //!
-//! [`proc`] starts the services' binaries for tests (find, build when missing, wait for the
+//! [`postgres`] runs a real PostgreSQL server (Debian's binaries) in a temporary directory,
+//! one database per test. [`proc`] starts the services' binaries for tests (find, build when missing, wait for the
 //! announce line, kill on drop). [`workspace`] reads the workspace's crate graph from
 //! `cargo metadata` and `cargo tree`; the test `tests/dependency_rules.rs` holds the crates to
 //! the layering rules with it.
 
 #![deny(missing_docs)]
 
+pub mod postgres;
 pub mod proc;
 pub mod workspace;

@@ -67,6 +67,7 @@ pub struct Service {
 impl Service {
     /// Spawn `cmd` with stdout piped (stdin closed; stderr as `cmd` set it).
     pub fn start(name: &str, mut cmd: Command) -> Service {
+        peerlink_cli::process::die_with_parent(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

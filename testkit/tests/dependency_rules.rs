@@ -14,6 +14,8 @@ enum Role {
     Wire,
     /// A server: signaling, directory, relay.
     Service,
+    /// The client's sans-IO protocol logic: depends only on wire crates.
+    ClientCore,
     /// A client or tool that talks to the servers over the wire.
     Client,
     /// Test infrastructure, dev-only.
@@ -26,6 +28,7 @@ fn role(name: &str) -> Option<Role> {
     Some(match name {
         "peerlink-proto" | "peerlink-api" => Role::Wire,
         "peerlink-signaling" | "peerlink-directory" | "peerlink-relay" => Role::Service,
+        "peerlink-client-core" => Role::ClientCore,
         "peerlink-sim" | "peerlink-loadtest" => Role::Client,
         "peerlink-netlab" | "peerlink-testkit" => Role::TestSupport,
         "peerlink-cli" => Role::Common,
@@ -59,15 +62,19 @@ fn every_crate_has_a_role_and_keeps_to_its_layer() {
                 (Role::Wire, r) if r != Role::Wire => {
                     Some("wire and API types depend only on wire crates")
                 }
+                (Role::ClientCore, r) if linked && r != Role::Wire => {
+                    Some("the client core depends only on wire crates")
+                }
                 (Role::Client, Role::Service) if linked => {
                     Some("a client or tool must not link a server crate")
                 }
                 (Role::Service, Role::Service) if linked => {
                     Some("a service must not link another service crate")
                 }
-                (Role::Service | Role::Client | Role::Wire, Role::TestSupport) if linked => {
-                    Some("test support is for dev-dependencies only")
-                }
+                (
+                    Role::Service | Role::Client | Role::ClientCore | Role::Wire,
+                    Role::TestSupport,
+                ) if linked => Some("test support is for dev-dependencies only"),
                 _ => None,
             };
             if let Some(why) = why {
@@ -110,6 +117,42 @@ fn api_without_its_client_feature_is_serde_only() {
         assert!(
             !tree.iter().any(|p| p == io),
             "peerlink-api without `client` links {io}: {tree:?}"
+        );
+    }
+}
+
+#[test]
+fn the_client_core_is_sans_io_and_its_media_is_optional() {
+    let io = [
+        "tokio",
+        "mio",
+        "socket2",
+        "reqwest",
+        "quinn",
+        "tokio-tungstenite",
+    ];
+    let core = normal_tree("peerlink-client-core");
+    assert!(
+        core.iter().any(|p| p == "peerlink-proto") && core.iter().any(|p| p == "opus"),
+        "cargo tree did not list the client core's own dependencies: {core:?}"
+    );
+    let found: Vec<&str> = io
+        .iter()
+        .copied()
+        .filter(|f| core.iter().any(|p| p == f))
+        .collect();
+    assert!(found.is_empty(), "peerlink-client-core links {found:?}");
+
+    // The load tester takes the core without `media`: the TURN client, no codec, no QUIC.
+    let loadtest = normal_tree("peerlink-loadtest");
+    assert!(
+        loadtest.iter().any(|p| p == "peerlink-client-core"),
+        "cargo tree did not list the load tester's dependencies: {loadtest:?}"
+    );
+    for heavy in ["opus", "audiopus_sys", "quinn", "peerlink-sim"] {
+        assert!(
+            !loadtest.iter().any(|p| p == heavy),
+            "peerlink-loadtest links {heavy}"
         );
     }
 }

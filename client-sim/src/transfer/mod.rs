@@ -25,7 +25,7 @@ pub mod loss_tolerant;
 pub mod pacing;
 pub mod path;
 pub mod progress;
-pub mod protocol;
+pub use peerlink_client_core::transfer::protocol;
 pub mod session;
 
 pub use endpoint::{

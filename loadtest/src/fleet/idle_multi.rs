@@ -370,7 +370,8 @@ pub fn run(c: &IdleConfig, nodes: usize, worker_exe: &std::path::Path) -> Result
             &tf,
             serde_json::to_vec(&tokens).map_err(|e| FleetError::Protocol(e.to_string()))?,
         )?;
-        let mut child = Command::new(worker_exe)
+        let mut worker = Command::new(worker_exe);
+        worker
             .arg("idle-worker")
             .args(["--addr", &svc.addr])
             .arg("--tokens-file")
@@ -382,8 +383,9 @@ pub fn run(c: &IdleConfig, nodes: usize, worker_exe: &std::path::Path) -> Result
             .args(["--timeout", &left().as_secs().max(1).to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(sub.join("worker.log"))?))
-            .spawn()?;
+            .stderr(Stdio::from(std::fs::File::create(sub.join("worker.log"))?));
+        peerlink_cli::process::die_with_parent(&mut worker);
+        let mut child = worker.spawn()?;
         let stdin = child.stdin.take();
         let out = child
             .stdout

@@ -126,6 +126,7 @@ impl Service {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(logf));
+        peerlink_cli::process::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| FleetError::Service {
             name: name.to_owned(),
             what: format!("spawn {}: {e}", bin.display()),

@@ -315,6 +315,7 @@ impl FloorProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         super::server::place(&mut cmd, cpu, priority);
+        peerlink_cli::process::die_with_parent(&mut cmd);
         let mut this = Self {
             child: cmd.spawn()?,
             addr,

@@ -27,7 +27,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use peerlink_sim::turn::{AllocationState, Event, TurnConfig};
+use peerlink_client_core::turn::{AllocationState, Event, TurnConfig};
 use serde::Serialize;
 
 use report::{

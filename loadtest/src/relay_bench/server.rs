@@ -173,6 +173,7 @@ impl ServerProcess {
             .map_err(|e| ServerError::Spawn { what, source: e })?;
         cmd.stdin(Stdio::null()).stdout(log_file).stderr(log_err);
         place(&mut cmd, spec.cpu, spec.priority);
+        peerlink_cli::process::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| ServerError::Spawn { what, source: e })?;

@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use peerlink_sim::turn::{AllocationState, Event, TurnClient, TurnConfig};
+use peerlink_client_core::turn::{AllocationState, Event, TurnClient, TurnConfig};
 
 /// One allocation: its TURN client and the benchmark's state around it. The socket it uses
 /// belongs to [`Sessions`] (its own or a shared one, depending on the layout).

@@ -30,8 +30,99 @@ pub struct Node {
     pub db: PathBuf,
 }
 
+/// The store a test's nodes run on: a temporary SQLite file, or a database of its own on a
+/// real PostgreSQL server (`peerlink_testkit::postgres`, stopped and removed on drop).
+pub enum TestStore {
+    /// `--db PATH`.
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    },
+    /// `--store postgres://...`.
+    Postgres {
+        server: peerlink_testkit::postgres::PgServer,
+        url: String,
+    },
+}
+
+impl TestStore {
+    pub fn sqlite() -> TestStore {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sig.db");
+        TestStore::Sqlite { _dir: dir, path }
+    }
+
+    pub fn postgres() -> TestStore {
+        let server = peerlink_testkit::postgres::PgServer::start();
+        let url = server.create_database();
+        TestStore::Postgres { server, url }
+    }
+
+    /// The flags that select this store.
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            TestStore::Sqlite { path, .. } => vec!["--db".into(), path.display().to_string()],
+            TestStore::Postgres { url, .. } => vec![
+                "--store".into(),
+                url.clone(),
+                "--store-checkout-timeout".into(),
+                "2s".into(),
+                "--store-statement-timeout".into(),
+                "5s".into(),
+            ],
+        }
+    }
+
+    /// The SQLite file (empty for PostgreSQL).
+    pub fn path(&self) -> PathBuf {
+        match self {
+            TestStore::Sqlite { path, .. } => path.clone(),
+            TestStore::Postgres { .. } => PathBuf::new(),
+        }
+    }
+
+    /// The PostgreSQL server (panics on SQLite).
+    pub fn server(&mut self) -> &mut peerlink_testkit::postgres::PgServer {
+        match self {
+            TestStore::Postgres { server, .. } => server,
+            TestStore::Sqlite { .. } => panic!("not a PostgreSQL store"),
+        }
+    }
+}
+
+/// One `#[tokio::test]` per store for `async fn $name(store: TestStore)`: `$name::sqlite` and
+/// `$name::postgres`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::common::TestStore::sqlite()).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::common::TestStore::postgres()).await;
+            }
+        }
+    };
+}
+
+/// Arguments every test node gets on `store` (cheap Argon2 for debug builds).
+pub fn store_args(store: &TestStore) -> Vec<String> {
+    let mut args = fixed_args();
+    args.extend(store.args());
+    args
+}
+
 /// Arguments every test node gets (cheap Argon2 for debug builds).
 pub fn base_args(db: &Path) -> Vec<String> {
+    let mut args = fixed_args();
+    args.extend(["--db".to_string(), db.display().to_string()]);
+    args
+}
+
+fn fixed_args() -> Vec<String> {
     [
         "--listen",
         "127.0.0.1:0",
@@ -46,11 +137,17 @@ pub fn base_args(db: &Path) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain(["--db".to_string(), db.display().to_string()])
     .collect()
 }
 
 impl Node {
+    /// Start the binary on `store` with `store_args` plus `extra`.
+    pub fn start_on(store: &TestStore, extra: &[&str]) -> Node {
+        let mut args = store_args(store);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_raw(&store.path(), &args)
+    }
+
     /// Start the binary with `base_args(db)` plus `extra`; waits for its `http=` line.
     pub fn start(db: &Path, extra: &[&str]) -> Node {
         let mut args = base_args(db);

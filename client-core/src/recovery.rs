@@ -8,19 +8,19 @@
 //! ([`Recovery::path_timeout`], [`Recovery::signal_timeout`]); sockets, signaling and timers stay in the loop. The unit tests
 //! drive it on a virtual clock.
 
-use super::*;
+use std::time::{Duration, Instant};
 
 /// First wait between two reconnect attempts (doubles each time, up to [`SIG_BACKOFF_MAX`]).
-pub(super) const SIG_BACKOFF: Duration = Duration::from_millis(100);
+pub const SIG_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between two reconnect attempts.
-pub(super) const SIG_BACKOFF_MAX: Duration = Duration::from_secs(1);
+pub const SIG_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Bound on one reconnect attempt.
-pub(super) const SIG_ATTEMPT: Duration = Duration::from_secs(2);
+pub const SIG_ATTEMPT: Duration = Duration::from_secs(2);
 /// After a reconnect, how long held frames (e.g. the answer to our restart) get to arrive
 /// before our unanswered restart is sent again.
-pub(super) const RESEND_RESTART_AFTER: Duration = Duration::from_millis(150);
+pub const RESEND_RESTART_AFTER: Duration = Duration::from_millis(150);
 /// After that re-send, how long the peer's answer gets before we restart anew.
-pub(super) const RESTART_FOLLOWUP_AFTER: Duration = Duration::from_millis(500);
+pub const RESTART_FOLLOWUP_AFTER: Duration = Duration::from_millis(500);
 /// Least silence that restarts a file session (its data may pause; keep-alives every 2 s).
 const FILE_SILENCE: Duration = Duration::from_millis(2500);
 
@@ -29,7 +29,7 @@ const FILE_SILENCE: Duration = Duration::from_millis(2500);
 /// consent traffic on our selected pair. In a call the peer's media comes every 20 ms, and
 /// checks that still arrive on our selected pair do not prove its media reaches us: the peer
 /// may send it on a pair of its own, through a relay that died.
-pub(super) fn last_heard(
+pub fn last_heard(
     peer_rx: Instant,
     selected_pair_rx: Option<Instant>,
     file_session: bool,
@@ -42,7 +42,7 @@ pub(super) fn last_heard(
 
 /// What the path needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum PathNext {
+pub enum PathNext {
     /// Nothing.
     Fine,
     /// An ICE restart, for this reason.
@@ -53,7 +53,7 @@ pub(super) enum PathNext {
 
 /// What the signaling link needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum SignalNext {
+pub enum SignalNext {
     /// Nothing.
     Fine,
     /// Still down when the grace ran out: the call is over.
@@ -68,7 +68,7 @@ pub(super) enum SignalNext {
 
 /// The recovery state of one call.
 #[derive(Debug)]
-pub(super) struct Recovery {
+pub struct Recovery {
     /// No packet from the peer this long ends the call.
     consent_timeout: Duration,
     /// Silence that starts a restart (in a call).
@@ -99,7 +99,7 @@ pub(super) struct Recovery {
 
 impl Recovery {
     /// A call that has not connected yet, signaling up.
-    pub(super) fn new(
+    pub fn new(
         consent_timeout: Duration,
         restart_after_silence: Duration,
         signal_grace: Duration,
@@ -129,23 +129,23 @@ impl Recovery {
 
     /// A path was selected (first, or again after a restart) or changed: the peer counts as
     /// heard.
-    pub(super) fn on_path(&mut self, now: Instant) {
+    pub fn on_path(&mut self, now: Instant) {
         self.connected = true;
         self.last_peer_rx = Some(now);
     }
 
     /// Media or a report from the peer arrived.
-    pub(super) fn on_peer_heard(&mut self, now: Instant) {
+    pub fn on_peer_heard(&mut self, now: Instant) {
         self.last_peer_rx = Some(now);
     }
 
     /// The agent lost the path.
-    pub(super) fn on_path_lost(&mut self) {
+    pub fn on_path_lost(&mut self) {
         self.path_lost = true;
     }
 
     /// We sent an ICE restart.
-    pub(super) fn on_restart(&mut self, now: Instant) {
+    pub fn on_restart(&mut self, now: Instant) {
         self.path_lost = false;
         self.restarts += 1;
         self.last_restart = Some(now);
@@ -156,12 +156,12 @@ impl Recovery {
 
     /// The peer's `ice_restart` arrived: whether we must restart too first (it is not the
     /// answer to ours). Call [`on_peer_description`](Self::on_peer_description) after.
-    pub(super) fn peer_restart_needs_ours(&self) -> bool {
+    pub fn peer_restart_needs_ours(&self) -> bool {
         !self.awaiting_answer
     }
 
     /// The peer's restart description was applied: ours, if any, is answered.
-    pub(super) fn on_peer_description(&mut self) {
+    pub fn on_peer_description(&mut self) {
         self.awaiting_answer = false;
     }
 
@@ -182,7 +182,7 @@ impl Recovery {
 
     /// Whether the path needs a restart, or the call is over. `selected_pair_rx`: when the
     /// agent last heard anything authenticated on the selected pair (see [`last_heard`]).
-    pub(super) fn poll_path(
+    pub fn poll_path(
         &self,
         now: Instant,
         selected_pair_rx: Option<Instant>,
@@ -214,7 +214,7 @@ impl Recovery {
     // ---- signaling
 
     /// Signaling failed; reconnect from `retry_at` on. False if it was down already.
-    pub(super) fn on_signal_lost(&mut self, now: Instant, retry_at: Instant, why: String) -> bool {
+    pub fn on_signal_lost(&mut self, now: Instant, retry_at: Instant, why: String) -> bool {
         if self.sig_down.is_some() {
             return false;
         }
@@ -226,7 +226,7 @@ impl Recovery {
     }
 
     /// A reconnect attempt failed: the next one after the backoff, which doubles.
-    pub(super) fn on_reconnect_failed(&mut self, now: Instant, why: String) {
+    pub fn on_reconnect_failed(&mut self, now: Instant, why: String) {
         self.reconnecting = false;
         self.sig_retry_at = Some(now + self.sig_backoff);
         self.sig_backoff = (self.sig_backoff * 2).min(SIG_BACKOFF_MAX);
@@ -235,7 +235,7 @@ impl Recovery {
 
     /// Signaling is back. `restart_queued`: our restart is among the frames held for it (sent
     /// now); otherwise an unanswered restart of ours goes out again shortly.
-    pub(super) fn on_signal_restored(&mut self, now: Instant, restart_queued: bool) {
+    pub fn on_signal_restored(&mut self, now: Instant, restart_queued: bool) {
         self.sig_down = None;
         self.sig_retry_at = None;
         self.reconnecting = false;
@@ -253,7 +253,7 @@ impl Recovery {
     /// What the signaling link needs now. A [`SignalNext::Reconnect`] counts as started: its
     /// outcome goes to [`on_signal_restored`](Self::on_signal_restored) or
     /// [`on_reconnect_failed`](Self::on_reconnect_failed).
-    pub(super) fn poll_signal(&mut self, now: Instant) -> SignalNext {
+    pub fn poll_signal(&mut self, now: Instant) -> SignalNext {
         if let Some(end) = self.grace_end() {
             if self.reconnecting {
                 return SignalNext::Fine;
@@ -285,7 +285,7 @@ impl Recovery {
     }
 
     /// When [`poll_path`](Self::poll_path) may next have something to say.
-    pub(super) fn path_timeout(&self, file_session: bool) -> Option<Instant> {
+    pub fn path_timeout(&self, file_session: bool) -> Option<Instant> {
         let (true, Some(last)) = (self.connected, self.last_peer_rx) else {
             return None;
         };
@@ -297,7 +297,7 @@ impl Recovery {
     }
 
     /// When [`poll_signal`](Self::poll_signal) may next have something to say.
-    pub(super) fn signal_timeout(&self) -> Option<Instant> {
+    pub fn signal_timeout(&self) -> Option<Instant> {
         let retry = self.sig_retry_at.filter(|_| !self.reconnecting);
         [
             self.grace_end(),
@@ -311,107 +311,45 @@ impl Recovery {
     }
 
     /// A reconnect attempt was dropped unfinished (the call loop ended).
-    pub(super) fn on_reconnect_abandoned(&mut self) {
+    pub fn on_reconnect_abandoned(&mut self) {
         self.reconnecting = false;
     }
 
     // ---- what the call and its report read
 
     /// Whether signaling is down.
-    pub(super) fn signal_down(&self) -> bool {
+    pub fn signal_down(&self) -> bool {
         self.sig_down.is_some()
     }
 
     /// Why signaling went down (or its last reconnect failed), while it is down.
-    pub(super) fn signal_error(&self) -> Option<&str> {
+    pub fn signal_error(&self) -> Option<&str> {
         self.sig_down.and(self.sig_err.as_deref())
     }
 
     /// Why signaling went down last, also once it is back.
-    pub(super) fn last_signal_error(&self) -> Option<&str> {
+    pub fn last_signal_error(&self) -> Option<&str> {
         self.sig_err.as_deref()
     }
 
     /// How long signaling may stay down.
-    pub(super) fn signal_grace(&self) -> Duration {
+    pub fn signal_grace(&self) -> Duration {
         self.signal_grace
     }
 
     /// The consent timeout.
-    pub(super) fn consent_timeout(&self) -> Duration {
+    pub fn consent_timeout(&self) -> Duration {
         self.consent_timeout
     }
 
     /// Our ICE restarts so far.
-    pub(super) fn restarts(&self) -> u64 {
+    pub fn restarts(&self) -> u64 {
         self.restarts
     }
 
     /// Signaling reconnects so far.
-    pub(super) fn reconnects(&self) -> u64 {
+    pub fn reconnects(&self) -> u64 {
         self.reconnects
-    }
-}
-
-impl Leg {
-    /// ICE restart: fresh TURN credentials, new ICE credentials, fresh gathering; our new
-    /// description goes to the peer as `ice_restart`.
-    pub(super) async fn restart(
-        &mut self,
-        sess: &mut SignalSession,
-        reason: &str,
-    ) -> Result<(), CallError> {
-        let Some(call_id) = self.call_id.clone() else {
-            return Ok(());
-        };
-        if self.use_turn {
-            match tokio::time::timeout(Duration::from_secs(2), sess.turn_credentials()).await {
-                Ok(Ok(c)) => self.agent.set_turn_servers(turn_configs(&c)),
-                Ok(Err(e)) => tracing::warn!("restart without fresh TURN credentials: {e}"),
-                Err(_) => tracing::warn!("restart without fresh TURN credentials: timed out"),
-            }
-        }
-        self.ufrag = random_token(8);
-        self.pwd = random_token(24);
-        let now = Instant::now();
-        self.agent
-            .restart(now, (self.ufrag.clone(), self.pwd.clone()));
-        self.sent_cands.clear();
-        self.pending.clear();
-        self.gathered_all = false;
-        self.sent_eoc = false;
-        self.rec.on_restart(now);
-        let restarts = self.rec.restarts();
-        tracing::info!("ICE restart #{restarts} ({reason})");
-        self.emit(CallEvent::Restarted {
-            restarts,
-            reason: reason.to_owned(),
-        });
-        let desc = self.desc();
-        self.signal(sess, ClientMsg::IceRestart { call_id, desc })
-            .await;
-        Ok(())
-    }
-
-    /// The peer restarted: restart too unless this is the answer to our own restart, then
-    /// apply its credentials and candidates.
-    pub(super) async fn on_remote_restart(
-        &mut self,
-        sess: &mut SignalSession,
-        d: &SessionDesc,
-    ) -> Result<(), CallError> {
-        let key = decode_key(&d.public_key)?;
-        if self.peer_key.is_some_and(|k| k != key) {
-            return Err(CallError::BadDesc(
-                "the peer's public key changed in an ICE restart".into(),
-            ));
-        }
-        if self.rec.peer_restart_needs_ours() {
-            self.restart(sess, "peer restarted").await?;
-        }
-        self.rec.on_peer_description();
-        self.add_remote_ice(d);
-        Ok(())
     }
 }
 

@@ -1,30 +1,18 @@
-//! Durable storage behind the [`Store`] trait: accounts, contacts, devices and their message
-//! cursors, and the per-recipient message inbox. [`SqliteStore`] is the embedded default (WAL,
-//! `synchronous=FULL`: a commit is fsync'd before it returns). Methods block; async code calls
-//! them through [`Db`], which runs them on the blocking pool.
+//! The SQLite store: one database file, WAL, `synchronous=FULL` (a commit is fsync'd before
+//! it returns), every write transaction `BEGIN IMMEDIATE` (one writer at a time, also across
+//! the processes sharing the file). The schema version is `PRAGMA user_version`; a database
+//! made before versioning (version 0, tables present) is taken over as version 1, since
+//! migration 1 is that schema.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use sha2::{Digest, Sha256};
 
-/// Most devices remembered per user; the least recently seen is forgotten beyond this.
-pub const MAX_DEVICES_PER_USER: usize = 16;
-
-/// Storage failures.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The backend failed (I/O error, disk full, corrupt database...). Nothing was committed.
-    #[error("storage failure: {0}")]
-    Backend(String),
-    /// The username is taken.
-    #[error("user already exists")]
-    UserExists,
-    /// The user does not exist.
-    #[error("no such user")]
-    NoSuchUser,
-}
+use super::{
+    DeviceCursor, MAX_DEVICES_PER_USER, RefreshOutcome, SendOutcome, Store, StoreError,
+    StoredMessage, content_digest, i, newer_schema, u,
+};
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -32,116 +20,43 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// A message as stored for its recipient.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredMessage {
-    /// Per-recipient sequence.
-    pub seq: u64,
-    /// Sender username.
-    pub sender: String,
-    /// Sender's client message id.
-    pub client_id: String,
-    /// Text.
-    pub body: String,
-    /// When it was stored, unix ms.
-    pub stored_ms: u64,
-}
+/// The migrations, in order: entry `n` takes the schema from version `n` to `n + 1`. Never
+/// edit one that has shipped; add the next.
+const MIGRATIONS: &[&str] = &[
+    // 1: accounts, contacts, devices and their cursors, the inbox and the message ids. `IF NOT
+    // EXISTS`: databases made before versioning already have these tables.
+    "CREATE TABLE IF NOT EXISTS users(
+         username TEXT PRIMARY KEY, pw_hash TEXT NOT NULL, created_ms INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS contacts(
+         owner TEXT NOT NULL, contact TEXT NOT NULL, PRIMARY KEY(owner, contact));
+     CREATE INDEX IF NOT EXISTS contacts_by_contact ON contacts(contact);
+     CREATE TABLE IF NOT EXISTS devices(
+         username TEXT NOT NULL, device TEXT NOT NULL, acked_seq INTEGER NOT NULL,
+         last_seen_ms INTEGER NOT NULL, PRIMARY KEY(username, device));
+     CREATE TABLE IF NOT EXISTS inbox_seq(
+         username TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS messages(
+         recipient TEXT NOT NULL, seq INTEGER NOT NULL, sender TEXT NOT NULL,
+         client_id TEXT NOT NULL, body TEXT NOT NULL, stored_ms INTEGER NOT NULL,
+         PRIMARY KEY(recipient, seq));
+     CREATE TABLE IF NOT EXISTS message_ids(
+         sender TEXT NOT NULL, client_id TEXT NOT NULL, digest BLOB NOT NULL,
+         stored_ms INTEGER NOT NULL, PRIMARY KEY(sender, client_id));",
+    // 2: refresh tokens (by the hash of their id), with their device chain and revocation.
+    "CREATE TABLE refresh_tokens(
+         token_hash BLOB PRIMARY KEY, username TEXT NOT NULL, device TEXT NOT NULL,
+         expires_ms INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
+         created_ms INTEGER NOT NULL);
+     CREATE INDEX refresh_tokens_by_device ON refresh_tokens(username, device);
+     CREATE INDEX refresh_tokens_by_expiry ON refresh_tokens(expires_ms);",
+];
 
-/// Result of storing a message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SendOutcome {
-    /// Newly stored with this recipient sequence.
-    Stored {
-        /// Recipient sequence.
-        seq: u64,
-        /// Stored at, unix ms.
-        stored_ms: u64,
-    },
-    /// The same sender already stored this id with identical content: nothing new stored.
-    Duplicate {
-        /// When the original was stored, unix ms.
-        stored_ms: u64,
-    },
-    /// The same sender used this id for different content.
-    Conflict,
-}
-
-/// A device's message cursor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeviceCursor {
-    /// Highest sequence this device acknowledged.
-    pub acked_seq: u64,
-    /// Highest sequence ever assigned to the user.
-    pub last_seq: u64,
-}
-
-/// Storage operations (blocking).
-pub trait Store: Send + Sync + 'static {
-    /// Create an account; `UserExists` if the name is taken.
-    fn create_user(&self, username: &str, pw_hash: &str, now_ms: u64) -> Result<(), StoreError>;
-    /// The password hash of a user, if the user exists.
-    fn password_hash(&self, username: &str) -> Result<Option<String>, StoreError>;
-    /// Whether the user exists.
-    fn user_exists(&self, username: &str) -> Result<bool, StoreError>;
-    /// Add `contact` to `owner`'s buddy list (idempotent); `NoSuchUser` if it does not exist.
-    fn add_contact(&self, owner: &str, contact: &str) -> Result<(), StoreError>;
-    /// Remove `contact` from `owner`'s buddy list (idempotent).
-    fn remove_contact(&self, owner: &str, contact: &str) -> Result<(), StoreError>;
-    /// `owner`'s buddy list, sorted.
-    fn contacts(&self, owner: &str) -> Result<Vec<String>, StoreError>;
-    /// Users that have `user` in their buddy list.
-    fn watchers(&self, user: &str) -> Result<Vec<String>, StoreError>;
-    /// Register (or touch) a device of `user`; returns its cursor.
-    fn open_device(
-        &self,
-        user: &str,
-        device: &str,
-        now_ms: u64,
-    ) -> Result<DeviceCursor, StoreError>;
-    /// Store a message durably (committed and synced on return), deduplicated by
-    /// (sender, client_id).
-    fn store_message(
-        &self,
-        sender: &str,
-        recipient: &str,
-        client_id: &str,
-        body: &str,
-        now_ms: u64,
-    ) -> Result<SendOutcome, StoreError>;
-    /// Messages of `user` with sequence above `after`, oldest first, at most `limit`.
-    fn pending(
-        &self,
-        user: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError>;
-    /// Forget message ids (the deduplication record) stored before `before_ms`; returns how
-    /// many. Resends older than that are stored again as new messages.
-    fn prune_message_ids(&self, before_ms: u64) -> Result<u64, StoreError>;
-    /// Move a device's cursor to `seq` (never backwards, never past the last sequence) and
-    /// delete messages every device has acknowledged. Returns the new cursor.
-    fn ack(&self, user: &str, device: &str, seq: u64) -> Result<u64, StoreError>;
-}
+/// The schema version this binary writes and reads (`PRAGMA user_version`).
+pub const SQLITE_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// SQLite implementation.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
-}
-
-fn content_digest(recipient: &str, body: &str) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update((recipient.len() as u64).to_be_bytes());
-    h.update(recipient.as_bytes());
-    h.update(body.as_bytes());
-    h.finalize().to_vec()
-}
-
-fn u(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn i(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl SqliteStore {
@@ -156,35 +71,44 @@ impl SqliteStore {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> Result<Self, StoreError> {
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL: readers do not block the writer; synchronous=FULL: the WAL is fsync'd at every
         // commit, so an acknowledged message survives kill -9 and power loss.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS users(
-                 username TEXT PRIMARY KEY, pw_hash TEXT NOT NULL, created_ms INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS contacts(
-                 owner TEXT NOT NULL, contact TEXT NOT NULL, PRIMARY KEY(owner, contact));
-             CREATE INDEX IF NOT EXISTS contacts_by_contact ON contacts(contact);
-             CREATE TABLE IF NOT EXISTS devices(
-                 username TEXT NOT NULL, device TEXT NOT NULL, acked_seq INTEGER NOT NULL,
-                 last_seen_ms INTEGER NOT NULL, PRIMARY KEY(username, device));
-             CREATE TABLE IF NOT EXISTS inbox_seq(
-                 username TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS messages(
-                 recipient TEXT NOT NULL, seq INTEGER NOT NULL, sender TEXT NOT NULL,
-                 client_id TEXT NOT NULL, body TEXT NOT NULL, stored_ms INTEGER NOT NULL,
-                 PRIMARY KEY(recipient, seq));
-             CREATE TABLE IF NOT EXISTS message_ids(
-                 sender TEXT NOT NULL, client_id TEXT NOT NULL, digest BLOB NOT NULL,
-                 stored_ms INTEGER NOT NULL, PRIMARY KEY(sender, client_id));",
-        )?;
+        Self::migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
+    }
+
+    /// Apply the migrations the database lacks, in one IMMEDIATE transaction (a second
+    /// process opening the file meanwhile waits, then finds the work done).
+    fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SQLITE_SCHEMA_VERSION {
+            return Err(newer_schema(version, SQLITE_SCHEMA_VERSION));
+        }
+        let from = usize::try_from(version).unwrap_or(0);
+        for (n, sql) in MIGRATIONS.iter().enumerate().skip(from) {
+            tx.execute_batch(sql)
+                .map_err(|e| StoreError::Backend(format!("schema migration {}: {e}", n + 1)))?;
+        }
+        if version < SQLITE_SCHEMA_VERSION {
+            tx.pragma_update(None, "user_version", SQLITE_SCHEMA_VERSION)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The database's schema version (`PRAGMA user_version`).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
     /// Cap the database at its current size plus `extra_pages` pages (`max_page_count`):
@@ -446,22 +370,82 @@ impl Store for SqliteStore {
         tx.commit()?;
         Ok(cur.map(u).unwrap_or(0))
     }
-}
 
-/// Async handle to a [`Store`]: every call runs on the blocking pool.
-#[derive(Clone)]
-pub struct Db(pub Arc<dyn Store>);
-
-impl Db {
-    /// Run `f` against the store off the async runtime.
-    pub async fn call<T: Send + 'static>(
+    fn add_refresh_token(
         &self,
-        f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let s = self.0.clone();
-        tokio::task::spawn_blocking(move || f(s.as_ref()))
-            .await
-            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+        token_hash: &[u8],
+        user: &str,
+        device: &str,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO refresh_tokens(token_hash, username, device, expires_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![token_hash, user, device, i(expires_ms), i(now_ms)],
+        )?;
+        Ok(())
+    }
+
+    fn rotate_refresh_token(
+        &self,
+        old_hash: &[u8],
+        new_hash: &[u8],
+        new_expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<RefreshOutcome, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row: Option<(String, String, i64, bool)> = tx
+            .query_row(
+                "SELECT username, device, expires_ms, revoked FROM refresh_tokens
+                 WHERE token_hash = ?1",
+                params![old_hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((user, device, expires_ms, revoked)) = row else {
+            return Ok(RefreshOutcome::Unknown);
+        };
+        if u(expires_ms) <= now_ms {
+            return Ok(RefreshOutcome::Expired);
+        }
+        if revoked {
+            tx.execute(
+                "UPDATE refresh_tokens SET revoked = 1 WHERE username = ?1 AND device = ?2",
+                params![user, device],
+            )?;
+            tx.commit()?;
+            return Ok(RefreshOutcome::Reused { user, device });
+        }
+        tx.execute(
+            "UPDATE refresh_tokens SET revoked = 1 WHERE token_hash = ?1",
+            params![old_hash],
+        )?;
+        tx.execute(
+            "INSERT INTO refresh_tokens(token_hash, username, device, expires_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![new_hash, user, device, i(new_expires_ms), i(now_ms)],
+        )?;
+        tx.commit()?;
+        Ok(RefreshOutcome::Rotated { user, device })
+    }
+
+    fn revoke_refresh_chain(&self, token_hash: &[u8]) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE refresh_tokens SET revoked = 1 WHERE (username, device) IN
+                 (SELECT username, device FROM refresh_tokens WHERE token_hash = ?1)",
+            params![token_hash],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn prune_refresh_tokens(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let n = self.conn().execute(
+            "DELETE FROM refresh_tokens WHERE expires_ms < ?1",
+            params![i(before_ms)],
+        )?;
+        Ok(n as u64)
     }
 }
 
@@ -475,79 +459,6 @@ mod tests {
             s.create_user(u, "h", 1).unwrap();
         }
         s
-    }
-
-    #[test]
-    fn users_unique() {
-        let s = store();
-        assert!(matches!(
-            s.create_user("alice", "x", 2),
-            Err(StoreError::UserExists)
-        ));
-        assert_eq!(s.password_hash("alice").unwrap().as_deref(), Some("h"));
-        assert_eq!(s.password_hash("carol").unwrap(), None);
-    }
-
-    #[test]
-    fn dedup_conflict_and_deletion_after_all_devices_ack() {
-        let s = store();
-        s.open_device("bob", "phone", 1).unwrap();
-        s.open_device("bob", "laptop", 1).unwrap();
-        let a = s.store_message("alice", "bob", "m1", "hi", 10).unwrap();
-        assert_eq!(
-            a,
-            SendOutcome::Stored {
-                seq: 1,
-                stored_ms: 10
-            }
-        );
-        assert_eq!(
-            s.store_message("alice", "bob", "m1", "hi", 20).unwrap(),
-            SendOutcome::Duplicate { stored_ms: 10 }
-        );
-        assert_eq!(
-            s.store_message("alice", "bob", "m1", "other", 20).unwrap(),
-            SendOutcome::Conflict
-        );
-        assert_eq!(
-            s.store_message("alice", "bob", "m2", "second", 30).unwrap(),
-            SendOutcome::Stored {
-                seq: 2,
-                stored_ms: 30
-            }
-        );
-        assert!(matches!(
-            s.store_message("alice", "nobody", "m3", "x", 1),
-            Err(StoreError::NoSuchUser)
-        ));
-        assert_eq!(s.pending("bob", 0, 10).unwrap().len(), 2);
-        assert_eq!(s.ack("bob", "phone", 99).unwrap(), 2, "clamped to last seq");
-        assert_eq!(
-            s.pending("bob", 0, 10).unwrap().len(),
-            2,
-            "laptop has not acked"
-        );
-        assert_eq!(s.ack("bob", "laptop", 1).unwrap(), 1);
-        let left = s.pending("bob", 0, 10).unwrap();
-        assert_eq!(left.len(), 1);
-        assert_eq!(left[0].seq, 2);
-        // Dedup survives deletion of the message itself.
-        s.ack("bob", "laptop", 2).unwrap();
-        assert!(s.pending("bob", 0, 10).unwrap().is_empty());
-        assert_eq!(
-            s.store_message("alice", "bob", "m1", "hi", 40).unwrap(),
-            SendOutcome::Duplicate { stored_ms: 10 }
-        );
-        // Pruning the dedup record of m1 (stored at 10) but not m2 (stored at 30).
-        assert_eq!(s.prune_message_ids(20).unwrap(), 1);
-        assert!(matches!(
-            s.store_message("alice", "bob", "m1", "hi", 50).unwrap(),
-            SendOutcome::Stored { seq: 3, .. }
-        ));
-        assert_eq!(
-            s.store_message("alice", "bob", "m2", "x", 50).unwrap(),
-            SendOutcome::Conflict
-        );
     }
 
     #[test]
@@ -565,18 +476,34 @@ mod tests {
         assert!(s.pending("bob", 0, 10).unwrap().is_empty());
     }
 
+    /// A database made before schema versioning: the tables of migration 1 and
+    /// `user_version` 0.
     #[test]
-    fn contacts_and_watchers() {
-        let s = store();
-        s.add_contact("alice", "bob").unwrap();
-        s.add_contact("alice", "bob").unwrap();
-        assert!(matches!(
-            s.add_contact("alice", "zed"),
-            Err(StoreError::NoSuchUser)
-        ));
-        assert_eq!(s.contacts("alice").unwrap(), vec!["bob".to_string()]);
-        assert_eq!(s.watchers("bob").unwrap(), vec!["alice".to_string()]);
-        s.remove_contact("alice", "bob").unwrap();
-        assert!(s.contacts("alice").unwrap().is_empty());
+    fn a_database_from_before_versioning_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.execute(
+                "INSERT INTO users(username, pw_hash, created_ms) VALUES ('old', 'h', 1)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO inbox_seq(username, last_seq) VALUES ('old', 7)",
+                [],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SQLITE_SCHEMA_VERSION);
+        assert_eq!(s.password_hash("old").unwrap().as_deref(), Some("h"));
+        assert_eq!(s.open_device("old", "d", 2).unwrap().last_seq, 7);
+        s.add_refresh_token(b"h1", "old", "d", 100, 2).unwrap();
+        drop(s);
+        // Opening again changes nothing.
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SQLITE_SCHEMA_VERSION);
     }
 }

@@ -10,17 +10,17 @@
 //! inflates it less than wall time would. Share of a core = CPU time per frame / 20 ms.
 //! Target: codec < 1 % of a core. A complexity sweep prints cost against the quality
 //! score so the default complexity is a measured choice.
-//! Run: `cargo bench -p peerlink-sim --bench opus_cost`
+//! Run: `cargo bench -p peerlink-client-core --bench opus_cost`
 
 #![allow(clippy::unwrap_used)] // benchmark program: a failure should abort loudly
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use peerlink_sim::media::audio::speech_like;
-use peerlink_sim::media::codec::{OpusDecoder, OpusEncoder};
-use peerlink_sim::media::quality::compare;
-use peerlink_sim::media::{
+use peerlink_client_core::media::audio::speech_like;
+use peerlink_client_core::media::codec::{OpusDecoder, OpusEncoder};
+use peerlink_client_core::media::quality::compare;
+use peerlink_client_core::media::{
     FRAME, FRAME_SAMPLES, KeyExchange, MediaConfig, MediaReceiver, MediaSender, OpusConfig, Role,
 };
 use rand::SeedableRng;

@@ -10,6 +10,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use peerlink_client_core::agent::{
+    Agent, AgentConfig, AppData, CandidateKind, DisconnectReason, Event, PathKind, Role, TurnConfig,
+};
+use peerlink_client_core::netsim::{NetSim, NetSimConfig};
 use peerlink_netlab::{ExpectedPath, NatKind, expected_path};
 use peerlink_proto::attrs::XorMappedAddress;
 use peerlink_proto::{Class, Message, MessageBuilder, MessageType, Method};
@@ -17,10 +21,6 @@ use peerlink_relay::core::{
     AddrFamily, AllocationId, Core, CoreConfig, HEADROOM, OpenError, Output, RelaySockets,
     SCRATCH_LEN, Shared, SocketRef,
 };
-use peerlink_sim::agent::{
-    Agent, AgentConfig, AppData, CandidateKind, DisconnectReason, Event, PathKind, Role, TurnConfig,
-};
-use peerlink_sim::netsim::{NetSim, NetSimConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -506,7 +506,8 @@ impl World {
             match sig {
                 Sig::Creds(u, p) => a.set_remote_credentials(&u, &p),
                 Sig::Candidate(c) => {
-                    let c = peerlink_sim::agent::Candidate::try_from(&c).expect("valid candidate");
+                    let c = peerlink_client_core::agent::Candidate::try_from(&c)
+                        .expect("valid candidate");
                     a.add_remote_candidate(c, now);
                 }
                 Sig::EndOfCandidates => a.end_of_remote_candidates(),
@@ -585,7 +586,7 @@ impl World {
         }
     }
 
-    fn outbound(&mut self, i: usize, t: peerlink_sim::agent::Transmit) {
+    fn outbound(&mut self, i: usize, t: peerlink_client_core::agent::Transmit) {
         let now = self.now;
         let s = &mut self.sides[i];
         assert_eq!(t.socket, 0, "one socket per agent here");
@@ -711,10 +712,9 @@ impl World {
         if path.kind != PathKind::Relay {
             return None;
         }
-        let own =
-            self.agent(i).local_candidates().iter().any(|c| {
-                c.kind == peerlink_sim::agent::CandidateKind::Relayed && c.addr == path.local
-            });
+        let own = self.agent(i).local_candidates().iter().any(|c| {
+            c.kind == peerlink_client_core::agent::CandidateKind::Relayed && c.addr == path.local
+        });
         Some(if own { path.local } else { path.remote })
     }
 
@@ -1280,8 +1280,8 @@ fn random_and_mutated_datagrams_never_panic() {
     agent.set_remote_credentials("ufA", "password-aaaaaaaaaaaaaaaaaa");
     let peer = sa("203.0.113.1:4000");
     agent.add_remote_candidate(
-        peerlink_sim::agent::Candidate::new(
-            peerlink_sim::agent::CandidateKind::ServerReflexive,
+        peerlink_client_core::agent::Candidate::new(
+            peerlink_client_core::agent::CandidateKind::ServerReflexive,
             peer,
             peer,
             1,
@@ -1498,8 +1498,8 @@ fn checks_carry_ice_attributes_and_short_term_integrity() {
         );
         a.set_remote_credentials("remoteufrag", "remote-password-0123456789");
         a.add_remote_candidate(
-            peerlink_sim::agent::Candidate::new(
-                peerlink_sim::agent::CandidateKind::Host,
+            peerlink_client_core::agent::Candidate::new(
+                peerlink_client_core::agent::CandidateKind::Host,
                 peer,
                 peer,
                 65535,
@@ -1554,7 +1554,7 @@ fn send_before_connected_is_a_typed_error() {
     );
     assert_eq!(
         a.send(t0, b"\x80hello"),
-        Err(peerlink_sim::agent::SendError::NotConnected)
+        Err(peerlink_client_core::agent::SendError::NotConnected)
     );
     // Host candidate announced; no servers configured -> gathering completes at once.
     assert!(matches!(a.poll_event(), Some(Event::LocalCandidate(_))));

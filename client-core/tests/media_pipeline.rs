@@ -1,16 +1,16 @@
 //! The media pipeline end to end under the deterministic network emulator: jitter-buffer
 //! adaptation, FEC and concealment counters, attacks and garbage, reports (RTT, loss hint), DTX.
 //!
-//! Run: `cargo nextest run -p peerlink-sim --test media_pipeline`
+//! Run: `cargo nextest run -p peerlink-client-core --test media_pipeline`
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 use std::time::{Duration, Instant};
 
-use peerlink_sim::media::audio::speech_like;
-use peerlink_sim::media::call_sim::CallSim;
-use peerlink_sim::media::{KeyExchange, MediaConfig, MediaSession, OpusConfig, Role};
-use peerlink_sim::netsim::{GilbertElliott, NetSimConfig};
+use peerlink_client_core::media::audio::speech_like;
+use peerlink_client_core::media::call_sim::CallSim;
+use peerlink_client_core::media::{KeyExchange, MediaConfig, MediaSession, OpusConfig, Role};
+use peerlink_client_core::netsim::{GilbertElliott, NetSimConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -127,7 +127,7 @@ fn playout_delay_adapts_up_with_jitter_and_back_down() {
     assert!(st_end.shrunk > 0 && st_end.stretched > 0);
 }
 
-fn fec_run(use_fec: bool) -> peerlink_sim::media::CallStats {
+fn fec_run(use_fec: bool) -> peerlink_client_core::media::CallStats {
     let cfg = MediaConfig {
         use_fec,
         opus: OpusConfig {

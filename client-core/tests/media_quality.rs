@@ -2,17 +2,17 @@
 //! clean path == codec-only quality; 5 % random loss: FEC clearly better than no FEC, by the
 //! same score; the callee's recording is written and readable.
 //!
-//! Run: `cargo nextest run -p peerlink-sim --test media_quality`
+//! Run: `cargo nextest run -p peerlink-client-core --test media_quality`
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 use std::time::{Duration, Instant};
 
-use peerlink_sim::media::audio::{read_wav, speech_like, write_wav};
-use peerlink_sim::media::call_sim::{CallSim, codec_only};
-use peerlink_sim::media::quality::{QualityReport, compare};
-use peerlink_sim::media::{CallStats, MediaConfig, OpusConfig};
-use peerlink_sim::netsim::NetSimConfig;
+use peerlink_client_core::media::audio::{read_wav, speech_like, write_wav};
+use peerlink_client_core::media::call_sim::{CallSim, codec_only};
+use peerlink_client_core::media::quality::{QualityReport, compare};
+use peerlink_client_core::media::{CallStats, MediaConfig, OpusConfig};
+use peerlink_client_core::netsim::NetSimConfig;
 
 /// Alignment search range: 1 s.
 const MAX_LAG: usize = 48_000;
@@ -163,7 +163,7 @@ fn recording_is_written_and_readable_and_wav_input_works() {
 /// Asserted: tracked within 0.5 dB of codec-only, and at least 1 dB better than global.
 #[test]
 fn jittery_path_stays_close_to_codec_only_with_tracking_alignment() {
-    use peerlink_sim::media::quality::compare_tracking;
+    use peerlink_client_core::media::quality::compare_tracking;
     let input = speech_like(SECONDS, 1);
     let codec = compare(
         &input,
