@@ -61,9 +61,26 @@ impl Exposition {
         label: &'static str,
         samples: impl IntoIterator<Item = (String, u64)>,
     ) -> &mut Self {
+        self.counters_by(
+            name,
+            help,
+            &[label],
+            samples.into_iter().map(|(value, v)| (vec![value], v)),
+        )
+    }
+
+    /// A counter family with several labels: one sample per `(label values, count)`, the
+    /// values in the order of `labels`.
+    pub fn counters_by(
+        &mut self,
+        name: &str,
+        help: &'static str,
+        labels: &[&'static str],
+        samples: impl IntoIterator<Item = (Vec<String>, u64)>,
+    ) -> &mut Self {
         let samples = samples
             .into_iter()
-            .map(|(value, v)| (label_set(label, value), v))
+            .map(|(values, v)| (label_set(labels, values), v))
             .collect();
         self.families.push(Family {
             name: base(name),
@@ -75,10 +92,25 @@ impl Exposition {
 
     /// A gauge.
     pub fn gauge(&mut self, name: &str, help: &'static str, v: i64) -> &mut Self {
+        self.gauges(name, help, "", [(String::new(), v)])
+    }
+
+    /// A gauge family with one label: one sample per `(label value, value)`.
+    pub fn gauges(
+        &mut self,
+        name: &str,
+        help: &'static str,
+        label: &'static str,
+        samples: impl IntoIterator<Item = (String, i64)>,
+    ) -> &mut Self {
+        let samples = samples
+            .into_iter()
+            .map(|(value, v)| (label_set(&[label], vec![value]), v))
+            .collect();
         self.families.push(Family {
             name: name.to_owned(),
             help,
-            samples: Samples::Gauge(vec![(Vec::new(), v)]),
+            samples: Samples::Gauge(samples),
         });
         self
     }
@@ -116,12 +148,14 @@ impl Exposition {
     }
 }
 
-fn label_set(label: &'static str, value: String) -> Vec<(&'static str, String)> {
-    if label.is_empty() {
-        Vec::new()
-    } else {
-        vec![(label, value)]
-    }
+/// The label pairs of one sample; an empty label name (an unlabelled metric) is left out.
+fn label_set(labels: &[&'static str], values: Vec<String>) -> Vec<(&'static str, String)> {
+    labels
+        .iter()
+        .copied()
+        .zip(values)
+        .filter(|(label, _)| !label.is_empty())
+        .collect()
 }
 
 #[derive(Debug)]
@@ -174,6 +208,18 @@ mod tests {
                 [("client_to_peer".into(), 5), ("peer_to_client".into(), 7)],
             )
             .gauge("sessions_open", "Open \"sessions\"\nnow.", 2)
+            .gauges(
+                "connections_open",
+                "Open connections, by transport.",
+                "transport",
+                [("tcp".into(), 4), ("tls".into(), 1)],
+            )
+            .counters_by(
+                "closed_total",
+                "Connections closed, by transport and reason.",
+                &["transport", "reason"],
+                [(vec!["tcp".into(), "idle".into()], 6)],
+            )
             .histogram(
                 "latency_microseconds",
                 "In-relay latency.",
@@ -189,6 +235,9 @@ mod tests {
             "peerlink_test_forwarded_packets_total{direction=\"peer_to_client\"} 7",
             "# TYPE peerlink_test_sessions_open gauge",
             "peerlink_test_sessions_open 2",
+            "peerlink_test_connections_open{transport=\"tcp\"} 4",
+            "peerlink_test_connections_open{transport=\"tls\"} 1",
+            "peerlink_test_closed_total{transport=\"tcp\",reason=\"idle\"} 6",
             "# TYPE peerlink_test_latency_microseconds histogram",
             "peerlink_test_latency_microseconds_bucket{le=\"10\"} 1",
             "peerlink_test_latency_microseconds_bucket{le=\"100\"} 3",

@@ -564,13 +564,14 @@ impl MetricsHub {
             "transport",
             by_transport(&core.allocations_created_by),
         );
-        for (t, n) in by_transport(&core.allocations_active_by) {
-            e.gauge(
-                &format!("allocations_active_{t}"),
-                "Allocations alive whose client uses this transport.",
-                gauge(n),
-            );
-        }
+        e.gauges(
+            "allocations_active_by_transport",
+            "Allocations alive, by client transport.",
+            "transport",
+            by_transport(&core.allocations_active_by)
+                .into_iter()
+                .map(|(t, n)| (t, gauge(n))),
+        );
         e.counters(
             "client_received_packets_total",
             "Messages received from clients (datagrams, stream frames), by client transport.",
@@ -596,13 +597,14 @@ impl MetricsHub {
             by_transport(&io.client_tx_bytes),
         );
         let st = &io.streams;
-        for (t, n) in streams_only(&st.active) {
-            e.gauge(
-                &format!("stream_connections_{t}"),
-                "TCP or TLS client connections open.",
-                gauge(n),
-            );
-        }
+        e.gauges(
+            "stream_connections",
+            "TCP and TLS client connections open, by transport.",
+            "transport",
+            streams_only(&st.active)
+                .into_iter()
+                .map(|(t, n)| (t, gauge(n))),
+        );
         e.counters(
             "stream_connections_accepted_total",
             "TCP and TLS client connections accepted, by transport.",
@@ -615,18 +617,20 @@ impl MetricsHub {
             "transport",
             streams_only(&st.refused),
         );
-        for t in [Transport::Tcp, Transport::Tls] {
-            let closed: Vec<(String, u64)> = CloseReason::ALL
-                .iter()
-                .map(|r| (r.as_str().to_owned(), st.closed[t.index()][r.index()]))
-                .collect();
-            e.counters(
-                &format!("stream_connections_closed_{}_total", t.as_str()),
-                "TCP or TLS client connections closed, by reason.",
-                "reason",
-                closed,
-            );
-        }
+        let closed = [Transport::Tcp, Transport::Tls].into_iter().flat_map(|t| {
+            CloseReason::ALL.iter().map(move |r| {
+                (
+                    vec![t.as_str().to_owned(), r.as_str().to_owned()],
+                    st.closed[t.index()][r.index()],
+                )
+            })
+        });
+        e.counters_by(
+            "stream_connections_closed_total",
+            "TCP and TLS client connections closed, by transport and reason.",
+            &["transport", "reason"],
+            closed,
+        );
         e.counter(
             "tls_handshakes_total",
             "TLS handshakes completed.",

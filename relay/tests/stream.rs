@@ -145,9 +145,21 @@ fn allocate_and_relay_over_tcp_and_tls(io: &str) {
     // Both clients stay connected (an allocation lives with its connection).
     let _tcp = relay_round_trip(&r, false);
     let _tls = relay_round_trip(&r, true);
-    wait_metric(&r.relay, "peerlink_relay_allocations_active_tcp", 1);
-    wait_metric(&r.relay, "peerlink_relay_allocations_active_tls", 1);
-    wait_metric(&r.relay, "peerlink_relay_allocations_active_udp", 0);
+    wait_metric(
+        &r.relay,
+        "peerlink_relay_allocations_active_by_transport{transport=\"tcp\"}",
+        1,
+    );
+    wait_metric(
+        &r.relay,
+        "peerlink_relay_allocations_active_by_transport{transport=\"tls\"}",
+        1,
+    );
+    wait_metric(
+        &r.relay,
+        "peerlink_relay_allocations_active_by_transport{transport=\"udp\"}",
+        0,
+    );
     assert!(
         metric(
             &r.relay,
@@ -180,10 +192,14 @@ fn closing_the_connection_frees_the_allocation(io: &str) {
     wait_metric(&r.relay, "peerlink_relay_allocations_closed_total", 2);
     wait_metric(
         &r.relay,
-        "peerlink_relay_stream_connections_closed_tcp_total{reason=\"peer_closed\"}",
+        "peerlink_relay_stream_connections_closed_total{transport=\"tcp\",reason=\"peer_closed\"}",
         1,
     );
-    wait_metric(&r.relay, "peerlink_relay_stream_connections_tls", 0);
+    wait_metric(
+        &r.relay,
+        "peerlink_relay_stream_connections{transport=\"tls\"}",
+        0,
+    );
     assert_eq!(r.relay.stat("relayed_sockets"), 0);
 }
 
@@ -236,18 +252,18 @@ fn bad_input_closes_only_that_connection(io: &str) {
 
     wait_metric(
         &r.relay,
-        "peerlink_relay_stream_connections_closed_tcp_total{reason=\"bad_frame\"}",
+        "peerlink_relay_stream_connections_closed_total{transport=\"tcp\",reason=\"bad_frame\"}",
         3,
     );
     // Plaintext "GET ..." inside TLS frames as a ChannelData longer than the cap.
     wait_metric(
         &r.relay,
-        "peerlink_relay_stream_connections_closed_tls_total{reason=\"bad_frame\"}",
+        "peerlink_relay_stream_connections_closed_total{transport=\"tls\",reason=\"bad_frame\"}",
         2,
     );
     wait_metric(
         &r.relay,
-        "peerlink_relay_stream_connections_closed_tls_total{reason=\"tls_error\"}",
+        "peerlink_relay_stream_connections_closed_total{transport=\"tls\",reason=\"tls_error\"}",
         1,
     );
     // The good clients did not notice.
@@ -299,17 +315,17 @@ fn silent_and_stalled_connections_time_out(io: &str) {
     assert!(idle.closed_within(STEP), "idle connection not closed");
     wait_metric(
         &r.relay,
-        "peerlink_relay_stream_connections_closed_tls_total{reason=\"handshake_timeout\"}",
+        "peerlink_relay_stream_connections_closed_total{transport=\"tls\",reason=\"handshake_timeout\"}",
         1,
     );
     wait_metric(
         &r.relay,
-        "peerlink_relay_stream_connections_closed_tcp_total{reason=\"stalled_mid_frame\"}",
+        "peerlink_relay_stream_connections_closed_total{transport=\"tcp\",reason=\"stalled_mid_frame\"}",
         1,
     );
     wait_metric(
         &r.relay,
-        "peerlink_relay_stream_connections_closed_tcp_total{reason=\"idle_timeout\"}",
+        "peerlink_relay_stream_connections_closed_total{transport=\"tcp\",reason=\"idle_timeout\"}",
         1,
     );
     // The client with an allocation stays, well past the idle timeout.
@@ -475,7 +491,7 @@ fn a_client_that_stops_reading_is_disconnected(io: &str) {
     let mut other = connect(&r, true);
     other.allocate().unwrap();
     let payload = vec![0x5A; 3000];
-    let sample = "peerlink_relay_stream_connections_closed_tcp_total{reason=\"send_buffer_full\"}";
+    let sample = "peerlink_relay_stream_connections_closed_total{transport=\"tcp\",reason=\"send_buffer_full\"}";
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut sent = 0u64;
     // At most 40,000 datagrams (120 MB), paced in bursts, until the relay gives up on it.
