@@ -18,8 +18,8 @@ use peerlink_netlab::{ExpectedPath, NatKind, expected_path};
 use peerlink_proto::attrs::XorMappedAddress;
 use peerlink_proto::{Class, Message, MessageBuilder, MessageType, Method};
 use peerlink_relay::core::{
-    AddrFamily, AllocationId, Core, CoreConfig, HEADROOM, OpenError, Output, RelaySockets,
-    SCRATCH_LEN, Shared, SocketRef,
+    AddrFamily, AllocationId, Core, CoreConfig, HEADROOM, OpenError, Opened, Output, PortRequest,
+    RelaySockets, SCRATCH_LEN, Shared, SocketRef,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -171,15 +171,16 @@ impl RelaySockets for FakeRelaySockets {
         &mut self,
         id: AllocationId,
         family: AddrFamily,
-        _even: bool,
-    ) -> Result<SocketAddr, OpenError> {
+        _port: PortRequest,
+        _now: Instant,
+    ) -> Result<Opened, OpenError> {
         if family != AddrFamily::V4 {
             return Err(OpenError::FamilyNotSupported);
         }
         self.next_port += 1;
         let addr = SocketAddr::new(RELAY_IP.parse().expect("ip"), 50_000 + self.next_port);
         self.by_id.insert(id, addr);
-        Ok(addr)
+        Ok(Opened { addr, token: None })
     }
     fn close(&mut self, id: AllocationId) {
         self.by_id.remove(&id);

@@ -361,6 +361,8 @@ impl MetricsHub {
         v.push(("allocations_expired".into(), core.allocations_expired));
         v.push(("allocations_deleted".into(), core.allocations_deleted));
         v.push(("allocations_closed".into(), core.allocations_closed));
+        v.push(("ports_reserved".into(), core.ports_reserved));
+        v.push(("reservations_claimed".into(), core.reservations_claimed));
         for t in Transport::ALL {
             let i = t.index();
             let n = t.as_str();
@@ -545,6 +547,16 @@ impl MetricsHub {
             "allocations_closed_total",
             "Allocations freed because their TCP or TLS connection closed.",
             core.allocations_closed,
+        );
+        e.counter(
+            "ports_reserved_total",
+            "Ports held for a RESERVATION-TOKEN (EVEN-PORT with the R bit).",
+            core.ports_reserved,
+        );
+        e.counter(
+            "reservations_claimed_total",
+            "Allocations made on a port reserved by an earlier EVEN-PORT.",
+            core.reservations_claimed,
         );
         let by_transport = |a: &[u64; 3]| -> Vec<(String, u64)> {
             Transport::ALL
@@ -740,6 +752,8 @@ fn sum_core(all: &[CoreCounters]) -> CoreCounters {
         t.packets_peer_to_client += c.packets_peer_to_client;
         t.bytes_peer_to_client += c.bytes_peer_to_client;
         t.short_circuited += c.short_circuited;
+        t.ports_reserved += c.ports_reserved;
+        t.reservations_claimed += c.reservations_claimed;
     }
     t
 }

@@ -93,14 +93,7 @@ pub fn bind_relayed<R: Rng>(
         if even && !port.is_multiple_of(2) {
             return Ok(None);
         }
-        let addr = SocketAddr::new(ip, port);
-        let socket = new_udp(&addr)?;
-        configure(&socket)?;
-        match socket.bind(&SockAddr::from(addr)) {
-            Ok(()) => Ok(Some((socket.into(), addr))),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Ok(None),
-            Err(e) => Err(e),
-        }
+        try_bind(SocketAddr::new(ip, port))
     };
     for _ in 0..RANDOM_PORT_ATTEMPTS {
         let mut port = lo + rng.random_range(0..span) as u16;
@@ -126,6 +119,76 @@ pub fn bind_relayed<R: Rng>(
         }
     }
     Ok(None)
+}
+
+/// Bind two relayed sockets on `ip` at an even port `P` and at `P + 1`, both within `range`
+/// (EVEN-PORT with the R bit: `P + 1` is held for a later RESERVATION-TOKEN). Candidates are
+/// tried like [`bind_relayed`] does (random even ports, then a scan); `Ok(None)` when no such
+/// pair is free.
+pub fn bind_relayed_pair<R: Rng>(
+    ip: IpAddr,
+    range: std::ops::RangeInclusive<u16>,
+    rng: &mut R,
+) -> io::Result<Option<RelayedPair>> {
+    let (lo, hi) = (*range.start(), *range.end());
+    if lo >= hi {
+        return Ok(None);
+    }
+    // Even ports P with P + 1 still in range.
+    let first = lo + lo % 2;
+    if first >= hi {
+        return Ok(None);
+    }
+    let pairs = u32::from(hi - first).div_ceil(2).max(1);
+    let try_pair = |port: u16| -> io::Result<Option<RelayedPair>> {
+        let Some(odd) = port.checked_add(1).filter(|p| *p <= hi) else {
+            return Ok(None);
+        };
+        let Some((even_sock, even_addr)) = try_bind(SocketAddr::new(ip, port))? else {
+            return Ok(None);
+        };
+        let Some((odd_sock, odd_addr)) = try_bind(SocketAddr::new(ip, odd))? else {
+            return Ok(None);
+        };
+        Ok(Some(RelayedPair {
+            even: (even_sock, even_addr),
+            next: (odd_sock, odd_addr),
+        }))
+    };
+    for _ in 0..RANDOM_PORT_ATTEMPTS {
+        let port = first + 2 * rng.random_range(0..pairs) as u16;
+        if let Some(found) = try_pair(port)? {
+            return Ok(Some(found));
+        }
+    }
+    let start = rng.random_range(0..pairs);
+    for i in 0..pairs {
+        let port = first + 2 * ((start + i) % pairs) as u16;
+        if let Some(found) = try_pair(port)? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
+/// The two sockets of [`bind_relayed_pair`].
+#[derive(Debug)]
+pub struct RelayedPair {
+    /// The even port, for the allocation being made.
+    pub even: (UdpSocket, SocketAddr),
+    /// The next port, to be reserved.
+    pub next: (UdpSocket, SocketAddr),
+}
+
+/// Bind a configured relayed socket on `addr`; `Ok(None)` when the port is in use.
+fn try_bind(addr: SocketAddr) -> io::Result<Option<(UdpSocket, SocketAddr)>> {
+    let socket = new_udp(&addr)?;
+    configure(&socket)?;
+    match socket.bind(&SockAddr::from(addr)) {
+        Ok(()) => Ok(Some((socket.into(), addr))),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Set the DF bit on everything `sock` sends (`IP_MTU_DISCOVER` = `IP_PMTUDISC_DO`, or the

@@ -15,7 +15,7 @@ use crate::core::{Core, Shared, Transport};
 use crate::metrics::{MetricsHub, run_metrics_thread};
 use crate::registration::Registrar;
 use crate::stream::{self, Streams, TlsStore};
-use crate::worker::{SocketTable, WorkerCtx};
+use crate::worker::{Reservations, SocketTable, WorkerCtx};
 use crate::{epoll, http, net, uring};
 
 /// The backend a relay runs.
@@ -199,6 +199,7 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
     let stream_limits = cfg.stream_limits();
     let mut workers: Vec<WorkerHandle> = Vec::new();
     let seed_base: u64 = rand::random();
+    let reservations = Arc::new(Reservations::default());
     let uring_buffers = cfg.uring_buffers;
     let busy_poll = std::time::Duration::from_micros(u64::from(cfg.busy_poll_us));
     for (index, listener) in listeners.into_iter().enumerate() {
@@ -211,7 +212,8 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
             &v.relay_ips,
             cfg.min_port..=cfg.max_port,
             seed_base.rotate_left(17).wrapping_add(index as u64),
-        );
+        )
+        .with_reservations(reservations.clone());
         let mut ctx = WorkerCtx::new(
             index,
             core,

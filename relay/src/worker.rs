@@ -10,8 +10,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::ops::{Range, RangeInclusive};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
@@ -21,8 +21,8 @@ use rand_chacha::ChaCha8Rng;
 use slab::Slab;
 
 use crate::core::{
-    AddrFamily, AllocationId, Client, Core, DropReason, HEADROOM, Link, OpenError, Output,
-    RelaySockets, SCRATCH_LEN, SocketRef, Transport,
+    AddrFamily, AllocationId, Client, Core, DropReason, HEADROOM, Link, OpenError, Opened, Output,
+    PortRequest, RESERVATION_LIFETIME, RelaySockets, SCRATCH_LEN, SocketRef, Transport,
 };
 use crate::metrics::{Direction, IoCounters, REPORT_INTERVAL, SocketKind, WorkerReport};
 use crate::net;
@@ -90,6 +90,8 @@ pub struct SocketTable {
     pub closed: Vec<(usize, u32, Option<UdpSocket>)>,
     /// Sockets that failed to open.
     pub open_failures: u64,
+    /// Ports held for RESERVATION-TOKENs (shared with the other workers).
+    reservations: Arc<Reservations>,
 }
 
 impl SocketTable {
@@ -109,7 +111,14 @@ impl SocketTable {
             opened: Vec::with_capacity(64),
             closed: Vec::with_capacity(64),
             open_failures: 0,
+            reservations: Arc::default(),
         }
+    }
+
+    /// Hold reserved ports in `reservations`, the table every worker of the relay shares.
+    pub fn with_reservations(mut self, reservations: Arc<Reservations>) -> Self {
+        self.reservations = reservations;
+        self
     }
 
     /// Raw fd of `id`'s relayed socket (`None` also when the socket lives only in a ring).
@@ -154,43 +163,45 @@ impl RelaySockets for SocketTable {
         &mut self,
         id: AllocationId,
         family: AddrFamily,
-        even: bool,
-    ) -> Result<SocketAddr, OpenError> {
-        let (ips, next) = match family {
-            AddrFamily::V4 => (&self.relay_v4, &mut self.next_v4),
-            AddrFamily::V6 => (&self.relay_v6, &mut self.next_v6),
-        };
-        if ips.is_empty() {
-            return Err(OpenError::FamilyNotSupported);
-        }
+        port: PortRequest,
+        now: Instant,
+    ) -> Result<Opened, OpenError> {
         if self.by_id.contains_key(&id) {
             // The core never reuses a live id; refuse rather than leak the old socket.
             return Err(OpenError::Io(std::io::Error::other(
                 "allocation id already has a socket",
             )));
         }
-        // The family's addresses in turn, starting after the last one used; an address whose
-        // ports are all taken passes the allocation on to the next.
-        let start = *next % ips.len();
-        let mut found = None;
-        for i in 0..ips.len() {
-            let ip = ips[(start + i) % ips.len()];
-            match net::bind_relayed(ip, self.ports.clone(), even, &mut self.rng) {
-                Ok(Some(bound)) => {
-                    *next = start + i + 1;
-                    found = Some(bound);
-                    break;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.open_failures += 1;
-                    return Err(OpenError::Io(e));
-                }
+        let (sock, addr, token) = match port {
+            PortRequest::Reserved(token) => {
+                let (sock, addr) = self
+                    .reservations
+                    .take(&token, now)
+                    .ok_or(OpenError::NoReservation)?;
+                (sock, addr, None)
             }
-        }
-        let Some((sock, addr)) = found else {
-            self.open_failures += 1;
-            return Err(OpenError::NoPorts);
+            PortRequest::EvenReserveNext => {
+                if self.reservations.is_full(now) {
+                    self.open_failures += 1;
+                    return Err(OpenError::NoPorts);
+                }
+                let pair = self.bind(family, |ip, ports, rng| {
+                    net::bind_relayed_pair(ip, ports, rng)
+                })?;
+                let (next_sock, next_addr) = pair.next;
+                let Some(token) = self.reservations.hold(next_sock, next_addr, now) else {
+                    self.open_failures += 1;
+                    return Err(OpenError::NoPorts);
+                };
+                (pair.even.0, pair.even.1, Some(token))
+            }
+            PortRequest::Any | PortRequest::Even => {
+                let even = port == PortRequest::Even;
+                let (sock, addr) = self.bind(family, |ip, ports, rng| {
+                    net::bind_relayed(ip, ports, even, rng)
+                })?;
+                (sock, addr, None)
+            }
         };
         // The kernel hands out the lowest free fd: one this high means the last few are all
         // that is left, and they stay for the metrics server and the other workers' listeners
@@ -214,7 +225,7 @@ impl RelaySockets for SocketTable {
         });
         self.by_id.insert(id, key);
         self.opened.push((key, generation));
-        Ok(addr)
+        Ok(Opened { addr, token })
     }
 
     fn close(&mut self, id: AllocationId) {
@@ -223,6 +234,116 @@ impl RelaySockets for SocketTable {
         {
             self.closed.push((key, entry.generation, entry.sock));
         }
+    }
+}
+
+impl SocketTable {
+    /// Bind with `bind` on the family's addresses in turn, starting after the last one used; an
+    /// address whose ports are all taken passes the allocation on to the next.
+    fn bind<T>(
+        &mut self,
+        family: AddrFamily,
+        bind: impl Fn(IpAddr, RangeInclusive<u16>, &mut ChaCha8Rng) -> std::io::Result<Option<T>>,
+    ) -> Result<T, OpenError> {
+        let (ips, next) = match family {
+            AddrFamily::V4 => (&self.relay_v4, &mut self.next_v4),
+            AddrFamily::V6 => (&self.relay_v6, &mut self.next_v6),
+        };
+        if ips.is_empty() {
+            return Err(OpenError::FamilyNotSupported);
+        }
+        let start = *next % ips.len();
+        for i in 0..ips.len() {
+            let ip = ips[(start + i) % ips.len()];
+            match bind(ip, self.ports.clone(), &mut self.rng) {
+                Ok(Some(bound)) => {
+                    *next = start + i + 1;
+                    return Ok(bound);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.open_failures += 1;
+                    return Err(OpenError::Io(e));
+                }
+            }
+        }
+        self.open_failures += 1;
+        Err(OpenError::NoPorts)
+    }
+}
+
+/// At most this many ports are held for RESERVATION-TOKENs at once, over all workers: a hold
+/// costs a socket and a port for [`RESERVATION_LIFETIME`] whether or not it is ever claimed.
+pub const MAX_RESERVATIONS: usize = 1024;
+
+/// Ports held by EVEN-PORT (R = 1) until their RESERVATION-TOKEN is used or
+/// [`RESERVATION_LIFETIME`] passes. Shared by every worker (an Allocate with the token may land
+/// on any of them); touched only by Allocate requests that reserve or claim, never per packet.
+/// A hold that ran out is closed by the next of those (its port stays bound until then).
+#[derive(Default)]
+pub struct Reservations {
+    held: Mutex<HashMap<[u8; 8], Held>>,
+}
+
+struct Held {
+    sock: UdpSocket,
+    addr: SocketAddr,
+    expires: Instant,
+}
+
+impl Reservations {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 8], Held>> {
+        // Plain map of sockets: a worker that panicked mid-update left it consistent.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hold `sock` (bound on `addr`) under a fresh random token until `now` +
+    /// [`RESERVATION_LIFETIME`]; `None` when [`MAX_RESERVATIONS`] are held.
+    pub fn hold(&self, sock: UdpSocket, addr: SocketAddr, now: Instant) -> Option<[u8; 8]> {
+        let mut held = self.lock();
+        held.retain(|_, h| h.expires > now);
+        if held.len() >= MAX_RESERVATIONS {
+            return None;
+        }
+        let token = loop {
+            let t: [u8; 8] = rand::random();
+            if !held.contains_key(&t) {
+                break t;
+            }
+        };
+        held.insert(
+            token,
+            Held {
+                sock,
+                addr,
+                expires: now + RESERVATION_LIFETIME,
+            },
+        );
+        Some(token)
+    }
+
+    /// Take the socket held under `token`, if its hold is still live at `now`.
+    pub fn take(&self, token: &[u8; 8], now: Instant) -> Option<(UdpSocket, SocketAddr)> {
+        let mut held = self.lock();
+        held.retain(|_, h| h.expires > now);
+        held.remove(token).map(|h| (h.sock, h.addr))
+    }
+
+    /// Whether no further hold fits at `now`.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let mut held = self.lock();
+        held.retain(|_, h| h.expires > now);
+        held.len() >= MAX_RESERVATIONS
+    }
+
+    /// Ports held at `now` (expired holds not yet dropped are not counted).
+    pub fn len(&self, now: Instant) -> usize {
+        self.lock().values().filter(|h| h.expires > now).count()
+    }
+
+    /// No port is held at `now`.
+    pub fn is_empty(&self, now: Instant) -> bool {
+        self.len(now) == 0
     }
 }
 
@@ -625,5 +746,121 @@ impl WorkerCtx {
         // A full channel means the metrics thread is behind: skip this one (counters are
         // cumulative; only the interval's latency samples are lost, never the worker blocked).
         let _ = self.reports.try_send(report);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(reservations: &Arc<Reservations>, seed: u64) -> SocketTable {
+        SocketTable::new(&["127.0.0.1".parse().unwrap()], 40_000..=60_000, seed)
+            .with_reservations(reservations.clone())
+    }
+
+    fn in_use(addr: SocketAddr) -> bool {
+        std::net::UdpSocket::bind(addr).is_err()
+    }
+
+    #[test]
+    fn a_reserved_port_is_held_for_its_token_on_any_worker_once() {
+        let shared = Arc::new(Reservations::default());
+        let (mut a, mut b) = (table(&shared, 1), table(&shared, 2));
+        let now = Instant::now();
+        let rtp = a
+            .open(
+                AllocationId(1),
+                AddrFamily::V4,
+                PortRequest::EvenReserveNext,
+                now,
+            )
+            .unwrap();
+        assert_eq!(rtp.addr.port() % 2, 0);
+        let token = rtp.token.expect("a reservation token");
+        let next = SocketAddr::new(rtp.addr.ip(), rtp.addr.port() + 1);
+        assert!(in_use(next), "the next port is held");
+        assert_eq!(shared.len(now), 1);
+        // another worker's table claims it
+        let rtcp = b
+            .open(
+                AllocationId(1),
+                AddrFamily::V4,
+                PortRequest::Reserved(token),
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            rtcp,
+            Opened {
+                addr: next,
+                token: None
+            }
+        );
+        assert!(b.fd_of(AllocationId(1)).is_some());
+        assert!(shared.is_empty(now));
+        assert!(matches!(
+            b.open(
+                AllocationId(2),
+                AddrFamily::V4,
+                PortRequest::Reserved(token),
+                now
+            ),
+            Err(OpenError::NoReservation)
+        ));
+    }
+
+    #[test]
+    fn an_unclaimed_reservation_ends_and_frees_its_port() {
+        let shared = Arc::new(Reservations::default());
+        let mut a = table(&shared, 3);
+        let now = Instant::now();
+        let rtp = a
+            .open(
+                AllocationId(1),
+                AddrFamily::V4,
+                PortRequest::EvenReserveNext,
+                now,
+            )
+            .unwrap();
+        let next = SocketAddr::new(rtp.addr.ip(), rtp.addr.port() + 1);
+        let later = now + RESERVATION_LIFETIME + std::time::Duration::from_millis(1);
+        assert!(matches!(
+            a.open(
+                AllocationId(2),
+                AddrFamily::V4,
+                PortRequest::Reserved(rtp.token.unwrap()),
+                later
+            ),
+            Err(OpenError::NoReservation)
+        ));
+        assert!(!in_use(next), "the expired hold closed its socket");
+    }
+
+    #[test]
+    fn reservations_are_bounded() {
+        let shared = Arc::new(Reservations::default());
+        let now = Instant::now();
+        for _ in 0..MAX_RESERVATIONS {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let addr = s.local_addr().unwrap();
+            assert!(shared.hold(s, addr, now).is_some());
+        }
+        let mut a = table(&shared, 4);
+        assert!(matches!(
+            a.open(
+                AllocationId(1),
+                AddrFamily::V4,
+                PortRequest::EvenReserveNext,
+                now
+            ),
+            Err(OpenError::NoPorts)
+        ));
+        // a plain allocation is unaffected
+        a.open(AllocationId(1), AddrFamily::V4, PortRequest::Any, now)
+            .unwrap();
+        // and the holds end in time
+        let later = now + RESERVATION_LIFETIME;
+        assert!(shared.is_empty(later));
+        assert!(!shared.is_full(later));
     }
 }

@@ -54,9 +54,11 @@
 //!
 //! ## Decisions
 //!
-//! * EVEN-PORT with R=1 and RESERVATION-TOKEN are refused with 508 (RFC 8656 7.2 steps 4-5:
-//!   this relay keeps no port reservations); RESERVATION-TOKEN together with EVEN-PORT or an
-//!   address family is 400. EVEN-PORT with R=0 asks io for an even port.
+//! * EVEN-PORT asks io for an even port; with R=1 io also holds the next port for
+//!   [`RESERVATION_LIFETIME`] and the answer carries the RESERVATION-TOKEN naming it. An
+//!   Allocate with that token gets the held port (once); an unknown, used or expired token is
+//!   508, and a token together with EVEN-PORT or an address family is 400 (RFC 8656 7.2). The
+//!   holds are io's (shared by every worker, bounded in number), not the core's.
 //! * ADDITIONAL-ADDRESS-FAMILY (dual allocation) is not offered: the IPv4 allocation proceeds
 //!   and the answer carries ADDRESS-ERROR-CODE 440 for IPv6.
 //! * Draining ([`Shared::set_draining`]): new Allocate -> 508 (Insufficient Capacity: "try
@@ -307,21 +309,53 @@ pub enum OpenError {
     /// The relay has no address of the requested family (-> 440).
     #[error("no relay address of the requested family")]
     FamilyNotSupported,
+    /// A RESERVATION-TOKEN names no live reservation: unknown, taken or expired (-> 508).
+    #[error("no port reserved under this token")]
+    NoReservation,
     /// Any other socket error (-> 508).
     #[error("relay socket: {0}")]
     Io(#[from] std::io::Error),
 }
 
+/// How the relayed port of a new allocation is chosen (EVEN-PORT, RESERVATION-TOKEN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortRequest {
+    /// Any port of the range.
+    Any,
+    /// An even port (EVEN-PORT with R = 0).
+    Even,
+    /// An even port `P`, with `P + 1` held for a later allocation (EVEN-PORT with R = 1);
+    /// the answer names the hold by its token.
+    EvenReserveNext,
+    /// The port held under this RESERVATION-TOKEN (taken, so a token serves once).
+    Reserved([u8; 8]),
+}
+
+/// A relayed socket opened for an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// Its bound address (the XOR-RELAYED-ADDRESS).
+    pub addr: SocketAddr,
+    /// With [`PortRequest::EvenReserveNext`]: the RESERVATION-TOKEN of the port held.
+    pub token: Option<[u8; 8]>,
+}
+
+/// How long a port reserved by EVEN-PORT (R = 1) is held for its RESERVATION-TOKEN
+/// (RFC 8656 7.2: about 30 seconds).
+pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+
 /// Implemented by each backend (a fake in core's unit tests). Relayed sockets live in io.
 pub trait RelaySockets {
-    /// Bind a UDP socket for allocation `id` on the relay address of `family`, port from the
-    /// configured range (EVEN-PORT: `even` = true asks for an even port); return the bound address.
+    /// Bind a UDP socket for allocation `id` on the relay address of `family`, its port chosen
+    /// as `port` asks (for [`PortRequest::Reserved`] the held socket is taken and `family` is
+    /// not looked at); return the bound address. `now` drives the expiry of reservations.
     fn open(
         &mut self,
         id: AllocationId,
         family: AddrFamily,
-        even: bool,
-    ) -> Result<SocketAddr, OpenError>;
+        port: PortRequest,
+        now: Instant,
+    ) -> Result<Opened, OpenError>;
     /// Close the relayed socket of `id` (allocation freed or expired).
     fn close(&mut self, id: AllocationId);
 }
@@ -516,6 +550,10 @@ pub struct CoreCounters {
     pub bytes_peer_to_client: u64,
     /// Packets short-circuited between two allocations of this worker.
     pub short_circuited: u64,
+    /// Ports held for a RESERVATION-TOKEN (EVEN-PORT with the R bit).
+    pub ports_reserved: u64,
+    /// Allocations made on a reserved port (RESERVATION-TOKEN).
+    pub reservations_claimed: u64,
 }
 
 /// Error codes the core answers with, in the order of [`CoreCounters::resp_error`].

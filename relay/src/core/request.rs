@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use peerlink_proto::attrs::{
     AdditionalAddressFamily, AddressErrorCode, ErrorCode, EvenPort, Lifetime, Nonce, Realm,
-    RequestedAddressFamily, RequestedTransport, Software, UnknownAttributes, Username,
-    XorMappedAddress, XorPeerAddress, XorRelayedAddress,
+    RequestedAddressFamily, RequestedTransport, ReservationToken, Software, UnknownAttributes,
+    Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
 };
 use peerlink_proto::auth::{long_term_key, rest};
 use peerlink_proto::error_code as ec;
@@ -19,8 +19,8 @@ use peerlink_proto::{
 use super::auth::{NONCE_LEN, NonceError};
 use super::table::{Cached, Channel, NewAllocation};
 use super::{
-    AddrFamily, AllocationId, Client, Core, DropReason, FreeReason, HEADROOM, OpenError, Output,
-    QuotaError, RelaySockets, SocketRef, error_index,
+    AddrFamily, AllocationId, Client, Core, DropReason, FreeReason, HEADROOM, OpenError, Opened,
+    Output, PortRequest, QuotaError, RelaySockets, SocketRef, error_index,
 };
 
 /// The parts of a request every answer needs.
@@ -499,25 +499,29 @@ impl Core {
             Some(Ok(AdditionalAddressFamily(f))) => Some(f),
             Some(Err(_)) => return self.error(scratch, req, ec::BAD_REQUEST, key, None),
         };
-        if msg.contains(attr_type::RESERVATION_TOKEN) {
-            // RFC 8656 7.2 step 4: with EVEN-PORT or an address family -> 400; otherwise the
-            // token must name a reserved port, and this relay never reserves one -> 508.
-            let code = if even.is_some() || raf.is_some() || aaf.is_some() {
-                ec::BAD_REQUEST
-            } else {
-                ec::INSUFFICIENT_CAPACITY
-            };
-            return self.error(scratch, req, code, key, None);
+        let token = match msg.get::<ReservationToken>() {
+            None => None,
+            Some(Ok(ReservationToken(t))) => Some(t),
+            Some(Err(_)) => return self.error(scratch, req, ec::BAD_REQUEST, key, None),
+        };
+        // RFC 8656 7.2 step 4: a token names a port reserved on a family already chosen, so it
+        // goes with neither EVEN-PORT nor an address family (400); an unknown or expired token
+        // is answered 508 when the socket layer cannot find it.
+        if token.is_some() && (even.is_some() || raf.is_some() || aaf.is_some()) {
+            return self.error(scratch, req, ec::BAD_REQUEST, key, None);
         }
-        if even.is_some_and(|e| e.reserve) {
-            // RFC 8656 7.2 step 5: a request the server cannot satisfy -> 508. This relay keeps
-            // no port reservations (they would be state a client could pin without traffic).
-            return self.error(scratch, req, ec::INSUFFICIENT_CAPACITY, key, None);
-        }
+        let port = match (token, even) {
+            (Some(t), _) => PortRequest::Reserved(t),
+            (None, Some(e)) if e.reserve => PortRequest::EvenReserveNext,
+            (None, Some(_)) => PortRequest::Even,
+            (None, None) => PortRequest::Any,
+        };
         if (raf.is_some() && aaf.is_some()) || aaf == Some(AddressFamily::V4) {
             return self.error(scratch, req, ec::BAD_REQUEST, key, None);
         }
+        // A reserved port brings its own family; `open` ignores this one for it.
         let family = match raf.unwrap_or(AddressFamily::V4) {
+            _ if token.is_some() => AddrFamily::V4,
             AddressFamily::V4 if self.relay_v4.is_some() => AddrFamily::V4,
             AddressFamily::V6 if self.relay_v6.is_some() => AddrFamily::V6,
             _ => return self.error(scratch, req, ec::ADDRESS_FAMILY_NOT_SUPPORTED, key, None),
@@ -551,13 +555,15 @@ impl Core {
                 return self.error(scratch, req, ec::INSUFFICIENT_CAPACITY, key, None);
             }
         }
-        let relayed = match sockets.open(id, family, even.is_some()) {
-            Ok(addr) => addr,
+        let (relayed, reserved) = match sockets.open(id, family, port, now) {
+            Ok(Opened { addr, token }) => (addr, token),
             Err(e) => {
                 self.shared.release(auth.user);
                 let code = match e {
                     OpenError::FamilyNotSupported => ec::ADDRESS_FAMILY_NOT_SUPPORTED,
-                    OpenError::NoPorts | OpenError::Io(_) => ec::INSUFFICIENT_CAPACITY,
+                    OpenError::NoPorts | OpenError::NoReservation | OpenError::Io(_) => {
+                        ec::INSUFFICIENT_CAPACITY
+                    }
                 };
                 return self.error(scratch, req, code, key, None);
             }
@@ -576,6 +582,12 @@ impl Core {
             },
         );
         self.counters.allocations_created += 1;
+        if reserved.is_some() {
+            self.counters.ports_reserved += 1;
+        }
+        if matches!(port, PortRequest::Reserved(_)) {
+            self.counters.reservations_claimed += 1;
+        }
         let t = src.link.transport().index();
         self.counters.allocations_created_by[t] += 1;
         self.counters.allocations_active_by[t] += 1;
@@ -584,6 +596,9 @@ impl Core {
             b.add(&XorRelayedAddress(relayed))?;
             b.add(&Lifetime(secs))?;
             b.add(&XorMappedAddress(src.addr))?;
+            if let Some(t) = reserved {
+                b.add(&ReservationToken(t))?;
+            }
             if refuse_v6 {
                 b.add(&AddressErrorCode {
                     family: AddressFamily::V6,

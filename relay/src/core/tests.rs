@@ -36,6 +36,9 @@ fn sa(s: &str) -> SocketAddr {
 
 struct FakeSockets {
     open: HashMap<AllocationId, SocketAddr>,
+    /// Ports held for RESERVATION-TOKENs: token -> (address, hold ends).
+    held: HashMap<[u8; 8], (SocketAddr, Instant)>,
+    next_token: u8,
     v4: Option<IpAddr>,
     v6: Option<IpAddr>,
     /// At most this many sockets at once (simulates the port range running out).
@@ -48,6 +51,8 @@ impl FakeSockets {
     fn new(v4: Option<IpAddr>, v6: Option<IpAddr>) -> Self {
         FakeSockets {
             open: HashMap::new(),
+            held: HashMap::new(),
+            next_token: 1,
             v4,
             v6,
             limit: usize::MAX,
@@ -62,12 +67,20 @@ impl RelaySockets for FakeSockets {
         &mut self,
         id: AllocationId,
         family: AddrFamily,
-        even: bool,
-    ) -> Result<SocketAddr, OpenError> {
+        port: PortRequest,
+        now: Instant,
+    ) -> Result<Opened, OpenError> {
         assert!(
             !self.open.contains_key(&id),
             "id {id:?} reused while its socket is open"
         );
+        self.held.retain(|_, (_, until)| *until > now);
+        if let PortRequest::Reserved(token) = port {
+            let (addr, _) = self.held.remove(&token).ok_or(OpenError::NoReservation)?;
+            self.open.insert(id, addr);
+            self.opened += 1;
+            return Ok(Opened { addr, token: None });
+        }
         let ip = match family {
             AddrFamily::V4 => self.v4,
             AddrFamily::V6 => self.v6,
@@ -76,15 +89,31 @@ impl RelaySockets for FakeSockets {
         if self.open.len() >= self.limit {
             return Err(OpenError::NoPorts);
         }
-        let used: Vec<u16> = self.open.values().map(|a| a.port()).collect();
+        let mut used: Vec<u16> = self.open.values().map(|a| a.port()).collect();
+        used.extend(self.held.values().map(|(a, _)| a.port()));
+        let even = port != PortRequest::Any;
+        let pair = port == PortRequest::EvenReserveNext;
         let port = PORTS
             .clone()
-            .find(|p| !used.contains(p) && (!even || p % 2 == 0))
+            .find(|p| {
+                !used.contains(p)
+                    && (!even || p % 2 == 0)
+                    && (!pair || (*p < *PORTS.end() && !used.contains(&(p + 1))))
+            })
             .ok_or(OpenError::NoPorts)?;
         let addr = SocketAddr::new(ip, port);
         self.open.insert(id, addr);
         self.opened += 1;
-        Ok(addr)
+        let token = pair.then(|| {
+            let t = [self.next_token; 8];
+            self.next_token += 1;
+            self.held.insert(
+                t,
+                (SocketAddr::new(ip, port + 1), now + RESERVATION_LIFETIME),
+            );
+            t
+        });
+        Ok(Opened { addr, token })
     }
 
     fn close(&mut self, id: AllocationId) {
@@ -408,6 +437,25 @@ impl Client {
         let XorRelayedAddress(r) = m.get::<XorRelayedAddress>().unwrap().unwrap();
         self.relayed = Some(r);
         Ok(r)
+    }
+
+    /// Allocate and return the RESERVATION-TOKEN of the answer too.
+    fn allocate_reserving(
+        &mut self,
+        h: &mut Harness,
+        attrs: Attrs<'_>,
+    ) -> Result<(SocketAddr, Option<[u8; 8]>), u16> {
+        let resp = self.transact(h, Method::ALLOCATE, attrs);
+        if let Some(code) = err_code(&resp) {
+            return Err(code);
+        }
+        let m = Message::parse(&resp).unwrap();
+        m.verify_integrity(&self.key)
+            .expect("success response carries our MESSAGE-INTEGRITY");
+        let XorRelayedAddress(r) = m.get::<XorRelayedAddress>().unwrap().unwrap();
+        self.relayed = Some(r);
+        let token = m.get::<ReservationToken>().map(|t| t.unwrap().0);
+        Ok((r, token))
     }
 
     fn refresh(&mut self, h: &mut Harness, lifetime: Option<u32>) -> Vec<u8> {
@@ -1016,28 +1064,68 @@ fn even_port_reservation_token_and_address_family() {
         .unwrap();
     assert_eq!(r.port() % 2, 0);
     assert_eq!(r.port(), 50_002);
-    // R=1 is refused (no reservations): 508
+    // R=1: an even port, and the next one held under the RESERVATION-TOKEN of the answer
     let mut d = Client::new("198.51.100.20:40002", "alice", "alice-pw");
-    let even_r = |b: &mut MessageBuilder<'_>| {
+    let (rtp, token) = d
+        .allocate_reserving(&mut h, &|b| {
+            udp(b);
+            b.add(&EvenPort { reserve: true }).unwrap();
+        })
+        .unwrap();
+    assert_eq!(rtp.port() % 2, 0);
+    let token = token.expect("R=1 answer carries a RESERVATION-TOKEN");
+    // the token together with EVEN-PORT or an address family -> 400
+    let mut e = Client::new("198.51.100.20:40003", "alice", "alice-pw");
+    let with_token = move |b: &mut MessageBuilder<'_>| {
         udp(b);
-        b.add(&EvenPort { reserve: true }).unwrap();
+        b.add(&ReservationToken(token)).unwrap();
     };
-    assert_eq!(d.allocate_with(&mut h, &even_r), Err(508));
-    // RESERVATION-TOKEN: never valid here -> 508; combined with EVEN-PORT -> 400
     assert_eq!(
-        d.allocate_with(&mut h, &|b| {
-            udp(b);
-            b.add(&ReservationToken([1; 8])).unwrap();
-        }),
-        Err(508)
-    );
-    assert_eq!(
-        d.allocate_with(&mut h, &|b| {
-            udp(b);
-            b.add(&ReservationToken([1; 8])).unwrap();
+        e.allocate_with(&mut h, &|b| {
+            with_token(b);
             b.add(&EvenPort { reserve: false }).unwrap();
         }),
         Err(400)
+    );
+    assert_eq!(
+        e.allocate_with(&mut h, &|b| {
+            with_token(b);
+            b.add(&RequestedAddressFamily(AddressFamily::V4)).unwrap();
+        }),
+        Err(400)
+    );
+    // a plain allocation never lands on the held port
+    let mut other = Client::new("198.51.100.20:40004", "alice", "alice-pw");
+    assert_ne!(other.allocate(&mut h).unwrap().port(), rtp.port() + 1);
+    // the token gets exactly the held port, once
+    let rtcp = e.allocate_with(&mut h, &with_token).unwrap();
+    assert_eq!(rtcp, SocketAddr::new(rtp.ip(), rtp.port() + 1));
+    let mut again = Client::new("198.51.100.20:40005", "alice", "alice-pw");
+    assert_eq!(again.allocate_with(&mut h, &with_token), Err(508));
+    // an unknown token -> 508
+    assert_eq!(
+        again.allocate_with(&mut h, &|b| {
+            udp(b);
+            b.add(&ReservationToken([0xEE; 8])).unwrap();
+        }),
+        Err(508)
+    );
+    // an unclaimed hold ends after RESERVATION_LIFETIME
+    let (_, late) = again
+        .allocate_reserving(&mut h, &|b| {
+            udp(b);
+            b.add(&EvenPort { reserve: true }).unwrap();
+        })
+        .unwrap();
+    h.advance(RESERVATION_LIFETIME + Duration::from_secs(1));
+    let late = late.unwrap();
+    let mut d = Client::new("198.51.100.20:40006", "alice", "alice-pw");
+    assert_eq!(
+        d.allocate_with(&mut h, &move |b| {
+            udp(b);
+            b.add(&ReservationToken(late)).unwrap();
+        }),
+        Err(508)
     );
     // IPv6 relayed address on request
     let r6 = d
@@ -1048,15 +1136,16 @@ fn even_port_reservation_token_and_address_family() {
         .unwrap();
     assert!(r6.is_ipv6());
     // unknown family value -> 440
-    let mut e = Client::new("198.51.100.20:40003", "alice", "alice-pw");
+    let mut f = Client::new("198.51.100.20:40007", "alice", "alice-pw");
     assert_eq!(
-        e.allocate_with(&mut h, &|b| {
+        f.allocate_with(&mut h, &|b| {
             udp(b);
             b.add_raw(0x0017, &[0x03, 0, 0, 0]).unwrap();
         }),
         Err(440)
     );
-    assert_eq!(h.core.allocations(), 3);
+    // first, c, d (R=1), e (the token), other, again (R=1), d (v6)
+    assert_eq!(h.core.allocations(), 7);
 }
 
 #[test]
