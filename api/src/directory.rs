@@ -279,6 +279,12 @@ pub struct RegisterRelayRequest {
     pub relay_id: String,
     /// Public TURN address clients allocate on.
     pub turn_addr: SocketAddr,
+    /// TURN-over-TCP address, when the relay listens for TCP clients (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_tcp_addr: Option<SocketAddr>,
+    /// TURN-over-TLS address, when the relay listens for TLS clients (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_tls_addr: Option<SocketAddr>,
     /// Metrics HTTP address.
     pub metrics_addr: SocketAddr,
     /// Region name (e.g. `eu-west`).
@@ -339,6 +345,12 @@ pub struct RelayInfo {
     pub relay_id: String,
     /// Public TURN address.
     pub turn_addr: SocketAddr,
+    /// TURN-over-TCP address, when the relay listens for TCP clients (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_tcp_addr: Option<SocketAddr>,
+    /// TURN-over-TLS address, when the relay listens for TLS clients (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_tls_addr: Option<SocketAddr>,
     /// Metrics address.
     pub metrics_addr: SocketAddr,
     /// Region.
@@ -390,6 +402,12 @@ pub struct ChosenRelay {
     pub relay_id: String,
     /// Public TURN address to allocate on.
     pub turn_addr: SocketAddr,
+    /// TURN-over-TCP address, when the relay listens for TCP clients (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_tcp_addr: Option<SocketAddr>,
+    /// TURN-over-TLS address, when the relay listens for TLS clients (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_tls_addr: Option<SocketAddr>,
     /// Its region.
     pub region: String,
 }

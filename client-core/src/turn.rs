@@ -16,6 +16,10 @@
 //! minutes (they last 5); channels 9 minutes after binding (they last 10).
 //! [`TurnClient::deallocate`] sends Refresh with LIFETIME 0.
 //!
+//! A 300 (Try Alternate) answer to Allocate moves the client to the ALTERNATE-SERVER (with
+//! integrity when the request was authenticated; at most [`MAX_REDIRECTS`], never back to a
+//! server that redirected): [`Event::Redirected`], then the Allocate starts over there.
+//!
 //! What it is not: no sockets, no clock reads, no unseeded randomness (transaction ids come
 //! from a ChaCha RNG seeded from [`TurnConfig::seed`]); no TCP/TLS transport, no IPv6 dual
 //! allocation, no MESSAGE-INTEGRITY-SHA256 / PASSWORD-ALGORITHMS negotiation (coturn and
@@ -26,8 +30,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use peerlink_proto::attrs::{
-    ChannelNumber, Data, ErrorCode, Lifetime, Nonce, Realm, RequestedTransport, Software, Username,
-    XorMappedAddress, XorPeerAddress, XorRelayedAddress,
+    AlternateServer, ChannelNumber, Data, ErrorCode, Lifetime, Nonce, Realm, RequestedTransport,
+    Software, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
 };
 use peerlink_proto::channel::{self, ChannelData, ChannelDataError};
 use peerlink_proto::{
@@ -51,6 +55,8 @@ pub const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
 pub const CHANNEL_REFRESH: Duration = Duration::from_secs(540);
 /// How many 438 (stale nonce) answers in a row one request may get before it fails.
 pub const MAX_STALE_NONCE_RETRIES: u8 = 3;
+/// How many 300 (Try Alternate) redirects one allocation follows before it fails.
+pub const MAX_REDIRECTS: usize = 3;
 /// Size of the buffer requests are encoded into (a TURN request never comes close).
 const REQUEST_BUF: usize = 1280;
 
@@ -185,6 +191,14 @@ pub enum Event {
         peer: SocketAddr,
         /// The channel number.
         channel: u16,
+    },
+    /// The server answered Allocate with 300 Try Alternate: the client now talks to `to`
+    /// ([`TurnConfig::server`] changed) and has sent the Allocate there.
+    Redirected {
+        /// The server that redirected.
+        from: SocketAddr,
+        /// Its ALTERNATE-SERVER.
+        to: SocketAddr,
     },
     /// ChannelBind failed; the channel is forgotten.
     ChannelBindFailed {
@@ -395,6 +409,8 @@ pub struct TurnClient {
     next_channel: u16,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// Servers that redirected this allocation (a loop back to one of them fails it).
+    redirected_from: Vec<SocketAddr>,
 }
 
 impl TurnClient {
@@ -418,6 +434,7 @@ impl TurnClient {
             next_channel: channel::CHANNEL_MIN,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            redirected_from: Vec::new(),
         }
     }
 
@@ -888,6 +905,50 @@ impl TurnClient {
                 self.retry(now, t.kind, t.stale_retries);
             }
             401 => self.fail(now, t.kind, TurnError::Unauthorized { method }),
+            300 if matches!(t.kind, RequestKind::Allocate) => {
+                let alternate = match msg.get::<AlternateServer>() {
+                    Some(Ok(a)) => a.0,
+                    _ => {
+                        self.fail(
+                            now,
+                            t.kind,
+                            TurnError::MissingAttribute {
+                                method,
+                                attr: "ALTERNATE-SERVER",
+                            },
+                        );
+                        return;
+                    }
+                };
+                // An answer to an authenticated request moves us only with integrity (checked
+                // against our key above), so nobody off the path can steer the allocation.
+                let trusted = !t.authenticated || msg.has_integrity();
+                let looped = alternate == self.config.server
+                    || self.redirected_from.contains(&alternate)
+                    || self.redirected_from.len() >= MAX_REDIRECTS;
+                if !trusted || looped {
+                    self.fail(
+                        now,
+                        t.kind,
+                        TurnError::Rejected {
+                            method,
+                            code,
+                            reason,
+                        },
+                    );
+                    return;
+                }
+                let from = self.config.server;
+                self.redirected_from.push(from);
+                self.config.server = alternate;
+                // The alternate issues its own nonce (and maybe realm): start unauthenticated.
+                self.auth = None;
+                self.events.push_back(Event::Redirected {
+                    from,
+                    to: alternate,
+                });
+                self.retry(now, t.kind, 0);
+            }
             438 => {
                 let Some(nonce) = nonce else {
                     self.fail(

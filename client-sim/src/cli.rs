@@ -549,11 +549,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ))
             .await?;
             let a = ep.allocate(Duration::from_secs(15)).await?;
+            // A full or draining relay may have sent the allocation to another (300).
+            let used = ep.client().config().server;
             ep.deallocate(Duration::from_secs(15)).await?;
+            let redirected = (used != relay).then(|| format!(" (redirected by {relay})"));
             ctx.print(
-                serde_json::json!({"relay": relay.to_string(), "allocation": a}),
+                serde_json::json!({"relay": used.to_string(), "offered": relay.to_string(),
+                    "allocation": a}),
                 format!(
-                    "relay {relay}: allocated {} for {} (mapped {:?}, lifetime {} s) in {:.1} ms; released",
+                    "relay {used}{}: allocated {} for {} (mapped {:?}, lifetime {} s) in {:.1} ms; released",
+                    redirected.unwrap_or_default(),
                     a.relayed, a.local, a.mapped, a.lifetime_s, a.took_ms
                 ),
             );

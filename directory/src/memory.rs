@@ -460,6 +460,8 @@ impl MemoryStore {
         let rec = RelayRecord {
             relay_id: Arc::from(req.relay_id.as_str()),
             turn_addr: req.turn_addr,
+            turn_tcp_addr: req.turn_tcp_addr,
+            turn_tls_addr: req.turn_tls_addr,
             metrics_addr: req.metrics_addr,
             region: Arc::from(req.region.as_str()),
             load: req.load,
@@ -530,6 +532,8 @@ impl MemoryStore {
             .map(|r| RelayInfo {
                 relay_id: r.relay_id.to_string(),
                 turn_addr: r.turn_addr,
+                turn_tcp_addr: r.turn_tcp_addr,
+                turn_tls_addr: r.turn_tls_addr,
                 metrics_addr: r.metrics_addr,
                 region: r.region.to_string(),
                 load: r.load,
@@ -1016,6 +1020,8 @@ mod tests {
         RegisterRelayRequest {
             relay_id: id.into(),
             turn_addr: "127.0.0.1:3478".parse().unwrap(),
+            turn_tcp_addr: None,
+            turn_tls_addr: None,
             metrics_addr: "127.0.0.1:9641".parse().unwrap(),
             region: "eu".into(),
             capacity: 1_000,

@@ -23,6 +23,10 @@ pub struct RelayRecord {
     pub relay_id: Arc<str>,
     /// Public TURN address.
     pub turn_addr: SocketAddr,
+    /// TURN-over-TCP address, if it listens for TCP clients.
+    pub turn_tcp_addr: Option<SocketAddr>,
+    /// TURN-over-TLS address, if it listens for TLS clients.
+    pub turn_tls_addr: Option<SocketAddr>,
     /// Metrics address.
     pub metrics_addr: SocketAddr,
     /// Region.
@@ -135,6 +139,8 @@ pub fn chosen_view(r: &RelayRecord) -> ChosenRelay {
     ChosenRelay {
         relay_id: r.relay_id.to_string(),
         turn_addr: r.turn_addr,
+        turn_tcp_addr: r.turn_tcp_addr,
+        turn_tls_addr: r.turn_tls_addr,
         region: r.region.to_string(),
     }
 }
@@ -151,6 +157,8 @@ mod tests {
         RelayRecord {
             relay_id: Arc::from(id),
             turn_addr: "127.0.0.1:3478".parse().unwrap(),
+            turn_tcp_addr: None,
+            turn_tls_addr: None,
             metrics_addr: "127.0.0.1:9641".parse().unwrap(),
             region: Arc::from(region),
             load,

@@ -150,6 +150,8 @@ fn relay_req(id: &str, region: &str) -> RegisterRelayRequest {
     RegisterRelayRequest {
         relay_id: id.into(),
         turn_addr: "127.0.0.1:3478".parse().unwrap(),
+        turn_tcp_addr: None,
+        turn_tls_addr: None,
         metrics_addr: "127.0.0.1:9641".parse().unwrap(),
         region: region.into(),
         capacity: 100,

@@ -140,6 +140,8 @@ async fn restart_reregisters_within_one_heartbeat_and_republishes_presence() {
         RegisterRelayRequest {
             relay_id: "relay-1".into(),
             turn_addr: "127.0.0.1:3478".parse().unwrap(),
+            turn_tcp_addr: None,
+            turn_tls_addr: None,
             metrics_addr: "127.0.0.1:9641".parse().unwrap(),
             region: "eu".into(),
             capacity: 1000,

@@ -135,6 +135,8 @@ async fn every_client_method_round_trips() {
     let reg = RegisterRelayRequest {
         relay_id: "r1".into(),
         turn_addr: "127.0.0.1:3478".parse().unwrap(),
+        turn_tcp_addr: None,
+        turn_tls_addr: None,
         metrics_addr: "127.0.0.1:9641".parse().unwrap(),
         region: "eu".into(),
         capacity: 10,

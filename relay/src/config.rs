@@ -430,6 +430,17 @@ impl Config {
                 "public-addr {turn_addr} is not a unicast address with a port"
             )));
         }
+        // A stream listener is announced at the public IP when there is one (a 1:1 NAT maps
+        // every port) or when it listens on a wildcard address.
+        let announce = |listen: &[SocketAddr]| {
+            listen.first().map(|a| {
+                if self.public_addr.is_some() || a.ip().is_unspecified() {
+                    SocketAddr::new(turn_addr.ip(), a.port())
+                } else {
+                    *a
+                }
+            })
+        };
         let client = DirectoryClient::with_timeout(url, token, REQUEST_TIMEOUT)
             .map_err(|e| bad(format!("directory: {e}")))?;
         Ok(DirectorySettings {
@@ -437,6 +448,8 @@ impl Config {
             relay_id,
             region: self.region.clone(),
             turn_addr,
+            turn_tcp_addr: announce(&self.listen_tcp),
+            turn_tls_addr: announce(&self.listen_tls),
             capacity: self.max_allocations as u64,
         })
     }

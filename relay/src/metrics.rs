@@ -363,6 +363,7 @@ impl MetricsHub {
         v.push(("allocations_closed".into(), core.allocations_closed));
         v.push(("ports_reserved".into(), core.ports_reserved));
         v.push(("reservations_claimed".into(), core.reservations_claimed));
+        v.push(("allocations_redirected".into(), core.redirected));
         for t in Transport::ALL {
             let i = t.index();
             let n = t.as_str();
@@ -557,6 +558,11 @@ impl MetricsHub {
             "reservations_claimed_total",
             "Allocations made on a port reserved by an earlier EVEN-PORT.",
             core.reservations_claimed,
+        );
+        e.counter(
+            "allocations_redirected_total",
+            "Allocate requests answered 300 Try Alternate with another relay (draining or full).",
+            core.redirected,
         );
         let by_transport = |a: &[u64; 3]| -> Vec<(String, u64)> {
             Transport::ALL
@@ -754,6 +760,7 @@ fn sum_core(all: &[CoreCounters]) -> CoreCounters {
         t.short_circuited += c.short_circuited;
         t.ports_reserved += c.ports_reserved;
         t.reservations_claimed += c.reservations_claimed;
+        t.redirected += c.redirected;
     }
     t
 }

@@ -21,19 +21,48 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use peerlink_api::directory::{RegisterRelayRequest, RelayHeartbeatRequest};
+use peerlink_api::directory::{RegisterRelayRequest, RelayHeartbeatRequest, RelayInfo};
 use peerlink_api::directory_client::{
     DirectoryClient, RelayRegistration, RelayStatus, RelayStatusSource,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::core::{Alternate, Shared};
 use crate::metrics::MetricsHub;
 
 /// Upper bound of the best-effort deregistration on exit.
 pub const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Per-request timeout of the relay's directory client (registration, heartbeats).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the relay re-reads the directory's relay list for its alternates.
+pub const ALTERNATES_REFRESH: Duration = Duration::from_secs(5);
+/// Failed reads of the relay list in a row after which the alternates are dropped (an old
+/// list may name relays that are gone).
+const ALTERNATES_STALE_AFTER: u32 = 3;
+
+/// The relays worth redirecting new allocations to: healthy, not draining, not full, not this
+/// one; least loaded first.
+pub fn alternates_of(relays: &[RelayInfo], own_id: &str) -> Vec<Alternate> {
+    let mut usable: Vec<&RelayInfo> = relays
+        .iter()
+        .filter(|r| {
+            r.relay_id != own_id
+                && r.healthy
+                && !r.draining
+                && (r.capacity == 0 || r.allocations < r.capacity)
+        })
+        .collect();
+    usable.sort_by(|a, b| a.load.total_cmp(&b.load).then(a.relay_id.cmp(&b.relay_id)));
+    usable
+        .into_iter()
+        .map(|r| Alternate {
+            udp: r.turn_addr,
+            tcp: r.turn_tcp_addr,
+            tls: r.turn_tls_addr,
+        })
+        .collect()
+}
 
 /// What the relay announces to the directory (validated configuration; see `Config`).
 #[derive(Clone, Debug)]
@@ -46,6 +75,10 @@ pub struct DirectorySettings {
     pub region: String,
     /// TURN address clients should allocate on.
     pub turn_addr: SocketAddr,
+    /// TURN-over-TCP address announced (the first `--listen-tcp`), if any.
+    pub turn_tcp_addr: Option<SocketAddr>,
+    /// TURN-over-TLS address announced (the first `--listen-tls`), if any.
+    pub turn_tls_addr: Option<SocketAddr>,
     /// Allocations the relay can hold (`--max-allocations`).
     pub capacity: u64,
 }
@@ -103,6 +136,7 @@ pub struct Registrar {
     request: RegisterRelayRequest,
     status: HubStatus,
     drain: Arc<Notify>,
+    alternates: Option<Arc<Shared>>,
 }
 
 impl Registrar {
@@ -115,6 +149,8 @@ impl Registrar {
         let request = RegisterRelayRequest {
             relay_id: settings.relay_id.clone(),
             turn_addr: settings.turn_addr,
+            turn_tcp_addr: settings.turn_tcp_addr,
+            turn_tls_addr: settings.turn_tls_addr,
             metrics_addr,
             region: settings.region.clone(),
             capacity: settings.capacity,
@@ -131,9 +167,17 @@ impl Registrar {
                 request,
                 status,
                 drain,
+                alternates: None,
             },
             notice,
         )
+    }
+
+    /// Also keep `shared`'s alternates ([`Shared::set_alternates`]) to the healthy relays the
+    /// directory lists, refreshed every [`ALTERNATES_REFRESH`].
+    pub fn with_alternates(mut self, shared: Arc<Shared>) -> Self {
+        self.alternates = Some(shared);
+        self
     }
 
     /// Start the registration loop and its helpers on the current tokio runtime (must be called
@@ -144,6 +188,7 @@ impl Registrar {
             request,
             status,
             drain,
+            alternates,
         } = self;
         tracing::info!(
             directory = %settings.client.base_url(),
@@ -166,9 +211,17 @@ impl Registrar {
             settings.relay_id.clone(),
             status,
         ));
+        let mut helpers = vec![watcher, drainer];
+        if let Some(shared) = alternates {
+            helpers.push(tokio::spawn(learn_alternates(
+                settings.client.clone(),
+                settings.relay_id.clone(),
+                shared,
+            )));
+        }
         Running {
             registration,
-            helpers: vec![watcher, drainer],
+            helpers,
             client: settings.client,
             relay_id: settings.relay_id,
         }
@@ -244,6 +297,29 @@ async fn log_outages(
     }
 }
 
+/// Keeps `shared`'s alternates to the directory's healthy relays, every [`ALTERNATES_REFRESH`].
+async fn learn_alternates(client: DirectoryClient, relay_id: String, shared: Arc<Shared>) {
+    let mut failures = 0u32;
+    let mut tick = tokio::time::interval(ALTERNATES_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match client.list_relays().await {
+            Ok(relays) => {
+                failures = 0;
+                shared.set_alternates(alternates_of(&relays, &relay_id));
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == ALTERNATES_STALE_AFTER {
+                    tracing::debug!("relay list unavailable ({e}); no alternates until it returns");
+                    shared.set_alternates(Vec::new());
+                }
+            }
+        }
+    }
+}
+
 /// On drain start, heartbeat at once with the hub's figures (now `draining = true`).
 async fn announce_drain(
     drain: Arc<Notify>,
@@ -271,6 +347,46 @@ async fn announce_drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(id: &str, port: u16, load: f64, f: impl FnOnce(&mut RelayInfo)) -> RelayInfo {
+        let mut r = RelayInfo {
+            relay_id: id.into(),
+            turn_addr: SocketAddr::from(([198, 51, 100, 1], port)),
+            turn_tcp_addr: None,
+            turn_tls_addr: Some(SocketAddr::from(([198, 51, 100, 1], 443))),
+            metrics_addr: SocketAddr::from(([198, 51, 100, 1], 9641)),
+            region: "eu".into(),
+            load,
+            allocations: 10,
+            capacity: 100,
+            draining: false,
+            handed_out: 0,
+            healthy: true,
+            last_heartbeat_age_ms: 0,
+        };
+        f(&mut r);
+        r
+    }
+
+    #[test]
+    fn alternates_are_the_other_healthy_open_relays_least_loaded_first() {
+        let relays = vec![
+            info("me", 1, 0.0, |_| {}),
+            info("busy", 2, 0.9, |_| {}),
+            info("idle", 3, 0.1, |_| {}),
+            info("draining", 4, 0.0, |r| r.draining = true),
+            info("dead", 5, 0.0, |r| r.healthy = false),
+            info("full", 6, 0.0, |r| r.allocations = 100),
+        ];
+        let alts = alternates_of(&relays, "me");
+        let ports: Vec<u16> = alts.iter().map(|a| a.udp.port()).collect();
+        assert_eq!(ports, vec![3, 2]);
+        assert_eq!(
+            alts[0].tls,
+            Some(SocketAddr::from(([198, 51, 100, 1], 443)))
+        );
+        assert_eq!(alts[0].tcp, None);
+    }
 
     #[test]
     fn load_is_allocation_fill_clamped() {

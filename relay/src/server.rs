@@ -175,7 +175,7 @@ pub fn run(v: Validated) -> Result<Exit, ServerError> {
     let (registrar, drain_notice) = match &v.directory {
         Some(d) => {
             let (r, n) = Registrar::new(d.clone(), metrics_addr, hub.clone());
-            (Some(r), Some(n))
+            (Some(r.with_alternates(shared.clone())), Some(n))
         }
         None => (None, None),
     };

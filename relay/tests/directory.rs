@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use common::{Relay, STEP, TurnClient, free_tcp_port};
 use peerlink_api::directory::{ChooseRelaysRequest, RelayInfo};
 use peerlink_api::directory_client::DirectoryClient;
+use peerlink_proto::Method;
+use peerlink_proto::attrs::{AlternateServer, RequestedTransport};
 use peerlink_testkit::proc::{Service, workspace_bin};
 
 const TOKEN: &str = "relay-directory-test-token";
@@ -274,6 +276,88 @@ fn registers_once_directory_comes_up(io: &str) {
         "one line per outage, not per retry:\n{log}"
     );
     assert!(log.contains("directory answering again"), "{log}");
+}
+
+/// A full relay answers Allocate with 300 Try Alternate naming the healthy relay the directory
+/// lists, the client allocates there, and once that relay is gone the full one answers 508.
+/// Stream listeners are announced to the directory.
+fn full_relay_redirects_to_a_healthy_alternate(io: &str) {
+    let dir = Directory::start(free_tcp_port());
+    let api = Api::new(&dir.url());
+    let (full_id, alt_id) = (format!("relay-full-{io}"), format!("relay-alt-{io}"));
+    let tcp: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let url = dir.url();
+    let with_dir = |id: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--directory",
+            &url,
+            "--cluster-token",
+            TOKEN,
+            "--relay-id",
+            id,
+        ];
+        args.extend_from_slice(extra);
+        Relay::start(io, &args)
+    };
+    let full = with_dir(&full_id, &["--max-allocations", "1"]);
+    let tcp_flag = tcp.to_string();
+    let mut alt = with_dir(&alt_id, &["--listen-tcp", &tcp_flag]);
+    full.wait_until("both registered", STEP, || {
+        api.relay(&full_id).is_some() && api.relay(&alt_id).is_some()
+    });
+    let info = api.relay(&alt_id).unwrap();
+    assert_eq!(info.turn_tcp_addr, Some(tcp), "{info:?}");
+    assert_eq!(info.turn_tls_addr, None);
+
+    let mut first = TurnClient::new(full.listen, "user", "pass");
+    first.allocate().unwrap();
+    // Full now. Once it has read the relay list (every 5 s) it names the other relay.
+    let mut second = TurnClient::new(full.listen, "user", "pass");
+    let deadline = Instant::now() + Duration::from_secs(5) + MARGIN;
+    let named = loop {
+        let r = second
+            .request(Method::ALLOCATE, &|b| {
+                b.add(&RequestedTransport::UDP).unwrap()
+            })
+            .expect("an answer");
+        match r.error_code() {
+            Some(300) => break r.msg().get::<AlternateServer>().unwrap().unwrap().0,
+            Some(508) if Instant::now() < deadline => std::thread::sleep(STEP / 20),
+            other => panic!("expected 300, got {other:?}\n{}", full.log_text()),
+        }
+    };
+    assert_eq!(named, alt.listen);
+    second.server = named;
+    second.allocate().expect("allocated on the alternate");
+    alt.wait_until("the allocation on the alternate", STEP, || {
+        alt.stat("allocations_active") == 1
+    });
+    full.wait_until("the redirect counted", STEP, || {
+        full.stat("allocations_redirected") >= 1
+    });
+
+    // The alternate dies: unhealthy after the directory's TTL, dropped at the next read.
+    alt.signal(libc::SIGKILL);
+    assert!(alt.wait_exit(STEP).is_some());
+    let mut third = TurnClient::new(full.listen, "user", "pass");
+    let deadline = Instant::now() + Duration::from_secs_f64(NODE_TTL_S + 5.0) + MARGIN;
+    loop {
+        match third.allocate() {
+            Err(508) => break,
+            Err(300) if Instant::now() < deadline => std::thread::sleep(STEP / 20),
+            other => panic!("expected 508 once the alternate is gone, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn full_relay_redirects_to_a_healthy_alternate_uring() {
+    full_relay_redirects_to_a_healthy_alternate("uring");
+}
+
+#[test]
+fn full_relay_redirects_to_a_healthy_alternate_epoll() {
+    full_relay_redirects_to_a_healthy_alternate("epoll");
 }
 
 #[test]

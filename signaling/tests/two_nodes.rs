@@ -170,6 +170,8 @@ async fn turn_credentials_name_the_relay_the_directory_chose() {
     let relay = RegisterRelayRequest {
         relay_id: "relay-1".into(),
         turn_addr: "127.0.0.1:3478".parse().unwrap(),
+        turn_tcp_addr: None,
+        turn_tls_addr: None,
         metrics_addr: "127.0.0.1:9641".parse().unwrap(),
         region: "default".into(),
         capacity: 1000,

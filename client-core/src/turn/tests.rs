@@ -576,3 +576,94 @@ proptest! {
         while c.poll_event().is_some() {}
     }
 }
+
+/// A 300 answer to the authenticated Allocate `req`, naming `alt`, with integrity if `signed`.
+fn try_alternate(req: &[u8], alt: SocketAddr, signed: bool) -> Vec<u8> {
+    let k = key();
+    reply(req, Class::Error, signed.then_some(&k[..]), |b| {
+        b.add(&ErrorCode::new(300)).unwrap();
+        b.add(&AlternateServer(alt)).unwrap();
+    })
+}
+
+/// The client's authenticated Allocate on its current server (after a 401 there).
+fn authed_allocate(c: &mut TurnClient, t0: Instant, from: SocketAddr, nonce: &str) -> Vec<u8> {
+    let t = c.poll_transmit().expect("an Allocate");
+    assert_eq!(t.destination, from);
+    c.handle_input(t0, from, &challenge(&t.payload, 401, nonce))
+        .unwrap();
+    let t = c.poll_transmit().expect("the authenticated Allocate");
+    assert_eq!(t.destination, from);
+    assert_authenticated(&t.payload, nonce);
+    t.payload
+}
+
+#[test]
+fn try_alternate_moves_the_allocation_to_the_named_server() {
+    let t0 = Instant::now();
+    let alt = addr("127.0.0.2:3478");
+    let mut c = client(3);
+    c.allocate(t0).unwrap();
+    let req = authed_allocate(&mut c, t0, server(), "n1");
+    c.handle_input(t0, server(), &try_alternate(&req, alt, true))
+        .unwrap();
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Redirected {
+            from: server(),
+            to: alt
+        })
+    );
+    assert_eq!(c.config().server, alt);
+    // the alternate is asked afresh (its own nonce), and its answers are the ones accepted
+    let t = c.poll_transmit().unwrap();
+    assert_eq!(t.destination, alt);
+    assert!(!Message::parse(&t.payload).unwrap().has_integrity());
+    assert!(c.handle_input(t0, server(), &t.payload).is_err());
+    c.handle_input(t0, alt, &challenge(&t.payload, 401, "n2"))
+        .unwrap();
+    let t = c.poll_transmit().unwrap();
+    assert_eq!(t.destination, alt);
+    assert_authenticated(&t.payload, "n2");
+    c.handle_input(t0, alt, &allocate_ok(&t.payload, 600))
+        .unwrap();
+    assert!(matches!(c.poll_event(), Some(Event::Allocated { .. })));
+    assert_eq!(c.state(), AllocationState::Allocated);
+}
+
+#[test]
+fn an_unsigned_or_looping_redirect_fails_the_allocation() {
+    let t0 = Instant::now();
+    let alt = addr("127.0.0.2:3478");
+    // unsigned answer to an authenticated request: not followed
+    let mut c = client(4);
+    c.allocate(t0).unwrap();
+    let req = authed_allocate(&mut c, t0, server(), "n1");
+    c.handle_input(t0, server(), &try_alternate(&req, alt, false))
+        .unwrap();
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::AllocationFailed(TurnError::Rejected {
+            code: 300,
+            ..
+        }))
+    ));
+    assert_eq!(c.config().server, server());
+    // A -> B -> A: the second redirect is refused
+    let mut c = client(5);
+    c.allocate(t0).unwrap();
+    let req = authed_allocate(&mut c, t0, server(), "n1");
+    c.handle_input(t0, server(), &try_alternate(&req, alt, true))
+        .unwrap();
+    assert!(matches!(c.poll_event(), Some(Event::Redirected { .. })));
+    let req = authed_allocate(&mut c, t0, alt, "n2");
+    c.handle_input(t0, alt, &try_alternate(&req, server(), true))
+        .unwrap();
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::AllocationFailed(TurnError::Rejected {
+            code: 300,
+            ..
+        }))
+    ));
+}

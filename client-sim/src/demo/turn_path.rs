@@ -204,7 +204,11 @@ impl TurnEndpoint {
     }
 
     /// Send `data` to `peer` through the relay (ChannelData when bound).
-    async fn send_to_peer(&mut self, peer: SocketAddr, data: &[u8]) -> Result<(), TurnPathError> {
+    pub async fn send_to_peer(
+        &mut self,
+        peer: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), TurnPathError> {
         if self.out.len() < data.len() + 64 {
             self.out.resize(data.len() + 64, 0);
         }

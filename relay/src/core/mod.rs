@@ -63,6 +63,11 @@
 //!   and the answer carries ADDRESS-ERROR-CODE 440 for IPv6.
 //! * Draining ([`Shared::set_draining`]): new Allocate -> 508 (Insufficient Capacity: "try
 //!   another server"), everything on existing allocations keeps working.
+//! * Try Alternate: when io has named other relays ([`Shared::set_alternates`], learned from
+//!   the directory), an authenticated Allocate this relay cannot take — draining, the total
+//!   quota, no port, no id — gets 300 with ALTERNATE-SERVER (the best alternate serving the
+//!   client's transport and address family) instead of 508; without one it stays 508. A
+//!   RESERVATION-TOKEN names a port of this relay, so its failures stay 508.
 //! * Quotas: per user over all workers -> 486; total over all workers, out of ports, or this
 //!   worker's id space full -> 508. They live in [`Shared`], touched only on allocate/free.
 //! * Channel numbers: 0x4000-0x4FFF (RFC 8656); `legacy_channel_range` opts into RFC 5766's
@@ -470,6 +475,30 @@ pub struct Shared {
     pub unix_at_epoch: u64,
     total: AtomicUsize,
     per_user: Mutex<HashMap<String, usize>>,
+    alternates: Mutex<Vec<Alternate>>,
+}
+
+/// Another relay of the fleet that takes new allocations, learned from the directory: where a
+/// client of each transport reaches it. A draining or full relay names one in ALTERNATE-SERVER.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Alternate {
+    /// Its UDP TURN address.
+    pub udp: SocketAddr,
+    /// Its TURN-over-TCP address, if it has one.
+    pub tcp: Option<SocketAddr>,
+    /// Its TURN-over-TLS address, if it has one.
+    pub tls: Option<SocketAddr>,
+}
+
+impl Alternate {
+    /// Where a client on `transport` reaches it, if it serves that transport.
+    pub fn addr_for(&self, transport: Transport) -> Option<SocketAddr> {
+        match transport {
+            Transport::Udp => Some(self.udp),
+            Transport::Tcp => self.tcp,
+            Transport::Tls => self.tls,
+        }
+    }
 }
 
 impl Shared {
@@ -481,7 +510,22 @@ impl Shared {
             unix_at_epoch,
             total: AtomicUsize::new(0),
             per_user: Mutex::new(HashMap::new()),
+            alternates: Mutex::new(Vec::new()),
         }
+    }
+    /// Replace the relays to redirect new allocations to when this one is draining or full,
+    /// best first.
+    pub fn set_alternates(&self, alternates: Vec<Alternate>) {
+        *self.alternates.lock().unwrap_or_else(|e| e.into_inner()) = alternates;
+    }
+    /// The best alternate a client on `transport` at an address of `client`'s family can
+    /// reach (ALTERNATE-SERVER must have the family of the request's source, RFC 8489 14.15).
+    pub fn alternate_for(&self, transport: Transport, client: SocketAddr) -> Option<SocketAddr> {
+        let alternates = self.alternates.lock().unwrap_or_else(|e| e.into_inner());
+        alternates
+            .iter()
+            .filter_map(|a| a.addr_for(transport))
+            .find(|a| a.is_ipv4() == client.is_ipv4())
     }
     /// Start (or stop) draining.
     pub fn set_draining(&self, on: bool) {
@@ -554,11 +598,13 @@ pub struct CoreCounters {
     pub ports_reserved: u64,
     /// Allocations made on a reserved port (RESERVATION-TOKEN).
     pub reservations_claimed: u64,
+    /// Allocate requests sent to another relay (300 Try Alternate).
+    pub redirected: u64,
 }
 
 /// Error codes the core answers with, in the order of [`CoreCounters::resp_error`].
-pub const ERROR_CODES: [u16; 14] = [
-    400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508, 0,
+pub const ERROR_CODES: [u16; 15] = [
+    300, 400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508, 0,
 ];
 
 /// Index of `code` in [`ERROR_CODES`] (the last slot, labelled 0, collects anything else).

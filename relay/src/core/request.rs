@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use peerlink_proto::attrs::{
-    AdditionalAddressFamily, AddressErrorCode, ErrorCode, EvenPort, Lifetime, Nonce, Realm,
-    RequestedAddressFamily, RequestedTransport, ReservationToken, Software, UnknownAttributes,
-    Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
+    AdditionalAddressFamily, AddressErrorCode, AlternateServer, ErrorCode, EvenPort, Lifetime,
+    Nonce, Realm, RequestedAddressFamily, RequestedTransport, ReservationToken, Software,
+    UnknownAttributes, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
 };
 use peerlink_proto::auth::{long_term_key, rest};
 use peerlink_proto::error_code as ec;
@@ -537,10 +537,10 @@ impl Core {
             Some(Err(_)) => return self.error(scratch, req, ec::BAD_REQUEST, key, None),
         };
         if self.shared.is_draining() {
-            return self.error(scratch, req, ec::INSUFFICIENT_CAPACITY, key, None);
+            return self.refuse_capacity(scratch, src, req, &auth.key, port);
         }
         let Some(id) = self.table.next_id() else {
-            return self.error(scratch, req, ec::INSUFFICIENT_CAPACITY, key, None);
+            return self.refuse_capacity(scratch, src, req, &auth.key, port);
         };
         let cfg = &self.cfg;
         match self
@@ -552,7 +552,7 @@ impl Core {
                 return self.error(scratch, req, ec::ALLOCATION_QUOTA_REACHED, key, None);
             }
             Err(QuotaError::Total) => {
-                return self.error(scratch, req, ec::INSUFFICIENT_CAPACITY, key, None);
+                return self.refuse_capacity(scratch, src, req, &auth.key, port);
             }
         }
         let (relayed, reserved) = match sockets.open(id, family, port, now) {
@@ -561,9 +561,10 @@ impl Core {
                 self.shared.release(auth.user);
                 let code = match e {
                     OpenError::FamilyNotSupported => ec::ADDRESS_FAMILY_NOT_SUPPORTED,
-                    OpenError::NoPorts | OpenError::NoReservation | OpenError::Io(_) => {
-                        ec::INSUFFICIENT_CAPACITY
+                    OpenError::NoPorts | OpenError::Io(_) => {
+                        return self.refuse_capacity(scratch, src, req, &auth.key, port);
                     }
+                    OpenError::NoReservation => ec::INSUFFICIENT_CAPACITY,
                 };
                 return self.error(scratch, req, code, key, None);
             }
@@ -608,6 +609,36 @@ impl Core {
             }
             Ok(())
         })
+    }
+
+    /// An Allocate this relay cannot take: 300 Try Alternate naming another relay when io
+    /// knows one for the client's transport and family (and the request is not for a port
+    /// reserved here), else 508.
+    fn refuse_capacity(
+        &mut self,
+        scratch: &mut [u8],
+        src: Client,
+        req: &Req<'_>,
+        key: &[u8; 16],
+        port: PortRequest,
+    ) -> Handled {
+        let alternate = match port {
+            PortRequest::Reserved(_) => None,
+            _ => self.shared.alternate_for(src.link.transport(), src.addr),
+        };
+        let Some(alternate) = alternate else {
+            return self.error(scratch, req, ec::INSUFFICIENT_CAPACITY, Some(key), None);
+        };
+        let typ = MessageType::new(Class::Error, req.method);
+        let mut b = MessageBuilder::new(scratch, typ, req.tid).map_err(internal)?;
+        b.add(&ErrorCode::new(ec::TRY_ALTERNATE))
+            .map_err(internal)?;
+        b.add(&AlternateServer(alternate)).map_err(internal)?;
+        let n =
+            seal(b, self.cfg.software.as_deref(), Some(key), req.fingerprint).map_err(internal)?;
+        self.counters.resp_error[error_index(ec::TRY_ALTERNATE)] += 1;
+        self.counters.redirected += 1;
+        Ok(n)
     }
 
     fn refresh(

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peerlink_proto::attrs::{
-    Data, ErrorCode, EvenPort, Lifetime, Nonce, Realm, RequestedAddressFamily, RequestedTransport,
-    ReservationToken, UnknownAttributes, Username, XorMappedAddress, XorPeerAddress,
-    XorRelayedAddress,
+    AlternateServer, Data, ErrorCode, EvenPort, Lifetime, Nonce, Realm, RequestedAddressFamily,
+    RequestedTransport, ReservationToken, UnknownAttributes, Username, XorMappedAddress,
+    XorPeerAddress, XorRelayedAddress,
 };
 use peerlink_proto::auth::{long_term_key, rest};
 use peerlink_proto::channel::ChannelData;
@@ -1215,6 +1215,96 @@ fn draining_refuses_new_allocations_and_serves_existing() {
     assert!(b.allocate(&mut h).is_ok());
 }
 
+/// The ALTERNATE-SERVER of a 300 answer, checked for our integrity.
+fn alternate_of(c: &Client, resp: &[u8]) -> SocketAddr {
+    let m = Message::parse(resp).unwrap();
+    assert_eq!(m.get::<ErrorCode>().unwrap().unwrap().code, 300);
+    m.verify_integrity(&c.key)
+        .expect("a 300 carries MESSAGE-INTEGRITY, so a client can trust the redirect");
+    m.get::<AlternateServer>().unwrap().unwrap().0
+}
+
+const ALT_V4: &str = "198.51.100.50:3478";
+const ALT_TLS: &str = "198.51.100.50:443";
+
+fn with_alternates(h: &Harness) {
+    h.shared.set_alternates(vec![
+        Alternate {
+            udp: sa("[2001:db8::50]:3478"),
+            tcp: None,
+            tls: None,
+        },
+        Alternate {
+            udp: sa(ALT_V4),
+            tcp: None,
+            tls: Some(sa(ALT_TLS)),
+        },
+    ]);
+}
+
+#[test]
+fn a_draining_relay_names_an_alternate_of_the_clients_family_and_transport() {
+    let mut h = Harness::new();
+    with_alternates(&h);
+    let mut a = alice(&mut h);
+    h.shared.set_draining(true);
+    let mut b = Client::new("198.51.100.21:1", "bob", "bob-pw");
+    let resp = b.transact(&mut h, Method::ALLOCATE, &udp);
+    assert_eq!(alternate_of(&b, &resp), sa(ALT_V4));
+    // over TLS: the alternate's TLS listener; over TCP: none has one -> 508
+    let mut tls = b.over_stream(1, true);
+    let resp = tls.transact(&mut h, Method::ALLOCATE, &udp);
+    assert_eq!(alternate_of(&tls, &resp), sa(ALT_TLS));
+    let mut tcp = b.over_stream(2, false);
+    assert_eq!(tcp.allocate(&mut h), Err(508));
+    // the existing allocation is served as before
+    assert_eq!(err_code(&a.refresh(&mut h, Some(600))), None);
+    assert_eq!(h.core.counters().redirected, 2);
+    assert_eq!(h.core.counters().errors_for(300), 2);
+    assert_eq!(h.core.allocations(), 1);
+}
+
+#[test]
+fn a_full_relay_redirects_and_one_without_alternates_answers_508() {
+    let mut h = Harness::with(|c| c.max_allocations = 1);
+    let _a = alice(&mut h);
+    let mut b = Client::new("198.51.100.21:1", "bob", "bob-pw");
+    assert_eq!(b.allocate(&mut h), Err(508));
+    with_alternates(&h);
+    let resp = b.transact(&mut h, Method::ALLOCATE, &udp);
+    assert_eq!(alternate_of(&b, &resp), sa(ALT_V4));
+    // an IPv6 client is named the IPv6 alternate
+    let mut v6 = Client::new("[2001:db8::21]:1", "bob", "bob-pw");
+    let resp = v6.transact(&mut h, Method::ALLOCATE, &udp);
+    assert_eq!(alternate_of(&v6, &resp), sa("[2001:db8::50]:3478"));
+    // and the list emptied -> 508 again
+    h.shared.set_alternates(Vec::new());
+    assert_eq!(b.allocate(&mut h), Err(508));
+}
+
+#[test]
+fn a_reservation_token_is_never_redirected() {
+    let mut h = Harness::new();
+    let mut a = Client::new("198.51.100.20:40000", "alice", "alice-pw");
+    let (_, token) = a
+        .allocate_reserving(&mut h, &|b| {
+            udp(b);
+            b.add(&EvenPort { reserve: true }).unwrap();
+        })
+        .unwrap();
+    let token = token.unwrap();
+    with_alternates(&h);
+    h.shared.set_draining(true);
+    let mut b = Client::new("198.51.100.21:1", "bob", "bob-pw");
+    assert_eq!(
+        b.allocate_with(&mut h, &move |m| {
+            udp(m);
+            m.add(&ReservationToken(token)).unwrap();
+        }),
+        Err(508)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Refresh and lifetimes
 
@@ -1845,7 +1935,7 @@ fn drop_reason_labels_are_unique_and_indexed() {
         assert!(seen.insert(r.as_str()));
     }
     assert_eq!(DropReason::COUNT, DropReason::ALL.len());
-    assert_eq!(error_index(437), 4);
+    assert_eq!(error_index(437), 5);
     assert_eq!(ERROR_CODES[error_index(999)], 0);
 }
 
