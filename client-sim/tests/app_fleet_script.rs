@@ -194,9 +194,17 @@ impl Drop for FleetScript {
     }
 }
 
-/// Whether the process `pid` exists.
+/// Whether the process `pid` runs: it exists and has not exited (an exited process stays a
+/// zombie until whoever adopted it reaps it).
 fn exists(pid: u64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which ends with the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    state != Some("Z")
 }
 
 /// `peerlink-sim demo` against a signaling node of the fleet, its fixed-relay media through

@@ -110,7 +110,7 @@ tcp_ok() {
 random_secret() { python3 -c 'import secrets; print(secrets.token_hex(32))'; }
 
 # The process start time of pid (field 22 of /proc/PID/stat), to tell our process from a later
-# one that reuses its pid.
+# one that reuses its pid; fails when there is no such process or it has exited (a zombie).
 start_time() {
   local stat
   stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
@@ -118,6 +118,7 @@ start_time() {
   stat=${stat##*) }
   # shellcheck disable=SC2086 # word splitting of the remaining fields is the point
   set -- $stat
+  [ "$1" != Z ] || return 1
   echo "${20}"
 }
 
@@ -206,7 +207,7 @@ wait_announce() { # name pid prefix
       echo "${line#"$3"}"
       return 0
     fi
-    kill -0 "$2" 2>/dev/null || { log "$1 exited before announcing its address:"; log_tail "$1"; return 1; }
+    start_time "$2" >/dev/null || { log "$1 exited before announcing its address:"; log_tail "$1"; return 1; }
     sleep 0.1
   done
   log "$1 announced no address within ${START_TIMEOUT}s:"
@@ -220,7 +221,7 @@ wait_ready() { # name pid check args...
   shift 2
   while [ $SECONDS -lt $deadline ]; do
     "$@" && return 0
-    kill -0 "$pid" 2>/dev/null || { log "$name exited during start-up:"; log_tail "$name"; return 1; }
+    start_time "$pid" >/dev/null || { log "$name exited during start-up:"; log_tail "$name"; return 1; }
     sleep 0.2
   done
   log "$name not ready within ${START_TIMEOUT}s:"
@@ -228,12 +229,14 @@ wait_ready() { # name pid check args...
   return 1
 }
 
-# Stop one process: signal it, then SIGKILL after the bound; nothing when it is gone already.
+# Send one recorded process its stop signal; nothing when it is gone already.
 stop_pid() { # pid start-time signal
   alive "$1" "$2" || return 0
   kill "-$3" "$1" 2>/dev/null || true
 }
 
+# Stop every recorded process, the last started first, and SIGKILL what still runs after
+# STOP_TIMEOUT seconds.
 stop_all() {
   [ -f "$STATE/pids" ] || return 0
   local lines=() l name pid st sig deadline left
