@@ -337,6 +337,22 @@ async fn fleet_script_two_signaling_nodes_two_relays_and_prometheus() {
         assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     }
 
+    // Bad arguments are refused before anything starts (exit 2); a directory that is not a
+    // fleet's state is never stopped or removed.
+    let bad = fleet.run(&["up", "--relays", "0"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+    let foreign = tempfile::tempdir().unwrap();
+    std::fs::write(foreign.path().join("keep"), "mine").unwrap();
+    let out = run(
+        FleetScript::command(&fleet.bins, &["down"], foreign.path()),
+        fleet.left(SCRIPT),
+    );
+    assert!(
+        !out.status.success(),
+        "down on a foreign directory succeeded"
+    );
+    assert!(foreign.path().join("keep").is_file());
+
     // A second `up` on the same state is refused, and the running fleet is untouched.
     let second = fleet.run(&["up"]);
     assert!(!second.status.success());
@@ -419,7 +435,15 @@ async fn fleet_script_two_signaling_nodes_two_relays_and_prometheus() {
 async fn fleet_script_with_engines_shares_postgres_between_signaling_nodes() {
     let fleet = FleetScript::up(
         "engines",
-        &["--engines", "--signaling", "2", "--relays", "1"],
+        &[
+            "--engines",
+            "--signaling",
+            "2",
+            "--relays",
+            "1",
+            "--directories",
+            "2",
+        ],
     );
     let f = &fleet.fleet;
     let pg = f["postgres"].as_str().unwrap_or_else(|| panic!("{f}"));
@@ -437,10 +461,12 @@ async fn fleet_script_with_engines_shares_postgres_between_signaling_nodes() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
+    assert_eq!(fleet.strs("directory").len(), 2, "{f}");
     for want in [
         "postgres",
         "redis",
         "directory-1",
+        "directory-2",
         "relay-1",
         "signaling-1",
         "signaling-2",
