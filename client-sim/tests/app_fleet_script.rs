@@ -375,6 +375,7 @@ async fn fleet_script_two_signaling_nodes_two_relays_and_prometheus() {
 
     // The nodes share one SQLite store: an account registered on one logs in on the other.
     shared_accounts(&signaling).await;
+    assert!(fleet.dir.join("signaling.db").is_file());
 
     // A demo through each signaling node, its relayed media through a relay of its own.
     let out = tempfile::tempdir().unwrap();
@@ -474,9 +475,11 @@ async fn fleet_script_with_engines_shares_postgres_between_signaling_nodes() {
         assert!(names.contains(&want), "{want} in {names:?}");
     }
 
-    // PostgreSQL behind both nodes: an account registered on one logs in on the other.
+    // PostgreSQL behind both nodes (no SQLite file): an account registered on one logs in on
+    // the other.
     let signaling = fleet.strs("signaling");
     shared_accounts(&signaling).await;
+    assert!(!fleet.dir.join("signaling.db").exists());
 
     let (turn, metrics) = fleet.relays()[0].clone();
     let out = tempfile::tempdir().unwrap();

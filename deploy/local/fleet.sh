@@ -20,7 +20,7 @@
 #    "prometheus":"http://127.0.0.1:P"|null,"state":"DIR"}
 #
 # The signaling nodes share one store: one SQLite file in DIR, or with --engines a PostgreSQL
-# server started in DIR (`--store postgres://...`). --engines also starts redis-server for the
+# server started in DIR (`postgres://...`, given as PEERLINK_STORE, the environment's --store). --engines also starts redis-server for the
 # directories, passed as `--store redis://...` when the directory's --help mentions redis
 # (without it each directory keeps its registry in its own memory).
 #
@@ -384,15 +384,14 @@ start_relay() { # index directory-url
 }
 
 start_signaling() { # index directory-url
-  local name=signaling-$1 args addr stun
+  local name=signaling-$1 args store addr stun
   args=(--listen 127.0.0.1:0 --stun 127.0.0.1:0 --directory "$2" --node-id "$name")
-  if [ -n "$POSTGRES_URL" ]; then
-    args+=(--store "$POSTGRES_URL")
-  else
-    args+=(--db "$STATE/signaling.db")
-  fi
+  # The store as PEERLINK_STORE (the same as --store), which keeps its password off the
+  # command line.
+  store=${POSTGRES_URL:-sqlite:$STATE/signaling.db}
   spawn "$name" TERM env PEERLINK_TOKEN_SECRET="$TOKEN_SECRET" PEERLINK_TURN_SECRET="$TURN_SECRET" \
-    PEERLINK_CLUSTER_TOKEN="$CLUSTER_TOKEN" "$BIN_DIR/peerlink-signaling" "${args[@]}"
+    PEERLINK_CLUSTER_TOKEN="$CLUSTER_TOKEN" PEERLINK_STORE="$store" \
+    "$BIN_DIR/peerlink-signaling" "${args[@]}"
   addr=$(wait_announce "$name" "$PID" "http=") || return 1
   stun=$(wait_announce "$name" "$PID" "stun=") || return 1
   wait_ready "$name" "$PID" http_ok "http://$addr/healthz" || return 1
