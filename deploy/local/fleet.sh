@@ -38,9 +38,10 @@
 #
 # State (pids, logs, configuration, secrets in secrets.env, databases) lives in DIR, default
 # ${XDG_RUNTIME_DIR:-/tmp}/peerlink-fleet. Binaries: $PEERLINK_BIN_DIR, else the workspace's
-# target/release, else target/debug (under $CARGO_TARGET_DIR when set), built with cargo when
-# missing. Needs python3 (free ports, health checks, JSON), prometheus, and with --engines
-# PostgreSQL's server binaries and redis-server: scripts/setup.sh installs them.
+# target/release or target/debug (under $CARGO_TARGET_DIR when set; the more recently built of
+# the two when both are complete), built with cargo (debug) when neither is. Needs python3
+# (free ports, health checks, JSON), prometheus, and with --engines PostgreSQL's server binaries
+# and redis-server: scripts/setup.sh installs them.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -142,14 +143,16 @@ find_bins() {
     return
   fi
   target=${CARGO_TARGET_DIR:-$ROOT/target}
+  BIN_DIR=""
   for d in "$target/release" "$target/debug"; do
     ok=1
     for n in "${names[@]}"; do [ -x "$d/$n" ] || ok=0; done
-    if [ "$ok" = 1 ]; then
+    # Of two complete sets, the more recently built one.
+    if [ "$ok" = 1 ] && { [ -z "$BIN_DIR" ] || [ "$d/peerlink-relay" -nt "$BIN_DIR/peerlink-relay" ]; }; then
       BIN_DIR=$d
-      return
     fi
   done
+  [ -z "$BIN_DIR" ] || return 0
   log "building the service binaries (cargo build; none complete in $target/release or $target/debug)"
   (cd "$ROOT" && cargo build -p peerlink-directory -p peerlink-relay -p peerlink-signaling --bins >&2) \
     || die "cargo build failed"
