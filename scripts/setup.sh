@@ -4,7 +4,9 @@
 #   coturn      turnserver + turnutils_* : interop tests and the relay benchmark baseline
 #   nftables, iproute2, conntrack : the NAT lab (network namespaces, NAT rules, mapping flushes)
 #   cmake, pkg-config, libopus-dev : the Opus codec for the reference client
-#   prometheus (promtool), kubectl, kubernetes-validate (pip) : the deploy/ checks
+#   prometheus (promtool), kubectl, kubernetes-validate (pip) : the deploy/ checks; prometheus
+#               itself scrapes deploy/local/fleet.sh's fleet
+#   redis-server : the store fleet.sh --engines starts for the directory
 #   postgresql  initdb + postgres (and the `postgres` user): signaling's PostgreSQL store tests
 #               start their own server in a temporary directory; the package's cluster is never
 #               started here
@@ -12,7 +14,7 @@ set -euo pipefail
 
 need_cmds=(turnserver:coturn turnutils_uclient:coturn nft:nftables ip:iproute2
            conntrack:conntrack cmake:cmake pkg-config:pkg-config promtool:prometheus
-           kubectl:kubernetes-client)
+           prometheus:prometheus kubectl:kubernetes-client redis-server:redis-server)
 need_pkgs=(libopus-dev)
 
 missing=()

@@ -160,6 +160,10 @@ pub enum Cmd {
         /// Relay metrics address for /stats when using --server.
         #[arg(long)]
         relay_metrics: Option<SocketAddr>,
+        /// TURN relay (host:port) of the fixed-relay media exchange [default: the first one
+        /// signaling offers]; it must accept signaling's TURN credentials.
+        #[arg(long)]
+        relay: Option<SocketAddr>,
         /// Signaling's STUN address when using --server.
         #[arg(long)]
         stun: Option<SocketAddr>,
@@ -592,11 +596,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             audio,
             out,
             relay_metrics,
+            relay,
             stun,
         } => {
             let opts = DemoOptions {
                 server: cli.server.clone(),
                 relay_metrics,
+                relay,
                 out_dir: out,
                 media_seconds,
                 stun,

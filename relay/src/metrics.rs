@@ -1,5 +1,6 @@
-//! Metrics off the hot path: workers keep plain counters and an interval HdrHistogram of
-//! in-relay latency, and once a second send a [`WorkerReport`] over a crossbeam channel. The
+//! Metrics off the hot path: workers keep plain counters, the fixed buckets of the forwarding
+//! latency histogram ([`ForwardLatency`]) and an interval HdrHistogram of the same latency, and
+//! once a second send a [`WorkerReport`] over a crossbeam channel. The
 //! metrics thread ([`run_metrics_thread`]) merges them into a [`MetricsHub`], which the HTTP
 //! server renders as Prometheus text ([`MetricsHub::prometheus`]) and JSON ([`MetricsHub::stats`]),
 //! and optionally appends each merged interval to an HdrHistogram interval log (V2, deflate).
@@ -32,10 +33,27 @@ use crate::stream::conn::CloseReason;
 pub const LATENCY_MAX_US: u64 = 60_000_000;
 /// Significant figures of the latency histograms (3 = 0.1 % resolution).
 pub const LATENCY_SIGFIG: u8 = 3;
-/// Upper bounds (µs) of the Prometheus latency histogram buckets (plus `+Inf`).
-pub const LATENCY_BUCKETS_US: [u64; 14] = [
-    5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
+/// Upper bounds of the buckets of `peerlink_relay_forward_latency_seconds` (plus `+Inf`), in
+/// nanoseconds (what the worker counts in) and in seconds (what the exposition says). Dense
+/// between 10 and 500 µs, where a healthy relay's forwarding latency lies; the coarse tail tells
+/// a stalled worker (milliseconds) from a descheduled one (tens of milliseconds and more).
+pub const FORWARD_LATENCY_BUCKETS: [(u64, f64); 13] = [
+    (5_000, 5e-6),
+    (10_000, 1e-5),
+    (25_000, 2.5e-5),
+    (50_000, 5e-5),
+    (75_000, 7.5e-5),
+    (100_000, 1e-4),
+    (150_000, 1.5e-4),
+    (250_000, 2.5e-4),
+    (500_000, 5e-4),
+    (1_000_000, 1e-3),
+    (2_500_000, 2.5e-3),
+    (10_000_000, 1e-2),
+    (100_000_000, 1e-1),
 ];
+/// Slots of [`ForwardLatency::counts`]: one per bucket plus the one above the last bound.
+pub const FORWARD_LATENCY_SLOTS: usize = FORWARD_LATENCY_BUCKETS.len() + 1;
 /// How often workers report and the metrics thread merges.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the metrics thread takes reports off the channel (hub figures lag at most this).
@@ -84,6 +102,62 @@ impl Direction {
     ];
 }
 
+/// The forwarding latency histogram of one worker (or merged): plain counters per fixed bucket,
+/// cumulative since start. Recording is a binary search over 13 bounds and two additions: no
+/// allocation, no lock, no atomic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ForwardLatency {
+    /// Samples per bucket alone (not cumulative): slot `i` counts samples above bound `i - 1`
+    /// and at most bound `i` of [`FORWARD_LATENCY_BUCKETS`]; the last slot counts those above
+    /// every bound.
+    pub counts: [u64; FORWARD_LATENCY_SLOTS],
+    /// Sum of the samples, nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl ForwardLatency {
+    /// Count one sample of `ns` nanoseconds.
+    #[inline]
+    pub fn record(&mut self, ns: u64) {
+        // Prometheus buckets are `le`: a sample equal to a bound belongs to that bound's bucket.
+        let slot = FORWARD_LATENCY_BUCKETS.partition_point(|&(bound, _)| bound < ns);
+        if let Some(c) = self.counts.get_mut(slot) {
+            *c += 1;
+        }
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+    }
+
+    /// Samples counted.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    fn add(&mut self, o: &ForwardLatency) {
+        for (a, b) in self.counts.iter_mut().zip(&o.counts) {
+            *a += b;
+        }
+        self.sum_ns = self.sum_ns.saturating_add(o.sum_ns);
+    }
+
+    /// Add to `e` as the histogram `forward_latency_seconds` (bounds in seconds, the `+Inf`
+    /// bucket being the count, the sum in seconds).
+    fn expose(&self, e: &mut Exposition) {
+        let buckets = FORWARD_LATENCY_BUCKETS
+            .iter()
+            .zip(&self.counts)
+            .map(|(&(_, seconds), &n)| (seconds, n))
+            .collect();
+        e.histogram(
+            "forward_latency_seconds",
+            "Time a forwarded UDP datagram spends inside the relay: kernel receive timestamp to \
+             send submission, in seconds.",
+            self.sum_ns as f64 / 1e9,
+            self.count(),
+            buckets,
+        );
+    }
+}
+
 /// Per-worker I/O counters (plain u64, cumulative since the worker started).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct IoCounters {
@@ -123,8 +197,8 @@ pub struct IoCounters {
     pub kernel_rx_drops: u64,
     /// Relayed sockets that could not be opened (no port, socket error).
     pub relay_open_failures: u64,
-    /// Sum of recorded in-relay latencies (µs), for the Prometheus `_sum`.
-    pub latency_sum_us: u64,
+    /// Forwarding latency of the datagrams forwarded over UDP.
+    pub forward_latency: ForwardLatency,
     /// Relayed sockets open now.
     pub relayed_sockets: u64,
     /// Messages received from clients (datagrams on the listener, frames of streams), by
@@ -195,7 +269,7 @@ impl IoCounters {
         self.sq_full_drops += o.sq_full_drops;
         self.kernel_rx_drops += o.kernel_rx_drops;
         self.relay_open_failures += o.relay_open_failures;
-        self.latency_sum_us += o.latency_sum_us;
+        self.forward_latency.add(&o.forward_latency);
         self.relayed_sockets += o.relayed_sockets;
         for t in 0..3 {
             self.client_rx_packets[t] += o.client_rx_packets[t];
@@ -420,7 +494,7 @@ impl MetricsHub {
 
     /// Prometheus text exposition (format 0.0.4).
     pub fn prometheus(&self) -> String {
-        let (io, core, allocs, total, _) = self.merged();
+        let (io, core, allocs, _, _) = self.merged();
         let dir = |a: &[u64; 3]| -> Vec<(String, u64)> {
             Direction::ALL
                 .iter()
@@ -694,28 +768,8 @@ impl MetricsHub {
             "code",
             resps,
         );
-        // The in-relay latency histogram (µs), cumulative since start.
-        let mut below = 0;
-        let buckets = LATENCY_BUCKETS_US
-            .iter()
-            .map(|&b| {
-                let upto = if total.is_empty() {
-                    0
-                } else {
-                    total.count_between(0, b)
-                };
-                let n = upto.saturating_sub(below);
-                below = upto;
-                (b as f64, n)
-            })
-            .collect();
-        e.histogram(
-            "in_relay_latency_microseconds",
-            "Kernel receive timestamp to send submission, per forwarded datagram, in microseconds.",
-            io.latency_sum_us as f64,
-            total.len(),
-            buckets,
-        );
+        // The forwarding latency histogram, cumulative since start.
+        io.forward_latency.expose(&mut e);
         e.gauge("workers", "Worker threads.", gauge(self.workers as u64));
         e.gauge(
             "draining",
@@ -889,10 +943,10 @@ mod tests {
             let mut io = IoCounters::new();
             io.fwd_packets[Direction::ClientToPeer as usize] = 10;
             io.drops[DropReason::NoPermission.index()] = 1;
-            io.latency_sum_us = 100;
             let mut h = new_latency_histogram();
-            for v in [7u64, 8, 9, 30, 2000] {
-                h.record(v).unwrap();
+            for us in [7u64, 8, 9, 30, 2000] {
+                h.record(us).unwrap();
+                io.forward_latency.record(us * 1_000);
             }
             let mut core = CoreCounters {
                 allocations_created: 5,
@@ -920,9 +974,35 @@ mod tests {
         assert!(text.contains("peerlink_relay_dropped_packets_total{reason=\"no_permission\"} 6"));
         assert!(text.contains("peerlink_relay_allocations_active 4"));
         assert!(text.contains("peerlink_relay_allocations_created_total 10"));
-        assert!(text.contains("peerlink_relay_in_relay_latency_microseconds_bucket{le=\"10\"} 6"));
-        assert!(text.contains("peerlink_relay_in_relay_latency_microseconds_count 10"));
-        assert!(text.contains("peerlink_relay_in_relay_latency_microseconds_sum 200"));
+        let sample = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
+        };
+        // The exposition spells bounds as Rust's shortest round-trip text (`5e-6` as `5e-06`).
+        let bucket = |le: f64| -> f64 {
+            text.lines()
+                .find_map(|l| {
+                    let rest =
+                        l.strip_prefix("peerlink_relay_forward_latency_seconds_bucket{le=\"")?;
+                    let (bound, v) = rest.split_once("\"} ")?;
+                    let bound: f64 = bound.parse().ok()?;
+                    (bound == le).then(|| v.parse().ok())?
+                })
+                .unwrap_or_else(|| panic!("no bucket le={le} in\n{text}"))
+        };
+        assert!(text.contains("# TYPE peerlink_relay_forward_latency_seconds histogram"));
+        // 7, 8 and 9 µs from each worker are at most 10 µs; 30 µs joins at 50 µs; 2 ms at 2.5 ms.
+        assert_eq!(bucket(5e-6), 0.0);
+        assert_eq!(bucket(1e-5), 6.0);
+        assert_eq!(bucket(2.5e-5), 6.0);
+        assert_eq!(bucket(5e-5), 8.0);
+        assert_eq!(bucket(1e-3), 8.0);
+        assert_eq!(bucket(2.5e-3), 10.0);
+        assert_eq!(bucket(f64::INFINITY), 10.0);
+        assert_eq!(sample("peerlink_relay_forward_latency_seconds_count"), 10.0);
+        let sum = sample("peerlink_relay_forward_latency_seconds_sum");
+        assert!((sum - 2.0 * 2054e-6).abs() < 1e-12, "{sum}");
         // Every sample line belongs to a family declared with HELP and TYPE.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
@@ -946,5 +1026,134 @@ mod tests {
         hub.set_draining();
         assert!(!hub.is_ready());
         assert!(hub.prometheus().contains("peerlink_relay_draining 1"));
+    }
+
+    #[test]
+    fn forward_latency_buckets_are_le_and_exposed_cumulatively() {
+        // Seconds and nanoseconds say the same bounds, ascending.
+        for (ns, s) in FORWARD_LATENCY_BUCKETS {
+            assert!((ns as f64 / 1e9 - s).abs() < s * 1e-12, "{ns} ns vs {s} s");
+        }
+        assert!(FORWARD_LATENCY_BUCKETS.windows(2).all(|w| w[0].0 < w[1].0));
+        let mut h = ForwardLatency::default();
+        // On a bound, just above it, below the first, above the last.
+        for ns in [
+            0,
+            5_000,
+            5_001,
+            10_000,
+            74_999,
+            75_000,
+            75_001,
+            100_000_000,
+            100_000_001,
+        ] {
+            h.record(ns);
+        }
+        let mut want = [0u64; FORWARD_LATENCY_SLOTS];
+        want[0] = 2; // 0 and 5000 (le 5e-6)
+        want[1] = 2; // 5001 and 10000 (le 1e-5)
+        want[4] = 2; // 74999 and 75000 (le 7.5e-5)
+        want[5] = 1; // 75001 (le 1e-4)
+        want[12] = 1; // 100 ms exactly (le 0.1)
+        want[13] = 1; // above every bound: only in +Inf
+        assert_eq!(h.counts, want);
+        assert_eq!(h.count(), 9);
+        assert_eq!(
+            h.sum_ns,
+            5_000 + 5_001 + 10_000 + 74_999 + 75_000 + 75_001 + 200_000_001
+        );
+        // A saturated sum stays saturated instead of wrapping.
+        let mut big = ForwardLatency::default();
+        big.record(u64::MAX);
+        big.record(u64::MAX);
+        assert_eq!(big.sum_ns, u64::MAX);
+
+        let mut e = Exposition::new();
+        h.expose(&mut e);
+        let text = e.render("peerlink_relay");
+        let cumulative: Vec<(f64, u64)> = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("peerlink_relay_forward_latency_seconds_bucket{le=\"")?;
+                let (le, v) = rest.split_once("\"} ")?;
+                Some((le.parse().ok()?, v.parse().ok()?))
+            })
+            .collect();
+        let les: Vec<f64> = cumulative.iter().map(|(l, _)| *l).collect();
+        assert_eq!(
+            les,
+            [
+                5e-6,
+                1e-5,
+                2.5e-5,
+                5e-5,
+                7.5e-5,
+                1e-4,
+                1.5e-4,
+                2.5e-4,
+                5e-4,
+                1e-3,
+                2.5e-3,
+                1e-2,
+                1e-1,
+                f64::INFINITY
+            ],
+            "{text}"
+        );
+        let counts: Vec<u64> = cumulative.iter().map(|(_, v)| *v).collect();
+        assert_eq!(counts, [2, 4, 4, 4, 6, 7, 7, 7, 7, 7, 7, 7, 8, 9], "{text}");
+        assert!(
+            text.contains("peerlink_relay_forward_latency_seconds_count 9"),
+            "{text}"
+        );
+    }
+
+    /// `promtool check metrics` (Prometheus's own parser and linter) accepts the whole
+    /// exposition, the histogram included.
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        use std::io::Write as _;
+        let hub = MetricsHub::new(1, "epoll");
+        let mut pending = new_latency_histogram();
+        let mut io = IoCounters::new();
+        for ns in [3_000, 40_000, 120_000, 7_000_000] {
+            io.forward_latency.record(ns);
+        }
+        hub.apply(
+            WorkerReport {
+                worker: 0,
+                interval: new_latency_histogram(),
+                io,
+                core: CoreCounters::default(),
+                allocations: 0,
+            },
+            &mut pending,
+        );
+        let text = hub.prometheus();
+        let mut child = match std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => panic!("promtool: {e}: run `bash scripts/setup.sh` (it installs it)"),
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics ({}):\n{}{}\n{text}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

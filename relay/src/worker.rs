@@ -477,15 +477,16 @@ impl WorkerCtx {
         self.stop.load(Ordering::Relaxed)
     }
 
-    /// Record one in-relay latency sample from a kernel receive timestamp to `sent_ns`.
+    /// Record one in-relay latency sample from a kernel receive timestamp to `sent_ns`: into the
+    /// forwarding latency buckets (nanoseconds) and the interval HdrHistogram (microseconds).
     #[inline]
     pub fn record_latency(&mut self, rx_ns: u64, sent_ns: u64) {
         if rx_ns == 0 {
             return;
         }
-        let us = sent_ns.saturating_sub(rx_ns) / 1_000;
-        self.histogram.saturating_record(us.max(1));
-        self.counters.latency_sum_us += us;
+        let ns = sent_ns.saturating_sub(rx_ns);
+        self.histogram.saturating_record((ns / 1_000).max(1));
+        self.counters.forward_latency.record(ns);
     }
 
     /// Count a drop.

@@ -240,13 +240,13 @@ fn metrics_stats_health_shapes(io: &str) {
         "kernel_receive_buffer_drops_total",
         "buffer_ring_empty_total",
         "completion_queue_overflow_total",
-        "in_relay_latency_microseconds",
+        "forward_latency_seconds",
     ] {
         let name = format!("peerlink_relay_{family}");
         assert!(text.contains(&format!("# HELP {name} ")), "HELP for {name}");
         assert!(text.contains(&format!("# TYPE {name} ")), "TYPE for {name}");
     }
-    assert!(text.contains("# TYPE peerlink_relay_in_relay_latency_microseconds histogram"));
+    assert!(text.contains("# TYPE peerlink_relay_forward_latency_seconds histogram"));
     let value = |prefix: &str| -> u64 {
         text.lines()
             .find(|l| l.starts_with(prefix))
@@ -260,12 +260,12 @@ fn metrics_stats_health_shapes(io: &str) {
     // Buckets are cumulative and end at the count.
     let buckets: Vec<u64> = text
         .lines()
-        .filter(|l| l.starts_with("peerlink_relay_in_relay_latency_microseconds_bucket"))
+        .filter(|l| l.starts_with("peerlink_relay_forward_latency_seconds_bucket"))
         .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
         .collect();
     assert!(buckets.len() > 5);
     assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
-    let count = value("peerlink_relay_in_relay_latency_microseconds_count");
+    let count = value("peerlink_relay_forward_latency_seconds_count");
     assert_eq!(*buckets.last().unwrap(), count);
     assert!(count >= 40);
     // No per-user labels anywhere.

@@ -93,6 +93,10 @@ pub struct DemoOptions {
     pub server: Option<String>,
     /// Metrics address of the relay (for `/stats`) when using a running fleet.
     pub relay_metrics: Option<SocketAddr>,
+    /// TURN relay of the fixed-relay media exchange (default: the first one signaling offers).
+    /// It must accept signaling's TURN credentials (share its TURN secret): with a running
+    /// fleet of several relays, this picks the one to exercise.
+    pub relay: Option<SocketAddr>,
     /// Where the recorded WAVs go.
     pub out_dir: PathBuf,
     /// Seconds of media in the call and through the relay (0 disables both).
@@ -108,6 +112,7 @@ impl Default for DemoOptions {
         Self {
             server: None,
             relay_metrics: None,
+            relay: None,
             out_dir: PathBuf::from("."),
             media_seconds: 4.0,
             stun: None,
@@ -501,7 +506,10 @@ async fn run_with(
         .turn_credentials()
         .await
         .map_err(sig("bob TURN credentials"))?;
-    let Some(relay) = ca.uris.iter().find_map(|u| parse_turn_uri(u)) else {
+    let Some(relay) = opts
+        .relay
+        .or_else(|| ca.uris.iter().find_map(|u| parse_turn_uri(u)))
+    else {
         return Err(other(
             "TURN credentials",
             format!("no usable relay URI in {:?}", ca.uris),
@@ -510,7 +518,10 @@ async fn run_with(
     steps.push(
         "TURN credentials",
         t,
-        format!("{} (ttl {} s) relays {:?}", ca.username, ca.ttl, ca.uris),
+        format!(
+            "{} (ttl {} s) relays {:?}; media through {relay}",
+            ca.username, ca.ttl, ca.uris
+        ),
     );
     let t = Instant::now();
     let mut seed = [0u8; 8];
