@@ -102,7 +102,7 @@
 //! listens on loopback or runs with `--allow-loopback-candidates`; operators may refuse more
 //! with `--deny-candidate` (see `peerlink_signaling::candidates`).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -642,8 +642,90 @@ pub struct TurnCredentials {
     pub password: String,
     /// Seconds the credentials stay valid.
     pub ttl: u64,
-    /// Relay URIs (`turn:host:port?transport=udp`).
+    /// Relay URIs (RFC 7065), for each relay in the order a client should try them:
+    /// `turn:H:P?transport=udp`, then `turn:H:P?transport=tcp` and `turns:H:P?transport=tcp`
+    /// when the relay listens for TCP and TLS clients. See [`TurnUri`].
     pub uris: Vec<String>,
+}
+
+/// How a client reaches a TURN server (RFC 8656 client transports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TurnTransport {
+    /// UDP datagrams.
+    Udp,
+    /// A TCP connection.
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+}
+
+impl TurnTransport {
+    /// `udp`, `tcp` or `tls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnTransport::Udp => "udp",
+            TurnTransport::Tcp => "tcp",
+            TurnTransport::Tls => "tls",
+        }
+    }
+}
+
+/// One TURN server URI (RFC 7065: `turn:` / `turns:` host, port, `?transport=`), with the host
+/// an IP address (or `localhost`). `turn:` without a transport is UDP; `turns:` is TLS over TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TurnUri {
+    /// The client transport.
+    pub transport: TurnTransport,
+    /// The server's address.
+    pub addr: SocketAddr,
+}
+
+impl TurnUri {
+    /// Parse one URI; `None` for another scheme, a host name other than `localhost`, or a
+    /// transport this client does not speak (`turns:` over UDP is DTLS).
+    pub fn parse(uri: &str) -> Option<TurnUri> {
+        let (secure, rest) = match uri.split_once(':')? {
+            ("turn", rest) => (false, rest),
+            ("turns", rest) => (true, rest),
+            _ => return None,
+        };
+        let (hostport, query) = match rest.split_once('?') {
+            Some((h, q)) => (h, Some(q)),
+            None => (rest, None),
+        };
+        let transport = match query {
+            None => None,
+            Some(q) => Some(q.strip_prefix("transport=")?),
+        };
+        let transport = match (secure, transport) {
+            (false, None | Some("udp")) => TurnTransport::Udp,
+            (false, Some("tcp")) => TurnTransport::Tcp,
+            (true, None | Some("tcp")) => TurnTransport::Tls,
+            _ => return None,
+        };
+        let addr = match hostport.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                let (host, port) = hostport.rsplit_once(':')?;
+                let port: u16 = port.parse().ok()?;
+                if host != "localhost" {
+                    return None;
+                }
+                SocketAddr::from(([127, 0, 0, 1], port))
+            }
+        };
+        Some(TurnUri { transport, addr })
+    }
+}
+
+impl std::fmt::Display for TurnUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.transport {
+            TurnTransport::Udp => write!(f, "turn:{}?transport=udp", self.addr),
+            TurnTransport::Tcp => write!(f, "turn:{}?transport=tcp", self.addr),
+            TurnTransport::Tls => write!(f, "turns:{}?transport=tcp", self.addr),
+        }
+    }
 }
 
 /// JSON error body of the HTTP API.
@@ -658,6 +740,40 @@ pub struct HttpError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turn_uris_name_their_transport_and_round_trip() {
+        let a: SocketAddr = "198.51.100.1:3478".parse().unwrap();
+        for (uri, transport) in [
+            ("turn:198.51.100.1:3478", TurnTransport::Udp),
+            ("turn:198.51.100.1:3478?transport=udp", TurnTransport::Udp),
+            ("turn:198.51.100.1:3478?transport=tcp", TurnTransport::Tcp),
+            ("turns:198.51.100.1:3478?transport=tcp", TurnTransport::Tls),
+            ("turns:198.51.100.1:3478", TurnTransport::Tls),
+        ] {
+            let u = TurnUri::parse(uri).unwrap_or_else(|| panic!("{uri}"));
+            assert_eq!((u.transport, u.addr), (transport, a), "{uri}");
+            assert_eq!(TurnUri::parse(&u.to_string()), Some(u));
+        }
+        let v6 = TurnUri::parse("turns:[2001:db8::1]:443?transport=tcp").unwrap();
+        assert_eq!(v6.addr, "[2001:db8::1]:443".parse().unwrap());
+        assert_eq!(
+            TurnUri::parse("turn:localhost:9").map(|u| u.addr),
+            Some("127.0.0.1:9".parse().unwrap())
+        );
+        for bad in [
+            "stun:198.51.100.1:3478",
+            "turns:198.51.100.1:3478?transport=udp",
+            "turn:198.51.100.1:3478?transport=sctp",
+            "turn:198.51.100.1:3478?foo=bar",
+            "turn:example.com:3478",
+            "turn:198.51.100.1",
+            "turn:",
+            "",
+        ] {
+            assert_eq!(TurnUri::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn client_types_list_matches_enum() {

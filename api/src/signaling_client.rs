@@ -903,20 +903,13 @@ where
     }
 }
 
-/// Parse a TURN URI of the form `turn:host:port?transport=udp` into a socket address
-/// (IP literals or `localhost` only; no DNS).
+/// The address of a UDP TURN URI (`turn:host:port`, `?transport=udp` or none; IP literals or
+/// `localhost` only, no DNS); `None` for TCP and TLS ones and anything else
+/// ([`crate::signaling::TurnUri`] reads every transport).
 pub fn parse_turn_uri(uri: &str) -> Option<std::net::SocketAddr> {
-    let rest = uri.strip_prefix("turn:")?;
-    let hostport = rest.split('?').next()?;
-    if let Ok(a) = hostport.parse() {
-        return Some(a);
-    }
-    let (host, port) = hostport.rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
-    if host == "localhost" {
-        return Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    None
+    crate::signaling::TurnUri::parse(uri)
+        .filter(|u| u.transport == crate::signaling::TurnTransport::Udp)
+        .map(|u| u.addr)
 }
 
 #[cfg(test)]
@@ -940,6 +933,8 @@ mod tests {
         );
         assert_eq!(parse_turn_uri("turn:example.com:9"), None);
         assert_eq!(parse_turn_uri("stun:1.2.3.4:9"), None);
+        assert_eq!(parse_turn_uri("turn:1.2.3.4:9?transport=tcp"), None);
+        assert_eq!(parse_turn_uri("turns:1.2.3.4:443?transport=tcp"), None);
         assert!(check_device("phone-1").is_ok());
         assert!(check_device("").is_err());
         assert!(check_device("a b").is_err());

@@ -8,7 +8,6 @@
 //! message itself is read from the store by the recipient's session.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::hub::Hub;
-use peerlink_api::signaling::{ClientMsg, PresenceStatus, ServerMsg};
+use peerlink_api::signaling::{ClientMsg, PresenceStatus, ServerMsg, TurnTransport, TurnUri};
 
 /// Timeout of one node-to-node request.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -254,15 +253,33 @@ impl Cluster {
         }
     }
 
-    /// TURN URIs of the relays the directory chooses.
-    pub async fn relays(&self) -> Vec<SocketAddr> {
+    /// The TURN URIs of the relays the directory chooses, each relay's in ladder order (UDP,
+    /// then TCP and TLS where it listens for them).
+    pub async fn relays(&self) -> Vec<TurnUri> {
         let req = ChooseRelaysRequest {
             caller_region: self.region.clone(),
             callee_region: None,
             count: 2,
         };
         match self.dir.choose_relays(&req).await {
-            Ok(r) => r.into_iter().map(|c| c.turn_addr).collect(),
+            Ok(r) => r
+                .into_iter()
+                .flat_map(|c| {
+                    let udp = Some(TurnUri {
+                        transport: TurnTransport::Udp,
+                        addr: c.turn_addr,
+                    });
+                    let tcp = c.turn_tcp_addr.map(|addr| TurnUri {
+                        transport: TurnTransport::Tcp,
+                        addr,
+                    });
+                    let tls = c.turn_tls_addr.map(|addr| TurnUri {
+                        transport: TurnTransport::Tls,
+                        addr,
+                    });
+                    [udp, tcp, tls].into_iter().flatten()
+                })
+                .collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "relay choice failed");
                 Vec::new()

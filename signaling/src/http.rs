@@ -376,12 +376,17 @@ async fn turn_credentials(State(st): State<AppState>, headers: HeaderMap) -> Res
             .relays()
             .await
             .into_iter()
-            .map(|a| a.to_string())
+            .map(|u| u.to_string())
             .collect(),
         None => Vec::new(),
     };
     if relays.is_empty() {
-        relays.clone_from(&st.cfg.relays);
+        relays = st
+            .cfg
+            .relays
+            .iter()
+            .map(|r| format!("turn:{r}?transport=udp"))
+            .collect();
     }
     let ttl = st.cfg.turn_ttl.as_secs();
     let (username, password) =
@@ -391,10 +396,7 @@ async fn turn_credentials(State(st): State<AppState>, headers: HeaderMap) -> Res
         username,
         password,
         ttl,
-        uris: relays
-            .iter()
-            .map(|r| format!("turn:{r}?transport=udp"))
-            .collect(),
+        uris: relays,
     })
     .into_response()
 }

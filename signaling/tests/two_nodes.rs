@@ -179,11 +179,21 @@ async fn turn_credentials_name_the_relay_the_directory_chose() {
         allocations: 0,
         draining: false,
     };
+    // A second relay also listens for TCP and TLS clients.
+    let streams = RegisterRelayRequest {
+        relay_id: "relay-2".into(),
+        turn_addr: "127.0.0.2:3478".parse().unwrap(),
+        turn_tcp_addr: Some("127.0.0.2:3478".parse().unwrap()),
+        turn_tls_addr: Some("127.0.0.2:443".parse().unwrap()),
+        ..relay.clone()
+    };
     let client = DirectoryClient::new(&dir.url, CLUSTER_TOKEN).unwrap();
-    tokio::time::timeout(common::WAIT, client.register_relay(&relay))
-        .await
-        .unwrap()
-        .unwrap();
+    for r in [&relay, &streams] {
+        tokio::time::timeout(common::WAIT, client.register_relay(r))
+            .await
+            .unwrap()
+            .unwrap();
+    }
     let token = a.token("alice").await;
     let r = reqwest::Client::new()
         .post(a.url("/v1/turn-credentials"))
@@ -193,7 +203,21 @@ async fn turn_credentials_name_the_relay_the_directory_chose() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let c: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(c["uris"], json!(["turn:127.0.0.1:3478?transport=udp"]));
+    // Both relays, each with its ladder (UDP, TCP, TLS) in order, the better relay first.
+    let one = json!(["turn:127.0.0.1:3478?transport=udp"]);
+    let two = json!([
+        "turn:127.0.0.2:3478?transport=udp",
+        "turn:127.0.0.2:3478?transport=tcp",
+        "turns:127.0.0.2:443?transport=tcp"
+    ]);
+    let uris = c["uris"].as_array().unwrap().clone();
+    let joined = |a: &serde_json::Value, b: &serde_json::Value| {
+        json!([a.as_array().unwrap().clone(), b.as_array().unwrap().clone()].concat())
+    };
+    assert!(
+        json!(uris) == joined(&one, &two) || json!(uris) == joined(&two, &one),
+        "{uris:?}"
+    );
     let user = c["username"].as_str().unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
