@@ -5,16 +5,19 @@
 //! |---|---|
 //! | `POST /v1/register` | `Credentials` -> 201 `{"username"}`, 400 invalid, 409 taken |
 //! | `POST /v1/login` | `Credentials` (with an optional `device`) -> `TokenResponse`, 401 `invalid_credentials`, 429 `throttled` |
-//!
-//! A store that cannot be reached (PostgreSQL down, no pooled connection in time) answers 503
-//! `store_unavailable` with `Retry-After`; other storage failures 500 `storage`.
 //! | `POST /v1/refresh` | `RefreshRequest` -> `TokenResponse` with the next refresh token (the one presented is revoked), 401 `invalid_token`, 401 `token_reused` (a revoked token: its device's chain is revoked) |
 //! | `POST /v1/logout` | `RefreshRequest` -> 204 (every refresh token of its device revoked), 401 |
 //! | `POST /v1/turn-credentials` | (Bearer access token) -> `TurnCredentials`, 401, 503 |
 //! | `GET /v1/ws?token=&device=&resume_from=` | WebSocket upgrade (see [`peerlink_api::signaling`]) |
 //! | `GET /healthz` | `ok` (503 `draining` during shutdown) |
+//! | `GET /readyz` | `ready`: the node takes new sessions (503 `draining` from SIGTERM on); for load balancers and readiness probes |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /internal/v1/{deliver,call,inbox}` | node-to-node, Bearer cluster token |
+//!
+//! A store that cannot be reached (PostgreSQL down, no pooled connection in time) answers 503
+//! `store_unavailable` with `Retry-After`; other storage failures 500 `storage`. Readiness does
+//! not follow the store: every node shares it, and a fleet with no ready node would only turn
+//! those clear 503s into refused connections.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -62,6 +65,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/turn-credentials", post(turn_credentials))
         .route("/v1/ws", get(crate::session::ws_upgrade))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/internal/v1/deliver", post(internal_deliver))
         .route("/internal/v1/call", post(internal_call))
@@ -80,6 +84,14 @@ async fn healthz(State(st): State<AppState>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else {
         "ok".into_response()
+    }
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    if st.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ready".into_response()
     }
 }
 

@@ -485,6 +485,8 @@ async fn health_metrics_and_internal_auth() {
     let r = || router(&st, [127, 0, 0, 1]);
     let (s, v) = call(r(), "GET", "/healthz", None, None).await;
     assert_eq!((s, v.as_str()), (StatusCode::OK, Some("ok")));
+    let (s, v) = call(r(), "GET", "/readyz", None, None).await;
+    assert_eq!((s, v.as_str()), (StatusCode::OK, Some("ready")));
     let (s, v) = call(r(), "GET", "/metrics", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(
@@ -622,4 +624,15 @@ async fn failed_commit_gives_storage_error_not_ack() {
         matches!(again, ServerMsg::MessageAck { .. }),
         "a retry after the fault succeeds: {again:?}"
     );
+}
+
+#[tokio::test]
+async fn readiness_turns_503_when_the_drain_begins() {
+    let st = state(config());
+    let r = || router(&st, [127, 0, 0, 1]);
+    st.drain(std::time::Duration::from_millis(100)).await;
+    for path in ["/readyz", "/healthz"] {
+        let (s, v) = call(r(), "GET", path, None, None).await;
+        assert_eq!((s, v.as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("draining")), "{path}");
+    }
 }

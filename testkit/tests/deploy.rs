@@ -385,7 +385,7 @@ fn check_objects(objs: &[Value], doc: &str) -> Vec<String> {
         }
     }
 
-    // Signaling: readiness on /healthz (503 while draining) and time for the whole drain.
+    // Signaling: readiness on /readyz (503 while draining) and time for the whole drain.
     for w in workloads
         .iter()
         .filter(|w| w["metadata"]["name"] == "peerlink-signaling")
@@ -393,7 +393,7 @@ fn check_objects(objs: &[Value], doc: &str) -> Vec<String> {
         let n = name_of(w);
         let pod = &w["spec"]["template"]["spec"];
         let c = &pod["containers"][0];
-        if s(c, &["readinessProbe", "httpGet", "path"]) != Some(&Value::from("/healthz")) {
+        if s(c, &["readinessProbe", "httpGet", "path"]) != Some(&Value::from("/readyz")) {
             bad.push(format!(
                 "{n}: readiness is not /healthz (503 while draining)"
             ));
