@@ -447,6 +447,44 @@ async fn two_tls_nodes_deliver_to_each_other_with_the_cluster_ca() {
     assert!(matches!(inc, ServerMsg::IncomingCall { from, .. } if from == "alice"));
     assert!(metric(&url_a, &t, "forwards_total").await >= 1);
     assert_eq!(metric(&url_a, &t, "forward_errors_total").await, 0);
+
+    // A node that does not trust the fleet's CA cannot reach node B.
+    let c = tls_node(
+        &db,
+        &p.server,
+        &[
+            "--directory",
+            &dir_url,
+            "--node-id",
+            "node-c",
+            "--cluster-token",
+            CLUSTER_TOKEN,
+        ],
+    );
+    let url_c = format!("https://127.0.0.1:{}", c.http.port());
+    let carol = account(&api(&url_c, &t), "carol").await.unwrap();
+    let mut carol = SignalSession::connect(api(&url_c, &t), carol, "desk", None)
+        .await
+        .unwrap();
+    carol.wait_until_online("bob", WAIT).await.unwrap();
+    let offer = serde_json::from_value(common::desc("127.0.0.1", 1)).unwrap();
+    carol
+        .send(&ClientMsg::Invite {
+            to: "bob".into(),
+            from: None,
+            req: None,
+            offer,
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while metric(&url_c, &t, "forward_errors_total").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node C reached node B without the CA"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn run_to_exit(args: &[&str]) -> (i32, String, String) {
