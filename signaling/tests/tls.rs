@@ -158,6 +158,37 @@ async fn https_and_wss_with_the_typed_client_and_a_private_ca() {
     assert_eq!(metric(&url, &t, "tls_handshake_failures_total").await, 1);
 }
 
+/// The ALPN protocol the node picks when a client offers `offer`.
+async fn negotiated(addr: std::net::SocketAddr, t: &Trust, offer: &[&[u8]]) -> Option<Vec<u8>> {
+    let mut cfg = (**t.config()).clone();
+    cfg.alpn_protocols = offer.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_offers_h2_and_http1() {
+    let p = pki("peerlink test CA");
+    let node = tls_node(&p.dir.join("sig.db"), &p.server, &[]);
+    let t = trust(&p.ca_file);
+    let h2: &[u8] = b"h2";
+    let h1: &[u8] = b"http/1.1";
+    assert_eq!(
+        negotiated(node.http, &t, &[h2, h1]).await.as_deref(),
+        Some(h2)
+    );
+    assert_eq!(negotiated(node.http, &t, &[h1]).await.as_deref(), Some(h1));
+    assert_eq!(negotiated(node.http, &t, &[]).await, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_ca_the_client_refuses_the_certificate() {
     let p = pki("peerlink test CA");
