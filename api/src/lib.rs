@@ -6,7 +6,8 @@
 //! services and tools meet each other only through these types, over the wire. With the
 //! `client` feature it also holds the typed async clients: of the directory
 //! (`directory_client`), with the register/heartbeat loops that signaling nodes and relays run,
-//! and of a signaling node (`signaling_client`: HTTP API and WebSocket session).
+//! and of a signaling node (`signaling_client`: HTTP API and WebSocket session, `http://` or
+//! `https://`), and which CAs those clients trust for TLS (`tls`).
 //!
 //! It is not: a server, a store or a codec of binary wire formats (STUN/TURN live in
 //! `peerlink-proto`). Without the `client` feature it has no I/O and depends only on serde.
@@ -20,3 +21,5 @@ pub mod relay;
 pub mod signaling;
 #[cfg(feature = "client")]
 pub mod signaling_client;
+#[cfg(feature = "client")]
+pub mod tls;

@@ -8,10 +8,14 @@
 //! presence, call invitations and trickled candidates). A running call reconnects a dropped
 //! session itself without stopping its media: [`SignalSession::reopen`] opens the new
 //! connection without borrowing the session, [`SignalSession::install`] swaps it in.
+//! Servers are `http://host:port` (WebSocket `ws://`) or `https://host:port` (WebSocket
+//! `wss://`, rustls); an `https://` server's certificate must chain to the system's roots or
+//! to a CA given with [`HttpApi::with_trust`] ([`crate::tls::Trust`]). A certificate that
+//! does not verify is [`SignalError::Tls`], naming the server.
+//!
 //! What it is not: no automatic background reconnect loop (the caller decides when to
-//! [`SignalSession::reconnect`]), no TLS
-//! (plain `http://`/`ws://`; put a TLS terminator in front for anything beyond a lab), no
-//! call state machine (the reference client's `peerlink_sim::call` has one).
+//! [`SignalSession::reconnect`]), no call state machine (the reference client's
+//! `peerlink_sim::call` has one).
 //!
 //! Every network await is bounded by [`SignalSession::io_timeout`] or the HTTP client's timeout.
 
@@ -38,9 +42,23 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 /// What went wrong talking to signaling.
 #[derive(Debug, thiserror::Error)]
 pub enum SignalError {
-    /// The server URL is not `http://host:port[/]`.
-    #[error("bad server URL {0:?} (want http://host:port)")]
+    /// The server URL is not `http://host:port[/]` or `https://host:port[/]`.
+    #[error("bad server URL {0:?} (want http://host:port or https://host:port)")]
     BadUrl(String),
+    /// The CA files given to trust cannot be used.
+    #[error(transparent)]
+    Trust(#[from] crate::tls::TrustError),
+    /// The TLS handshake with an `https://` server failed, typically because its certificate
+    /// does not verify against the trusted CAs or does not name the host.
+    #[error(
+        "TLS with {server} failed: {reason} (is the server's certificate signed by a trusted CA?)"
+    )]
+    Tls {
+        /// The server (`https://host:port`).
+        server: String,
+        /// rustls's reason, e.g. `invalid peer certificate: UnknownIssuer`.
+        reason: String,
+    },
     /// Transport failure of an HTTP request.
     #[error("HTTP request to {url} failed: {source}")]
     Http {
@@ -102,6 +120,12 @@ impl SignalError {
 #[derive(Clone, Debug)]
 pub struct HttpApi {
     base: String,
+    /// `host[:port]` as given.
+    authority: String,
+    /// `host:port` to connect to (the scheme's port when none was given).
+    connect_to: String,
+    /// The TLS configuration of an `https://` server.
+    tls: Option<crate::tls::Trust>,
     http: reqwest::Client,
 }
 
@@ -113,16 +137,59 @@ fn unix_now() -> u64 {
 }
 
 impl HttpApi {
-    /// A client for `server` (`http://host:port`), requests bounded by `timeout`.
+    /// A client for `server` (`http://host:port`, or `https://host:port` trusting the system's
+    /// roots), requests bounded by `timeout`.
     pub fn new(server: &str, timeout: Duration) -> Result<Self, SignalError> {
+        Self::build(server, timeout, None)
+    }
+
+    /// A client for `server` trusting `trust` for `https://` (plain `http://` ignores it).
+    pub fn with_trust(
+        server: &str,
+        timeout: Duration,
+        trust: &crate::tls::Trust,
+    ) -> Result<Self, SignalError> {
+        Self::build(server, timeout, Some(trust))
+    }
+
+    fn build(
+        server: &str,
+        timeout: Duration,
+        trust: Option<&crate::tls::Trust>,
+    ) -> Result<Self, SignalError> {
+        let bad = || SignalError::BadUrl(server.to_owned());
         let base = server.trim_end_matches('/').to_owned();
-        let rest = base
-            .strip_prefix("http://")
-            .ok_or_else(|| SignalError::BadUrl(server.to_owned()))?;
-        if rest.is_empty() || rest.contains('/') {
-            return Err(SignalError::BadUrl(server.to_owned()));
+        let (rest, secure) = if let Some(r) = base.strip_prefix("http://") {
+            (r, false)
+        } else if let Some(r) = base.strip_prefix("https://") {
+            (r, true)
+        } else {
+            return Err(bad());
+        };
+        if rest.is_empty()
+            || rest.contains(['/', '?', '#', '@'])
+            || rest.contains(char::is_whitespace)
+        {
+            return Err(bad());
         }
-        let http = reqwest::Client::builder()
+        let (host, port) = split_authority(rest).ok_or_else(bad)?;
+        let port = port.unwrap_or(if secure { 443 } else { 80 });
+        let connect_to = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let authority = rest.to_owned();
+        let tls = match (secure, trust) {
+            (false, _) => None,
+            (true, Some(t)) => Some(t.clone()),
+            (true, None) => Some(crate::tls::Trust::system_shared()?),
+        };
+        let builder = match &tls {
+            Some(t) => t.reqwest_builder(),
+            None => reqwest::Client::builder(),
+        };
+        let http = builder
             .timeout(timeout)
             .connect_timeout(timeout)
             .build()
@@ -130,22 +197,43 @@ impl HttpApi {
                 url: base.clone(),
                 source,
             })?;
-        Ok(Self { base, http })
+        Ok(Self {
+            base,
+            authority,
+            connect_to,
+            tls,
+            http,
+        })
     }
 
-    /// Base URL (`http://host:port`).
+    /// Base URL (`http://host:port` or `https://host:port`).
     pub fn base(&self) -> &str {
         &self.base
     }
 
-    /// `host:port` of the node.
-    fn authority(&self) -> &str {
-        self.base.strip_prefix("http://").unwrap_or(&self.base)
+    /// Whether the server is `https://` (the WebSocket `wss://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// WebSocket URL of `/v1/ws` with the given query.
     fn ws_url(&self, query: &str) -> String {
-        format!("ws://{}/v1/ws?{query}", self.authority())
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}/v1/ws?{query}", self.authority)
+    }
+
+    /// The error of a failed request to `url`: [`SignalError::Tls`] when TLS failed.
+    fn http_error(&self, url: &str, source: reqwest::Error) -> SignalError {
+        match crate::tls::tls_failure(&source) {
+            Some(reason) if self.tls.is_some() => SignalError::Tls {
+                server: self.base.clone(),
+                reason,
+            },
+            _ => SignalError::Http {
+                url: url.to_owned(),
+                source,
+            },
+        }
     }
 
     async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
@@ -162,10 +250,7 @@ impl HttpApi {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let http_err = |source| SignalError::Http {
-            url: url.clone(),
-            source,
-        };
+        let http_err = |source| self.http_error(&url, source);
         let resp = req.send().await.map_err(http_err)?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(http_err)?;
@@ -336,13 +421,22 @@ impl Connection {
         }
         let url = api.ws_url(&query);
         let t = opts.timeout;
-        let tcp = tokio::time::timeout(t, tcp_connect(api.authority(), opts.source))
+        let tcp = tokio::time::timeout(t, tcp_connect(&api.connect_to, opts.source))
             .await
             .map_err(|_| SignalError::Timeout(t, "TCP connect"))?
             .map_err(|e| SignalError::Ws(tungstenite::Error::Io(e)))?;
         // Frames are small and answered at once: no Nagle delay.
         tcp.set_nodelay(true)
             .map_err(|e| SignalError::Ws(tungstenite::Error::Io(e)))?;
+        let stream = match &api.tls {
+            None => MaybeTlsStream::Plain(tcp),
+            Some(trust) => {
+                let tls = tokio::time::timeout(t, tls_connect(api, trust, tcp))
+                    .await
+                    .map_err(|_| SignalError::Timeout(t, "TLS handshake"))??;
+                MaybeTlsStream::Rustls(tls)
+            }
+        };
         let mut cfg = WebSocketConfig::default();
         if let Some(n) = opts.read_buffer {
             cfg = cfg.read_buffer_size(n);
@@ -352,7 +446,7 @@ impl Connection {
         }
         let (mut ws, _) = tokio::time::timeout(
             t,
-            tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(tcp), Some(cfg)),
+            tokio_tungstenite::client_async_with_config(url, stream, Some(cfg)),
         )
         .await
         .map_err(|_| SignalError::Timeout(t, "WebSocket handshake"))??;
@@ -447,6 +541,53 @@ impl ConnectionReceiver {
     pub async fn recv(&mut self) -> Result<ServerMsg, SignalError> {
         read_frame(&mut self.stream).await
     }
+}
+
+/// `host` and the port, if any, of `host[:port]` / `[v6][:port]`.
+fn split_authority(a: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if let Some(rest) = a.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        match after {
+            "" => (h, None),
+            p => (h, Some(p.strip_prefix(':')?)),
+        }
+    } else {
+        match a.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (a, None),
+        }
+    };
+    if host.is_empty() {
+        return None;
+    }
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok().filter(|&p| p != 0)?),
+        None => None,
+    };
+    Some((host, port))
+}
+
+/// The TLS handshake of a `wss://` connection; a failure is [`SignalError::Tls`].
+async fn tls_connect(
+    api: &HttpApi,
+    trust: &crate::tls::Trust,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, SignalError> {
+    let host = split_authority(&api.authority)
+        .map(|(h, _)| h)
+        .unwrap_or_default();
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| SignalError::Tls {
+            server: api.base.clone(),
+            reason: format!("{host:?} is not a valid server name: {e}"),
+        })?;
+    tokio_rustls::TlsConnector::from(trust.config().clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| SignalError::Tls {
+            server: api.base.clone(),
+            reason: crate::tls::tls_failure(&e).unwrap_or_else(|| e.to_string()),
+        })
 }
 
 async fn tcp_connect(authority: &str, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
@@ -918,11 +1059,35 @@ mod tests {
 
     #[test]
     fn urls_and_uris() {
-        assert!(HttpApi::new("https://x:1", Duration::from_secs(1)).is_err());
-        assert!(HttpApi::new("http://", Duration::from_secs(1)).is_err());
-        let a = HttpApi::new("http://127.0.0.1:8443/", Duration::from_secs(1)).unwrap();
+        let s = Duration::from_secs(1);
+        for bad in [
+            "ftp://x:1",
+            "http://",
+            "https://",
+            "http://x:1/path",
+            "http://x:0",
+            "http://x:99999",
+            "http://u@x:1",
+            "https://[::1",
+            "http://:80",
+        ] {
+            assert!(
+                matches!(HttpApi::new(bad, s), Err(SignalError::BadUrl(_))),
+                "{bad}"
+            );
+        }
+        let a = HttpApi::new("http://127.0.0.1:8443/", s).unwrap();
         assert_eq!(a.base(), "http://127.0.0.1:8443");
         assert_eq!(a.ws_url("a=b"), "ws://127.0.0.1:8443/v1/ws?a=b");
+        assert!(!a.is_tls());
+        let a = HttpApi::new("https://localhost:8443", s).unwrap();
+        assert!(a.is_tls());
+        assert_eq!(a.ws_url("a=b"), "wss://localhost:8443/v1/ws?a=b");
+        assert_eq!(a.connect_to, "localhost:8443");
+        let a = HttpApi::new("https://[::1]", s).unwrap();
+        assert_eq!(a.ws_url("a=b"), "wss://[::1]/v1/ws?a=b");
+        assert_eq!(a.connect_to, "[::1]:443");
+        assert_eq!(HttpApi::new("http://h", s).unwrap().connect_to, "h:80");
         assert_eq!(
             parse_turn_uri("turn:127.0.0.1:3478?transport=udp"),
             Some("127.0.0.1:3478".parse().unwrap())

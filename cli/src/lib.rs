@@ -7,7 +7,8 @@
 //! tracing-subscriber), duration values ([`parse_duration`], and [`config::duration`] for
 //! settings: humantime's syntax, or bare seconds), and the services' Prometheus exposition
 //! ([`metrics::Exposition`], through prometheus-client), and children that never outlive their
-//! launcher ([`process::die_with_parent`]).
+//! launcher ([`process::die_with_parent`]), and the server side of TLS with its certificate
+//! reload ([`tls::TlsStore`], for the relay's TURN over TLS and signaling's HTTPS).
 //!
 //! It is not: the services' settings themselves; each binary's flags, TOML keys, defaults and
 //! checks stay its own.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod log;
 pub mod metrics;
 pub mod process;
+pub mod tls;
 
 use std::time::Duration;
 

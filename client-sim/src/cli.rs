@@ -13,7 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use peerlink_api::signaling::{ClientMsg, ServerMsg};
-use peerlink_api::signaling_client::{HttpApi, SignalSession, Tokens, parse_turn_uri};
+use peerlink_api::signaling_client::{HttpApi, SignalError, SignalSession, Tokens, parse_turn_uri};
+use peerlink_api::tls::Trust;
 use peerlink_sim::call::{self, CallOptions};
 use peerlink_sim::demo::{self, DemoOptions};
 use peerlink_sim::fleet::{Fleet, FleetOptions};
@@ -24,10 +25,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Parser, Debug)]
 #[command(name = "peerlink-sim", version, about = "peerlink reference client")]
 pub struct Cli {
-    /// Signaling server URL (http://host:port) [default: from the state file, else
-    /// http://127.0.0.1:8443].
+    /// Signaling server URL: http://host:port, or https://host:port for a server with TLS
+    /// (WebSocket over wss://) [default: from the state file, else http://127.0.0.1:8443].
     #[arg(long, global = true, env = "PEERLINK_SERVER")]
     pub server: Option<String>,
+    /// CA certificate file (PEM, one or more certificates) trusted for an https:// server
+    /// besides the system's roots, e.g. a private fleet CA (repeatable).
+    #[arg(long = "ca", global = true, env = "PEERLINK_CA", value_name = "PEM")]
+    pub ca: Vec<PathBuf>,
     /// State file caching credentials [default: $HOME/.peerlink-sim.json].
     #[arg(long, global = true, env = "PEERLINK_SIM_STATE")]
     pub state: Option<PathBuf>,
@@ -249,6 +254,8 @@ fn save_state(path: &Path, s: &State) -> anyhow::Result<()> {
 
 struct Ctx {
     server: String,
+    /// The CAs trusted for an https:// server.
+    trust: Trust,
     state_path: PathBuf,
     state: State,
     device: String,
@@ -257,9 +264,10 @@ struct Ctx {
 
 impl Ctx {
     fn api(&self) -> anyhow::Result<HttpApi> {
-        Ok(HttpApi::new(
+        Ok(HttpApi::with_trust(
             &self.server,
             peerlink_api::signaling_client::DEFAULT_IO_TIMEOUT,
+            &self.trust,
         )?)
     }
 
@@ -307,6 +315,27 @@ impl Ctx {
     }
 }
 
+/// The exit status of a failed command (2 for a CA file that cannot be used, 1 otherwise)
+/// and a hint to print after the error, if one helps.
+pub fn failure(e: &anyhow::Error) -> (u8, Option<&'static str>) {
+    if e.downcast_ref::<peerlink_api::tls::TrustError>().is_some() {
+        return (2, None);
+    }
+    let tls = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<SignalError>(),
+            Some(SignalError::Tls { .. })
+        )
+    });
+    if tls {
+        return (
+            1,
+            Some("trust the CA that signed the server's certificate with --ca FILE"),
+        );
+    }
+    (1, None)
+}
+
 /// Run the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let state_path = cli.state.clone().unwrap_or_else(default_state_path);
@@ -316,8 +345,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .or_else(|| state.server.clone())
         .unwrap_or_else(|| "http://127.0.0.1:8443".to_owned());
+    let trust = Trust::with_ca_files(&cli.ca)?;
     let mut ctx = Ctx {
         server,
+        trust,
         state_path,
         state,
         device: cli.device.clone(),
@@ -601,6 +632,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let opts = DemoOptions {
                 server: cli.server.clone(),
+                ca: cli.ca.clone(),
                 relay_metrics,
                 relay,
                 out_dir: out,

@@ -24,7 +24,11 @@ async fn main() -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("peerlink-sim: {e:#}");
-                std::process::ExitCode::FAILURE
+                let (code, hint) = cli::failure(&e);
+                if let Some(h) = hint {
+                    eprintln!("peerlink-sim: hint: {h}");
+                }
+                std::process::ExitCode::from(code)
             }
         },
         signal = terminated() => std::process::ExitCode::from(128 + signal),

@@ -130,7 +130,12 @@ impl Cluster {
             .map_err(|e| ClusterError::Request(e.to_string()))?;
         // Other nodes close a keep-alive connection that stays idle for their header timeout;
         // dropping pooled connections well before that avoids sending on one being closed.
-        let http = reqwest::Client::builder()
+        // `https://` node URLs verify against the system's roots and the cluster's CAs.
+        let trust = cfg
+            .cluster_trust()
+            .map_err(|e| ClusterError::Request(e.to_string()))?;
+        let http = trust
+            .reqwest_builder()
             .timeout(FORWARD_TIMEOUT)
             .connect_timeout(FORWARD_TIMEOUT)
             .pool_idle_timeout(cfg.header_timeout / 2)

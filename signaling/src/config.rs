@@ -92,6 +92,9 @@ pub struct Config {
     pub http_timeout: Duration,
     /// Complete request headers must arrive within this (default 10 s).
     pub header_timeout: Duration,
+    /// With TLS, the handshake must finish within this; the connection is closed otherwise
+    /// (default 10 s).
+    pub tls_handshake_timeout: Duration,
     /// After shutdown starts, keep answering 503 to new upgrades this long (default 2 s).
     pub shutdown_grace: Duration,
     /// Reconnect hint sent in `goodbye` at shutdown (default 1000 ms).
@@ -106,9 +109,12 @@ pub struct Config {
     pub region: String,
     /// URL clients use to reach this node (the binary's default internal URL).
     pub public_url: Option<String>,
-    /// URL other nodes use for the internal API (the binary defaults it to
-    /// `http://<bound listen address>`).
+    /// URL other nodes use for the internal API (the binary defaults it to the public URL,
+    /// else `http://<bound listen address>`, `https://` with TLS).
     pub internal_url: Option<String>,
+    /// PEM files of CA certificates trusted, besides the system's roots, for `https://`
+    /// requests to other nodes (default none).
+    pub cluster_ca: Vec<PathBuf>,
     /// STUN responder primary address (default 127.0.0.1:3479); none disables it.
     pub stun: Option<SocketAddr>,
     /// Second STUN address (other IP and/or port) enabling RFC 5780 tests.
@@ -150,6 +156,7 @@ impl Default for Config {
             max_http_body: 64 * 1024,
             http_timeout: Duration::from_secs(15),
             header_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(2),
             reconnect_hint: Duration::from_millis(1000),
             dedup_retention: Duration::from_secs(30 * 24 * 3600),
@@ -158,6 +165,7 @@ impl Default for Config {
             region: "default".into(),
             public_url: None,
             internal_url: None,
+            cluster_ca: Vec::new(),
             stun: Some(SocketAddr::from(([127, 0, 0, 1], 3479))),
             stun_alt: None,
         }
@@ -219,6 +227,17 @@ pub struct Settings {
     pub public_url: Option<String>,
     /// [`Config::internal_url`].
     pub internal_url: Option<String>,
+    /// [`Config::cluster_ca`] (flag `--cluster-ca`, repeatable).
+    pub cluster_ca: Vec<PathBuf>,
+    /// PEM certificate chain (leaf first): with `tls_key`, the listener serves HTTPS and WSS
+    /// instead of HTTP and WS. Re-read on SIGHUP. Default none (env `PEERLINK_TLS_CERT`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1). Re-read on SIGHUP. Default
+    /// none (env `PEERLINK_TLS_KEY`).
+    pub tls_key: Option<PathBuf>,
+    /// [`Config::tls_handshake_timeout`].
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub tls_handshake_timeout: Duration,
     /// [`Config::token_secret`]; required.
     pub token_secret: Option<String>,
     /// [`Config::token_issuer`].
@@ -328,6 +347,10 @@ impl Default for Settings {
             region: c.region,
             public_url: c.public_url,
             internal_url: c.internal_url,
+            cluster_ca: c.cluster_ca,
+            tls_cert: None,
+            tls_key: None,
+            tls_handshake_timeout: c.tls_handshake_timeout,
             token_secret: None,
             token_issuer: c.token_issuer,
             token_ttl: c.token_ttl,
@@ -381,7 +404,34 @@ fn parse_net(s: &str) -> Result<IpNet, ConfigError> {
         })
 }
 
+/// The listener's certificate and key files, when it serves TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `tls_cert`.
+    pub cert: PathBuf,
+    /// `tls_key`.
+    pub key: PathBuf,
+}
+
 impl Settings {
+    /// The certificate and key when both are set, none when neither is; one alone is an error
+    /// naming the missing flag.
+    pub fn tls_files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(ConfigError::Invalid(
+                "--tls-cert needs --tls-key (PEERLINK_TLS_KEY, TOML tls_key)".into(),
+            )),
+            (None, Some(_)) => Err(ConfigError::Invalid(
+                "--tls-key needs --tls-cert (PEERLINK_TLS_CERT, TOML tls_cert)".into(),
+            )),
+        }
+    }
+
     /// Where the store lives: `store`, else `db` as an SQLite path, else [`DEFAULT_DB`].
     /// Both set, or a malformed `store`, is an error.
     pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
@@ -457,12 +507,14 @@ impl Settings {
             max_body_bytes: self.max_body_bytes,
             dedup_retention: self.dedup_retention,
             header_timeout: self.header_timeout,
+            tls_handshake_timeout: self.tls_handshake_timeout,
             shutdown_grace: self.shutdown_grace,
             directory: self.directory.clone(),
             cluster_token: self.cluster_token.clone(),
             region: self.region.clone(),
             public_url: self.public_url.clone(),
             internal_url: self.internal_url.clone(),
+            cluster_ca: self.cluster_ca.clone(),
             stun: (!self.no_stun).then_some(self.stun),
             stun_alt: self.stun_alt,
             ..Config::default()
@@ -534,7 +586,20 @@ impl Config {
                 return bad("relay addresses must be host:port");
             }
         }
+        if !(Duration::from_millis(100)..=Duration::from_secs(600))
+            .contains(&self.tls_handshake_timeout)
+        {
+            return bad("tls handshake timeout must be 100 ms to 10 min");
+        }
+        self.cluster_trust()?;
         Ok(())
+    }
+
+    /// The CAs trusted for `https://` requests to other nodes: the system's roots plus
+    /// [`Config::cluster_ca`]; a file that cannot be used is an error naming it.
+    pub fn cluster_trust(&self) -> Result<peerlink_api::tls::Trust, ConfigError> {
+        peerlink_api::tls::Trust::with_ca_files(&self.cluster_ca)
+            .map_err(|e| ConfigError::Invalid(format!("--cluster-ca: {e}")))
     }
 }
 

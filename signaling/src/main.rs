@@ -2,11 +2,16 @@
 //!
 //! Every flag can also be set in a TOML file (`--config`, keys = flag names with `_`). The
 //! file comes first, then the environment (secrets: `PEERLINK_TOKEN_SECRET`,
-//! `PEERLINK_TURN_SECRET`, `PEERLINK_CLUSTER_TOKEN`; the store: `PEERLINK_STORE`), then the
-//! flags (`peerlink_cli::config`). A bad configuration exits with status 2 before any socket
-//! is bound; a store that cannot be opened (unreachable, refused credentials, newer schema)
-//! with status 1, also before. Once bound, the binary prints `http=ADDR` and `stun=ADDR[,ADDR..]`
-//! lines on stdout.
+//! `PEERLINK_TURN_SECRET`, `PEERLINK_CLUSTER_TOKEN`; the store: `PEERLINK_STORE`; the TLS
+//! files: `PEERLINK_TLS_CERT`, `PEERLINK_TLS_KEY`), then the flags (`peerlink_cli::config`).
+//! A bad configuration (including a TLS certificate or key that cannot be used) exits with
+//! status 2 before any socket is bound; a store that cannot be opened (unreachable, refused
+//! credentials, newer schema) with status 1, also before. Once bound, the binary prints
+//! `http=ADDR` and `stun=ADDR[,ADDR..]` lines on stdout.
+//!
+//! With `--tls-cert` and `--tls-key` the listener serves HTTPS and WSS; SIGHUP re-reads both
+//! files (a pair that fails to load is logged and the previous one keeps serving); without
+//! TLS, SIGHUP is logged and changes nothing.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -16,8 +21,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use peerlink_cli::log::LogFormat;
+use peerlink_cli::tls::TlsStore;
 use peerlink_signaling::config::{ConfigError, Settings};
-use peerlink_signaling::serve::serve;
+use peerlink_signaling::serve::{TlsServing, serve, serve_tls};
 use peerlink_signaling::store::{PgOptions, StoreLocation};
 use peerlink_signaling::stun::StunResponder;
 use peerlink_signaling::{AppState, Config, app};
@@ -94,9 +100,24 @@ struct Flags {
     #[arg(long)]
     public_url: Option<String>,
     /// URL other nodes use to reach this node's internal API [default: public URL, else
-    /// http://<bound listen address>].
+    /// http://<bound listen address>, https:// with TLS].
     #[arg(long)]
     internal_url: Option<String>,
+    /// CA certificate file (PEM) trusted besides the system's roots for https:// requests to
+    /// other nodes (repeatable; TOML: a list).
+    #[arg(long = "cluster-ca", value_name = "PEM")]
+    cluster_ca: Option<Vec<PathBuf>>,
+    /// PEM certificate chain, leaf first: with --tls-key the listener serves HTTPS and WSS
+    /// (re-read on SIGHUP) [default: plain HTTP].
+    #[arg(long, env = "PEERLINK_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (re-read on SIGHUP).
+    #[arg(long, env = "PEERLINK_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// A TLS handshake must finish within this [default: 10s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    tls_handshake_timeout: Option<Duration>,
     /// HS256 token secret, at least 32 bytes.
     #[arg(long, env = "PEERLINK_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
@@ -231,6 +252,7 @@ struct Loaded {
     config: Config,
     store: StoreLocation,
     pg: PgOptions,
+    tls: Option<TlsStore>,
 }
 
 /// The config file, then the environment, then the flags; then checked.
@@ -240,11 +262,19 @@ fn load() -> Result<Loaded, ConfigError> {
     let config = settings.to_config()?;
     let store = settings.store_location()?;
     let pg = settings.pg_options()?;
+    let tls = match settings.tls_files()? {
+        Some(f) => Some(
+            TlsStore::with_alpn(&f.cert, &f.key, peerlink_signaling::serve::alpn())
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+        ),
+        None => None,
+    };
     Ok(Loaded {
         settings,
         config,
         store,
         pg,
+        tls,
     })
 }
 
@@ -276,6 +306,47 @@ async fn wait_for_signal() {
     }
 }
 
+/// SIGHUP re-reads the certificate and key: new handshakes use them, open connections keep
+/// theirs. A pair that fails to load is one error line (and `tls_reload_failures_total`);
+/// the previous pair keeps serving. Without TLS there is nothing to reload.
+#[cfg(unix)]
+fn spawn_reload_on_sighup(
+    store: Option<TlsStore>,
+    state: AppState,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = hup.recv() => if r.is_none() { break },
+            }
+            let Some(store) = &store else {
+                tracing::info!("SIGHUP: no TLS certificate, nothing to reload");
+                continue;
+            };
+            match store.reload() {
+                Ok(()) => tracing::info!(
+                    cert = %store.cert_path().display(),
+                    "SIGHUP: TLS certificate reloaded; new connections use it"
+                ),
+                Err(e) => {
+                    state
+                        .metrics
+                        .tls_reload_failures_total
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(
+                        "SIGHUP: TLS reload failed, keeping the previous certificate: {e}"
+                    )
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Loaded {
@@ -283,6 +354,7 @@ async fn main() -> anyhow::Result<()> {
         config: cfg,
         store,
         pg,
+        tls,
     } = match load() {
         Ok(x) => x,
         Err(e) => {
@@ -322,11 +394,10 @@ async fn main() -> anyhow::Result<()> {
     let http_addr = listener.local_addr()?;
     let mut cfg = cfg;
     if cfg.directory.is_some() && cfg.internal_url.is_none() {
-        cfg.internal_url = Some(
-            cfg.public_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{http_addr}")),
-        );
+        cfg.internal_url = Some(cfg.public_url.clone().unwrap_or_else(|| {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{http_addr}")
+        }));
     }
     let state = AppState::new(cfg, store).context("building node state")?;
     let stun = match stun_addr {
@@ -354,7 +425,7 @@ async fn main() -> anyhow::Result<()> {
         }
         out.flush()?;
     }
-    tracing::info!(%http_addr, "peerlink-signaling listening");
+    tracing::info!(%http_addr, tls = tls.is_some(), "peerlink-signaling listening");
 
     let stop = CancellationToken::new();
     if let Some(s) = stun {
@@ -375,7 +446,25 @@ async fn main() -> anyhow::Result<()> {
     let router = app(state.clone());
     let server_stop = stop.clone();
     let header_timeout = state.cfg.header_timeout;
-    let server = tokio::spawn(serve(listener, router, header_timeout, server_stop));
+    #[cfg(unix)]
+    spawn_reload_on_sighup(tls.clone(), state.clone(), stop.clone())?;
+    let server = match tls {
+        None => tokio::spawn(serve(listener, router, header_timeout, server_stop)),
+        Some(store) => {
+            let serving = TlsServing {
+                store,
+                handshake_timeout: state.cfg.tls_handshake_timeout,
+                state: state.clone(),
+            };
+            tokio::spawn(serve_tls(
+                listener,
+                router,
+                header_timeout,
+                serving,
+                server_stop,
+            ))
+        }
+    };
 
     wait_for_signal().await;
     tracing::info!("shutting down: closing sessions");
@@ -444,6 +533,16 @@ mod tests {
             "ws://pub",
             "--internal-url",
             "http://int",
+            "--cluster-ca",
+            "/tmp/ca1.pem",
+            "--cluster-ca",
+            "/tmp/ca2.pem",
+            "--tls-cert",
+            "/tmp/c.pem",
+            "--tls-key",
+            "/tmp/k.pem",
+            "--tls-handshake-timeout",
+            "24s",
             "--token-secret",
             SECRET,
             "--token-issuer",
@@ -530,7 +629,30 @@ mod tests {
         assert_eq!(pg.checkout_timeout, Duration::from_secs(22));
         assert_eq!(pg.statement_timeout, Duration::from_secs(23));
         assert_eq!((s.log.as_str(), s.log_format), ("debug", LogFormat::Json));
+        assert_eq!(
+            s.tls_files().unwrap(),
+            Some(peerlink_signaling::config::TlsFiles {
+                cert: "/tmp/c.pem".into(),
+                key: "/tmp/k.pem".into()
+            })
+        );
+        assert_eq!(
+            s.cluster_ca,
+            [PathBuf::from("/tmp/ca1.pem"), PathBuf::from("/tmp/ca2.pem")]
+        );
+        assert!(
+            s.to_config()
+                .unwrap_err()
+                .to_string()
+                .contains("/tmp/ca1.pem"),
+            "a missing cluster CA file is named"
+        );
+        let s = Settings {
+            cluster_ca: Vec::new(),
+            ..s
+        };
         let c = s.to_config().unwrap();
+        assert_eq!(c.tls_handshake_timeout, Duration::from_secs(24));
         assert_eq!(c.stun, Some("127.0.0.1:2".parse().unwrap()));
         assert_eq!(c.stun_alt, Some("127.0.0.1:3".parse().unwrap()));
         assert_eq!(c.directory.as_deref(), Some("http://127.0.0.1:8500"));

@@ -90,6 +90,13 @@ metrics! {
     stun_dropped_total: counter,
     /// STUN requests answered with an error (e.g. 420, 400).
     stun_errors_total: counter,
+    /// TLS handshakes completed (zero without TLS).
+    tls_handshakes_total: counter,
+    /// TLS handshakes that failed or ran out of time (bad certificate at the client, not TLS,
+    /// silent client).
+    tls_handshake_failures_total: counter,
+    /// SIGHUP certificate reloads that failed (the previous certificate kept serving).
+    tls_reload_failures_total: counter,
 }
 
 impl Metrics {

@@ -2,7 +2,8 @@
 //!
 //! [`postgres`] runs a real PostgreSQL server (Debian's binaries) in a temporary directory,
 //! one database per test. [`proc`] starts the services' binaries for tests (find, build when missing, wait for the
-//! announce line, kill on drop). [`workspace`] reads the workspace's crate graph from
+//! announce line, kill on drop). [`tls`] makes a private CA and server certificates as PEM
+//! files for TLS tests. [`workspace`] reads the workspace's crate graph from
 //! `cargo metadata` and `cargo tree`; the test `tests/dependency_rules.rs` holds the crates to
 //! the layering rules with it.
 
@@ -10,4 +11,5 @@
 
 pub mod postgres;
 pub mod proc;
+pub mod tls;
 pub mod workspace;

@@ -89,8 +89,10 @@ fn other(step: &'static str, detail: impl Into<String>) -> DemoError {
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
-    /// Use this running signaling node instead of starting a fleet.
+    /// Use this running signaling node instead of starting a fleet (`http://` or `https://`).
     pub server: Option<String>,
+    /// CA certificate files (PEM) trusted for an `https://` server besides the system's roots.
+    pub ca: Vec<PathBuf>,
     /// Metrics address of the relay (for `/stats`) when using a running fleet.
     pub relay_metrics: Option<SocketAddr>,
     /// TURN relay of the fixed-relay media exchange (default: the first one signaling offers).
@@ -111,6 +113,7 @@ impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             server: None,
+            ca: Vec::new(),
             relay_metrics: None,
             relay: None,
             out_dir: PathBuf::from("."),
@@ -315,7 +318,9 @@ async fn run_with(
     stun: Option<SocketAddr>,
     steps: &mut Steps,
 ) -> Result<RunOut, DemoError> {
-    let api = HttpApi::new(server, STEP_TIMEOUT).map_err(sig("server URL"))?;
+    let trust = peerlink_api::tls::Trust::with_ca_files(&opts.ca)
+        .map_err(|e| sig("server URL")(e.into()))?;
+    let api = HttpApi::with_trust(server, STEP_TIMEOUT, &trust).map_err(sig("server URL"))?;
     let mut tag = [0u8; 3];
     rand::rng().fill_bytes(&mut tag);
     let tag = hex::encode(tag);

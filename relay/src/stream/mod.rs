@@ -44,7 +44,6 @@
 //! `stream_connections_closed_total{transport,reason}`.
 
 pub mod conn;
-pub mod tls;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -61,7 +60,8 @@ use crate::metrics::{Direction, IoCounters};
 use crate::net;
 use crate::worker::SocketTable;
 use conn::{CloseReason, Closing, Conn, Read1};
-pub use tls::{TlsError, TlsStore};
+/// The certificate and key of the TLS listeners, reloaded on SIGHUP (shared with signaling).
+pub use peerlink_cli::tls::{TlsError, TlsStore};
 
 /// Bytes read from a socket at once.
 pub const READ_CHUNK: usize = 16 * 1024;

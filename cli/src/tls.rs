@@ -1,11 +1,16 @@
-//! The TLS side of the stream listeners: the certificate chain and key read from PEM files
-//! into a rustls server configuration, and the reload on SIGHUP.
+//! The server side of TLS for every peerlink service that terminates it (the relay's TURN
+//! over TLS listeners, signaling's HTTPS/WSS listener): the certificate chain and key read
+//! from PEM files into a rustls server configuration, and the reload that a service runs on
+//! SIGHUP.
 //!
-//! [`TlsStore`] is shared by every worker. A worker takes the current configuration once per
-//! new connection ([`TlsStore::current`], one read lock per accept, never per packet), so a
-//! reload changes what new handshakes present and leaves every established connection as it
-//! is. A reload that fails (unreadable file, key not matching) keeps the previous
-//! configuration and says why.
+//! [`TlsStore`] is shared by every accepting task or worker. Each takes the current
+//! configuration once per new connection ([`TlsStore::current`], one read lock per accept,
+//! never per packet), so a reload changes what new handshakes present and leaves every
+//! established connection as it is. A reload that fails (unreadable file, key not matching)
+//! keeps the previous configuration and says why.
+//!
+//! The configuration offers TLS 1.2 and 1.3 with rustls's ring provider and asks for no
+//! client certificate; ALPN protocols are the service's choice ([`TlsStore::with_alpn`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -46,8 +51,18 @@ pub enum TlsError {
 }
 
 /// Reads `cert` (a PEM chain, leaf first) and `key` (a PEM private key: PKCS#8, PKCS#1 or
-/// SEC1) into a server configuration (TLS 1.2 and 1.3, no client certificates).
+/// SEC1) into a server configuration (TLS 1.2 and 1.3, no client certificates, no ALPN).
 pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    load_with_alpn(cert, key, &[])
+}
+
+/// [`load`], offering `alpn` (most preferred first, e.g. `h2`, `http/1.1`) to clients that
+/// send ALPN.
+pub fn load_with_alpn(
+    cert: &Path,
+    key: &Path,
+    alpn: &[Vec<u8>],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let cert_err = |reason: String| TlsError::Cert {
         path: cert.to_owned(),
         reason,
@@ -69,20 +84,22 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
         reason,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| config_err(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, private)
         .map_err(|e| config_err(e.to_string()))?;
+    config.alpn_protocols = alpn.to_vec();
     Ok(Arc::new(config))
 }
 
-/// The current TLS configuration of the relay and the files it came from.
+/// The current TLS configuration of a service and the files it came from.
 #[derive(Clone)]
 pub struct TlsStore {
     cert: PathBuf,
     key: PathBuf,
+    alpn: Vec<Vec<u8>>,
     current: Arc<RwLock<Arc<ServerConfig>>>,
 }
 
@@ -98,10 +115,17 @@ impl std::fmt::Debug for TlsStore {
 impl TlsStore {
     /// Loads `cert` and `key` (see [`load`]).
     pub fn open(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Self::with_alpn(cert, key, Vec::new())
+    }
+
+    /// Loads `cert` and `key` offering `alpn` (see [`load_with_alpn`]), now and after every
+    /// reload.
+    pub fn with_alpn(cert: &Path, key: &Path, alpn: Vec<Vec<u8>>) -> Result<Self, TlsError> {
         Ok(TlsStore {
-            current: Arc::new(RwLock::new(load(cert, key)?)),
+            current: Arc::new(RwLock::new(load_with_alpn(cert, key, &alpn)?)),
             cert: cert.to_owned(),
             key: key.to_owned(),
+            alpn,
         })
     }
 
@@ -116,7 +140,7 @@ impl TlsStore {
     /// Reads the files again; on success new handshakes use them, on failure the previous
     /// configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let fresh = load(&self.cert, &self.key)?;
+        let fresh = load_with_alpn(&self.cert, &self.key, &self.alpn)?;
         match self.current.write() {
             Ok(mut c) => *c = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
@@ -177,6 +201,24 @@ mod tests {
         std::fs::write(&cert, "not pem").unwrap();
         assert!(matches!(store.reload(), Err(TlsError::Cert { .. })));
         assert!(Arc::ptr_eq(&second, &store.current()), "old config kept");
+    }
+
+    #[test]
+    fn alpn_survives_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = write_pair(dir.path(), "alpn.test");
+        let alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let store = TlsStore::with_alpn(&cert, &key, alpn.clone()).unwrap();
+        assert_eq!(store.current().alpn_protocols, alpn);
+        store.reload().unwrap();
+        assert_eq!(store.current().alpn_protocols, alpn);
+        assert!(
+            TlsStore::open(&cert, &key)
+                .unwrap()
+                .current()
+                .alpn_protocols
+                .is_empty()
+        );
     }
 
     #[test]
