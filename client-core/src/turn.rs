@@ -894,6 +894,23 @@ impl TurnClient {
             Some(Ok(r)) => Some(r.0.to_owned()),
             _ => None,
         };
+        let redirect = match t.kind {
+            RequestKind::Allocate if code == 300 => self.usable_alternate(msg, t.authenticated),
+            _ => None,
+        };
+        if let Some(alternate) = redirect {
+            let from = self.config.server;
+            self.redirected_from.push(from);
+            self.config.server = alternate;
+            // The alternate issues its own nonce (and maybe realm): start unauthenticated.
+            self.auth = None;
+            self.events.push_back(Event::Redirected {
+                from,
+                to: alternate,
+            });
+            self.retry(now, t.kind, 0);
+            return;
+        }
         match code {
             401 if !t.authenticated => {
                 let (Some(realm), Some(nonce)) = (realm, nonce) else {
@@ -905,50 +922,6 @@ impl TurnClient {
                 self.retry(now, t.kind, t.stale_retries);
             }
             401 => self.fail(now, t.kind, TurnError::Unauthorized { method }),
-            300 if matches!(t.kind, RequestKind::Allocate) => {
-                let alternate = match msg.get::<AlternateServer>() {
-                    Some(Ok(a)) => a.0,
-                    _ => {
-                        self.fail(
-                            now,
-                            t.kind,
-                            TurnError::MissingAttribute {
-                                method,
-                                attr: "ALTERNATE-SERVER",
-                            },
-                        );
-                        return;
-                    }
-                };
-                // An answer to an authenticated request moves us only with integrity (checked
-                // against our key above), so nobody off the path can steer the allocation.
-                let trusted = !t.authenticated || msg.has_integrity();
-                let looped = alternate == self.config.server
-                    || self.redirected_from.contains(&alternate)
-                    || self.redirected_from.len() >= MAX_REDIRECTS;
-                if !trusted || looped {
-                    self.fail(
-                        now,
-                        t.kind,
-                        TurnError::Rejected {
-                            method,
-                            code,
-                            reason,
-                        },
-                    );
-                    return;
-                }
-                let from = self.config.server;
-                self.redirected_from.push(from);
-                self.config.server = alternate;
-                // The alternate issues its own nonce (and maybe realm): start unauthenticated.
-                self.auth = None;
-                self.events.push_back(Event::Redirected {
-                    from,
-                    to: alternate,
-                });
-                self.retry(now, t.kind, 0);
-            }
             438 => {
                 let Some(nonce) = nonce else {
                     self.fail(
@@ -1016,6 +989,19 @@ impl TurnClient {
                 },
             ),
         }
+    }
+
+    /// The ALTERNATE-SERVER of a 300 answer, if the client may follow it: signed when the
+    /// request was (integrity was checked against our key on arrival, so nobody off the path
+    /// can steer the allocation), not back to a server that redirected, at most
+    /// [`MAX_REDIRECTS`] times.
+    fn usable_alternate(&self, msg: &Message<'_>, authenticated: bool) -> Option<SocketAddr> {
+        let alternate = msg.get::<AlternateServer>()?.ok()?.0;
+        let trusted = !authenticated || msg.has_integrity();
+        let looped = alternate == self.config.server
+            || self.redirected_from.contains(&alternate)
+            || self.redirected_from.len() >= MAX_REDIRECTS;
+        (trusted && !looped).then_some(alternate)
     }
 
     fn retry(&mut self, now: Instant, kind: RequestKind, stale_retries: u8) {

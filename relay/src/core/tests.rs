@@ -427,16 +427,7 @@ impl Client {
     }
 
     fn allocate_with(&mut self, h: &mut Harness, attrs: Attrs<'_>) -> Result<SocketAddr, u16> {
-        let resp = self.transact(h, Method::ALLOCATE, attrs);
-        if let Some(code) = err_code(&resp) {
-            return Err(code);
-        }
-        let m = Message::parse(&resp).unwrap();
-        m.verify_integrity(&self.key)
-            .expect("success response carries our MESSAGE-INTEGRITY");
-        let XorRelayedAddress(r) = m.get::<XorRelayedAddress>().unwrap().unwrap();
-        self.relayed = Some(r);
-        Ok(r)
+        self.allocate_reserving(h, attrs).map(|(r, _)| r)
     }
 
     /// Allocate and return the RESERVATION-TOKEN of the answer too.
