@@ -669,11 +669,37 @@ async fn redis_outage_answers_503_and_service_resumes_by_itself() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["nodes"].as_array().unwrap().len(), 1);
 
+    // Hung (SIGSTOP): answered 503 once the response timeout (2 s) passes, not never.
+    server.set_stopped(true);
+    let started = tokio::time::Instant::now();
+    let (status, body) = http_get(&app, "/v1/nodes").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_500),
+        "waited for the timeout"
+    );
+    server.set_stopped(false);
+    let deadline = tokio::time::Instant::now() + STEP;
+    while http_get(&app, "/v1/nodes").await.0 != StatusCode::OK {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer after SIGCONT"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Gone (SIGKILL) for a while: every request is refused fast, through several reconnect
+    // attempts.
     server.kill();
-    for path in ["/v1/nodes", "/v1/relays", "/v1/presence/alice"] {
-        let (status, body) = http_get(&app, path).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
-        assert_eq!(body["error"]["code"], "store_unavailable", "{path}: {body}");
+    let outage = tokio::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(4) {
+        for path in ["/v1/nodes", "/v1/relays", "/v1/presence/alice"] {
+            let (status, body) = http_get(&app, path).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
+            assert_eq!(body["error"]["code"], "store_unavailable", "{path}: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(matches!(
         bounded(store.stats(t(1.0))).await,

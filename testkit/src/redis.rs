@@ -157,9 +157,25 @@ impl RedisServer {
     /// [`run`]: Self::run
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A stopped process dies of SIGKILL as well.
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stop (`SIGSTOP`) or continue (`SIGCONT`) the server: stopped, it accepts connections
+    /// in the kernel but answers nothing, like a hung server.
+    pub fn set_stopped(&self, stopped: bool) {
+        let Some(child) = self.child.as_ref() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+        let sig = if stopped {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(pid, sig).expect("signalling redis-server");
     }
 
     /// Whether the server process is running.
