@@ -11,7 +11,9 @@
 //! A client may hold several directory URLs (replicas on one shared store, given as a
 //! comma-separated list): a request that fails with a connection error, a timeout or a 5xx
 //! answer goes to the next URL, and the client sticks to the one that answered until it fails.
-//! Every clone shares that choice.
+//! Every clone shares that choice. Retrying after a timeout may apply a request twice; every
+//! request of this API is idempotent except a relay choice, where the retry counts one extra
+//! `handed_out` until the relay's next heartbeat resets it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -396,7 +396,7 @@ async fn batch_lookup_keeps_order_and_reports_offline_users<S: DirectoryStore>(s
     register(&s, "n1", 1, t(0.0)).await;
     put(&s, presence("a", "d2", "n1", 1), t(0.0)).await;
     put(&s, presence("a", "d1", "n1", 1), t(0.0)).await;
-    let batch: Vec<NodePresence> = (0..300)
+    let batch: Vec<NodePresence> = (0..MAX_PRESENCE_BATCH)
         .map(|i| NodePresence {
             user: format!("u{i}"),
             device: "x".into(),
@@ -405,16 +405,30 @@ async fn batch_lookup_keeps_order_and_reports_offline_users<S: DirectoryStore>(s
         .collect();
     assert_eq!(
         bounded(s.update_presence_batch("n1", 1, batch, t(0.5))).await,
-        Ok((UpdateOutcome::Applied, 300))
+        Ok((UpdateOutcome::Applied, MAX_PRESENCE_BATCH as u64))
     );
-    let users: Vec<String> = ["nobody", "a", "u299"].map(String::from).to_vec();
+    let last = format!("u{}", MAX_PRESENCE_BATCH - 1);
+    let users: Vec<String> = ["nobody", "a", &last].map(String::from).to_vec();
     let out = bounded(s.lookup_users(&users, t(1.0))).await.unwrap();
     assert_eq!(out[0].user, "nobody");
     assert!(out[0].devices.is_empty());
     let devs: Vec<_> = out[1].devices.iter().map(|d| d.device.as_str()).collect();
     assert_eq!(devs, ["d1", "d2"]);
     assert_eq!(out[2].devices[0].status, PresenceStatus::Away);
-    assert_eq!(entries(&s, t(1.0)).await, 302);
+    assert_eq!(entries(&s, t(1.0)).await, MAX_PRESENCE_BATCH as u64 + 2);
+    // A full lookup batch, in order.
+    let users: Vec<String> = (0..MAX_LOOKUP_BATCH).map(|i| format!("u{i}")).collect();
+    let out = bounded(s.lookup_users(&users, t(1.0))).await.unwrap();
+    assert_eq!(out.len(), MAX_LOOKUP_BATCH);
+    assert!(
+        out.iter()
+            .zip(&users)
+            .all(|(l, u)| l.user == *u && l.devices.len() == 1)
+    );
+    // A new epoch purges the whole batch at once.
+    let r = register(&s, "n1", 2, t(2.0)).await;
+    assert_eq!(r.purged_presence, MAX_PRESENCE_BATCH as u64 + 2);
+    assert_eq!(entries(&s, t(2.0)).await, 0);
     assert!(
         bounded(s.lookup_users(&[], t(1.0)))
             .await
