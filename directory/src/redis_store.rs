@@ -3,7 +3,7 @@
 //! keeps a cache that changes answers: every read goes to Redis.
 //!
 //! Semantics are [`crate::memory::MemoryStore`]'s, decided by the caller's `now` (the same
-//! store suite runs on both). Multi-key updates are Lua scripts ([`crate::redis_lua`]), so they
+//! store suite runs on both). Multi-key updates are Lua scripts (`redis_lua.rs`), so they
 //! are atomic. Relay records are JSON values updated by compare-and-set: a heartbeat or a
 //! choice reads the records, decides in Rust (relay choice is [`crate::select`]), and writes
 //! back only if the records it read are unchanged, else reads again.

@@ -77,6 +77,13 @@ impl RedisServer {
             port: free_port(),
             child: None,
         };
+        // Another process may take the free port before the server binds it: then a new one.
+        for _ in 0..3 {
+            match server.try_run() {
+                Ok(()) => return Some(server),
+                Err(_) => server.port = free_port(),
+            }
+        }
         server.run();
         Some(server)
     }
@@ -84,6 +91,13 @@ impl RedisServer {
     /// Start the server process (again, after [`kill`](Self::kill): same port, empty) and wait
     /// until it answers `PING`.
     pub fn run(&mut self) {
+        if let Err(e) = self.try_run() {
+            panic!("{e}");
+        }
+    }
+
+    /// [`run`](Self::run), with an exit at start (e.g. the port was taken) as an error.
+    fn try_run(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "the server is running already");
         let log = std::fs::File::options()
             .create(true)
@@ -109,13 +123,13 @@ impl RedisServer {
                 && let Ok(Some(status)) = c.try_wait()
             {
                 self.child = None;
-                panic!(
+                return Err(format!(
                     "redis-server exited at start ({status}): {}",
                     self.log_tail()
-                );
+                ));
             }
             match command(self.addr(), &["PING"]) {
-                Ok(r) if r == "+PONG" => return,
+                Ok(r) if r == "+PONG" => return Ok(()),
                 _ if Instant::now() > deadline => panic!(
                     "redis-server did not answer PING within {START_WAIT:?}: {}",
                     self.log_tail()
