@@ -10,11 +10,13 @@
 #   postgresql  initdb + postgres (and the `postgres` user): signaling's PostgreSQL store tests
 #               start their own server in a temporary directory; the package's cluster is never
 #               started here
+#   redis-server, redis-tools : the directory's Redis store tests start their own server (no
+#               persistence) on a free loopback port; the package's service is never started here
 set -euo pipefail
 
 need_cmds=(turnserver:coturn turnutils_uclient:coturn nft:nftables ip:iproute2
            conntrack:conntrack cmake:cmake pkg-config:pkg-config promtool:prometheus
-           prometheus:prometheus kubectl:kubernetes-client redis-server:redis-server)
+           prometheus:prometheus kubectl:kubernetes-client redis-server:redis-server redis-cli:redis-tools)
 need_pkgs=(libopus-dev)
 
 missing=()
@@ -37,7 +39,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  # Never let a package start its daemon here (coturn and postgresql ship services): tests
+  # Never let a package start its daemon here (coturn, postgresql and redis ship services): tests
   # start their own.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null

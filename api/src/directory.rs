@@ -443,6 +443,9 @@ pub enum ErrorCode {
     Timeout,
     /// Storage backend failure (500).
     Internal,
+    /// The storage backend (Redis) cannot be reached right now (503); retry, also at another
+    /// directory replica.
+    StoreUnavailable,
 }
 
 /// Error payload inside [`ErrorBody`].

@@ -7,9 +7,16 @@
 //! the node's presence entries from a [`PresenceSource`]. A `stale_epoch` answer means a newer
 //! incarnation of this node exists: the loop stops. Dropping the handle stops the loop.
 //! [`RelayRegistration`] does the same for relays.
+//!
+//! A client may hold several directory URLs (replicas on one shared store, given as a
+//! comma-separated list): a request that fails with a connection error, a timeout or a 5xx
+//! answer goes to the next URL, and the client sticks to the one that answered until it fails.
+//! Every clone shares that choice. Retrying after a timeout may apply a request twice; every
+//! request of this API is idempotent except a relay choice, where the retry counts one extra
+//! `handed_out` until the relay's next heartbeat resets it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
@@ -69,6 +76,18 @@ impl ClientError {
         }
     }
 
+    /// True when another directory replica may answer: a connection error, a timeout or a
+    /// 5xx answer (such as `store_unavailable`).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::InvalidUrl { .. } => false,
+            ClientError::Transport(e) => !e.is_decode() && !e.is_builder(),
+            ClientError::Api { status, .. } | ClientError::Unexpected { status, .. } => {
+                *status >= 500
+            }
+        }
+    }
+
     /// True when the directory does not know this node/relay and it must register again.
     pub fn is_unknown(&self) -> bool {
         matches!(
@@ -78,59 +97,130 @@ impl ClientError {
     }
 }
 
-/// Async client of the directory's internal API. Cheap to clone.
+/// Async client of the directory's internal API, over one or several replicas' base URLs.
+/// Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct DirectoryClient {
     http: reqwest::Client,
-    base: Url,
+    bases: Arc<[Url]>,
+    /// Index into `bases` of the URL that answered last.
+    current: Arc<AtomicUsize>,
     auth: Arc<str>,
 }
 
+/// Most base URLs one client takes.
+pub const MAX_DIRECTORY_URLS: usize = 16;
+
+/// Parse a comma-separated list of `http://` base URLs (spaces around commas ignored; at
+/// least one, at most [`MAX_DIRECTORY_URLS`]).
+pub fn parse_base_urls(list: &str) -> Result<Vec<Url>, ClientError> {
+    let invalid = |url: &str, reason: &str| ClientError::InvalidUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut out = Vec::new();
+    for one in list.split(',').map(str::trim) {
+        if one.is_empty() {
+            return Err(invalid(list, "empty entry in the URL list"));
+        }
+        let base = Url::parse(one).map_err(|e| invalid(one, &e.to_string()))?;
+        if base.cannot_be_a_base() || !matches!(base.scheme(), "http") {
+            return Err(invalid(one, "need an http:// base URL"));
+        }
+        out.push(base);
+    }
+    if out.len() > MAX_DIRECTORY_URLS {
+        return Err(invalid(
+            list,
+            &format!("at most {MAX_DIRECTORY_URLS} directory URLs"),
+        ));
+    }
+    Ok(out)
+}
+
 impl DirectoryClient {
-    /// Client for `base_url` (e.g. `http://127.0.0.1:8500`) with the shared cluster token.
-    pub fn new(base_url: &str, cluster_token: &str) -> Result<Self, ClientError> {
-        Self::with_timeout(base_url, cluster_token, DEFAULT_REQUEST_TIMEOUT)
+    /// Client for `base_urls` (`http://127.0.0.1:8500`, or several replicas' URLs separated
+    /// by commas) with the shared cluster token.
+    pub fn new(base_urls: &str, cluster_token: &str) -> Result<Self, ClientError> {
+        Self::with_timeout(base_urls, cluster_token, DEFAULT_REQUEST_TIMEOUT)
     }
 
-    /// Same as [`DirectoryClient::new`] with a custom per-request timeout.
+    /// Same as [`DirectoryClient::new`] with a custom per-request timeout (per URL tried).
     pub fn with_timeout(
-        base_url: &str,
+        base_urls: &str,
         cluster_token: &str,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let base = Url::parse(base_url).map_err(|e| ClientError::InvalidUrl {
-            url: base_url.to_owned(),
-            reason: e.to_string(),
-        })?;
-        if base.cannot_be_a_base() || !matches!(base.scheme(), "http") {
-            return Err(ClientError::InvalidUrl {
-                url: base_url.to_owned(),
-                reason: "need an http:// base URL".to_owned(),
-            });
-        }
+        let bases = parse_base_urls(base_urls)?;
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .build()?;
         Ok(Self {
             http,
-            base,
+            bases: bases.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             auth: Arc::from(format!("Bearer {cluster_token}")),
         })
     }
 
-    /// The base URL this client talks to.
+    /// The base URL this client talks to now (the one that answered last).
     pub fn base_url(&self) -> &Url {
-        &self.base
+        let i = self.current.load(Ordering::Relaxed) % self.bases.len();
+        &self.bases[i]
     }
 
-    fn url(&self, segments: &[&str]) -> Result<Url, ClientError> {
-        let mut url = self.base.clone();
+    /// Every base URL, in the order given.
+    pub fn base_urls(&self) -> &[Url] {
+        &self.bases
+    }
+
+    /// Send `build(url)` to the current base URL, then to the next ones while the answer is
+    /// retryable ([`ClientError::is_retryable`]); the first that answers becomes current.
+    async fn send<R, F>(&self, segments: &[&str], build: F) -> Result<R, ClientError>
+    where
+        R: DeserializeOwned,
+        F: Fn(Url) -> reqwest::RequestBuilder,
+    {
+        let n = self.bases.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let url = Self::join(&self.bases[i], segments)?;
+            let result = match build(url).send().await {
+                Ok(resp) => Self::decode(resp).await,
+                Err(e) => Err(ClientError::Transport(e)),
+            };
+            match result {
+                Err(e) if e.is_retryable() => {
+                    if n > 1 {
+                        debug!(directory = %self.bases[i], error = %e, "directory failed; trying the next");
+                    }
+                    last = Some(e);
+                }
+                done => {
+                    if i != first {
+                        info!(directory = %self.bases[i], "switched to another directory");
+                        self.current.store(i, Ordering::Relaxed);
+                    }
+                    return done;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::InvalidUrl {
+            url: String::new(),
+            reason: "no directory URL".to_owned(),
+        }))
+    }
+
+    fn join(base: &Url, segments: &[&str]) -> Result<Url, ClientError> {
+        let mut url = base.clone();
         {
             let mut path = url
                 .path_segments_mut()
                 .map_err(|()| ClientError::InvalidUrl {
-                    url: self.base.to_string(),
+                    url: base.to_string(),
                     reason: "cannot be a base".to_owned(),
                 })?;
             path.pop_if_empty();
@@ -163,29 +253,28 @@ impl DirectoryClient {
         segments: &[&str],
         body: &B,
     ) -> Result<R, ClientError> {
-        let resp = self
-            .http
-            .post(self.url(segments)?)
-            .header(reqwest::header::AUTHORIZATION, &*self.auth)
-            .json(body)
-            .send()
-            .await?;
-        Self::decode(resp).await
+        self.send(segments, |url| {
+            self.http
+                .post(url)
+                .header(reqwest::header::AUTHORIZATION, &*self.auth)
+                .json(body)
+        })
+        .await
     }
 
     async fn get<R: DeserializeOwned>(&self, segments: &[&str]) -> Result<R, ClientError> {
-        let resp = self
-            .http
-            .get(self.url(segments)?)
-            .header(reqwest::header::AUTHORIZATION, &*self.auth)
-            .send()
-            .await?;
-        Self::decode(resp).await
+        self.send(segments, |url| {
+            self.http
+                .get(url)
+                .header(reqwest::header::AUTHORIZATION, &*self.auth)
+        })
+        .await
     }
 
-    /// `GET /healthz`: Ok when the directory answers 200.
+    /// `GET /healthz` of the current directory: Ok when it answers 200.
     pub async fn health(&self) -> Result<(), ClientError> {
-        let resp = self.http.get(self.url(&["healthz"])?).send().await?;
+        let url = Self::join(self.base_url(), &["healthz"])?;
+        let resp = self.http.get(url).send().await?;
         let status = resp.status();
         if status == StatusCode::OK {
             Ok(())

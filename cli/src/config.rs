@@ -270,6 +270,44 @@ pub mod duration {
     }
 }
 
+/// Serde for a setting that is one URL or several, `#[serde(default, deserialize_with =
+/// "peerlink_cli::config::url_list::deserialize")]` on an `Option<String>`: reads a string
+/// (itself possibly comma-separated) or an array of strings, and gives them joined by commas;
+/// an empty array is `None`. The flag side is a repeatable, comma-delimited `Vec<String>`
+/// flag, which serializes as an array.
+pub mod url_list {
+    use std::fmt;
+
+    use serde::{Deserializer, de};
+
+    /// Read a string or an array of strings.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(Visit)
+    }
+
+    struct Visit;
+
+    impl<'de> de::Visitor<'de> for Visit {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a URL, a comma-separated list of URLs, or an array of URLs")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut all: Vec<String> = Vec::new();
+            while let Some(one) = seq.next_element::<String>()? {
+                all.push(one);
+            }
+            Ok((!all.is_empty()).then(|| all.join(",")))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,5 +626,52 @@ mod tests {
         }
         let e = load::<Settings>(None, &Huge { workers: u64::MAX }).unwrap_err();
         assert!(matches!(e, ConfigError::Flags(_)), "{e:?}");
+    }
+
+    #[test]
+    fn url_lists_read_a_string_or_an_array_and_flags_replace_the_file() {
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(default)]
+        struct U {
+            #[serde(deserialize_with = "url_list::deserialize")]
+            directory: Option<String>,
+        }
+        #[derive(Serialize)]
+        struct Flags {
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            directory: Vec<String>,
+        }
+        let read = |text: &str, flags: Vec<&str>| {
+            let flags = Flags {
+                directory: flags.into_iter().map(String::from).collect(),
+            };
+            load_str::<U>(Path::new("t.toml"), text, &flags).map(|u| u.directory)
+        };
+        assert_eq!(read("", vec![]).unwrap(), None);
+        assert_eq!(
+            read("directory = \"http://a:1\"", vec![])
+                .unwrap()
+                .as_deref(),
+            Some("http://a:1")
+        );
+        assert_eq!(
+            read("directory = [\"http://a:1\", \"http://b:2\"]", vec![])
+                .unwrap()
+                .as_deref(),
+            Some("http://a:1,http://b:2")
+        );
+        assert_eq!(read("directory = []", vec![]).unwrap(), None);
+        assert_eq!(
+            read(
+                "directory = \"http://a:1\"",
+                vec!["http://c:3", "http://d:4"]
+            )
+            .unwrap()
+            .as_deref(),
+            Some("http://c:3,http://d:4"),
+            "the flags' list replaces the file's"
+        );
+        assert!(read("directory = 5", vec![]).is_err());
+        assert!(read("directory = [5]", vec![]).is_err());
     }
 }

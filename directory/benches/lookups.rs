@@ -9,6 +9,9 @@
 //! 2. HTTP lookups per second over loopback (server and load generator in this process,
 //!    sharing the machine's cores): single-user `GET /v1/presence/{user}` and 100-user batch
 //!    `POST /v1/presence/lookup`.
+//! 3. The same HTTP lookups with the state in Redis (`RedisStore` over Debian's
+//!    `redis-server` on loopback, started for the run; skipped with one line when it is not
+//!    installed), as ratios to phase 2 in the same run.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -18,8 +21,9 @@ use std::time::{Duration, Instant};
 use peerlink_api::directory::*;
 use peerlink_directory::clock::{SystemClock, Timestamp};
 use peerlink_directory::memory::MemoryStore;
+use peerlink_directory::redis_store::{RedisLocation, RedisOptions, RedisStore};
 use peerlink_directory::server::{AppState, HttpLimits, app};
-use peerlink_directory::store::StoreConfig;
+use peerlink_directory::store::{DirectoryStore, StoreConfig};
 
 const USERS: usize = 100_000;
 const NODES: usize = 10;
@@ -237,10 +241,68 @@ fn main() {
         let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
         let base = format!("http://{addr}");
         let hd = d * 3;
-        let (rps, _) = http_phase(&base, 32, hd, 1).await;
-        println!("http single     : {rps:>12.0} lookups/s   (GET /v1/presence/{{user}}, 32 concurrent, loopback, server+client share {cores} cores)");
-        let (rps, ups) = http_phase(&base, 16, hd, 100).await;
-        println!("http batch x100 : {ups:>12.0} users/s     ({rps:.0} requests/s of 100 users, 16 concurrent)");
+        let (single, _) = http_phase(&base, 32, hd, 1).await;
+        println!("http single     : {single:>12.0} lookups/s   (GET /v1/presence/{{user}}, 32 concurrent, loopback, server+client share {cores} cores)");
+        let (rps, batch) = http_phase(&base, 16, hd, 100).await;
+        println!("http batch x100 : {batch:>12.0} users/s     ({rps:.0} requests/s of 100 users, 16 concurrent)");
+        server.abort();
+
+        let Some(redis) = peerlink_testkit::redis::RedisServer::start() else {
+            return;
+        };
+        let loc = RedisLocation::parse(&redis.url(0)).expect("redis url");
+        let store = Arc::new(
+            RedisStore::connect(loc, cfg, RedisOptions::default())
+                .await
+                .expect("redis store"),
+        );
+        // Redis stamps with the caller's clock; this run's clock starts at 0 like phase 2's.
+        let clock = Arc::new(SystemClock::new());
+        populate_async(&*store, Timestamp(0)).await;
+        let state = AppState::new(store, clock, cfg, HttpLimits::default(), TOKEN);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
+        let base = format!("http://{addr}");
+        let (r_single, _) = http_phase(&base, 32, hd, 1).await;
+        println!(
+            "redis single    : {r_single:>12.0} lookups/s   ({:.2}x the in-memory store; redis-server on the same cores)",
+            r_single / single
+        );
+        let (rps, r_batch) = http_phase(&base, 16, hd, 100).await;
+        println!(
+            "redis batch x100: {r_batch:>12.0} users/s     ({rps:.0} requests/s; {:.2}x the in-memory store)",
+            r_batch / batch
+        );
         server.abort();
     });
+}
+
+/// `populate` through the trait, in full batches (for a shared store).
+async fn populate_async<S: DirectoryStore>(store: &S, now: Timestamp) {
+    for n in 0..NODES {
+        let req = RegisterNodeRequest {
+            node_id: format!("node-{n}"),
+            internal_url: format!("http://10.0.0.{n}:8443"),
+            epoch: 1,
+            load: 0.0,
+        };
+        store.register_node(req, now).await.expect("register");
+    }
+    for n in 0..NODES {
+        let mine: Vec<NodePresence> = (n..USERS)
+            .step_by(NODES)
+            .map(|i| NodePresence {
+                user: user(i),
+                device: "phone".into(),
+                status: PresenceStatus::Online,
+            })
+            .collect();
+        for chunk in mine.chunks(MAX_PRESENCE_BATCH) {
+            store
+                .update_presence_batch(&format!("node-{n}"), 1, chunk.to_vec(), now)
+                .await
+                .expect("presence");
+        }
+    }
 }

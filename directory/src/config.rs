@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::redis_store::{RedisLocation, RedisOptions};
 use crate::server::HttpLimits;
 use crate::store::StoreConfig;
 
 /// Environment variable holding the cluster token (preferred over the flag or the file).
 pub const TOKEN_ENV: &str = "PEERLINK_CLUSTER_TOKEN";
+/// Environment variable holding the store URL (it may carry a Redis password).
+pub const STORE_ENV: &str = "PEERLINK_DIRECTORY_STORE";
 /// Shortest accepted cluster token.
 pub const MIN_TOKEN_LEN: usize = 8;
 
@@ -38,6 +41,13 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Request body limit in bytes. Default 2 MiB.
     pub body_limit: usize,
+    /// Where state lives: `memory` (this process only; the default) or
+    /// `redis://[user:password@]HOST:PORT[/DB][?prefix=P]` (shared by every replica on it;
+    /// keys start with `P`, default `peerlink:directory`). Also from `PEERLINK_DIRECTORY_STORE`.
+    pub store: String,
+    /// Redis: bound of one connection attempt and of one command's answer. Default 2 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub store_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -50,6 +60,8 @@ impl Default for Settings {
             seed: None,
             request_timeout: Duration::from_secs(10),
             body_limit: crate::server::DEFAULT_BODY_LIMIT,
+            store: "memory".to_owned(),
+            store_timeout: crate::redis_store::DEFAULT_RESPONSE_TIMEOUT,
         }
     }
 }
@@ -99,6 +111,35 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Where the directory keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// In this process ([`crate::memory::MemoryStore`]).
+    Memory,
+    /// In Redis ([`crate::redis_store::RedisStore`]).
+    Redis(RedisLocation),
+}
+
+impl StoreLocation {
+    /// Parse the `store` setting.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        if text == "memory" {
+            return Ok(StoreLocation::Memory);
+        }
+        RedisLocation::parse(text)
+            .map(StoreLocation::Redis)
+            .map_err(ConfigError::Invalid)
+    }
+
+    /// For logs: `memory`, or the Redis URL without its password.
+    pub fn redacted(&self) -> String {
+        match self {
+            StoreLocation::Memory => "memory".to_owned(),
+            StoreLocation::Redis(l) => l.redacted(),
+        }
+    }
+}
+
 /// The validated configuration the service runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -110,6 +151,10 @@ pub struct Config {
     pub store: StoreConfig,
     /// HTTP limits.
     pub limits: HttpLimits,
+    /// Where state lives.
+    pub location: StoreLocation,
+    /// Redis connection bounds.
+    pub redis: RedisOptions,
 }
 
 impl Settings {
@@ -157,6 +202,11 @@ impl Settings {
                 request_timeout: secs("request_timeout", self.request_timeout)?,
                 body_limit,
             },
+            location: StoreLocation::parse(&self.store)?,
+            redis: RedisOptions {
+                connect_timeout: secs("store_timeout", self.store_timeout)?,
+                response_timeout: self.store_timeout,
+            },
         })
     }
 }
@@ -181,6 +231,9 @@ mod tests {
         #[serde(with = "peerlink_cli::config::duration::option")]
         request_timeout: Option<Duration>,
         body_limit: Option<usize>,
+        store: Option<String>,
+        #[serde(with = "peerlink_cli::config::duration::option")]
+        store_timeout: Option<Duration>,
     }
 
     fn load(text: &str, flags: &Overrides) -> Result<Settings, peerlink_cli::config::ConfigError> {
@@ -235,6 +288,8 @@ mod tests {
             seed: Some(3),
             request_timeout: Some(Duration::from_secs(4)),
             body_limit: Some(4096),
+            store: Some("redis://127.0.0.1:1/3?prefix=x".into()),
+            store_timeout: Some(Duration::from_millis(500)),
         };
         let s = load("", &flags).unwrap();
         assert_eq!(
@@ -247,8 +302,19 @@ mod tests {
                 seed: Some(3),
                 request_timeout: Duration::from_secs(4),
                 body_limit: 4096,
+                store: "redis://127.0.0.1:1/3?prefix=x".into(),
+                store_timeout: Duration::from_millis(500),
             }
         );
+        let cfg = s.validate().unwrap();
+        let StoreLocation::Redis(l) = &cfg.location else {
+            panic!("{:?}", cfg.location)
+        };
+        assert_eq!(
+            (l.url.as_str(), l.prefix.as_str()),
+            ("redis://127.0.0.1:1/3", "x")
+        );
+        assert_eq!(cfg.redis.connect_timeout, Duration::from_millis(500));
     }
 
     #[test]
@@ -274,6 +340,8 @@ mod tests {
         assert_eq!(cfg.store.seed, None);
         assert_eq!(cfg.limits, HttpLimits::default());
         assert_eq!(cfg.store.heartbeat_interval().as_millis(), 3_333);
+        assert_eq!(cfg.location, StoreLocation::Memory);
+        assert_eq!(cfg.redis, RedisOptions::default());
     }
 
     #[test]
@@ -317,6 +385,18 @@ mod tests {
             },
             Settings {
                 cluster_token: Some("has space inside".into()),
+                ..with_token()
+            },
+            Settings {
+                store: "postgres://127.0.0.1/x".into(),
+                ..with_token()
+            },
+            Settings {
+                store: "redis://".into(),
+                ..with_token()
+            },
+            Settings {
+                store_timeout: Duration::ZERO,
                 ..with_token()
             },
         ] {

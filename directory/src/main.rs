@@ -1,16 +1,19 @@
 //! `peerlink-directory`: CLI, configuration and wiring of the directory service.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use peerlink_cli::log::LogArgs;
-use peerlink_directory::clock::SystemClock;
-use peerlink_directory::config::{self, Settings, TOKEN_ENV};
+use peerlink_directory::clock::{Clock, SystemClock};
+use peerlink_directory::config::{self, STORE_ENV, Settings, StoreLocation, TOKEN_ENV};
 use peerlink_directory::memory::MemoryStore;
+use peerlink_directory::redis_store::{RedisClock, RedisStore};
 use peerlink_directory::server::{AppState, Sweeper, app, sweep_interval};
+use peerlink_directory::store::DirectoryStore;
 use tracing::{info, warn};
 
 // Each setting flag serializes to the key of the same name in the config file, unset ones to
@@ -44,6 +47,14 @@ struct Cli {
     /// Request body limit in bytes [default: 2 MiB].
     #[arg(long)]
     body_limit: Option<usize>,
+    /// Where state lives: memory, or redis://[user:password@]HOST:PORT[/DB][?prefix=P] shared
+    /// by every replica on it [default: memory].
+    #[arg(long, env = STORE_ENV, hide_env_values = true)]
+    store: Option<String>,
+    /// Redis: bound of one connection attempt and of one command's answer [default: 2s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    store_timeout: Option<Duration>,
     /// TOML config file; flags override its values.
     #[arg(long)]
     #[serde(skip)]
@@ -59,33 +70,91 @@ fn load(cli: &Cli) -> Result<config::Config, config::ConfigError> {
     peerlink_cli::config::load::<Settings>(cli.config.as_deref(), cli)?.validate()
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit status of a refused configuration or an unreachable store at start.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    peerlink_cli::log::init(
+    if let Err(e) = peerlink_cli::log::init(
         &cli.log.filter("RUST_LOG", "info"),
         cli.log.log_format.unwrap_or_default(),
-    )?;
-    // Validated before any socket is bound: bad config exits non-zero here.
-    let cfg = load(&cli)?;
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    rt.block_on(serve(cfg))
+    ) {
+        eprintln!("peerlink-directory: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    // Validated before any socket is bound: bad config exits here.
+    let cfg = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("peerlink-directory: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("peerlink-directory: starting the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Exit::Config(e)) => {
+            eprintln!("peerlink-directory: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Exit::Failed(e)) => {
+            eprintln!("peerlink-directory: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
-async fn serve(cfg: peerlink_directory::config::Config) -> anyhow::Result<()> {
-    let store = Arc::new(MemoryStore::new(cfg.store));
-    let state = AppState::new(
-        store,
-        Arc::new(SystemClock::new()),
-        cfg.store,
-        cfg.limits,
-        &cfg.cluster_token,
-    );
+/// Why the service ended.
+enum Exit {
+    /// Before binding: the store could not be opened (exit 2).
+    Config(anyhow::Error),
+    /// While serving (exit 1).
+    Failed(anyhow::Error),
+}
+
+/// Open the store (Redis must answer now: nothing is bound before it does), then serve.
+async fn run(cfg: config::Config) -> Result<(), Exit> {
+    match &cfg.location {
+        StoreLocation::Memory => {
+            let store = Arc::new(MemoryStore::new(cfg.store));
+            serve(&cfg, store, Arc::new(SystemClock::new()))
+                .await
+                .map_err(Exit::Failed)
+        }
+        StoreLocation::Redis(location) => {
+            let shown = location.redacted();
+            let store = RedisStore::connect(location.clone(), cfg.store, cfg.redis)
+                .await
+                .map(Arc::new)
+                .map_err(|e| Exit::Config(anyhow::anyhow!("store {shown}: {e}")))?;
+            let clock = RedisClock::anchored(&store)
+                .await
+                .map_err(|e| Exit::Config(anyhow::anyhow!("store {shown}: {e}")))?;
+            let _resync = clock.spawn_resync(store.clone());
+            info!(store = %shown, "redis store open");
+            serve(&cfg, store, clock).await.map_err(Exit::Failed)
+        }
+    }
+}
+
+async fn serve<S: DirectoryStore>(
+    cfg: &config::Config,
+    store: Arc<S>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<()> {
+    let state = AppState::new(store, clock, cfg.store, cfg.limits, &cfg.cluster_token);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
     let sweeper = Sweeper::spawn(state.clone(), sweep_interval(&cfg.store));
-    info!(%local, presence_ttl = ?cfg.store.presence_ttl, node_ttl = ?cfg.store.node_ttl, "directory listening");
+    info!(%local, store = %cfg.location.redacted(), presence_ttl = ?cfg.store.presence_ttl, node_ttl = ?cfg.store.node_ttl, "directory listening");
     // Machine-readable readiness line for launchers and tests.
     println!("listening on {local}");
     axum::serve(listener, app(state))
@@ -162,6 +231,10 @@ mod tests {
             "1m",
             "--body-limit",
             "4096",
+            "--store",
+            "redis://127.0.0.1:6379/1?prefix=f",
+            "--store-timeout",
+            "750ms",
         ]))
         .unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:9001".parse().unwrap());
@@ -171,6 +244,8 @@ mod tests {
         assert_eq!(cfg.store.seed, Some(u64::MAX));
         assert_eq!(cfg.limits.request_timeout, Duration::from_secs(60));
         assert_eq!(cfg.limits.body_limit, 4096);
+        assert_eq!(cfg.location.redacted(), "redis://127.0.0.1:6379/1?prefix=f");
+        assert_eq!(cfg.redis.response_timeout, Duration::from_millis(750));
     }
 
     #[test]

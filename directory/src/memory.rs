@@ -17,7 +17,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::clock::{Timestamp, duration_ms};
 use crate::select::{self, RelayRecord};
-use crate::store::{DirectoryStore, StoreConfig, StoreError, StoreStats, SweepStats};
+use crate::store::{
+    DirectoryStore, RELAY_RETENTION_TTLS, StoreConfig, StoreError, StoreStats, SweepStats,
+};
 use peerlink_api::directory::{
     ChooseRelaysRequest, ChosenRelay, DeregisterNodeResponse, DeviceLocation, NodeInfo,
     NodePresence, PresenceRemove, PresenceStatus, PresenceUpdate, RegisterNodeRequest,
@@ -27,8 +29,6 @@ use peerlink_api::directory::{
 
 /// Presence shards (a power of two; enough that 2-16 cores rarely meet on one lock).
 const PRESENCE_SHARDS: usize = 64;
-/// A relay record is kept (listed as unhealthy) this many node TTLs after its last heartbeat.
-const RELAY_RETENTION_TTLS: u64 = 3;
 
 #[derive(Debug, Clone)]
 struct NodeRecord {
@@ -640,8 +640,8 @@ impl DirectoryStore for MemoryStore {
         self.deregister_node_now(node_id, epoch)
     }
 
-    async fn list_nodes(&self, now: Timestamp) -> Vec<NodeInfo> {
-        self.list_nodes_now(now)
+    async fn list_nodes(&self, now: Timestamp) -> Result<Vec<NodeInfo>, StoreError> {
+        Ok(self.list_nodes_now(now))
     }
 
     async fn update_presence(
@@ -699,8 +699,8 @@ impl DirectoryStore for MemoryStore {
         Ok(self.deregister_relay_now(relay_id))
     }
 
-    async fn list_relays(&self, now: Timestamp) -> Vec<RelayInfo> {
-        self.list_relays_now(now)
+    async fn list_relays(&self, now: Timestamp) -> Result<Vec<RelayInfo>, StoreError> {
+        Ok(self.list_relays_now(now))
     }
 
     async fn choose_relays(
@@ -711,12 +711,12 @@ impl DirectoryStore for MemoryStore {
         Ok(self.choose_relays_now(req, now))
     }
 
-    async fn sweep(&self, now: Timestamp) -> SweepStats {
-        self.sweep_now(now)
+    async fn sweep(&self, now: Timestamp) -> Result<SweepStats, StoreError> {
+        Ok(self.sweep_now(now))
     }
 
-    async fn stats(&self, now: Timestamp) -> StoreStats {
-        self.stats_now(now)
+    async fn stats(&self, now: Timestamp) -> Result<StoreStats, StoreError> {
+        Ok(self.stats_now(now))
     }
 }
 

@@ -5,7 +5,7 @@
 //! (compared in constant time); `/healthz` and `/metrics` do not.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tower_http::timeout::TimeoutLayer;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::clock::{Clock, duration_ms};
 use crate::store::{DirectoryStore, StoreConfig, StoreError};
@@ -66,6 +66,8 @@ pub struct Metrics {
     swept_presence: AtomicU64,
     swept_nodes: AtomicU64,
     swept_relays: AtomicU64,
+    store_errors: AtomicU64,
+    store_down: AtomicBool,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -157,6 +159,27 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Count a backend failure (unreachable or refusing store) and log it; pass `r` on.
+/// One log line per outage: at the first failure and when the store answers again.
+fn counted<T>(m: &Metrics, r: Result<T, StoreError>) -> Result<T, StoreError> {
+    match &r {
+        Err(e @ (StoreError::Unavailable(_) | StoreError::Backend(_))) => {
+            bump(&m.store_errors, 1);
+            if !m.store_down.swap(true, Ordering::Relaxed) {
+                warn!(error = %e, "store failed; answering 503 until it is back");
+            } else {
+                debug!(error = %e, "store failed");
+            }
+        }
+        _ => {
+            if m.store_down.load(Ordering::Relaxed) && m.store_down.swap(false, Ordering::Relaxed) {
+                info!("store answers again");
+            }
+        }
+    }
+    r
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let msg = e.to_string();
@@ -170,6 +193,11 @@ impl From<StoreError> for ApiError {
             StoreError::UnknownRelay { .. } => {
                 Self::new(StatusCode::NOT_FOUND, ErrorCode::UnknownRelay, msg)
             }
+            StoreError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::StoreUnavailable,
+                msg,
+            ),
             StoreError::Backend(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, msg)
             }
@@ -351,7 +379,10 @@ async fn register_node<S: DirectoryStore>(
     check_url(&req.internal_url)?;
     check_load(req.load)?;
     let node_id = req.node_id.clone();
-    let resp = st.store.register_node(req, st.clock.now()).await?;
+    let resp = counted(
+        &st.metrics,
+        st.store.register_node(req, st.clock.now()).await,
+    )?;
     bump(&st.metrics.node_registrations, 1);
     debug!(%node_id, purged = resp.purged_presence, "node registered");
     Ok(Json(resp))
@@ -363,10 +394,12 @@ async fn node_heartbeat<S: DirectoryStore>(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     check_id("node_id", &req.node_id)?;
     check_load(req.load)?;
-    let r = st
-        .store
-        .node_heartbeat(&req.node_id, req.epoch, req.load, st.clock.now())
-        .await;
+    let r = counted(
+        &st.metrics,
+        st.store
+            .node_heartbeat(&req.node_id, req.epoch, req.load, st.clock.now())
+            .await,
+    );
     if matches!(r, Err(StoreError::UnknownNode { .. })) {
         bump(&st.metrics.unknown_heartbeats, 1);
     }
@@ -381,17 +414,18 @@ async fn deregister_node<S: DirectoryStore>(
     ApiJson(req): ApiJson<DeregisterNodeRequest>,
 ) -> Result<Json<DeregisterNodeResponse>, ApiError> {
     check_id("node_id", &req.node_id)?;
-    Ok(Json(
-        st.store
-            .deregister_node(&req.node_id, req.epoch, st.clock.now())
-            .await?,
-    ))
+    let r = st
+        .store
+        .deregister_node(&req.node_id, req.epoch, st.clock.now())
+        .await;
+    Ok(Json(counted(&st.metrics, r)?))
 }
 
-async fn list_nodes<S: DirectoryStore>(State(st): State<AppState<S>>) -> Json<NodeList> {
-    Json(NodeList {
-        nodes: st.store.list_nodes(st.clock.now()).await,
-    })
+async fn list_nodes<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+) -> Result<Json<NodeList>, ApiError> {
+    let nodes = counted(&st.metrics, st.store.list_nodes(st.clock.now()).await)?;
+    Ok(Json(NodeList { nodes }))
 }
 
 fn count_outcome(m: &Metrics, outcome: UpdateOutcome, written: u64) {
@@ -408,7 +442,10 @@ async fn update_presence<S: DirectoryStore>(
     check_id("user", &req.user)?;
     check_id("device", &req.device)?;
     check_id("node_id", &req.node_id)?;
-    let outcome = st.store.update_presence(req, st.clock.now()).await?;
+    let outcome = counted(
+        &st.metrics,
+        st.store.update_presence(req, st.clock.now()).await,
+    )?;
     count_outcome(&st.metrics, outcome, 1);
     Ok(Json(outcome))
 }
@@ -428,10 +465,11 @@ async fn update_presence_batch<S: DirectoryStore>(
         check_id("user", &e.user)?;
         check_id("device", &e.device)?;
     }
-    let (outcome, applied) = st
+    let r = st
         .store
         .update_presence_batch(&req.node_id, req.node_epoch, req.entries, st.clock.now())
-        .await?;
+        .await;
+    let (outcome, applied) = counted(&st.metrics, r)?;
     count_outcome(&st.metrics, outcome, applied);
     Ok(Json(PresenceBatchResponse { outcome, applied }))
 }
@@ -443,7 +481,10 @@ async fn remove_presence<S: DirectoryStore>(
     check_id("user", &req.user)?;
     check_id("device", &req.device)?;
     check_id("node_id", &req.node_id)?;
-    let outcome = st.store.remove_presence(req, st.clock.now()).await?;
+    let outcome = counted(
+        &st.metrics,
+        st.store.remove_presence(req, st.clock.now()).await,
+    )?;
     if matches!(outcome, RemoveOutcome::Stale { .. }) {
         bump(&st.metrics.stale_updates, 1);
     }
@@ -456,7 +497,10 @@ async fn lookup_user<S: DirectoryStore>(
 ) -> Result<Json<UserLocation>, ApiError> {
     check_id("user", &user)?;
     let users = [user];
-    let mut found = st.store.lookup_users(&users, st.clock.now()).await?;
+    let mut found = counted(
+        &st.metrics,
+        st.store.lookup_users(&users, st.clock.now()).await,
+    )?;
     bump(&st.metrics.lookup_requests, 1);
     bump(&st.metrics.lookups, 1);
     let [user] = users;
@@ -480,7 +524,10 @@ async fn lookup_users<S: DirectoryStore>(
     for u in &req.users {
         check_id("user", u)?;
     }
-    let users = st.store.lookup_users(&req.users, st.clock.now()).await?;
+    let users = counted(
+        &st.metrics,
+        st.store.lookup_users(&req.users, st.clock.now()).await,
+    )?;
     bump(&st.metrics.lookup_requests, 1);
     bump(&st.metrics.lookups, users.len() as u64);
     Ok(Json(LookupResponse { users }))
@@ -501,7 +548,10 @@ async fn register_relay<S: DirectoryStore>(
     ApiJson(req): ApiJson<RegisterRelayRequest>,
 ) -> Result<Json<RegisterRelayResponse>, ApiError> {
     check_relay_registration(&req)?;
-    st.store.register_relay(req, st.clock.now()).await?;
+    counted(
+        &st.metrics,
+        st.store.register_relay(req, st.clock.now()).await,
+    )?;
     bump(&st.metrics.relay_registrations, 1);
     Ok(Json(RegisterRelayResponse {
         heartbeat_interval_ms: duration_ms(st.config.heartbeat_interval()),
@@ -515,7 +565,10 @@ async fn relay_heartbeat<S: DirectoryStore>(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     check_id("relay_id", &req.relay_id)?;
     check_load(req.load)?;
-    let r = st.store.relay_heartbeat(req, st.clock.now()).await;
+    let r = counted(
+        &st.metrics,
+        st.store.relay_heartbeat(req, st.clock.now()).await,
+    );
     if matches!(r, Err(StoreError::UnknownRelay { .. })) {
         bump(&st.metrics.unknown_heartbeats, 1);
     }
@@ -530,14 +583,15 @@ async fn deregister_relay<S: DirectoryStore>(
     ApiJson(req): ApiJson<DeregisterRelayRequest>,
 ) -> Result<Json<DeregisterRelayResponse>, ApiError> {
     check_id("relay_id", &req.relay_id)?;
-    let removed = st.store.deregister_relay(&req.relay_id).await?;
+    let removed = counted(&st.metrics, st.store.deregister_relay(&req.relay_id).await)?;
     Ok(Json(DeregisterRelayResponse { removed }))
 }
 
-async fn list_relays<S: DirectoryStore>(State(st): State<AppState<S>>) -> Json<RelayList> {
-    Json(RelayList {
-        relays: st.store.list_relays(st.clock.now()).await,
-    })
+async fn list_relays<S: DirectoryStore>(
+    State(st): State<AppState<S>>,
+) -> Result<Json<RelayList>, ApiError> {
+    let relays = counted(&st.metrics, st.store.list_relays(st.clock.now()).await)?;
+    Ok(Json(RelayList { relays }))
 }
 
 async fn choose_relays<S: DirectoryStore>(
@@ -553,7 +607,10 @@ async fn choose_relays<S: DirectoryStore>(
             "count must be 1..={MAX_CHOOSE_COUNT}"
         )));
     }
-    let relays = st.store.choose_relays(&req, st.clock.now()).await?;
+    let relays = counted(
+        &st.metrics,
+        st.store.choose_relays(&req, st.clock.now()).await,
+    )?;
     bump(&st.metrics.choose_requests, 1);
     bump(&st.metrics.relays_chosen, relays.len() as u64);
     if relays.is_empty() {
@@ -563,30 +620,43 @@ async fn choose_relays<S: DirectoryStore>(
 }
 
 async fn metrics<S: DirectoryStore>(State(st): State<AppState<S>>) -> Response {
-    let stats = st.store.stats(st.clock.now()).await;
+    let stats = counted(&st.metrics, st.store.stats(st.clock.now()).await);
     let m = &st.metrics;
     let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut e = Exposition::new();
     e.gauge(
-        "nodes",
-        "Signaling nodes with a fresh heartbeat.",
-        gauge(stats.nodes),
+        "store_up",
+        "1 when the store answered this scrape, 0 when it could not be reached.",
+        i64::from(stats.is_ok()),
     );
-    e.gauge(
-        "relays_healthy",
-        "Relays with a fresh heartbeat.",
-        gauge(stats.relays_healthy),
-    );
-    e.gauge(
-        "relays_known",
-        "Relays known (healthy or not yet swept).",
-        gauge(stats.relays_known),
-    );
-    e.gauge(
-        "presence_entries",
-        "Stored presence entries (expired ones linger until the next sweep).",
-        gauge(stats.presence_entries),
+    // Without the store the gauges are unknown: left out rather than reported as zero.
+    if let Ok(stats) = stats {
+        e.gauge(
+            "nodes",
+            "Signaling nodes with a fresh heartbeat.",
+            gauge(stats.nodes),
+        );
+        e.gauge(
+            "relays_healthy",
+            "Relays with a fresh heartbeat.",
+            gauge(stats.relays_healthy),
+        );
+        e.gauge(
+            "relays_known",
+            "Relays known (healthy or not yet swept).",
+            gauge(stats.relays_known),
+        );
+        e.gauge(
+            "presence_entries",
+            "Stored presence entries (expired ones linger until the next sweep).",
+            gauge(stats.presence_entries),
+        );
+    }
+    e.counter(
+        "store_errors_total",
+        "Store operations that failed (store unreachable, timed out or refusing).",
+        c(&m.store_errors),
     );
     e.counter(
         "lookup_requests_total",
@@ -690,7 +760,10 @@ impl Sweeper {
                         () = token.cancelled() => return,
                         _ = tick.tick() => {}
                     }
-                    let s = st_sweep(&state).await;
+                    // A failed sweep (store unreachable) is counted; the next tick tries again.
+                    let Some(s) = st_sweep(&state).await else {
+                        continue;
+                    };
                     if s.presence + s.nodes + s.relays > 0 {
                         debug!(
                             presence = s.presence,
@@ -721,10 +794,10 @@ impl Sweeper {
     }
 }
 
-async fn st_sweep<S: DirectoryStore>(st: &AppState<S>) -> crate::store::SweepStats {
-    let s = st.store.sweep(st.clock.now()).await;
+async fn st_sweep<S: DirectoryStore>(st: &AppState<S>) -> Option<crate::store::SweepStats> {
+    let s = counted(&st.metrics, st.store.sweep(st.clock.now()).await).ok()?;
     bump(&st.metrics.swept_presence, s.presence);
     bump(&st.metrics.swept_nodes, s.nodes);
     bump(&st.metrics.swept_relays, s.relays);
-    s
+    Some(s)
 }

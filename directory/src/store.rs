@@ -1,7 +1,9 @@
 //! The storage trait behind the directory. The embedded default is
-//! [`crate::memory::MemoryStore`]. Every method returns a `Send` future, so a shared backend
-//! can implement the same trait, and takes `now` explicitly (TTL logic is
-//! driven by the caller's clock, so tests use virtual time).
+//! [`crate::memory::MemoryStore`]; [`crate::redis_store::RedisStore`] keeps the same state in
+//! Redis so several directory replicas answer as one. Every method returns a `Send` future and
+//! takes `now` explicitly (TTL logic is driven by the caller's clock, so tests use virtual
+//! time and run the same suite on both stores). Every method can fail with
+//! [`StoreError::Unavailable`] when a shared backend cannot be reached.
 //!
 //! Inputs are validated by the HTTP layer before they reach a store.
 
@@ -20,6 +22,9 @@ use peerlink_api::directory::{
 pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);
 /// Default node and relay liveness TTL.
 pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(10);
+
+/// A relay record is kept (listed as unhealthy) this many node TTLs after its last heartbeat.
+pub const RELAY_RETENTION_TTLS: u64 = 3;
 
 /// TTLs and the relay-choice seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +82,11 @@ pub enum StoreError {
         /// Relay id.
         relay_id: String,
     },
-    /// The backend failed (I/O, network, ...).
+    /// The backend cannot be reached or did not answer in time (answered 503; the request
+    /// may be retried, also at another replica).
+    #[error("storage backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend failed otherwise (refused a command, held data it cannot read).
     #[error("storage backend failed: {0}")]
     Backend(String),
 }
@@ -133,7 +142,10 @@ pub trait DirectoryStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<DeregisterNodeResponse, StoreError>> + Send;
 
     /// Live nodes, sorted by id.
-    fn list_nodes(&self, now: Timestamp) -> impl Future<Output = Vec<NodeInfo>> + Send;
+    fn list_nodes(
+        &self,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<NodeInfo>, StoreError>> + Send;
 
     /// Write one presence entry.
     fn update_presence(
@@ -186,7 +198,10 @@ pub trait DirectoryStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// All known relays, sorted by id.
-    fn list_relays(&self, now: Timestamp) -> impl Future<Output = Vec<RelayInfo>> + Send;
+    fn list_relays(
+        &self,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<RelayInfo>, StoreError>> + Send;
 
     /// Choose up to `count` relays (see [`crate::select`]); increments their handed-out counters.
     fn choose_relays(
@@ -196,8 +211,8 @@ pub trait DirectoryStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<ChosenRelay>, StoreError>> + Send;
 
     /// Remove everything expired at `now`.
-    fn sweep(&self, now: Timestamp) -> impl Future<Output = SweepStats> + Send;
+    fn sweep(&self, now: Timestamp) -> impl Future<Output = Result<SweepStats, StoreError>> + Send;
 
     /// Gauges at `now`.
-    fn stats(&self, now: Timestamp) -> impl Future<Output = StoreStats> + Send;
+    fn stats(&self, now: Timestamp) -> impl Future<Output = Result<StoreStats, StoreError>> + Send;
 }

@@ -1,5 +1,6 @@
 //! `app()` driven in-process with `tower::ServiceExt::oneshot`: every endpoint, auth failures,
-//! bad JSON, size limits, and TTLs under a virtual clock.
+//! bad JSON, size limits, and TTLs under a virtual clock. The behaviour tests run on both
+//! stores (`memory::*`, and `redis::*` over a real `redis-server`).
 
 // Test code: unwrap on fixtures is fine (clippy.toml allows it inside #[test] fns only).
 #![allow(clippy::unwrap_used)]
@@ -13,8 +14,10 @@ use axum::http::{Method, Request, StatusCode, header};
 use peerlink_api::directory::*;
 use peerlink_directory::clock::{ManualClock, Timestamp};
 use peerlink_directory::memory::MemoryStore;
+use peerlink_directory::redis_store::{RedisLocation, RedisOptions, RedisStore};
 use peerlink_directory::server::{AppState, HttpLimits, app};
-use peerlink_directory::store::StoreConfig;
+use peerlink_directory::store::{DirectoryStore, StoreConfig};
+use peerlink_testkit::redis::RedisServer;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tower::ServiceExt;
@@ -27,15 +30,19 @@ struct Harness {
     clock: Arc<ManualClock>,
 }
 
-fn harness() -> Harness {
-    let cfg = StoreConfig {
+fn test_cfg() -> StoreConfig {
+    StoreConfig {
         presence_ttl: Duration::from_secs(30),
         node_ttl: Duration::from_secs(10),
         seed: Some(1),
-    };
+    }
+}
+
+fn harness_on<S: DirectoryStore>(store: S) -> Harness {
+    let cfg = test_cfg();
     let clock = Arc::new(ManualClock::new(Timestamp(1_000)));
     let state = AppState::new(
-        Arc::new(MemoryStore::new(cfg)),
+        Arc::new(store),
         clock.clone(),
         cfg,
         HttpLimits {
@@ -49,6 +56,56 @@ fn harness() -> Harness {
         clock,
     }
 }
+
+fn harness() -> Harness {
+    harness_on(MemoryStore::new(test_cfg()))
+}
+
+/// The same service over a `RedisStore` on a server of its own (`None` without redis-server).
+async fn redis_harness() -> Option<(Harness, RedisServer)> {
+    let server = RedisServer::start()?;
+    let loc = RedisLocation::parse(&server.url(0)).unwrap();
+    let store = tokio::time::timeout(
+        Duration::from_secs(20),
+        RedisStore::connect(loc, test_cfg(), RedisOptions::default()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    Some((harness_on(store), server))
+}
+
+/// The HTTP behaviour tests, on both stores: `memory::NAME` and `redis::NAME`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::harness()).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some((h, _server)) = super::redis_harness().await else {
+                        return;
+                    };
+                    super::$name(h).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    healthz_and_metrics_need_no_token,
+    node_and_presence_lifecycle_over_http,
+    presence_ttl_over_http_with_virtual_time,
+    relay_registry_and_choice_over_http,
+);
 
 struct Answer {
     status: StatusCode,
@@ -221,9 +278,7 @@ async fn every_v1_route_refuses_missing_or_wrong_token() {
     );
 }
 
-#[tokio::test]
-async fn healthz_and_metrics_need_no_token() {
-    let h = harness();
+async fn healthz_and_metrics_need_no_token(h: Harness) {
     let a = h
         .raw(Request::get("/healthz").body(Body::empty()).unwrap())
         .await;
@@ -398,9 +453,7 @@ async fn oversized_bodies_and_batches_are_refused() {
     assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
-#[tokio::test]
-async fn node_and_presence_lifecycle_over_http() {
-    let h = harness();
+async fn node_and_presence_lifecycle_over_http(h: Harness) {
     let r = h.register_node("n1", 1).await;
     assert_eq!(r.heartbeat_interval_ms, 3_333);
     assert_eq!((r.node_ttl_ms, r.presence_ttl_ms), (10_000, 30_000));
@@ -556,9 +609,7 @@ async fn node_and_presence_lifecycle_over_http() {
     assert!(loc.devices.is_empty());
 }
 
-#[tokio::test]
-async fn presence_ttl_over_http_with_virtual_time() {
-    let h = harness();
+async fn presence_ttl_over_http_with_virtual_time(h: Harness) {
     h.register_node("n1", 1).await;
     h.presence("alice", "phone", "n1", 1).await;
     // The node keeps heartbeating for a minute: alice stays online.
@@ -601,9 +652,7 @@ async fn presence_ttl_over_http_with_virtual_time() {
     );
 }
 
-#[tokio::test]
-async fn relay_registry_and_choice_over_http() {
-    let h = harness();
+async fn relay_registry_and_choice_over_http(h: Harness) {
     for (id, region) in [("eu1", "eu"), ("eu2", "eu"), ("us1", "us")] {
         let r: RegisterRelayResponse = h.ok("/v1/relays/register", &relay_req(id, region)).await;
         assert_eq!(

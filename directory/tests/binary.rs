@@ -1,7 +1,9 @@
 //! The real `peerlink-directory` binary on loopback, driven through `DirectoryClient`:
 //! SIGKILL + restart on the same port -> the registration loops re-register node and relay
 //! within one heartbeat and republish presence; a dead node's users go offline within the
-//! presence TTL; SIGTERM exits cleanly; bad configuration exits non-zero before binding.
+//! presence TTL; SIGTERM exits cleanly; bad configuration exits 2 before binding, and so do a
+//! bad store URL and an unreachable Redis; with `--store redis://` (or the environment
+//! variable) two directory processes share one Redis.
 
 // Test code: unwrap on fixtures is fine (clippy.toml allows it inside #[test] fns only).
 #![allow(clippy::unwrap_used)]
@@ -396,7 +398,7 @@ async fn config_file_is_used_and_bad_config_exits_before_binding() {
             .await
             .expect("exits in time")
             .expect("run");
-        assert!(!out.status.success(), "{args:?} should fail");
+        assert_eq!(out.status.code(), Some(2), "{args:?} should fail with 2");
         assert!(
             !String::from_utf8_lossy(&out.stdout).contains("listening on"),
             "{args:?} bound before failing"
@@ -459,4 +461,148 @@ async fn log_format_json_writes_one_object_per_line_and_a_bad_filter_is_refused(
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad log filter"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_store_or_unreachable_redis_exits_2_before_binding() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dead = format!("redis://127.0.0.1:{}/0", free_port());
+    let cases: Vec<(Vec<&str>, Option<&str>, &str)> = vec![
+        (vec!["--store", "redis://"], None, "no host"),
+        (
+            vec!["--store", "rediss://127.0.0.1:6379"],
+            None,
+            "expected `memory` or redis://",
+        ),
+        (
+            vec!["--store", "postgres://127.0.0.1/x"],
+            None,
+            "expected `memory` or redis://",
+        ),
+        (
+            vec!["--store", "redis://127.0.0.1:6379?db=1"],
+            None,
+            "unknown parameter",
+        ),
+        (vec![], Some("sqlite"), "expected `memory` or redis://"),
+        (vec!["--store", &dead], None, "storage backend unavailable"),
+        (
+            vec!["--store", &dead, "--store-timeout", "0"],
+            None,
+            "store_timeout must be",
+        ),
+    ];
+    for (args, env, want) in cases {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--listen", &listen])
+            .args(&args)
+            .env("PEERLINK_CLUSTER_TOKEN", TOKEN)
+            .env_remove("PEERLINK_DIRECTORY_STORE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(e) = env {
+            cmd.env("PEERLINK_DIRECTORY_STORE", e);
+        }
+        let out = timeout(STEP, cmd.output())
+            .await
+            .expect("exits in time")
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {err}");
+        assert!(err.contains(want), "{args:?} {env:?}: {err}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+            "{args:?} bound before failing"
+        );
+    }
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("port was never bound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_redis_are_one_directory() {
+    let Some(redis) = peerlink_testkit::redis::RedisServer::start() else {
+        return;
+    };
+    // One from the flag, one from the environment variable.
+    let store = format!("{}?prefix=bin", redis.url(3));
+    let a = Directory::start(0, &["--store", &store, "--node-ttl", "3"]).await;
+    let b = {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .env("PEERLINK_CLUSTER_TOKEN", TOKEN)
+            .env("PEERLINK_DIRECTORY_STORE", &store)
+            .args(["--node-ttl", "3"])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit());
+        let mut svc = Service::start("peerlink-directory", cmd);
+        let addr: SocketAddr = svc.wait_for(STEP, |l| {
+            l.strip_prefix("listening on ").and_then(|a| a.parse().ok())
+        });
+        Directory { svc, addr }
+    };
+    let ca = DirectoryClient::new(&a.url(), TOKEN).expect("client");
+    let cb = DirectoryClient::new(&b.url(), TOKEN).expect("client");
+    // Late in A's life, so that a clock of A's own (origin at its start) would disagree with
+    // the restarted A's below.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = timeout(
+        STEP,
+        ca.register_node(&RegisterNodeRequest {
+            node_id: "n".into(),
+            internal_url: "http://127.0.0.1:1".into(),
+            epoch: 1,
+            load: 0.0,
+        }),
+    )
+    .await
+    .expect("in time")
+    .expect("register");
+    assert_eq!(r.previous_epoch, None);
+    let update = PresenceUpdate {
+        user: "alice".into(),
+        device: "phone".into(),
+        node_id: "n".into(),
+        node_epoch: 1,
+        status: PresenceStatus::Online,
+    };
+    let put = cb.update_presence(&update);
+    assert_eq!(
+        timeout(STEP, put).await.expect("in time").expect("update"),
+        UpdateOutcome::Applied
+    );
+    let loc = timeout(STEP, ca.lookup_user("alice"))
+        .await
+        .expect("in time")
+        .expect("lookup");
+    assert_eq!(loc.devices.len(), 1, "written through B, read through A");
+    assert!(
+        loc.devices[0].last_seen_age_ms < 5_000,
+        "the replicas share one clock: {} ms",
+        loc.devices[0].last_seen_age_ms
+    );
+    assert_eq!(metric(&b.url(), "peerlink_directory_store_up").await, 1);
+    assert_eq!(metric(&a.url(), "peerlink_directory_nodes").await, 1);
+    assert_eq!(
+        metric(&b.url(), "peerlink_directory_presence_entries").await,
+        1
+    );
+    // Restarting one replica loses nothing: the state is in Redis, and so is the time base
+    // (a clock starting at the process start would make the stored heartbeat look fresh).
+    a.kill9().await;
+    let a = Directory::start(0, &["--store", &store, "--node-ttl", "3"]).await;
+    let ca = DirectoryClient::new(&a.url(), TOKEN).expect("client");
+    let nodes = timeout(STEP, ca.list_nodes())
+        .await
+        .expect("in time")
+        .expect("nodes");
+    assert_eq!(nodes.len(), 1);
+    assert!(nodes[0].last_heartbeat_age_ms < 3_000, "{nodes:?}");
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let nodes = timeout(STEP, ca.list_nodes())
+        .await
+        .expect("in time")
+        .expect("nodes");
+    assert!(nodes.is_empty(), "dead after the node TTL: {nodes:?}");
 }

@@ -242,3 +242,77 @@ async fn registration_loop_stops_when_superseded_and_when_dropped() {
     );
     drop(h);
 }
+
+/// A loopback HTTP server that answers every request `503` with a body that is not our API.
+async fn always_503() -> (String, tokio::task::JoinHandle<()>) {
+    use axum::http::StatusCode;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router =
+        axum::Router::new().fallback(|| async { (StatusCode::SERVICE_UNAVAILABLE, "down") });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn several_urls_fail_over_on_connection_errors_and_5xx_and_stick() {
+    let srv = serve(Duration::from_secs(10)).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let (broken, broken_task) = always_503().await;
+    let c = DirectoryClient::new(&format!("{dead}, {broken},{}", srv.url), TOKEN).unwrap();
+    assert_eq!(c.base_urls().len(), 3);
+    assert_eq!(c.base_url().as_str(), format!("{dead}/"));
+    let reg = RegisterNodeRequest {
+        node_id: "n1".into(),
+        internal_url: "http://127.0.0.1:1".into(),
+        epoch: 1,
+        load: 0.0,
+    };
+    t(c.register_node(&reg)).await.unwrap();
+    assert_eq!(
+        c.base_url().as_str(),
+        format!("{}/", srv.url),
+        "sticks to the one that answered"
+    );
+    let clone = c.clone();
+    assert_eq!(t(clone.list_nodes()).await.unwrap().len(), 1);
+    assert_eq!(clone.base_url().as_str(), format!("{}/", srv.url));
+    // A 4xx answer is an answer: no failover.
+    let e = t(c.node_heartbeat(&NodeHeartbeatRequest {
+        node_id: "ghost".into(),
+        epoch: 1,
+        load: 0.0,
+    }))
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownNode));
+    assert_eq!(c.base_url().as_str(), format!("{}/", srv.url));
+    // Every URL failing: the last error, retryable.
+    drop(srv);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let e = t(c.list_nodes()).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    broken_task.abort();
+    // Bad lists are refused up front.
+    for bad in [
+        "",
+        "http://a:1,",
+        "http://a:1,https://b:2",
+        "http://a:1, ,http://b:2",
+    ] {
+        assert!(
+            matches!(
+                DirectoryClient::new(bad, TOKEN),
+                Err(ClientError::InvalidUrl { .. })
+            ),
+            "{bad:?}"
+        );
+    }
+    let many = vec!["http://127.0.0.1:1"; 17].join(",");
+    assert!(DirectoryClient::new(&many, TOKEN).is_err());
+}

@@ -94,8 +94,10 @@ pub struct Config {
     /// After a wake-up that handled datagrams, poll for this many microseconds before sleeping
     /// again (0..=1000): saves the wake-up latency while traffic flows, costs CPU. Default 0.
     pub busy_poll_us: u32,
-    /// Base URL of the peerlink directory (`http://HOST:PORT`) to register and heartbeat with.
-    /// Default none (no registration).
+    /// Base URL of the peerlink directory (`http://HOST:PORT`) to register and heartbeat with;
+    /// several replicas as a comma-separated list or an array (the relay fails over between
+    /// them). Default none (no registration).
+    #[serde(deserialize_with = "peerlink_cli::config::url_list::deserialize")]
     pub directory: Option<String>,
     /// Cluster bearer token for the directory; also from `PEERLINK_CLUSTER_TOKEN`. Required
     /// with `directory`. Default none.
@@ -673,6 +675,17 @@ mod tests {
         .unwrap();
         let d = from_toml.validate().unwrap().directory.unwrap();
         assert_eq!(d.turn_addr, "10.1.2.3:3478".parse().unwrap());
+        let replicas: Config = toml::from_str(
+            "listen = \"127.0.0.1:3478\"\nusers = [\"a:b\"]\ncluster_token = \"tok-tok-tok\"\n\
+             directory = [\"http://127.0.0.1:8500\", \"http://127.0.0.1:8501\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            replicas.directory.as_deref(),
+            Some("http://127.0.0.1:8500,http://127.0.0.1:8501")
+        );
+        let two = replicas.validate().unwrap().directory.unwrap();
+        assert_eq!(two.client.base_urls().len(), 2);
         assert_eq!((d.relay_id.as_str(), d.region.as_str()), ("r1", "eu"));
 
         type Case = Box<dyn Fn(&mut Config)>;

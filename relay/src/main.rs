@@ -123,9 +123,11 @@ struct RunArgs {
     /// lower latency while traffic flows, more CPU) [default 0].
     #[arg(long)]
     busy_poll_us: Option<u32>,
-    /// peerlink directory base URL (http://HOST:PORT): register and heartbeat there.
-    #[arg(long)]
-    directory: Option<String>,
+    /// peerlink directory base URL (http://HOST:PORT): register and heartbeat there; repeat
+    /// or separate with commas for several replicas (failover).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    directory: Vec<String>,
     /// Cluster bearer token for the directory.
     #[arg(long, env = "PEERLINK_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
@@ -241,6 +243,37 @@ mod tests {
                 .unwrap();
         assert!(cli.cmd.is_none());
         cli.run
+    }
+
+    #[test]
+    fn directory_takes_several_urls_repeated_or_comma_separated() {
+        let base = [
+            "--listen",
+            "127.0.0.1:3478",
+            "--user",
+            "a:b",
+            "--cluster-token",
+            "tok-tok-tok",
+        ];
+        let with = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            build_config(&run_args(&args)).unwrap()
+        };
+        let c = with(&[
+            "--directory",
+            "http://a:1",
+            "--directory",
+            "http://b:2,http://c:3",
+        ]);
+        assert_eq!(
+            c.directory.as_deref(),
+            Some("http://a:1,http://b:2,http://c:3")
+        );
+        let v = c.validate().unwrap();
+        assert_eq!(v.directory.unwrap().client.base_urls().len(), 3);
+        assert!(with(&[]).directory.is_none());
+        let bad = with(&["--directory", "http://a:1,https://b:2"]);
+        assert!(bad.validate().is_err(), "every URL is checked");
     }
 
     #[test]

@@ -190,8 +190,15 @@ impl Registrar {
             drain,
             alternates,
         } = self;
+        let directories = settings
+            .client
+            .base_urls()
+            .iter()
+            .map(|u| u.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         tracing::info!(
-            directory = %settings.client.base_url(),
+            directory = %directories,
             relay_id = %settings.relay_id,
             turn_addr = %settings.turn_addr,
             region = %settings.region,
@@ -201,10 +208,7 @@ impl Registrar {
         let registration = settings
             .client
             .spawn_relay_registration(request, status.clone());
-        let watcher = tokio::spawn(log_outages(
-            registration.subscribe(),
-            settings.client.base_url().to_string(),
-        ));
+        let watcher = tokio::spawn(log_outages(registration.subscribe(), directories));
         let drainer = tokio::spawn(announce_drain(
             drain,
             settings.client.clone(),

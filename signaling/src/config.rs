@@ -101,7 +101,7 @@ pub struct Config {
     pub reconnect_hint: Duration,
     /// Message ids are remembered (resends deduplicated) this long (default 30 days).
     pub dedup_retention: Duration,
-    /// Directory base URL; none = standalone single node.
+    /// Directory base URLs (comma-separated replicas); none = standalone single node.
     pub directory: Option<String>,
     /// Token for the directory and node-to-node API (env `PEERLINK_CLUSTER_TOKEN`).
     pub cluster_token: Option<String>,
@@ -215,7 +215,8 @@ pub struct Settings {
     /// PostgreSQL: `statement_timeout` of every statement. Default 5 s.
     #[serde(with = "peerlink_cli::config::duration")]
     pub store_statement_timeout: Duration,
-    /// [`Config::directory`].
+    /// [`Config::directory`]: a URL, a comma-separated list or an array of URLs.
+    #[serde(deserialize_with = "peerlink_cli::config::url_list::deserialize")]
     pub directory: Option<String>,
     /// [`Config::cluster_token`].
     pub cluster_token: Option<String>,
@@ -569,6 +570,11 @@ impl Config {
         }
         if self.directory.is_some() && self.cluster_token.as_deref().is_none_or(str::is_empty) {
             return bad("--directory needs a cluster token (PEERLINK_CLUSTER_TOKEN)");
+        }
+        if let Some(urls) = &self.directory
+            && let Err(e) = peerlink_api::directory_client::parse_base_urls(urls)
+        {
+            return Err(ConfigError::Invalid(format!("--directory: {e}")));
         }
         if let (Some(a), Some(b)) = (self.stun, self.stun_alt) {
             if a == b {

@@ -84,9 +84,11 @@ struct Flags {
     #[arg(long, value_parser = peerlink_cli::parse_duration)]
     #[serde(with = "peerlink_cli::config::duration::option")]
     store_statement_timeout: Option<Duration>,
-    /// Directory base URL (multi-node); without it the node runs standalone.
-    #[arg(long)]
-    directory: Option<String>,
+    /// Directory base URL (multi-node); repeat or separate with commas for several replicas
+    /// (failover); without it the node runs standalone.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    directory: Vec<String>,
     /// Cluster token for the directory and node-to-node API.
     #[arg(long, env = "PEERLINK_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
@@ -761,6 +763,48 @@ mod tests {
             c.candidates.allow_loopback,
             "default: listening on loopback"
         );
+
+        // Several directory replicas: an array in the file, repeated or comma-separated flags.
+        std::fs::write(
+            &path,
+            format!(
+                "token_secret = \"{SECRET}\"\ncluster_token = \"cluster-token\"\n\
+                 directory = [\"http://127.0.0.1:8500\", \"http://127.0.0.1:8501\"]\n"
+            ),
+        )
+        .unwrap();
+        let c = settings(&flags(&["--config", file]))
+            .unwrap()
+            .to_config()
+            .unwrap();
+        assert_eq!(
+            c.directory.as_deref(),
+            Some("http://127.0.0.1:8500,http://127.0.0.1:8501")
+        );
+        let c = settings(&flags(&[
+            "--config",
+            file,
+            "--directory",
+            "http://127.0.0.1:1",
+            "--directory",
+            "http://127.0.0.1:2,http://127.0.0.1:3",
+        ]))
+        .unwrap()
+        .to_config()
+        .unwrap();
+        assert_eq!(
+            c.directory.as_deref(),
+            Some("http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3")
+        );
+        let bad = settings(&flags(&[
+            "--config",
+            file,
+            "--directory",
+            "http://a:1,ftp://b",
+        ]))
+        .unwrap()
+        .to_config();
+        assert!(bad.is_err(), "every URL is checked");
     }
 
     #[test]

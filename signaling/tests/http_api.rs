@@ -633,6 +633,10 @@ async fn readiness_turns_503_when_the_drain_begins() {
     st.drain(std::time::Duration::from_millis(100)).await;
     for path in ["/readyz", "/healthz"] {
         let (s, v) = call(r(), "GET", path, None, None).await;
-        assert_eq!((s, v.as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("draining")), "{path}");
+        assert_eq!(
+            (s, v.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("draining")),
+            "{path}"
+        );
     }
 }
