@@ -51,6 +51,9 @@ pub struct Config {
     pub login_failures_per_ip: u32,
     /// Login throttle window (default 5 min).
     pub login_window: Duration,
+    /// Where the fleet's shared login throttle lives: `redis://HOST:PORT[/DB][?prefix=P]`
+    /// (env `PEERLINK_THROTTLE_STORE`). Default none: each node throttles on its own.
+    pub throttle_store: Option<String>,
     /// Unanswered invites end after this (default 30 s).
     pub ring_timeout: Duration,
     /// An accepted call survives its party's dropped session this long, waiting for the same
@@ -137,6 +140,7 @@ impl Default for Config {
             login_failures_per_account: 5,
             login_failures_per_ip: 20,
             login_window: Duration::from_secs(300),
+            throttle_store: None,
             ring_timeout: Duration::from_secs(30),
             call_grace: Duration::from_secs(5),
             max_ws_message: 64 * 1024,
@@ -271,6 +275,8 @@ pub struct Settings {
     /// [`Config::login_window`].
     #[serde(with = "peerlink_cli::config::duration")]
     pub login_window: Duration,
+    /// [`Config::throttle_store`].
+    pub throttle_store: Option<String>,
     /// [`Config::ring_timeout`].
     #[serde(with = "peerlink_cli::config::duration")]
     pub ring_timeout: Duration,
@@ -366,6 +372,7 @@ impl Default for Settings {
             login_failures_per_account: c.login_failures_per_account,
             login_failures_per_ip: c.login_failures_per_ip,
             login_window: c.login_window,
+            throttle_store: c.throttle_store,
             ring_timeout: c.ring_timeout,
             call_grace: c.call_grace,
             max_ws_message: c.max_ws_message,
@@ -433,6 +440,18 @@ impl Settings {
         }
     }
 
+    /// Where the shared login throttle lives, if `throttle_store` is set; a malformed one is
+    /// an error.
+    pub fn throttle_location(
+        &self,
+    ) -> Result<Option<crate::throttle::ThrottleLocation>, ConfigError> {
+        self.throttle_store
+            .as_deref()
+            .map(crate::throttle::ThrottleLocation::parse)
+            .transpose()
+            .map_err(|e| ConfigError::Invalid(format!("bad --throttle-store: {e}")))
+    }
+
     /// Where the store lives: `store`, else `db` as an SQLite path, else [`DEFAULT_DB`].
     /// Both set, or a malformed `store`, is an error.
     pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
@@ -491,6 +510,7 @@ impl Settings {
             login_failures_per_account: self.login_failures_per_account,
             login_failures_per_ip: self.login_failures_per_ip,
             login_window: self.login_window,
+            throttle_store: self.throttle_store.clone(),
             ring_timeout: self.ring_timeout,
             call_grace: self.call_grace,
             max_ws_message: self.max_ws_message,

@@ -235,11 +235,25 @@ async fn login(
     let ip_key = ThrottleKey::Ip(peer.ip());
     // Unknown, malformed and existing names share one throttle key space and one answer.
     let norm = normalize_username(&c.username).ok();
-    let acct_key = ThrottleKey::Account(
-        norm.clone()
-            .unwrap_or_else(|| c.username.trim().to_ascii_lowercase()),
-    );
-    if st.throttle_ip.blocked(&ip_key, now) || st.throttle_account.blocked(&acct_key, now) {
+    let account = norm
+        .clone()
+        .unwrap_or_else(|| c.username.trim().to_ascii_lowercase());
+    let acct_key = ThrottleKey::Account(account.clone());
+    let shared = st.shared_throttle.get();
+    let shared_blocked = match shared {
+        Some(t) => {
+            let (blocked, failed) = t.settle(t.blocked(peer.ip(), &account).await, false);
+            if failed {
+                Metrics::inc(&st.metrics.throttle_store_errors_total);
+            }
+            blocked
+        }
+        None => false,
+    };
+    if shared_blocked
+        || st.throttle_ip.blocked(&ip_key, now)
+        || st.throttle_account.blocked(&acct_key, now)
+    {
         Metrics::inc(&st.metrics.login_throttled_total);
         let mut r = error_response(
             StatusCode::TOO_MANY_REQUESTS,
@@ -282,12 +296,24 @@ async fn login(
     match (ok, norm) {
         (true, Some(user)) => {
             st.throttle_account.reset(&acct_key);
+            if let Some(t) = shared {
+                let ((), failed) = t.settle(t.reset(&account).await, ());
+                if failed {
+                    Metrics::inc(&st.metrics.throttle_store_errors_total);
+                }
+            }
             Metrics::inc(&st.metrics.logins_total);
             tokens_for_login(&st, &user, device).await
         }
         _ => {
             st.throttle_ip.fail(ip_key, Instant::now());
             st.throttle_account.fail(acct_key, Instant::now());
+            if let Some(t) = shared {
+                let ((), failed) = t.settle(t.fail(peer.ip(), &account).await, ());
+                if failed {
+                    Metrics::inc(&st.metrics.throttle_store_errors_total);
+                }
+            }
             Metrics::inc(&st.metrics.login_failures_total);
             error_response(StatusCode::UNAUTHORIZED, "invalid_credentials", INVALID)
         }

@@ -25,6 +25,7 @@ pub mod session;
 pub mod state;
 pub mod store;
 pub mod stun;
+pub mod throttle;
 
 pub use config::Config;
 pub use http::app;

@@ -26,6 +26,7 @@ use peerlink_signaling::config::{ConfigError, Settings};
 use peerlink_signaling::serve::{TlsServing, serve, serve_tls};
 use peerlink_signaling::store::{PgOptions, StoreLocation};
 use peerlink_signaling::stun::StunResponder;
+use peerlink_signaling::throttle::{SharedThrottle, ThrottleLocation};
 use peerlink_signaling::{AppState, Config, app};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -166,6 +167,15 @@ struct Flags {
     #[arg(long, value_parser = peerlink_cli::parse_duration)]
     #[serde(with = "peerlink_cli::config::duration::option")]
     login_window: Option<Duration>,
+    /// The fleet's shared login throttle: `redis://HOST:PORT[/DB][?prefix=P]` [default: none,
+    /// each node throttles on its own].
+    #[arg(
+        long,
+        env = "PEERLINK_THROTTLE_STORE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    throttle_store: Option<String>,
     /// Ring timeout [default: 30s].
     #[arg(long, value_parser = peerlink_cli::parse_duration)]
     #[serde(with = "peerlink_cli::config::duration::option")]
@@ -255,6 +265,7 @@ struct Loaded {
     store: StoreLocation,
     pg: PgOptions,
     tls: Option<TlsStore>,
+    throttle: Option<ThrottleLocation>,
 }
 
 /// The config file, then the environment, then the flags; then checked.
@@ -264,6 +275,7 @@ fn load() -> Result<Loaded, ConfigError> {
     let config = settings.to_config()?;
     let store = settings.store_location()?;
     let pg = settings.pg_options()?;
+    let throttle = settings.throttle_location()?;
     let tls = match settings.tls_files()? {
         Some(f) => Some(
             TlsStore::with_alpn(&f.cert, &f.key, peerlink_signaling::serve::alpn())
@@ -277,6 +289,7 @@ fn load() -> Result<Loaded, ConfigError> {
         store,
         pg,
         tls,
+        throttle,
     })
 }
 
@@ -357,6 +370,7 @@ async fn main() -> anyhow::Result<()> {
         store,
         pg,
         tls,
+        throttle,
     } = match load() {
         Ok(x) => x,
         Err(e) => {
@@ -386,6 +400,27 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     tracing::info!(store = %store_shown(&settings), "store open");
+    // The shared login throttle too: an unreachable Redis ends the process before binding.
+    let shared_throttle = match &throttle {
+        Some(loc) => match SharedThrottle::connect(
+            loc,
+            cfg.login_failures_per_account,
+            cfg.login_failures_per_ip,
+            cfg.login_window,
+        )
+        .await
+        {
+            Ok(t) => {
+                tracing::info!(throttle_store = %loc.redacted(), "shared login throttle");
+                Some(t)
+            }
+            Err(e) => {
+                eprintln!("peerlink-signaling: {e}");
+                std::process::exit(1);
+            }
+        },
+        None => None,
+    };
     let (stun_addr, stun_alt) = (cfg.stun, cfg.stun_alt);
     let listen = settings.listen;
 
@@ -402,6 +437,9 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
     let state = AppState::new(cfg, store).context("building node state")?;
+    if let Some(t) = shared_throttle {
+        state.share_login_throttle(t);
+    }
     let stun = match stun_addr {
         Some(a) => Some(StunResponder::bind(a, stun_alt).await?),
         None => None,
@@ -575,6 +613,8 @@ mod tests {
             "5",
             "--login-window",
             "6m",
+            "--throttle-store",
+            "redis://127.0.0.1:6379/1",
             "--ring-timeout",
             "7s",
             "--call-grace",
@@ -676,6 +716,10 @@ mod tests {
             (4, 5)
         );
         assert_eq!(c.login_window, Duration::from_secs(360));
+        assert_eq!(
+            c.throttle_store.as_deref(),
+            Some("redis://127.0.0.1:6379/1")
+        );
         assert_eq!(c.ring_timeout, Duration::from_secs(7));
         assert_eq!(c.call_grace, Duration::from_secs(8));
         assert_eq!(

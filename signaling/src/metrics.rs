@@ -40,6 +40,8 @@ metrics! {
     login_failures_total: counter,
     /// Login attempts refused by the throttle.
     login_throttled_total: counter,
+    /// Shared login throttle commands that failed (Redis unreachable or slow).
+    throttle_store_errors_total: counter,
     /// Refresh tokens rotated.
     refreshes_total: counter,
     /// Revoked refresh tokens presented again (their device's chain revoked).

@@ -46,6 +46,9 @@ pub struct Shared {
     pub throttle_account: Throttle,
     /// Login failures per IP.
     pub throttle_ip: Throttle,
+    /// The fleet's login failures, when a throttle store is configured (checked beside the
+    /// node's own tables).
+    pub shared_throttle: std::sync::OnceLock<crate::throttle::SharedThrottle>,
     /// Live sessions.
     pub hub: Arc<Hub>,
     /// Calls arbitrated here.
@@ -134,7 +137,13 @@ impl AppState {
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            shared_throttle: std::sync::OnceLock::new(),
         })))
+    }
+
+    /// Count login failures in the fleet's shared throttle too (set once, before serving).
+    pub fn share_login_throttle(&self, t: crate::throttle::SharedThrottle) {
+        let _ = self.shared_throttle.set(t);
     }
 
     /// Periodic housekeeping: forget message ids older than the dedup retention and refresh
