@@ -24,6 +24,11 @@ use peerlink_api::signaling::{ClientMsg, PresenceStatus, ServerMsg, TurnTranspor
 
 /// Timeout of one node-to-node request.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// First wait before a failed delivery to another node is sent again (then doubling).
+pub const RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a delivery to another node is retried: a call that cannot reach its party for
+/// this long is re-established by its clients rather than waited for.
+pub const RETRY_FOR: Duration = Duration::from_secs(3);
 
 /// Node-to-node failures.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +36,16 @@ pub enum ClusterError {
     /// The other node or the directory could not be reached or answered an error.
     #[error("cluster request failed: {0}")]
     Request(String),
+    /// The other node refused the request (a 4xx answer): sending it again cannot help.
+    #[error("cluster request refused: {0}")]
+    Refused(String),
+}
+
+impl ClusterError {
+    /// Whether the same request may succeed when sent again (unreachable, timed out, 5xx).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ClusterError::Request(_))
+    }
 }
 
 /// A call party: user, device and the node holding the session (None = this node).
@@ -61,6 +76,10 @@ pub struct DeliverRequest {
     /// Internal URL of the node arbitrating the call the frame belongs to (for callee replies).
     #[serde(default)]
     pub arbiter: Option<String>,
+    /// Idempotency id: a delivery sent again with the same id (its answer was lost) is
+    /// answered from memory and reaches no session twice.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 /// Answer of `/internal/v1/deliver`.
@@ -307,6 +326,12 @@ impl Cluster {
             .send()
             .await
             .map_err(|e| ClusterError::Request(e.to_string()))?;
+        if resp.status().is_client_error() {
+            return Err(ClusterError::Refused(format!(
+                "{url} answered {}",
+                resp.status()
+            )));
+        }
         if !resp.status().is_success() {
             return Err(ClusterError::Request(format!(
                 "{url} answered {}",
@@ -318,10 +343,25 @@ impl Cluster {
             .map_err(|e| ClusterError::Request(e.to_string()))
     }
 
-    /// Deliver a frame to sessions on another node.
+    /// Deliver a frame to sessions on another node (one attempt; see [`Self::deliver_reliably`]).
     pub async fn deliver(&self, node_url: &str, req: &DeliverRequest) -> Result<u32, ClusterError> {
         let r: DeliverResponse = self.post(node_url, "/internal/v1/deliver", req).await?;
         Ok(r.delivered)
+    }
+
+    /// Deliver a frame to sessions on another node until it answers (see [`retry`]), under
+    /// one idempotency id so that an attempt whose answer was lost is not delivered twice.
+    /// Stops early when `moot()` turns true (the call the frame belongs to has ended).
+    pub async fn deliver_reliably(
+        &self,
+        node_url: &str,
+        mut req: DeliverRequest,
+        moot: impl Fn() -> bool,
+    ) -> Result<u32, ClusterError> {
+        if req.id.is_none() {
+            req.id = Some(hex::encode(rand::random::<[u8; 16]>()));
+        }
+        retry(moot, || self.deliver(node_url, &req)).await
     }
 
     /// Forward a callee's call frame to the arbitrating node; returns replies for the sender.
@@ -334,7 +374,17 @@ impl Cluster {
         Ok(r.replies)
     }
 
-    /// Tell another node that messages for `user` were stored.
+    /// Tell another node that messages for `user` were stored, until it answers (see
+    /// [`retry`]; a nudge is idempotent).
+    pub async fn nudge_inbox_reliably(
+        &self,
+        node_url: &str,
+        user: &str,
+    ) -> Result<(), ClusterError> {
+        retry(|| false, || self.nudge_inbox(node_url, user)).await
+    }
+
+    /// Tell another node that messages for `user` were stored (one attempt).
     pub async fn nudge_inbox(&self, node_url: &str, user: &str) -> Result<(), ClusterError> {
         let _: serde_json::Value = self
             .post(
@@ -346,5 +396,31 @@ impl Cluster {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// Run `attempt` until it succeeds: a failure that may pass (unreachable, timed out, 5xx) is
+/// tried again after [`RETRY_BACKOFF`], doubling, for up to [`RETRY_FOR`]; a refusal (4xx),
+/// the time running out or `moot()` turning true ends it with the last error.
+pub async fn retry<T, F, Fut>(moot: impl Fn() -> bool, mut attempt: F) -> Result<T, ClusterError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClusterError>>,
+{
+    let give_up = tokio::time::Instant::now() + RETRY_FOR;
+    let mut backoff = RETRY_BACKOFF;
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if !e.is_retryable() => return Err(e),
+            Err(e) => {
+                if moot() || tokio::time::Instant::now() + backoff > give_up {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, retry_in = ?backoff, "request to another node failed");
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2);
+            }
+        }
     }
 }

@@ -472,6 +472,12 @@ async fn internal_deliver(
         return r;
     }
     let now = std::time::Instant::now();
+    // The same delivery again (the sender lost our answer): answer what it reached, do nothing.
+    if let Some(id) = &req.id
+        && let Some(delivered) = st.deliveries.first_or_seen(id, now)
+    {
+        return Json(DeliverResponse { delivered }).into_response();
+    }
     match (&req.msg, &req.arbiter) {
         (ServerMsg::IncomingCall { call_id, .. }, Some(url)) => st.hub.set_route(call_id, url, now),
         (
@@ -490,6 +496,9 @@ async fn internal_deliver(
             &st.metrics,
         ),
     };
+    if let Some(id) = &req.id {
+        st.deliveries.record(id, delivered);
+    }
     Json(DeliverResponse { delivered }).into_response()
 }
 

@@ -741,6 +741,7 @@ async fn announce_presence(st: &AppState, user: &str) {
                     except_device: None,
                     msg: msg.clone(),
                     arbiter: None,
+                    id: None,
                 };
                 let _ = c.deliver(&url, &req).await;
             }
@@ -800,9 +801,14 @@ pub async fn send_message(
             st.hub.notify_inbox(&to);
             if let Some(c) = st.cluster.as_ref() {
                 for url in c.nodes_of(&to).await {
-                    if let Err(e) = c.nudge_inbox(&url, &to).await {
-                        tracing::warn!(error = %e, "inbox nudge failed");
-                    }
+                    // Retried in the background: the sender's ack does not wait for it.
+                    let (st, to) = (st.clone(), to.clone());
+                    tokio::spawn(async move {
+                        let Some(c) = st.cluster.as_ref() else { return };
+                        if let Err(e) = c.nudge_inbox_reliably(&url, &to).await {
+                            tracing::warn!(error = %e, "inbox nudge failed");
+                        }
+                    });
                 }
             }
             ServerMsg::MessageAck {

@@ -46,6 +46,8 @@ pub struct Shared {
     pub throttle_account: Throttle,
     /// Login failures per IP.
     pub throttle_ip: Throttle,
+    /// Idempotency ids of deliveries from other nodes seen lately, with what each delivered.
+    pub deliveries: SeenDeliveries,
     /// The fleet's login failures, when a throttle store is configured (checked beside the
     /// node's own tables).
     pub shared_throttle: std::sync::OnceLock<crate::throttle::SharedThrottle>,
@@ -138,6 +140,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             shared_throttle: std::sync::OnceLock::new(),
+            deliveries: SeenDeliveries::default(),
         })))
     }
 
@@ -192,5 +195,51 @@ impl AppState {
         }
         self.tasks.close();
         let _ = tokio::time::timeout(wait, self.tasks.wait()).await;
+    }
+}
+
+/// How long a delivery's idempotency id is remembered: longer than a sender retries it.
+pub const DELIVERY_ID_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most idempotency ids remembered at once (older ones are forgotten first when full).
+pub const MAX_DELIVERY_IDS: usize = 65_536;
+
+/// The idempotency ids of deliveries from other nodes seen within [`DELIVERY_ID_MEMORY`], with
+/// what each delivered, so that one sent again after a lost answer reaches no session twice.
+#[derive(Debug, Default)]
+pub struct SeenDeliveries {
+    seen: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+}
+
+impl SeenDeliveries {
+    /// `Some(delivered)` when `id` was seen already; otherwise `None`, and `id` is recorded
+    /// (with 0 until [`Self::record`]) before the caller delivers.
+    pub fn first_or_seen(&self, id: &str, now: std::time::Instant) -> Option<u32> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, n)) = seen.get(id) {
+            return Some(*n);
+        }
+        if seen.len() >= MAX_DELIVERY_IDS {
+            seen.retain(|_, (at, _)| now.duration_since(*at) < DELIVERY_ID_MEMORY);
+            if seen.len() >= MAX_DELIVERY_IDS {
+                // Still full of recent ids: forget the oldest.
+                if let Some(oldest) = seen
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone())
+                {
+                    seen.remove(&oldest);
+                }
+            }
+        }
+        seen.insert(id.to_owned(), (now, 0));
+        None
+    }
+
+    /// What the delivery `id` reached.
+    pub fn record(&self, id: &str, delivered: u32) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = seen.get_mut(id) {
+            e.1 = delivered;
+        }
     }
 }

@@ -525,3 +525,110 @@ async fn restarted_node_purges_its_old_presence_and_stale_epochs_lose() {
     bob.recv_type("incoming_call").await;
     assert_eq!(a.metric("forward_errors_total").await, 0);
 }
+
+/// A TCP proxy in front of a node's internal API that, on each of its first `lose`
+/// connections, passes the request on and then closes without passing the answer back: the
+/// node acted, the sender saw a failure. Later connections pass through untouched.
+struct LossyProxy {
+    addr: std::net::SocketAddr,
+    upstream: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
+    lose: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    lost: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl LossyProxy {
+    async fn start() -> LossyProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let p = LossyProxy {
+            addr: listener.local_addr().unwrap(),
+            upstream: Default::default(),
+            lose: Default::default(),
+            lost: Default::default(),
+        };
+        let (upstream, lose, lost) = (p.upstream.clone(), p.lose.clone(), p.lost.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let Some(to) = *upstream.lock().unwrap() else {
+                    continue;
+                };
+                let lossy = lose
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                let lost = lost.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    if !lossy {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        return;
+                    }
+                    // The whole request (it arrives in a burst), then wait for the answer to
+                    // start, and drop it.
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf))
+                            .await
+                    {
+                        if n == 0 || server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf)).await;
+                    lost.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        p
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_answer_is_lost_is_retried_and_reaches_the_callee_once() {
+    use std::sync::atomic::Ordering;
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("shared.db");
+    let dir = start_directory();
+    let a = node(&db, &dir, "node-a");
+    // Node B tells the fleet to reach it through the proxy.
+    let proxy = LossyProxy::start().await;
+    let mut args = common::base_args(&db);
+    args.extend(["--internal-url".to_string(), proxy.url()]);
+    let b = node_on_args(&db, args, &dir, "node-b");
+    *proxy.upstream.lock().unwrap() = Some(b.http);
+
+    let mut bob = b.connect("bob", "phone").await;
+    let mut alice = a.connect("alice", "laptop").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The answer to the first delivery of the invite to node B is lost.
+    proxy.lose.store(1, Ordering::SeqCst);
+    alice
+        .send(json!({"type": "invite", "to": "bob", "offer": desc("127.0.0.1", 2)}))
+        .await;
+    let sent = alice.recv_type("invite_sent").await;
+    let inc = bob.recv_type("incoming_call").await;
+    assert_eq!(inc["call_id"], sent["call_id"]);
+    assert_eq!(
+        proxy.lost.load(Ordering::SeqCst),
+        1,
+        "the first answer was lost"
+    );
+    // Node A sent it again under the same id; node B delivered it once.
+    let quiet = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Ok(v)) = tokio::time::timeout_at(quiet, bob.next()).await {
+        assert_ne!(v["type"], "incoming_call", "delivered twice: {v}");
+    }
+    assert_eq!(a.metric("forward_errors_total").await, 0);
+    // The call goes on normally.
+    bob.send(json!({"type": "ringing", "call_id": sent["call_id"]}))
+        .await;
+    assert_eq!(alice.recv_type("ringing").await["device"], "phone");
+}

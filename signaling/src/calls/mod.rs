@@ -593,7 +593,25 @@ pub async fn remote_party_gone(st: &AppState, from: Party, id: CallId) {
     .await;
 }
 
-/// Deliver effects locally or through other nodes; returns how many sessions got them.
+/// Whether a frame of call `call` no longer needs to arrive: the call has ended here. A frame
+/// of no call (or the call's end itself, sent after the call is gone) is never moot.
+fn moot(st: &AppState, call: Option<&CallId>) -> bool {
+    call.is_some_and(|id| !st.calls.contains(id) && st.hub.route(id).is_none())
+}
+
+/// The call a server frame belongs to, unless it is the call's end (which must arrive even
+/// though the call is gone by then).
+fn call_id_of_server(msg: &ServerMsg) -> Option<&CallId> {
+    match msg {
+        ServerMsg::IncomingCall { call_id, .. }
+        | ServerMsg::Ringing { call_id, .. }
+        | ServerMsg::CallAccepted { call_id, .. } => Some(call_id),
+        _ => None,
+    }
+}
+
+/// Deliver effects locally or through other nodes (retried, see
+/// [`crate::cluster::Cluster::deliver_reliably`]); returns how many sessions got them.
 async fn perform(st: &AppState, effects: Vec<Effect>) -> u32 {
     let mut total = 0;
     let arbiter = st.cluster.as_ref().map(|c| c.internal_url.clone());
@@ -605,15 +623,20 @@ async fn perform(st: &AppState, effects: Vec<Effect>) -> u32 {
                     let Some(cluster) = st.cluster.as_ref() else {
                         continue;
                     };
+                    let call = call_id_of_server(&e.msg).cloned();
                     let req = DeliverRequest {
                         user: p.user.clone(),
                         device: Some(p.device.clone()),
                         except_device: None,
                         msg: e.msg,
                         arbiter: arbiter.clone(),
+                        id: None,
                     };
                     crate::metrics::Metrics::inc(&st.metrics.forwards_total);
-                    match cluster.deliver(url, &req).await {
+                    match cluster
+                        .deliver_reliably(url, req, || moot(st, call.as_ref()))
+                        .await
+                    {
                         Ok(n) => total += n,
                         Err(err) => {
                             crate::metrics::Metrics::inc(&st.metrics.forward_errors_total);
@@ -631,15 +654,20 @@ async fn perform(st: &AppState, effects: Vec<Effect>) -> u32 {
                     .send_user(&user, except_device.as_deref(), &e.msg, &st.metrics);
                 if let Some(cluster) = st.cluster.as_ref() {
                     for url in cluster.nodes_of(&user).await {
+                        let call = call_id_of_server(&e.msg).cloned();
                         let req = DeliverRequest {
                             user: user.clone(),
                             device: None,
                             except_device: except_device.clone(),
                             msg: e.msg.clone(),
                             arbiter: arbiter.clone(),
+                            id: None,
                         };
                         crate::metrics::Metrics::inc(&st.metrics.forwards_total);
-                        match cluster.deliver(&url, &req).await {
+                        match cluster
+                            .deliver_reliably(&url, req, || moot(st, call.as_ref()))
+                            .await
+                        {
                             Ok(n) => total += n,
                             Err(err) => {
                                 crate::metrics::Metrics::inc(&st.metrics.forward_errors_total);
