@@ -19,6 +19,7 @@ pub mod config;
 pub mod log;
 pub mod metrics;
 pub mod process;
+pub mod redis_url;
 pub mod tls;
 
 use std::time::Duration;

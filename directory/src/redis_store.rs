@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use peerlink_cli::redis_url::{RedisUrl, redact};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -60,8 +61,7 @@ use peerlink_api::directory::{
 
 /// Key prefix when the URL names none.
 pub const DEFAULT_PREFIX: &str = "peerlink:directory";
-/// Longest accepted key prefix (bytes).
-pub const MAX_PREFIX_LEN: usize = 64;
+pub use peerlink_cli::redis_url::MAX_PREFIX_LEN;
 /// Default bound of one connection attempt to Redis.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default bound of one command's answer: a request never waits longer on a dead Redis.
@@ -89,43 +89,16 @@ impl std::fmt::Debug for RedisLocation {
 }
 
 impl RedisLocation {
-    /// Parse `redis://HOST:PORT[/DB][?prefix=P]`: the scheme must be `redis`, the rest must
-    /// be a URL the Redis client accepts; the only query parameter is `prefix`.
+    /// Parse `redis://HOST:PORT[/DB][?prefix=P]` ([`peerlink_cli::redis_url`]); the rest must be
+    /// a URL the Redis client accepts.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let Some(rest) = text.strip_prefix("redis://") else {
+        if !text.starts_with("redis://") {
             return Err(format!(
                 "store {:?}: expected `memory` or redis://HOST:PORT[/DB][?prefix=P]",
                 redact(text)
             ));
-        };
-        let (base, query) = match rest.split_once('?') {
-            Some((b, q)) => (b, Some(q)),
-            None => (rest, None),
-        };
-        let mut prefix = DEFAULT_PREFIX.to_owned();
-        for pair in query.into_iter().flat_map(|q| q.split('&')) {
-            match pair.split_once('=') {
-                Some(("prefix", p)) => prefix = p.to_owned(),
-                _ => {
-                    return Err(format!(
-                        "store {:?}: unknown parameter {pair:?} (only prefix=)",
-                        redact(text)
-                    ));
-                }
-            }
         }
-        if prefix.is_empty()
-            || prefix.len() > MAX_PREFIX_LEN
-            || !prefix.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(format!(
-                "store prefix {prefix:?} must be 1..={MAX_PREFIX_LEN} printable ASCII bytes"
-            ));
-        }
-        let url = format!("redis://{base}");
-        if base.is_empty() || base.starts_with('/') {
-            return Err(format!("store {:?}: no host", redact(text)));
-        }
+        let RedisUrl { url, prefix } = RedisUrl::parse(text, "store", DEFAULT_PREFIX)?;
         redis::Client::open(url.as_str()).map_err(|e| format!("store {:?}: {e}", redact(text)))?;
         Ok(Self { url, prefix })
     }
@@ -133,21 +106,6 @@ impl RedisLocation {
     /// The URL without its password, for logs and errors.
     pub fn redacted(&self) -> String {
         format!("{}?prefix={}", redact(&self.url), self.prefix)
-    }
-}
-
-/// `text` with the password of its `user:password@` part replaced by `***`.
-fn redact(text: &str) -> String {
-    let Some((scheme, rest)) = text.split_once("://") else {
-        return text.to_owned();
-    };
-    let (auth, host) = match rest.rsplit_once('@') {
-        Some(x) => x,
-        None => return text.to_owned(),
-    };
-    match auth.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => format!("{scheme}://***@{host}"),
     }
 }
 

@@ -20,13 +20,12 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use peerlink_cli::redis_url::{RedisUrl, redact};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sha2::{Digest, Sha256};
 
 /// Key prefix when the URL names none.
 pub const DEFAULT_PREFIX: &str = "peerlink:signaling";
-/// Longest accepted key prefix (bytes).
-pub const MAX_PREFIX_LEN: usize = 64;
 /// Bound of one connection attempt and of one command's answer.
 pub const TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -39,75 +38,22 @@ return 0
 ";
 
 /// Where the shared throttle lives.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ThrottleLocation {
-    url: String,
-    prefix: String,
-}
-
-impl std::fmt::Debug for ThrottleLocation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ThrottleLocation(RedisUrl);
 
 impl ThrottleLocation {
-    /// Parse `redis://[user:password@]HOST:PORT[/DB][?prefix=P]`.
+    /// Parse `redis://[user:password@]HOST:PORT[/DB][?prefix=P]` ([`peerlink_cli::redis_url`]);
+    /// the rest must be a URL the Redis client accepts.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let shown = redact(text);
-        let Some(rest) = text.strip_prefix("redis://") else {
-            return Err(format!(
-                "throttle store {shown:?}: expected redis://HOST:PORT[/DB][?prefix=P]"
-            ));
-        };
-        let (base, query) = match rest.split_once('?') {
-            Some((b, q)) => (b, Some(q)),
-            None => (rest, None),
-        };
-        let mut prefix = DEFAULT_PREFIX.to_owned();
-        for pair in query.into_iter().flat_map(|q| q.split('&')) {
-            match pair.split_once('=') {
-                Some(("prefix", p)) => prefix = p.to_owned(),
-                _ => {
-                    return Err(format!(
-                        "throttle store {shown:?}: unknown parameter {pair:?} (only prefix=)"
-                    ));
-                }
-            }
-        }
-        if prefix.is_empty()
-            || prefix.len() > MAX_PREFIX_LEN
-            || !prefix.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(format!(
-                "throttle store prefix {prefix:?} must be 1..={MAX_PREFIX_LEN} printable ASCII bytes"
-            ));
-        }
-        if base.is_empty() || base.starts_with('/') {
-            return Err(format!("throttle store {shown:?}: no host"));
-        }
-        let url = format!("redis://{base}");
-        redis::Client::open(url.as_str()).map_err(|e| format!("throttle store {shown:?}: {e}"))?;
-        Ok(Self { url, prefix })
+        let u = RedisUrl::parse(text, "throttle store", DEFAULT_PREFIX)?;
+        redis::Client::open(u.url.as_str())
+            .map_err(|e| format!("throttle store {:?}: {e}", redact(text)))?;
+        Ok(Self(u))
     }
 
     /// The location without its password, for logs and errors.
     pub fn redacted(&self) -> String {
-        format!("{}?prefix={}", redact(&self.url), self.prefix)
-    }
-}
-
-/// `text` with the password of its `user:password@` part replaced by `***`.
-fn redact(text: &str) -> String {
-    let Some((scheme, rest)) = text.split_once("://") else {
-        return text.to_owned();
-    };
-    let Some((auth, host)) = rest.rsplit_once('@') else {
-        return text.to_owned();
-    };
-    match auth.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => format!("{scheme}://***@{host}"),
+        self.0.redacted()
     }
 }
 
@@ -140,7 +86,7 @@ impl SharedThrottle {
         window: Duration,
     ) -> Result<Self, String> {
         let shown = location.redacted();
-        let client = redis::Client::open(location.url.as_str())
+        let client = redis::Client::open(location.0.url.as_str())
             .map_err(|e| format!("throttle store {shown}: {e}"))?;
         let mc = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
@@ -158,7 +104,7 @@ impl SharedThrottle {
             .map_err(|e| format!("throttle store {shown}: {e}"))?;
         Ok(Self {
             conn,
-            prefix: location.prefix.clone(),
+            prefix: location.0.prefix.clone(),
             per_account,
             per_ip,
             window,
@@ -240,11 +186,12 @@ mod tests {
     fn locations_parse_and_hide_their_password() {
         let l =
             ThrottleLocation::parse("redis://u:secret@127.0.0.1:6379/2?prefix=fleet-a").unwrap();
-        assert_eq!(l.prefix, "fleet-a");
+        assert_eq!(l.0.prefix, "fleet-a");
         assert!(!format!("{l:?}").contains("secret"));
         assert_eq!(
             ThrottleLocation::parse("redis://127.0.0.1:6379")
                 .unwrap()
+                .0
                 .prefix,
             DEFAULT_PREFIX
         );
