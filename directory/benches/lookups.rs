@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use peerlink_api::directory::*;
 use peerlink_directory::clock::{SystemClock, Timestamp};
 use peerlink_directory::memory::MemoryStore;
-use peerlink_directory::redis_store::{RedisLocation, RedisOptions, RedisStore};
+use peerlink_directory::redis_store::{self, RedisOptions, RedisStore};
 use peerlink_directory::server::{AppState, HttpLimits, app};
 use peerlink_directory::store::{DirectoryStore, StoreConfig};
 
@@ -250,7 +250,7 @@ fn main() {
         let Some(redis) = peerlink_testkit::redis::RedisServer::start() else {
             return;
         };
-        let loc = RedisLocation::parse(&redis.url(0)).expect("redis url");
+        let loc = redis_store::parse_location(&redis.url(0)).expect("redis url");
         let store = Arc::new(
             RedisStore::connect(loc, cfg, RedisOptions::default())
                 .await

@@ -126,7 +126,13 @@ impl StoreLocation {
         if text == "memory" {
             return Ok(StoreLocation::Memory);
         }
-        RedisLocation::parse(text)
+        if !text.starts_with("redis://") {
+            return Err(ConfigError::Invalid(format!(
+                "store {:?}: expected `memory` or redis://HOST:PORT[/DB][?prefix=P]",
+                peerlink_cli::redis_url::redact(text)
+            )));
+        }
+        crate::redis_store::parse_location(text)
             .map(StoreLocation::Redis)
             .map_err(ConfigError::Invalid)
     }

@@ -529,21 +529,7 @@ impl MemoryStore {
         relays
             .list
             .iter()
-            .map(|r| RelayInfo {
-                relay_id: r.relay_id.to_string(),
-                turn_addr: r.turn_addr,
-                turn_tcp_addr: r.turn_tcp_addr,
-                turn_tls_addr: r.turn_tls_addr,
-                metrics_addr: r.metrics_addr,
-                region: r.region.to_string(),
-                load: r.load,
-                allocations: r.allocations,
-                capacity: r.capacity,
-                draining: r.draining,
-                handed_out: r.handed_out,
-                healthy: r.healthy(now, self.node_ttl_ms),
-                last_heartbeat_age_ms: now.millis_since(r.last_heartbeat),
-            })
+            .map(|r| r.info(now, self.node_ttl_ms))
             .collect()
     }
 

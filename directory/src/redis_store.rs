@@ -72,41 +72,20 @@ pub const CLOCK_RESYNC: Duration = Duration::from_secs(30);
 /// Compare-and-set attempts of one relay update before giving up (each attempt lost means
 /// another writer changed the same relay in between).
 const CAS_ATTEMPTS: usize = 32;
+/// Longest random pause after a lost compare-and-set, microseconds.
+const CAS_PAUSE_MAX_US: u64 = 2_000;
 
-/// Where a Redis store lives: the connection URL and the key prefix.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisLocation {
-    /// `redis://[user:password@]host:port[/db]` (no query).
-    pub url: String,
-    /// Key prefix (`?prefix=` in the store URL).
-    pub prefix: String,
-}
+/// Where a Redis store lives: the connection URL and the key prefix
+/// ([`peerlink_cli::redis_url`]).
+pub type RedisLocation = RedisUrl;
 
-impl std::fmt::Debug for RedisLocation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-impl RedisLocation {
-    /// Parse `redis://HOST:PORT[/DB][?prefix=P]` ([`peerlink_cli::redis_url`]); the rest must be
-    /// a URL the Redis client accepts.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        if !text.starts_with("redis://") {
-            return Err(format!(
-                "store {:?}: expected `memory` or redis://HOST:PORT[/DB][?prefix=P]",
-                redact(text)
-            ));
-        }
-        let RedisUrl { url, prefix } = RedisUrl::parse(text, "store", DEFAULT_PREFIX)?;
-        redis::Client::open(url.as_str()).map_err(|e| format!("store {:?}: {e}", redact(text)))?;
-        Ok(Self { url, prefix })
-    }
-
-    /// The URL without its password, for logs and errors.
-    pub fn redacted(&self) -> String {
-        format!("{}?prefix={}", redact(&self.url), self.prefix)
-    }
+/// Parse the store URL `redis://HOST:PORT[/DB][?prefix=P]`; the rest must be a URL the Redis
+/// client accepts.
+pub fn parse_location(text: &str) -> Result<RedisLocation, String> {
+    let location = RedisUrl::parse(text, "store", DEFAULT_PREFIX)?;
+    redis::Client::open(location.url.as_str())
+        .map_err(|e| format!("store {:?}: {e}", redact(text)))?;
+    Ok(location)
 }
 
 /// Connection bounds of a Redis store.
@@ -475,7 +454,8 @@ impl RedisStore {
     }
 
     /// Apply `(id, expected, new)` relay writes if every expected record is still stored;
-    /// false when another writer came first.
+    /// false when another writer came first, after a short random pause (so writers racing
+    /// for the same relays spread out instead of colliding again on the next attempt).
     async fn relays_cas(&self, ops: Vec<(String, String, String)>) -> Result<bool, StoreError> {
         let mut inv = self.scripts.relays_cas.prepare_invoke();
         inv.arg(&self.location.prefix);
@@ -486,6 +466,11 @@ impl RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_err)?;
+        if applied != 1 {
+            // Not the seeded choice RNG: a pause must not change which relays a seed picks.
+            let pause = rand::random::<u64>() % (CAS_PAUSE_MAX_US + 1);
+            tokio::time::sleep(Duration::from_micros(pause)).await;
+        }
         Ok(applied == 1)
     }
 
@@ -796,21 +781,7 @@ impl DirectoryStore for RedisStore {
         Ok(snap
             .records
             .iter()
-            .map(|r| RelayInfo {
-                relay_id: r.relay_id.to_string(),
-                turn_addr: r.turn_addr,
-                turn_tcp_addr: r.turn_tcp_addr,
-                turn_tls_addr: r.turn_tls_addr,
-                metrics_addr: r.metrics_addr,
-                region: r.region.to_string(),
-                load: r.load,
-                allocations: r.allocations,
-                capacity: r.capacity,
-                draining: r.draining,
-                handed_out: r.handed_out,
-                healthy: r.healthy(now, self.node_ttl_ms),
-                last_heartbeat_age_ms: now.millis_since(r.last_heartbeat),
-            })
+            .map(|r| r.info(now, self.node_ttl_ms))
             .collect())
     }
 
@@ -984,10 +955,10 @@ mod tests {
 
     #[test]
     fn store_urls_parse_and_bad_ones_are_refused() {
-        let l = RedisLocation::parse("redis://127.0.0.1:6379/2").unwrap();
+        let l = parse_location("redis://127.0.0.1:6379/2").unwrap();
         assert_eq!(l.url, "redis://127.0.0.1:6379/2");
         assert_eq!(l.prefix, DEFAULT_PREFIX);
-        let l = RedisLocation::parse("redis://:secret@h:1?prefix=fleet-a").unwrap();
+        let l = parse_location("redis://:secret@h:1?prefix=fleet-a").unwrap();
         assert_eq!(l.prefix, "fleet-a");
         assert!(!l.redacted().contains("secret"), "{}", l.redacted());
         for bad in [
@@ -1001,7 +972,7 @@ mod tests {
             "redis://h:notaport",
             "127.0.0.1:6379",
         ] {
-            let e = RedisLocation::parse(bad).unwrap_err();
+            let e = parse_location(bad).unwrap_err();
             assert!(e.starts_with("store"), "{bad}: {e}");
         }
         assert_eq!(redact("redis://u:pw@h:1/0"), "redis://u:***@h:1/0");

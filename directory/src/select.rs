@@ -14,7 +14,7 @@ use std::sync::Arc;
 use rand::Rng;
 
 use crate::clock::Timestamp;
-use peerlink_api::directory::{ChooseRelaysRequest, ChosenRelay, MAX_CHOOSE_COUNT};
+use peerlink_api::directory::{ChooseRelaysRequest, ChosenRelay, MAX_CHOOSE_COUNT, RelayInfo};
 
 /// Everything the directory knows about one relay.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,25 @@ pub struct RelayRecord {
 }
 
 impl RelayRecord {
+    /// The API view of this relay at `now` (healthy per `ttl_ms`).
+    pub fn info(&self, now: Timestamp, ttl_ms: u64) -> RelayInfo {
+        RelayInfo {
+            relay_id: self.relay_id.to_string(),
+            turn_addr: self.turn_addr,
+            turn_tcp_addr: self.turn_tcp_addr,
+            turn_tls_addr: self.turn_tls_addr,
+            metrics_addr: self.metrics_addr,
+            region: self.region.to_string(),
+            load: self.load,
+            allocations: self.allocations,
+            capacity: self.capacity,
+            draining: self.draining,
+            handed_out: self.handed_out,
+            healthy: self.healthy(now, ttl_ms),
+            last_heartbeat_age_ms: now.millis_since(self.last_heartbeat),
+        }
+    }
+
     /// Heartbeat fresh at `now` (strictly younger than `ttl_ms`).
     pub fn healthy(&self, now: Timestamp, ttl_ms: u64) -> bool {
         now.millis_since(self.last_heartbeat) < ttl_ms

@@ -14,7 +14,7 @@ use axum::http::{Method, Request, StatusCode, header};
 use peerlink_api::directory::*;
 use peerlink_directory::clock::{ManualClock, Timestamp};
 use peerlink_directory::memory::MemoryStore;
-use peerlink_directory::redis_store::{RedisLocation, RedisOptions, RedisStore};
+use peerlink_directory::redis_store::{self, RedisOptions, RedisStore};
 use peerlink_directory::server::{AppState, HttpLimits, app};
 use peerlink_directory::store::{DirectoryStore, StoreConfig};
 use peerlink_testkit::redis::RedisServer;
@@ -64,7 +64,7 @@ fn harness() -> Harness {
 /// The same service over a `RedisStore` on a server of its own (`None` without redis-server).
 async fn redis_harness() -> Option<(Harness, RedisServer)> {
     let server = RedisServer::start()?;
-    let loc = RedisLocation::parse(&server.url(0)).unwrap();
+    let loc = redis_store::parse_location(&server.url(0)).unwrap();
     let store = tokio::time::timeout(
         Duration::from_secs(20),
         RedisStore::connect(loc, test_cfg(), RedisOptions::default()),

@@ -15,7 +15,7 @@ use axum::http::{Request, StatusCode, header};
 use peerlink_api::directory::*;
 use peerlink_directory::clock::{ManualClock, Timestamp};
 use peerlink_directory::memory::MemoryStore;
-use peerlink_directory::redis_store::{RedisLocation, RedisOptions, RedisStore};
+use peerlink_directory::redis_store::{self, RedisOptions, RedisStore};
 use peerlink_directory::server::{AppState, HttpLimits, app};
 use peerlink_directory::store::{DirectoryStore, StoreConfig, StoreError};
 use peerlink_testkit::redis::RedisServer;
@@ -51,7 +51,7 @@ fn opts() -> RedisOptions {
 }
 
 async fn redis_store(server: &RedisServer, db: u8, prefix: &str) -> RedisStore {
-    let loc = RedisLocation::parse(&format!("{}?prefix={prefix}", server.url(db))).unwrap();
+    let loc = redis_store::parse_location(&format!("{}?prefix={prefix}", server.url(db))).unwrap();
     bounded(RedisStore::connect(loc, cfg(), opts()))
         .await
         .unwrap()
@@ -796,7 +796,7 @@ async fn unreachable_redis_at_connect_is_an_error_in_bounded_time() {
         .local_addr()
         .unwrap()
         .port();
-    let loc = RedisLocation::parse(&format!("redis://127.0.0.1:{port}")).unwrap();
+    let loc = redis_store::parse_location(&format!("redis://127.0.0.1:{port}")).unwrap();
     let r = bounded(RedisStore::connect(loc, cfg(), opts())).await;
     assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
 }

@@ -599,21 +599,9 @@ mod tests {
         assert_eq!(c.validate().unwrap().relay_ips.len(), 3);
     }
 
-    /// PEM text of one DER block (what rcgen's optional `pem` feature would write).
-    fn pem_block(label: &str, der: &[u8]) -> String {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        let mut out = format!("-----BEGIN {label}-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(line).unwrap_or_default());
-            out.push('\n');
-        }
-        out.push_str(&format!("-----END {label}-----\n"));
-        out
-    }
-
     #[test]
     fn stream_listeners_from_toml_with_a_real_certificate() {
+        use peerlink_testkit::tls::pem_block;
         let dir = tempfile::tempdir().unwrap();
         let ck = rcgen::generate_simple_self_signed(vec!["relay.test".into()]).unwrap();
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));

@@ -240,14 +240,9 @@ async fn login(
         .unwrap_or_else(|| c.username.trim().to_ascii_lowercase());
     let acct_key = ThrottleKey::Account(account.clone());
     let shared = st.shared_throttle.get();
+    let store_errors = &st.metrics.throttle_store_errors_total;
     let shared_blocked = match shared {
-        Some(t) => {
-            let (blocked, failed) = t.settle(t.blocked(peer.ip(), &account).await, false);
-            if failed {
-                Metrics::inc(&st.metrics.throttle_store_errors_total);
-            }
-            blocked
-        }
+        Some(t) => t.blocked(peer.ip(), &account, store_errors).await,
         None => false,
     };
     if shared_blocked
@@ -297,10 +292,7 @@ async fn login(
         (true, Some(user)) => {
             st.throttle_account.reset(&acct_key);
             if let Some(t) = shared {
-                let ((), failed) = t.settle(t.reset(&account).await, ());
-                if failed {
-                    Metrics::inc(&st.metrics.throttle_store_errors_total);
-                }
+                t.reset(&account, store_errors).await;
             }
             Metrics::inc(&st.metrics.logins_total);
             tokens_for_login(&st, &user, device).await
@@ -309,10 +301,7 @@ async fn login(
             st.throttle_ip.fail(ip_key, Instant::now());
             st.throttle_account.fail(acct_key, Instant::now());
             if let Some(t) = shared {
-                let ((), failed) = t.settle(t.fail(peer.ip(), &account).await, ());
-                if failed {
-                    Metrics::inc(&st.metrics.throttle_store_errors_total);
-                }
+                t.fail(peer.ip(), &account, store_errors).await;
             }
             Metrics::inc(&st.metrics.login_failures_total);
             error_response(StatusCode::UNAUTHORIZED, "invalid_credentials", INVALID)

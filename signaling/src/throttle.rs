@@ -17,7 +17,7 @@
 //! error before any port is bound.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use peerlink_cli::redis_url::{RedisUrl, redact};
@@ -122,57 +122,62 @@ impl SharedThrottle {
         format!("{}:login:account:{}", self.prefix, hex::encode(digest))
     }
 
-    /// Whether the fleet has seen too many failures from `ip` or for `account`.
-    pub async fn blocked(&self, ip: IpAddr, account: &str) -> Result<bool, redis::RedisError> {
+    /// Whether the fleet has seen too many failures from `ip` or for `account`; `false` when
+    /// Redis does not answer (counted in `errors`).
+    pub async fn blocked(&self, ip: IpAddr, account: &str, errors: &AtomicU64) -> bool {
         let keys = [self.ip_key(ip), self.account_key(account)];
-        let counts: Vec<Option<u32>> = redis::cmd("MGET")
+        let counts: Result<Vec<Option<u32>>, _> = redis::cmd("MGET")
             .arg(&keys)
             .query_async(&mut self.conn.clone())
-            .await?;
-        let ip_n = counts.first().copied().flatten().unwrap_or(0);
-        let account_n = counts.get(1).copied().flatten().unwrap_or(0);
-        Ok(ip_n >= self.per_ip || account_n >= self.per_account)
+            .await;
+        self.settle(counts, errors).is_some_and(|counts| {
+            let ip_n = counts.first().copied().flatten().unwrap_or(0);
+            let account_n = counts.get(1).copied().flatten().unwrap_or(0);
+            ip_n >= self.per_ip || account_n >= self.per_account
+        })
     }
 
-    /// Count one failure from `ip` for `account`.
-    pub async fn fail(&self, ip: IpAddr, account: &str) -> Result<(), redis::RedisError> {
+    /// Count one failure from `ip` for `account` (a Redis error is counted in `errors`).
+    pub async fn fail(&self, ip: IpAddr, account: &str, errors: &AtomicU64) {
         let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
-        self.script
+        let r = self
+            .script
             .key(self.ip_key(ip))
             .key(self.account_key(account))
             .arg(window_ms.max(1))
             .invoke_async::<i64>(&mut self.conn.clone())
-            .await
-            .map(drop)
+            .await;
+        self.settle(r, errors);
     }
 
-    /// Forget `account`'s failures (a successful login).
-    pub async fn reset(&self, account: &str) -> Result<(), redis::RedisError> {
-        redis::cmd("DEL")
+    /// Forget `account`'s failures (a successful login; a Redis error is counted in `errors`).
+    pub async fn reset(&self, account: &str, errors: &AtomicU64) {
+        let r = redis::cmd("DEL")
             .arg(self.account_key(account))
             .query_async::<i64>(&mut self.conn.clone())
-            .await
-            .map(drop)
+            .await;
+        self.settle(r, errors);
     }
 
-    /// Note the outcome of a command: one warning when Redis starts failing, one info line
-    /// when it answers again. Returns the value, or `fallback` on an error.
-    pub fn settle<T>(&self, r: Result<T, redis::RedisError>, fallback: T) -> (T, bool) {
+    /// The value of a command, or `None` on an error, which is counted in `errors`; one
+    /// warning when Redis starts failing, one info line when it answers again.
+    fn settle<T>(&self, r: Result<T, redis::RedisError>, errors: &AtomicU64) -> Option<T> {
         match r {
             Ok(v) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("throttle store answering again; shared login counts resume");
                 }
-                (v, false)
+                Some(v)
             }
             Err(e) => {
+                errors.fetch_add(1, Ordering::Relaxed);
                 if !self.failing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         error = %e,
                         "throttle store unavailable; this node's own login throttle applies meanwhile"
                     );
                 }
-                (fallback, true)
+                None
             }
         }
     }

@@ -15,20 +15,8 @@ use peerlink_proto::attrs::{
 use peerlink_proto::auth::long_term_key;
 use peerlink_proto::stream::{FrameKind, StreamFramer};
 use peerlink_proto::{Class, Message, MessageBuilder, MessageType, Method, TransactionId};
+use peerlink_testkit::tls::pem_block;
 use rustls::pki_types::{CertificateDer, ServerName};
-
-/// PEM text of one DER block (what rcgen's optional `pem` feature would write).
-fn pem_block(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
 
 /// A self-signed certificate for `localhost` written as PEM into `dir` (`cert.pem`,
 /// `key.pem`); returns the paths and the certificate's DER.
