@@ -16,6 +16,12 @@
 //! minutes (they last 5); channels 9 minutes after binding (they last 10).
 //! [`TurnClient::deallocate`] sends Refresh with LIFETIME 0.
 //!
+//! A client that already holds the server's realm and nonce (from another allocation of the same
+//! host: peerlink-relay binds nonces to the client's IP, not its port) starts authenticated:
+//! [`TurnClient::auth_hint`] on the old client, [`TurnClient::resume_auth`] on the new one, and
+//! its first Allocate carries credentials, costing the server no 401. A 401 or 438 to such a
+//! request falls back to the ordinary challenge once.
+//!
 //! A 300 (Try Alternate) answer to Allocate moves the client to the ALTERNATE-SERVER (with
 //! integrity when the request was authenticated; at most [`MAX_REDIRECTS`], never back to a
 //! server that redirected): [`Event::Redirected`], then the Allocate starts over there.
@@ -388,6 +394,21 @@ struct AuthState {
     realm: String,
     nonce: String,
     key: [u8; 16],
+    /// Taken over from another client ([`TurnClient::resume_auth`]), not yet confirmed by an
+    /// answer of this server to this client: a 401 falls back to its challenge once.
+    resumed: bool,
+}
+
+/// A server's realm and nonce as one client learned them, for the next client of the same host
+/// and server ([`TurnClient::auth_hint`], [`TurnClient::resume_auth`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthHint {
+    /// The server that issued them.
+    pub server: SocketAddr,
+    /// Its REALM.
+    pub realm: String,
+    /// Its NONCE.
+    pub nonce: String,
 }
 
 /// One TURN allocation as a sans-IO state machine.
@@ -470,6 +491,32 @@ impl TurnClient {
     /// Requests still waiting for an answer.
     pub fn outstanding_requests(&self) -> usize {
         self.transactions.len()
+    }
+
+    /// The realm and nonce this client authenticates with, once the server challenged it.
+    pub fn auth_hint(&self) -> Option<AuthHint> {
+        self.auth.as_ref().map(|a| AuthHint {
+            server: self.config.server,
+            realm: a.realm.clone(),
+            nonce: a.nonce.clone(),
+        })
+    }
+
+    /// Authenticate from the first request on with `hint` (learned by another client of this
+    /// host from the same server). Ignored (false) when the hint is for another server or the
+    /// allocation has started.
+    pub fn resume_auth(&mut self, hint: &AuthHint) -> bool {
+        if hint.server != self.config.server || self.state != AllocationState::Idle {
+            return false;
+        }
+        let key = auth::long_term_key(&self.config.username, &hint.realm, &self.config.password);
+        self.auth = Some(AuthState {
+            realm: hint.realm.clone(),
+            nonce: hint.nonce.clone(),
+            key,
+            resumed: true,
+        });
+        true
     }
 
     /// Starts the allocation: queues an Allocate request.
@@ -870,6 +917,9 @@ impl TurnClient {
             self.handle_error(now, t, code, reason, msg);
             return Ok(());
         }
+        if let Some(a) = &mut self.auth {
+            a.resumed = false;
+        }
         match self.handle_success(now, &t.kind, msg) {
             Ok(()) => {}
             Err(e) => self.fail(now, t.kind, e),
@@ -911,14 +961,24 @@ impl TurnClient {
             self.retry(now, t.kind, 0);
             return;
         }
+        // Any answer from this server settles whether a resumed nonce works.
+        let resumed = self.auth.as_ref().is_some_and(|a| a.resumed);
+        if let Some(a) = &mut self.auth {
+            a.resumed = false;
+        }
         match code {
-            401 if !t.authenticated => {
+            401 if !t.authenticated || resumed => {
                 let (Some(realm), Some(nonce)) = (realm, nonce) else {
                     self.fail(now, t.kind, TurnError::MissingChallenge { method });
                     return;
                 };
                 let key = auth::long_term_key(&self.config.username, &realm, &self.config.password);
-                self.auth = Some(AuthState { realm, nonce, key });
+                self.auth = Some(AuthState {
+                    realm,
+                    nonce,
+                    key,
+                    resumed: false,
+                });
                 self.retry(now, t.kind, t.stale_retries);
             }
             401 => self.fail(now, t.kind, TurnError::Unauthorized { method }),
@@ -963,7 +1023,12 @@ impl TurnClient {
                             &realm,
                             &self.config.password,
                         );
-                        self.auth = Some(AuthState { realm, nonce, key });
+                        self.auth = Some(AuthState {
+                            realm,
+                            nonce,
+                            key,
+                            resumed: false,
+                        });
                     }
                     (None, None) => {
                         self.fail(

@@ -19,7 +19,7 @@ use peerlink_proto::attrs::XorMappedAddress;
 use peerlink_proto::{Class, Message, MessageBuilder, MessageType, Method};
 use peerlink_relay::core::{
     AddrFamily, AllocationId, Core, CoreConfig, HEADROOM, OpenError, Opened, Output, PortRequest,
-    RelaySockets, SCRATCH_LEN, Shared, SocketRef,
+    RelaySockets, SCRATCH_LEN, Shared, SocketRef, error_index,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -1079,6 +1079,36 @@ fn consent_expires_after_five_seconds_of_silence() {
         assert!(after <= Duration::from_secs(5) + Duration::from_millis(100));
         assert!(w.agent(i).selected_path().is_none());
         assert!(w.agent_mut(i).send(silence, b"\x80x").is_err());
+    }
+}
+
+#[test]
+fn a_restart_reallocates_with_the_nonce_it_holds_and_costs_the_relay_no_401() {
+    // Symmetric <-> symmetric: both sides need the relay. The NAT's new mapping after the flush
+    // has a new port but the same public IP, so the nonce (bound to the IP) still holds.
+    let sc = Scenario::new(NatKind::Symmetric, NatKind::Symmetric);
+    let mut w = World::new(&sc);
+    w.auto_restart = true;
+    w.run_for(Duration::from_secs(3));
+    assert!(w.connected_at(0).is_some() && w.connected_at(1).is_some());
+    let challenged = |w: &World| w.relay.counters().resp_error[error_index(401)];
+    let allocated = |w: &World| w.relay.counters().allocations_created;
+    let (c0, a0) = (challenged(&w), allocated(&w));
+    assert_eq!(c0, 2, "one 401 per side for the first allocation");
+    w.sides[0].nat.flush();
+    w.run_for(Duration::from_secs(12));
+    assert!(!w.restarts.is_empty(), "no restart happened");
+    assert!(allocated(&w) >= a0 + 2, "both sides allocated again");
+    assert_eq!(
+        challenged(&w),
+        c0,
+        "the new allocations authenticated at once"
+    );
+    for i in 0..2 {
+        assert_eq!(
+            w.agent(i).selected_path().expect("reconnected").kind,
+            PathKind::Relay
+        );
     }
 }
 

@@ -246,6 +246,9 @@ pub struct Agent {
     turn_deferred_until: Option<Instant>,
     /// Allocations being released (Refresh LIFETIME 0 in flight) after a restart or close.
     retired: Vec<(usize, TurnClient)>,
+    /// Realm and nonce per relay this agent authenticated with: the next Allocate there (a
+    /// restart, a failover back) starts authenticated. At most one per configured relay.
+    turn_auth: Vec<turn::AuthHint>,
     gathering_reported: bool,
     selected: Option<usize>,
     /// Controlled side: the pair the controlling side sends application data on (module docs).
@@ -293,6 +296,7 @@ impl Agent {
             turn_allocated_once: false,
             turn_deferred_until: None,
             retired: Vec::new(),
+            turn_auth: Vec::new(),
             gathering_reported: false,
             selected: None,
             follow: Follow::default(),

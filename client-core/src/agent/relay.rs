@@ -5,8 +5,23 @@ use super::*;
 
 impl Agent {
     /// Moves the current allocation to the released list (Refresh LIFETIME 0 sent).
+    /// Keeps the realm and nonce an allocation authenticated with, for the next Allocate on
+    /// its server.
+    pub(super) fn remember_turn_auth(&mut self, hint: Option<turn::AuthHint>) {
+        let Some(hint) = hint else {
+            return;
+        };
+        self.turn_auth.retain(|h| h.server != hint.server);
+        if self.turn_auth.len() > self.cfg.turn_alternates.len() {
+            self.turn_auth.remove(0);
+        }
+        self.turn_auth.push(hint);
+    }
+
     pub(super) fn release_turn(&mut self, now: Instant) {
         self.turn_deferred_until = None;
+        let held = self.turn.as_ref().and_then(TurnClient::auth_hint);
+        self.remember_turn_auth(held);
         if let Some(mut old) = self.turn.take()
             && old.state() == AllocationState::Allocated
             && old.deallocate(now).is_ok()
@@ -155,6 +170,13 @@ impl Agent {
             .position(|s| s.is_ipv4() == tc.server.is_ipv4())
             .unwrap_or(0);
         let mut client = TurnClient::new(conf);
+        // A realm and nonce this agent already holds for the server (an earlier allocation, a
+        // restart): the first Allocate authenticates and costs the relay no 401.
+        let held = self.turn.as_ref().and_then(TurnClient::auth_hint);
+        self.remember_turn_auth(held);
+        if let Some(hint) = self.turn_auth.iter().find(|h| h.server == tc.server) {
+            client.resume_auth(hint);
+        }
         self.turn_started_at = Some(now);
         if client.allocate(now).is_ok() {
             self.turn = Some(client);

@@ -204,6 +204,61 @@ fn stale_nonce_loop_is_bounded() {
 }
 
 #[test]
+fn a_resumed_nonce_authenticates_the_first_allocate() {
+    let t0 = Instant::now();
+    let first = allocated(t0, 600);
+    let hint = first
+        .auth_hint()
+        .expect("challenged, so it holds realm and nonce");
+    assert_eq!((hint.realm.as_str(), hint.nonce.as_str()), (REALM, "n1"));
+    let mut c = client(2);
+    assert!(c.resume_auth(&hint));
+    c.allocate(t0).unwrap();
+    let req = one_transmit(&mut c);
+    assert_authenticated(&req, "n1");
+    c.handle_input(t0, server(), &allocate_ok(&req, 600))
+        .unwrap();
+    assert!(matches!(c.poll_event(), Some(Event::Allocated { .. })));
+    // A hint for another server, or after the allocation started, is not taken.
+    let other = AuthHint {
+        server: addr("127.0.0.1:3479"),
+        ..hint.clone()
+    };
+    assert!(!client(3).resume_auth(&other));
+    assert!(!c.resume_auth(&hint));
+}
+
+#[test]
+fn a_resumed_nonce_the_server_refuses_falls_back_to_its_challenge_once() {
+    let t0 = Instant::now();
+    let hint = AuthHint {
+        server: server(),
+        realm: "old-realm".into(),
+        nonce: "old".into(),
+    };
+    for code in [401, 438] {
+        let mut c = client(5);
+        assert!(c.resume_auth(&hint));
+        c.allocate(t0).unwrap();
+        let req = one_transmit(&mut c);
+        assert!(Message::parse(&req).unwrap().has_integrity());
+        c.handle_input(t0, server(), &challenge(&req, code, "fresh"))
+            .unwrap();
+        let req2 = one_transmit(&mut c);
+        assert_authenticated(&req2, "fresh");
+        // The retry is not a resumption any more: a second 401 is a wrong password.
+        c.handle_input(t0, server(), &challenge(&req2, 401, "fresh"))
+            .unwrap();
+        assert_eq!(
+            c.poll_event(),
+            Some(Event::AllocationFailed(TurnError::Unauthorized {
+                method: "Allocate"
+            }))
+        );
+    }
+}
+
+#[test]
 fn wrong_password_fails_with_unauthorized() {
     let t0 = Instant::now();
     let mut c = client(4);
