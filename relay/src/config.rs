@@ -87,9 +87,9 @@ pub struct Config {
     pub legacy_channel_range: bool,
     /// Answers to unauthenticated requests (401/438/400) per source IP and second, per worker.
     /// Every client needs one 401 before it authenticates, so this bounds how fast clients
-    /// behind one NAT address can start. Default 500.
+    /// behind one NAT address can start. Default 2000.
     pub unauth_rate: u32,
-    /// Burst of answers to unauthenticated requests per source IP, per worker. Default 1000.
+    /// Burst of answers to unauthenticated requests per source IP, per worker. Default 2000.
     pub unauth_burst: u32,
     /// How long a nonce stays valid (it is bound to the client's IP, so new sockets of the same
     /// host reuse it). Default 600 s.

@@ -117,10 +117,10 @@ struct RunArgs {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     legacy_channel_range: bool,
     /// Answers to unauthenticated requests (401) per source IP and second, per worker; bounds
-    /// how fast clients behind one NAT address start [default 500].
+    /// how fast clients behind one NAT address start [default 2000].
     #[arg(long)]
     unauth_rate: Option<u32>,
-    /// Burst of answers to unauthenticated requests per source IP, per worker [default 1000].
+    /// Burst of answers to unauthenticated requests per source IP, per worker [default 2000].
     #[arg(long)]
     unauth_burst: Option<u32>,
     /// How long a nonce stays valid (600s, 1h, or seconds) [default 600s].

@@ -472,11 +472,12 @@ impl CoreConfig {
 /// Thousands of clients behind one carrier-grade NAT or office address each need one 401 before
 /// they can authenticate (fewer when they reuse a nonce, which is bound to the IP alone). A
 /// reflected flood aimed at one victim gets at most this many replies per second per worker,
-/// each no larger than TURN requires (about 90 bytes with an 8-byte realm).
-pub const DEFAULT_UNAUTH_RATE: u32 = 500;
-/// Default burst of unauthenticated error replies per source IP (per worker): 1,000 clients
+/// each no larger than TURN requires (about 90 bytes with an 8-byte realm): some 1.4 Mbit/s per
+/// worker at most, where an unlimited server reflects whatever it is sent.
+pub const DEFAULT_UNAUTH_RATE: u32 = 2000;
+/// Default burst of unauthenticated error replies per source IP (per worker): 2,000 clients
 /// behind one address that start at once are all challenged at once.
-pub const DEFAULT_UNAUTH_BURST: u32 = 1000;
+pub const DEFAULT_UNAUTH_BURST: u32 = 2000;
 
 /// State shared by all workers' cores. Touched only on allocate/free, never per packet.
 #[derive(Debug)]
