@@ -3,7 +3,8 @@
 //! with the real services.
 //!
 //! A plain program (`harness = false`), needs root (network namespaces):
-//! `cargo bench -p peerlink-sim --bench turn_tls [-- --rounds 3 --seconds 8]`.
+//! `cargo bench -p peerlink-sim --bench turn_tls [-- --rounds 3 --seconds 8]` (release client
+//! and services; `--profile dev` runs the debug ones).
 //! For each loss rate (0 % and 1 %, an nftables drop on the caller's router in both
 //! directions, NETLAB.md) it runs rounds of two calls to the same callee (behind a clean
 //! port-restricted NAT), alternating, the first round discarded:
