@@ -242,3 +242,47 @@ fn a_tcp_connect_that_hangs_gives_way_to_tls_after_a_step() {
         }
     );
 }
+
+#[test]
+fn a_restart_after_a_tcp_allocation_starts_the_ladder_at_tcp() {
+    let t0 = Instant::now();
+    let mut a = agent(t0);
+    let step = t0 + TURN_TRANSPORT_STEP;
+    run_until(&mut a, t0, step);
+    let tcp = sa("203.0.113.10:3478");
+    let got = ops(&mut a);
+    let Some(StreamOp::Write { bytes, .. }) = got.get(1) else {
+        panic!("{got:?}");
+    };
+    a.handle_stream_data(step, tcp, &answer(bytes));
+    let got = ops(&mut a);
+    let Some(StreamOp::Write { bytes, .. }) = got.first() else {
+        panic!("{got:?}");
+    };
+    a.handle_stream_data(step, tcp, &answer(bytes));
+    while a.poll_transmit().is_some() {}
+    a.restart(step, ("ufA2".into(), "password-cccccccccccccccccc".into()));
+    let got = ops(&mut a);
+    assert_eq!(
+        got[..2],
+        [
+            StreamOp::Close { server: tcp },
+            StreamOp::Open {
+                server: tcp,
+                transport: TurnTransport::Tcp
+            }
+        ],
+        "{got:?}"
+    );
+    let ladder: Vec<_> = a
+        .stats()
+        .turn_attempts
+        .iter()
+        .map(|t| t.transport)
+        .collect();
+    assert_eq!(
+        ladder,
+        [TurnTransport::Tcp],
+        "this generation starts at TCP"
+    );
+}

@@ -48,7 +48,7 @@ impl Agent {
                 });
             }
         }
-        self.turn_order = relay::ladder(self.turn_list());
+        self.turn_order = relay::ladder(self.turn_list(), self.turn_transport_worked);
         self.stats.turn_attempts.clear();
         self.turn_rung_started_at = None;
         self.turn_index = 0;
@@ -186,6 +186,7 @@ impl Agent {
                     relayed, mapped, ..
                 } => {
                     self.turn_allocated_once = true;
+                    self.turn_transport_worked = Some(self.turn_transport);
                     self.note_attempt(TurnOutcome::Allocated);
                     // Over TCP or TLS the relay saw our TCP mapping: no UDP candidate.
                     if let Some(m) = mapped.filter(|_| self.turn_stream.is_none()) {

@@ -63,6 +63,8 @@
 //!   [`Agent::handle_stream_data`], [`Agent::handle_stream_closed`]); checks and media through
 //!   it are ChannelData (or Send indications) on that stream. It is released by closing the
 //!   connection. The selected path says which transport it uses ([`SelectedPath::transport`]).
+//!   After a TCP or TLS allocation, a restart's ladder starts at that transport (the ones
+//!   below it are tried after): the network it found is likely still the same.
 //! * **Allocations do not outlive the agent**: a restart releases the old allocation and
 //!   [`Agent::close`] the current one (Refresh LIFETIME 0, retransmitted until answered; a new
 //!   Allocate on the same relay waits for the release so the relay does not answer 437).
@@ -262,6 +264,8 @@ pub struct Agent {
     turn_stream: Option<SocketAddr>,
     /// When the first Allocate of the current transport's rung started (the ladder's bound).
     turn_rung_started_at: Option<Instant>,
+    /// The transport of the last allocation granted: a restart's ladder starts there.
+    turn_transport_worked: Option<TurnTransport>,
     /// Operations on stream connections for the driver.
     stream_ops: VecDeque<StreamOp>,
     gathering_reported: bool,
@@ -314,6 +318,7 @@ impl Agent {
             turn_transport: TurnTransport::Udp,
             turn_stream: None,
             turn_rung_started_at: None,
+            turn_transport_worked: None,
             stream_ops: VecDeque::new(),
             gathering_reported: false,
             selected: None,

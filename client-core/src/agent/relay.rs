@@ -4,9 +4,11 @@
 
 use super::*;
 
-/// The TURN ladder: every relay over UDP, then over TCP, then over TLS (stable within each).
-pub(super) fn ladder(mut relays: Vec<TurnConfig>) -> Vec<TurnConfig> {
-    relays.sort_by_key(|t| t.transport);
+/// The TURN ladder: every relay over UDP, then over TCP, then over TLS (stable within each);
+/// from `start` on when given, the transports below it after.
+pub(super) fn ladder(mut relays: Vec<TurnConfig>, start: Option<TurnTransport>) -> Vec<TurnConfig> {
+    let start = start.unwrap_or(TurnTransport::Udp);
+    relays.sort_by_key(|t| (t.transport < start, t.transport));
     relays
 }
 

@@ -22,6 +22,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ALPN_TURN: &[u8] = b"stun.turn";
 /// Bytes read at once.
 const READ_CHUNK: usize = 16 * 1024;
+/// Writes queued for one connection; beyond it (a connection that takes nothing) writes are
+/// dropped, as a full UDP socket would.
+const WRITE_QUEUE: usize = 256;
+/// Reads queued for the call loop; beyond it a connection stops reading (TCP back-pressure).
+const READ_QUEUE: usize = 64;
 
 /// What a connection task reports.
 #[derive(Debug)]
@@ -34,7 +39,7 @@ pub(super) enum StreamEvent {
 
 struct Conn {
     id: u64,
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    out: mpsc::Sender<Vec<u8>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -47,8 +52,8 @@ impl Drop for Conn {
 /// The call's stream connections to TURN servers, keyed by server address.
 pub(super) struct Streams {
     conns: HashMap<SocketAddr, Conn>,
-    tx: mpsc::UnboundedSender<(SocketAddr, u64, StreamEvent)>,
-    rx: mpsc::UnboundedReceiver<(SocketAddr, u64, StreamEvent)>,
+    tx: mpsc::Sender<(SocketAddr, u64, StreamEvent)>,
+    rx: mpsc::Receiver<(SocketAddr, u64, StreamEvent)>,
     tls: Arc<rustls::ClientConfig>,
     bind_ip: IpAddr,
     next_id: u64,
@@ -59,7 +64,7 @@ impl Streams {
     pub(super) fn new(bind_ip: IpAddr, trust: &peerlink_api::tls::Trust) -> Self {
         let mut tls = (**trust.config()).clone();
         tls.alpn_protocols = vec![ALPN_TURN.to_vec()];
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(READ_QUEUE);
         Streams {
             conns: HashMap::new(),
             tx,
@@ -76,15 +81,17 @@ impl Streams {
             StreamOp::Open { server, transport } => {
                 self.next_id += 1;
                 let id = self.next_id;
-                let (out, queue) = mpsc::unbounded_channel();
+                let (out, queue) = mpsc::channel(WRITE_QUEUE);
                 let tls = (transport == TurnTransport::Tls).then(|| self.tls.clone());
                 let task = tokio::spawn(run(server, self.bind_ip, tls, queue, self.tx.clone(), id));
                 // An old connection to the same server goes (its task is aborted on drop).
                 self.conns.insert(server, Conn { id, out, task });
             }
             StreamOp::Write { server, bytes } => {
-                if let Some(c) = self.conns.get(&server) {
-                    let _ = c.out.send(bytes);
+                if let Some(c) = self.conns.get(&server)
+                    && c.out.try_send(bytes).is_err()
+                {
+                    tracing::debug!("TURN stream to {server} not keeping up: write dropped");
                 }
             }
             StreamOp::Close { server } => {
@@ -118,8 +125,8 @@ async fn run(
     server: SocketAddr,
     bind_ip: IpAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
-    queue: mpsc::UnboundedReceiver<Vec<u8>>,
-    events: mpsc::UnboundedSender<(SocketAddr, u64, StreamEvent)>,
+    queue: mpsc::Receiver<Vec<u8>>,
+    events: mpsc::Sender<(SocketAddr, u64, StreamEvent)>,
     id: u64,
 ) {
     let what = if tls.is_some() { "TLS" } else { "TCP" };
@@ -135,7 +142,7 @@ async fn run(
         }
     };
     tracing::debug!("{end}");
-    let _ = events.send((server, id, StreamEvent::Closed(end)));
+    let _ = events.send((server, id, StreamEvent::Closed(end))).await;
 }
 
 /// A TCP or TLS stream, boxed to one type.
@@ -173,8 +180,8 @@ async fn connect(
 
 async fn pump(
     stream: Box<dyn Io>,
-    mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
-    events: &mpsc::UnboundedSender<(SocketAddr, u64, StreamEvent)>,
+    mut queue: mpsc::Receiver<Vec<u8>>,
+    events: &mpsc::Sender<(SocketAddr, u64, StreamEvent)>,
     server: SocketAddr,
     id: u64,
 ) -> std::io::Result<()> {
@@ -187,7 +194,11 @@ async fn pump(
                 if n == 0 {
                     return Ok(());
                 }
-                if events.send((server, id, StreamEvent::Data(buf[..n].to_vec()))).is_err() {
+                if events
+                    .send((server, id, StreamEvent::Data(buf[..n].to_vec())))
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
