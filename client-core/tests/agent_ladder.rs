@@ -286,3 +286,66 @@ fn a_restart_after_a_tcp_allocation_starts_the_ladder_at_tcp() {
         "this generation starts at TCP"
     );
 }
+
+#[test]
+fn try_alternate_over_a_stream_moves_to_a_new_connection() {
+    use peerlink_proto::attrs::AlternateServer;
+    let t0 = Instant::now();
+    let mut a = agent(t0);
+    let step = t0 + TURN_TRANSPORT_STEP;
+    run_until(&mut a, t0, step);
+    let tcp = sa("203.0.113.10:3478");
+    let alt = sa("203.0.113.11:3478");
+    let got = ops(&mut a);
+    let Some(StreamOp::Write { bytes, .. }) = got.get(1) else {
+        panic!("{got:?}");
+    };
+    // 401, then a signed 300 naming the alternate's TCP listener.
+    a.handle_stream_data(step, tcp, &answer(bytes));
+    let got = ops(&mut a);
+    let Some(StreamOp::Write { bytes, .. }) = got.first() else {
+        panic!("{got:?}");
+    };
+    let m = Message::parse(bytes).unwrap();
+    let mut buf = vec![0u8; 256];
+    let mut b = MessageBuilder::new(
+        &mut buf,
+        m.message_type().with_class(Class::Error),
+        m.transaction_id(),
+    )
+    .unwrap();
+    b.add(&ErrorCode::new(300)).unwrap();
+    b.add(&AlternateServer(alt)).unwrap();
+    let key = peerlink_proto::auth::long_term_key("1700000000:alice", REALM, "pw");
+    b.add_integrity(&key).unwrap();
+    let n = b.finish();
+    a.handle_stream_data(step, tcp, &buf[..n]);
+    let got = ops(&mut a);
+    assert_eq!(got[0], StreamOp::Close { server: tcp }, "{got:?}");
+    assert_eq!(
+        got[1],
+        StreamOp::Open {
+            server: alt,
+            transport: TurnTransport::Tcp
+        }
+    );
+    let Some(StreamOp::Write { server, bytes }) = got.get(2) else {
+        panic!("no Allocate to the alternate: {got:?}");
+    };
+    assert_eq!(*server, alt);
+    // The alternate allocates; the old connection's bytes are ignored from now on.
+    assert!(a.handle_stream_data(step, tcp, &[0xFF; 8]).is_empty());
+    a.handle_stream_data(step, alt, &answer(bytes));
+    let got = ops(&mut a);
+    let Some(StreamOp::Write { bytes, .. }) = got.first() else {
+        panic!("{got:?}");
+    };
+    a.handle_stream_data(step, alt, &answer(bytes));
+    let last = a.stats().turn_attempts.last().cloned().unwrap();
+    assert_eq!(last.outcome, TurnOutcome::Allocated);
+    assert!(
+        ops(&mut a)
+            .iter()
+            .all(|o| !matches!(o, StreamOp::Close { .. }))
+    );
+}
