@@ -4,9 +4,11 @@
 //! * the caller's router drops every UDP datagram from its LAN: the call connects through a
 //!   TURN allocation over TCP, and the caller's report says so;
 //! * the caller's router lets only TCP to 443 out (and to signaling's port 8443, or the
-//!   client could not log in): the call connects through TURN over TLS on 443.
+//!   client could not log in): the call connects through TURN over TLS on 443;
+//! * both routers drop all UDP: both sides relay over TCP, and the media crosses between
+//!   their two allocations.
 //!
-//! The callee sits behind an ordinary port-restricted NAT. Each test checks both reports,
+//! Otherwise the callee sits behind an ordinary port-restricted NAT. Each test checks both reports,
 //! the ladder's rungs, that media flowed, and that no UDP left the caller's LAN.
 //!
 //! Needs root (network namespaces); otherwise each test prints one "skipped" line and returns.
@@ -38,9 +40,10 @@ fn strs(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A call from behind a router with `egress` to an ordinary port-restricted NAT; checks what
-/// both sides report and returns the outcome.
-fn hostile_call(egress: Egress, tag: &str) -> (CallOutcome, u64) {
+/// A call from behind a router with `egress` to a port-restricted NAT with `callee_egress`;
+/// checks what both sides report and returns the outcome and the UDP datagrams that left the
+/// caller's LAN.
+fn hostile_call(egress: Egress, callee_egress: Egress, tag: &str) -> (CallOutcome, u64) {
     let world = World::start();
     let hostile = world
         .lab
@@ -52,7 +55,16 @@ fn hostile_call(egress: Egress, tag: &str) -> (CallOutcome, u64) {
             },
         )
         .expect("hostile router");
-    let open = world.router(NatKind::PortRestricted);
+    let open = world
+        .lab
+        .add_nat_with(
+            NatKind::PortRestricted,
+            LinkConditions {
+                egress: callee_egress,
+                ..Default::default()
+            },
+        )
+        .expect("callee router");
     let caller = world.client(&hostile, &format!("{tag}c"), &format!("{tag}-caller"));
     let callee = world.client(&open, &format!("{tag}e"), &format!("{tag}-callee"));
     let out = run_call(&caller, &callee, CALL, &[]).unwrap_or_else(|e| panic!("{e}"));
@@ -69,8 +81,10 @@ fn hostile_call(egress: Egress, tag: &str) -> (CallOutcome, u64) {
     }
     assert_eq!(out.caller["end"], "hangup", "{}", out.caller);
     assert_eq!(out.caller["call_id"], out.callee["call_id"]);
-    // The callee reaches the caller's relay over plain UDP.
-    assert_eq!(out.callee["transport"], "udp", "{}", out.callee);
+    if callee_egress == Egress::Open {
+        // The callee reaches the caller's relay over plain UDP.
+        assert_eq!(out.callee["transport"], "udp", "{}", out.callee);
+    }
     println!(
         "{tag}: caller transport {} (relay {}), answer -> connected {:.0} ms, mos {:.2}; ladder {:?}",
         out.caller["transport"],
@@ -90,7 +104,7 @@ fn udp_blocked_call_connects_over_turn_tcp() {
         return;
     }
     with_deadline(DEADLINE, || {
-        let (out, udp_out) = hostile_call(Egress::NoUdp, "noudp");
+        let (out, udp_out) = hostile_call(Egress::NoUdp, Egress::Open, "noudp");
         let c = &out.caller;
         assert_eq!(udp_out, 0, "UDP left the blocked LAN");
         assert_eq!(c["transport"], "tcp", "{c}");
@@ -121,8 +135,11 @@ fn only_tcp_443_call_connects_over_turn_tls() {
         return;
     }
     with_deadline(DEADLINE, || {
-        let (out, udp_out) =
-            hostile_call(Egress::TcpPorts(&[lab::TLS_PORT, SIGNALING_PORT]), "https");
+        let (out, udp_out) = hostile_call(
+            Egress::TcpPorts(&[lab::TLS_PORT, SIGNALING_PORT]),
+            Egress::Open,
+            "https",
+        );
         let c = &out.caller;
         assert_eq!(udp_out, 0, "UDP left the LAN");
         assert_eq!(c["transport"], "tls", "{c}");
@@ -139,5 +156,21 @@ fn only_tcp_443_call_connects_over_turn_tls() {
                 && r.ends_with("allocated")),
             "TLS on 443 allocated last: {ladder:?}"
         );
+    });
+}
+
+#[test]
+fn both_sides_udp_blocked_call_connects_relay_to_relay_over_tcp() {
+    if !peerlink_netlab::root_or_skip(
+        "both_sides_udp_blocked_call_connects_relay_to_relay_over_tcp",
+    ) {
+        return;
+    }
+    with_deadline(DEADLINE, || {
+        let (out, udp_out) = hostile_call(Egress::NoUdp, Egress::NoUdp, "both");
+        assert_eq!(udp_out, 0, "UDP left the caller's LAN");
+        for (side, rep) in [("caller", &out.caller), ("callee", &out.callee)] {
+            assert_eq!(rep["transport"], "tcp", "{side}: {rep}");
+        }
     });
 }
