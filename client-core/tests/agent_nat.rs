@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peerlink_client_core::agent::{
-    Agent, AgentConfig, AppData, CandidateKind, DisconnectReason, Event, PathKind, Role, TurnConfig,
+    Agent, AgentConfig, AppData, CandidateKind, DisconnectReason, Event, PathKind, Role,
+    TurnConfig, TurnTransport,
 };
 use peerlink_client_core::netsim::{NetSim, NetSimConfig};
 use peerlink_netlab::{ExpectedPath, NatKind, expected_path};
@@ -326,6 +327,7 @@ impl World {
                 );
                 cfg.turn = Some(TurnConfig {
                     server: sa(RELAY_LISTENER),
+                    transport: TurnTransport::Udp,
                     username,
                     password,
                 });
@@ -539,7 +541,7 @@ impl World {
                 && m <= now
             {
                 let a = self.sides[i].agent.as_mut().expect("started");
-                if let Ok(t) = a.send(now, &[0x80, 0x60, 0, 1, 2, 3, 4, 5]) {
+                if let Ok(Some(t)) = a.send(now, &[0x80, 0x60, 0, 1, 2, 3, 4, 5]) {
                     self.outbound(i, t);
                 }
                 self.sides[i].next_media = Some(now + MEDIA_EVERY);
@@ -1304,6 +1306,7 @@ fn random_and_mutated_datagrams_never_panic() {
     cfg.stun_server = Some(sa(STUN_SERVER));
     cfg.turn = Some(TurnConfig {
         server: sa(RELAY_LISTENER),
+        transport: TurnTransport::Udp,
         username: "u".into(),
         password: "p".into(),
     });

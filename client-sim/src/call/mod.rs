@@ -9,6 +9,14 @@
 //! One UDP socket per call, bound on the given host address. Everything that arrives on it is
 //! handed to the agent, which keeps STUN/TURN for itself and returns media payloads.
 //!
+//! The relayed candidate comes from the TURN ladder: every relay signaling offers is tried
+//! over UDP first; when UDP has given no allocation within the agent's
+//! `TURN_TRANSPORT_STEP` (1 s), over TCP (`turn:H:P?transport=tcp`), then over TLS
+//! (`turns:H:P?transport=tcp`, trusting `turn_trust`: `peerlink-sim --ca`). A TCP or TLS
+//! allocation lives on a connection of its own (`stream`: one task per connection, bound on
+//! the same host address); checks and media through it are ChannelData on that stream. The
+//! report names the transport of the selected path and the ladder's rungs.
+//!
 //! Recovery: when neither media nor reports have come from the peer for `restart_after_silence`
 //! (1 s; media flows every 20 ms; its consent checks do not count, as they do not prove its
 //! media reaches us) or the agent reports the path lost, the call makes an ICE
@@ -54,14 +62,14 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use peerlink_api::signaling::{
-    CallId, ClientMsg, EndReason, ServerMsg, SessionDesc, SessionPurpose, TurnCredentials,
+    CallId, ClientMsg, EndReason, ServerMsg, SessionDesc, SessionPurpose, TurnCredentials, TurnUri,
 };
 use rand::{Rng as _, RngCore as _};
 use tokio::net::UdpSocket;
 
 use crate::agent::{
     Agent, AgentConfig, Candidate, CandidateKind, Event, PathKind, Role as IceRole, SelectedPath,
-    TurnConfig,
+    TurnConfig, TurnOutcome,
 };
 use crate::media::{
     DropReason, FRAME, FRAME_SAMPLES, KeyExchange, MediaConfig, MediaSession, ReceiveDrop,
@@ -72,7 +80,7 @@ use crate::transfer::{
     DatagramPath, EndpointOptions, Fingerprint, Pipe, ProgressBar, TransferIdentity,
     TransferReport, TransferRole,
 };
-use peerlink_api::signaling_client::{Reopened, SignalError, SignalSession, parse_turn_uri};
+use peerlink_api::signaling_client::{Reopened, SignalError, SignalSession};
 
 mod file;
 mod leg;
@@ -80,6 +88,7 @@ mod report;
 mod restart;
 mod run;
 mod signal_link;
+mod stream;
 
 use file::*;
 use leg::*;
@@ -88,6 +97,7 @@ use report::*;
 pub use report::{CallReport, DeclinedReport, FileReport, MediaFigures, SessionReport};
 use run::*;
 use signal_link::*;
+use stream::*;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +168,9 @@ pub struct CallOptions {
     /// (default 4 s, within signaling's default call grace of 5 s); then it ends
     /// ("signaling lost").
     pub signal_grace: Duration,
+    /// Trust roots for TURN over TLS (default: the system's; `peerlink-sim` passes its
+    /// `--ca` files).
+    pub turn_trust: Option<peerlink_api::tls::Trust>,
 }
 
 /// Something that happened during a call (sent to [`CallOptions::events`]).
@@ -202,6 +215,7 @@ impl Default for CallOptions {
             save_dir: None,
             progress: false,
             signal_grace: Duration::from_secs(4),
+            turn_trust: None,
         }
     }
 }
@@ -311,6 +325,7 @@ async fn place(
             r = leg.sock.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r { leg.on_datagram(n, from, &buf); }
             }
+            (server, ev) = leg.streams.recv() => leg.on_stream(server, ev),
             m = sess.recv() => match m? {
                 ServerMsg::CallAccepted { call_id: c, answer, .. } if c == call_id => {
                     leg.t_answer = Some(Instant::now());
