@@ -10,6 +10,8 @@
 //!   candidates, connectivity checks, nomination, consent, restarts).
 //! * [`turn`] — the TURN client (RFC 8656 over UDP, TCP or TLS: allocate, refresh, permissions,
 //!   channels).
+//! * [`natcheck`] — NAT behaviour discovery (RFC 5780): mapping, filtering, port allocation,
+//!   hairpinning.
 //! * [`recovery`] — when a call restarts ICE, reconnects signaling or is over.
 //! * [`media`] (feature `media`) — the voice pipeline: Opus, media keys and AEAD, RTP-style
 //!   packets, jitter buffer and concealment, receiver reports, call statistics and MOS.
@@ -20,6 +22,7 @@
 pub mod agent;
 #[cfg(feature = "media")]
 pub mod media;
+pub mod natcheck;
 pub mod netsim;
 pub mod recovery;
 pub mod transfer;

@@ -148,6 +148,20 @@ pub enum Cmd {
     },
     /// Get TURN credentials and make a real allocation on the first relay, then release it.
     TurnCheck,
+    /// Classify the NAT in front of this host (RFC 5780: mapping, filtering, port allocation,
+    /// hairpinning) against a STUN server with an alternate address on a second IP, such as
+    /// signaling run with `--stun IP1:PORT --stun-alt IP2:PORT`.
+    NatCheck {
+        /// The STUN server's primary address.
+        #[arg(long)]
+        stun: SocketAddr,
+        /// How long one test waits for its answer (800ms, 2s, ...).
+        #[arg(long, default_value = "800ms", value_parser = peerlink_cli::parse_duration)]
+        wait: Duration,
+        /// Bound on the whole check.
+        #[arg(long, default_value = "10s", value_parser = peerlink_cli::parse_duration)]
+        timeout: Duration,
+    },
     /// Start a local fleet (directory, relay, signaling) on loopback and keep it running
     /// until SIGINT (Ctrl-C) or SIGTERM, which stop every service it started.
     Fleet,
@@ -572,6 +586,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ServerMsg::Error { code, message, .. } => bail!("{code:?}: {message}"),
                 _ => bail!("unexpected answer"),
             }
+        }
+        Cmd::NatCheck {
+            stun,
+            wait,
+            timeout,
+        } => {
+            let opts = peerlink_sim::natcheck::NatCheckOptions {
+                wait,
+                timeout,
+                ..Default::default()
+            };
+            let r = peerlink_sim::natcheck::run(stun, &opts).await?;
+            let delta = r
+                .port_delta
+                .map(|d| format!(" (delta {d:+})"))
+                .unwrap_or_default();
+            ctx.print(
+                serde_json::to_value(&r)?,
+                format!(
+                    "mapped address {}{}\nmapping: {}\nfiltering: {}\nport allocation: {}{delta}\nhairpin: {}",
+                    r.mapped,
+                    if r.nat { "" } else { " (no NAT)" },
+                    r.mapping,
+                    r.filtering,
+                    r.port_allocation,
+                    if r.hairpin { "yes" } else { "no" },
+                ),
+            );
         }
         Cmd::TurnCheck => {
             let tokens = ctx.tokens().await?;

@@ -32,6 +32,9 @@ use serde_json::Value;
 pub const PASSWORD: &str = "lab-password-123";
 /// Directory + signaling host.
 pub const SVC_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
+/// Second address of the directory + signaling host: signaling's alternate STUN address, so
+/// RFC 5780 tests (`peerlink-sim nat-check`) have another IP to compare against.
+pub const SVC_ALT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 201);
 /// TURN over TLS port of the lab's relays.
 pub const TLS_PORT: u16 = 443;
 /// Relay hosts.
@@ -456,6 +459,16 @@ impl World {
         let token_secret = random_secret();
         let turn_secret = random_secret();
         let svc = lab.add_public_host("svc", SVC_IP).expect("svc host");
+        svc.ns()
+            .exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{SVC_ALT_IP}/24"),
+                "dev",
+                "eth0",
+            ])
+            .expect("second address of the svc host");
         let dir_addr = SocketAddr::from((SVC_IP, 8500));
         let directory_url = format!("http://{dir_addr}");
 
@@ -525,7 +538,7 @@ impl World {
 
         let sig_addr = SocketAddr::from((SVC_IP, 8443));
         let stun = SocketAddr::from((SVC_IP, 3479));
-        let stun_alt = SocketAddr::from((SVC_IP, 3480));
+        let stun_alt = SocketAddr::from((SVC_ALT_IP, 3480));
         let mut cmd = Command::new(service_bin("peerlink-signaling"));
         cmd.args(["--listen", &sig_addr.to_string()])
             .args([
