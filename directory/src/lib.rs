@@ -15,6 +15,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod memory;
 mod redis_lua;
 pub mod redis_store;
