@@ -155,7 +155,7 @@ function renderRelays(relays) {
     const [state, cls] = relayState(r);
     const s = r.stats;
     const lat = s && (s.latency_recent || s.latency_total);
-    const tr = el('tr', { 'data-relay-id': r.relay_id, 'data-state': state });
+    const tr = el('tr', { 'data-relay-id': r.relay_id, 'data-turn': r.turn_addr, 'data-state': state });
     tr.append(
       cell(r.relay_id),
       cell(r.region),

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 /// Time between two points of the fleet-wide latency history.
 pub const FLEET_POINT_MS: u64 = 5_000;
+/// Shortest span between two snapshots of one relay that rates and recent latency are taken
+/// over: relays merge their figures once a second, so a shorter span may hold none.
+pub const MIN_RATE_SPAN_MS: u64 = 2_000;
 /// Points kept per history (fleet: 30 min at one per 5 s; relays: one per heartbeat).
 pub const HISTORY_POINTS: usize = 360;
 
@@ -310,8 +313,11 @@ impl FleetTracker {
             t.last = Some(snap.clone());
             return;
         };
-        if last.uptime_ms == snap.uptime_ms {
-            return; // the same snapshot as last time
+        let restarted_clock = snap.uptime_ms < last.uptime_ms;
+        if !restarted_clock && snap.uptime_ms - last.uptime_ms < MIN_RATE_SPAN_MS {
+            // The same snapshot again, or an extra heartbeat (a drain announced) right after
+            // the last one: too short a span for a rate; the next one measures from `last`.
+            return;
         }
         let restarted = snap.uptime_ms < last.uptime_ms
             || snap.packets_forwarded < last.packets_forwarded
@@ -559,6 +565,13 @@ mod tests {
         assert_eq!(s.latency_total.as_ref().unwrap().count, 200);
         assert_eq!(d.relays[0].history.len(), 1);
         assert_eq!(d.fleet.packets_per_s, 200.0);
+        // An extra snapshot right after (a drain announced) keeps the last rates.
+        let d = t.observe(
+            1_500,
+            "me",
+            obs(vec![("r1", snap(3_400, 500, &[(50, 100), (2_000, 100)]))]),
+        );
+        assert_eq!(d.relays[0].stats.as_ref().unwrap().packets_per_s, 200.0);
         // The same snapshot again changes nothing.
         let again = t.observe(2_000, "me", obs(vec![("r1", later)]));
         assert_eq!(again.relays[0].history.len(), 1);
