@@ -14,7 +14,8 @@ use futures_util::StreamExt;
 use peerlink_api::directory::*;
 use peerlink_api::fleet_stats::{LatencyHistogram, NodeStatsSnapshot, RelayStatsSnapshot};
 use peerlink_directory::clock::{ManualClock, Timestamp};
-use peerlink_directory::console::Console;
+use peerlink_directory::console::view::ReplicaRecord;
+use peerlink_directory::console::{Beacon, Console};
 use peerlink_directory::memory::MemoryStore;
 use peerlink_directory::redis_store::{self, RedisOptions, RedisStore};
 use peerlink_directory::server::{AppState, HttpLimits, app};
@@ -419,8 +420,24 @@ async fn two_replicas_on_one_redis_show_the_same_fleet() {
         .unwrap()
     };
     let clock = Arc::new(ManualClock::new(Timestamp(1_000)));
-    let a = with_console(state_on(Arc::new(connect().await), clock.clone()), "a");
-    let b = with_console(state_on(Arc::new(connect().await), clock.clone()), "b");
+    let (sa, sb) = (
+        state_on(Arc::new(connect().await), clock.clone()),
+        state_on(Arc::new(connect().await), clock.clone()),
+    );
+    // Each replica writes its own record; both list both.
+    let record = |id: &str| ReplicaRecord {
+        replica_id: id.into(),
+        listen: format!("127.0.0.1:{}", if id == "a" { 1 } else { 2 }),
+        store: "redis".into(),
+        version: "test".into(),
+        console: true,
+    };
+    let _beacons = (
+        Beacon::spawn(sa.clone(), record("a")),
+        Beacon::spawn(sb.clone(), record("b")),
+    );
+    let a = with_console(sa, "a");
+    let b = with_console(sb, "b");
     assert_eq!(
         post_json(&a, "/v1/relays/register", &relay_reg("r1"))
             .await
@@ -438,4 +455,18 @@ async fn two_replicas_on_one_redis_show_the_same_fleet() {
     let r1 = &doc["relays"][0];
     assert_eq!(r1["draining"], true);
     assert_eq!(r1["stats"]["latency_total"]["count"], 9, "{doc}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let doc = fleet(&b).await;
+        let replicas = doc["replicas"].as_array().unwrap();
+        if replicas.len() == 2 {
+            assert_eq!(replicas[0]["replica_id"], "a");
+            assert_eq!(replicas[0]["this"], false);
+            assert_eq!(replicas[1]["this"], true);
+            assert_eq!(replicas[1]["store"], "redis");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{doc}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
