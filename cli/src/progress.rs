@@ -23,6 +23,7 @@ pub fn wanted(force: bool) -> bool {
 #[derive(Debug, Clone)]
 pub struct Bar {
     bar: indicatif::ProgressBar,
+    label: String,
 }
 
 impl Bar {
@@ -53,7 +54,10 @@ impl Bar {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(label.to_string());
-        Self { bar }
+        Self {
+            bar,
+            label: label.to_owned(),
+        }
     }
 
     /// A hidden bar (draws nothing).
@@ -86,9 +90,14 @@ impl Bar {
         self.bar.position()
     }
 
-    /// Replace the label.
+    /// Show `msg` after the label (e.g. the current round).
     pub fn set_message(&self, msg: impl Into<String>) {
-        self.bar.set_message(msg.into());
+        let msg = msg.into();
+        if self.label.is_empty() {
+            self.bar.set_message(msg);
+        } else {
+            self.bar.set_message(format!("{}: {msg}", self.label));
+        }
     }
 
     /// Draw the final state and stop.
