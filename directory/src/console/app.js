@@ -69,7 +69,7 @@ function frame(svg, yMax, xTicks, yFmt) {
 
 function legend(svg, names) {
   names.forEach((n, i) => {
-    const x = PLOT.l + 10 + i * 110;
+    const x = PLOT.l + 10 + i * 190;
     svg.appendChild(svgEl('rect', { class: 's' + i, x, y: PLOT.t + 4, width: 10, height: 10 }));
     svg.appendChild(svgEl('text', { x: x + 14, y: PLOT.t + 13 }, n));
   });
