@@ -12,11 +12,14 @@
 #               started here
 #   redis-server, redis-tools : the directory's Redis store tests start their own server (no
 #               persistence) on a free loopback port; the package's service is never started here
+#   chromium, nodejs, npm + playwright-core (npm, into tests/ui/node_modules from its lockfile) :
+#               the directory console's browser test drives Debian's chromium (no browser download)
 set -euo pipefail
 
 need_cmds=(turnserver:coturn turnutils_uclient:coturn nft:nftables ip:iproute2
            conntrack:conntrack cmake:cmake pkg-config:pkg-config promtool:prometheus
-           prometheus:prometheus kubectl:kubernetes-client redis-server:redis-server redis-cli:redis-tools)
+           prometheus:prometheus kubectl:kubernetes-client redis-server:redis-server redis-cli:redis-tools
+           chromium:chromium node:nodejs npm:npm)
 need_pkgs=(libopus-dev)
 
 missing=()
@@ -78,5 +81,12 @@ fi
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+# The console's browser test: playwright-core exactly as tests/ui/package-lock.json pins it,
+# project-local; it drives /usr/bin/chromium, never a browser of its own.
+ui=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/ui
+if [ ! -d "$ui/node_modules/playwright-core" ]; then
+  echo "setup: installing playwright-core (npm, tests/ui)"
+  (cd "$ui" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
 fi
 echo "setup: ok"

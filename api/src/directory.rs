@@ -20,16 +20,22 @@
 //! | `GET /v1/relays` | -> [`RelayList`] (all known relays, with `healthy`) |
 //! | `POST /v1/relays/choose` | [`ChooseRelaysRequest`] -> [`ChooseRelaysResponse`] |
 //! | `GET /healthz` | -> `ok` (no token) |
+//! | `GET /console` | the operators' fleet console (operator token, not the cluster token; off unless configured) |
 //! | `GET /metrics` | -> Prometheus text (no token) |
 //!
 //! Presence rule: an entry is live while its own last update or its node's last heartbeat (same
 //! epoch) is within the presence TTL. A node registering with a newer epoch purges every entry of
 //! its older epochs at once; an update carrying an older epoch than the node's current one is
 //! ignored and answered `{"outcome":"stale","current_epoch":N}`.
+//!
+//! Heartbeats may carry a stats snapshot ([`crate::fleet_stats`]) that the directory keeps
+//! beside the registry for its console; a malformed one is refused with 400 `invalid_field`.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::fleet_stats::{NodeStatsSnapshot, RelayStatsSnapshot};
 
 /// Longest accepted user, device, node or relay id (bytes).
 pub const MAX_ID_LEN: usize = 128;
@@ -95,6 +101,9 @@ pub struct NodeHeartbeatRequest {
     /// Current load, 0.0 = idle, 1.0 = full (default 0).
     #[serde(default)]
     pub load: f64,
+    /// Figures for the operators' console (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<NodeStatsSnapshot>,
 }
 
 /// Answer to a node or relay heartbeat.
@@ -322,6 +331,9 @@ pub struct RelayHeartbeatRequest {
     pub allocations: u64,
     /// Draining flag.
     pub draining: bool,
+    /// Figures for the operators' console (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<RelayStatsSnapshot>,
 }
 
 /// `POST /v1/relays/deregister`.

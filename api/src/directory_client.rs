@@ -410,6 +410,17 @@ impl DirectoryClient {
         registration: RegisterNodeRequest,
         presence: P,
     ) -> NodeRegistration {
+        self.spawn_node_registration_with_stats(registration, presence, NoNodeStats)
+    }
+
+    /// [`Self::spawn_node_registration`], each heartbeat also carrying the figures of `stats`
+    /// for the operators' console.
+    pub fn spawn_node_registration_with_stats<P: PresenceSource, N: NodeStatsSource>(
+        &self,
+        registration: RegisterNodeRequest,
+        presence: P,
+        stats: N,
+    ) -> NodeRegistration {
         let cancel = CancellationToken::new();
         let (tx, rx) = watch::channel(RegistrationState::default());
         let load = Arc::new(AtomicU64::new(registration.load.to_bits()));
@@ -417,6 +428,7 @@ impl DirectoryClient {
         let who = NodeRegistrant {
             reg: registration,
             presence,
+            stats,
             load: load.clone(),
         };
         tokio::spawn(run_registration(self.clone(), who, tx, cancel.clone()).instrument(span));
@@ -466,6 +478,31 @@ where
     }
 }
 
+/// Supplies a signaling node's console figures for its heartbeats.
+pub trait NodeStatsSource: Send + Sync + 'static {
+    /// Figures right now (`None`: send none).
+    fn current_stats(&self) -> Option<NodeStatsSnapshot>;
+}
+
+impl<F> NodeStatsSource for F
+where
+    F: Fn() -> Option<NodeStatsSnapshot> + Send + Sync + 'static,
+{
+    fn current_stats(&self) -> Option<NodeStatsSnapshot> {
+        self()
+    }
+}
+
+/// A node that reports no console figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoNodeStats;
+
+impl NodeStatsSource for NoNodeStats {
+    fn current_stats(&self) -> Option<NodeStatsSnapshot> {
+        None
+    }
+}
+
 /// A relay's current figures, sent with each heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RelayStatus {
@@ -481,6 +518,11 @@ pub struct RelayStatus {
 pub trait RelayStatusSource: Send + Sync + 'static {
     /// Figures right now.
     fn current_status(&self) -> RelayStatus;
+
+    /// Console figures right now, sent with heartbeats (default none).
+    fn current_stats(&self) -> Option<RelayStatsSnapshot> {
+        None
+    }
 }
 
 impl<F> RelayStatusSource for F
@@ -596,13 +638,14 @@ trait Registrant: Send + 'static {
     ) -> impl Future<Output = Result<Duration, ClientError>> + Send;
 }
 
-struct NodeRegistrant<P> {
+struct NodeRegistrant<P, N> {
     reg: RegisterNodeRequest,
     presence: P,
+    stats: N,
     load: Arc<AtomicU64>,
 }
 
-impl<P: PresenceSource> Registrant for NodeRegistrant<P> {
+impl<P: PresenceSource, N: NodeStatsSource> Registrant for NodeRegistrant<P, N> {
     const WHAT: &'static str = "node";
 
     async fn register(&mut self, client: &DirectoryClient) -> Result<(Duration, u64), ClientError> {
@@ -631,6 +674,7 @@ impl<P: PresenceSource> Registrant for NodeRegistrant<P> {
             node_id: self.reg.node_id.clone(),
             epoch: self.reg.epoch,
             load: f64::from_bits(self.load.load(Ordering::Relaxed)),
+            stats: self.stats.current_stats(),
         };
         let r = client.node_heartbeat(&hb).await?;
         Ok(interval_from_ms(r.heartbeat_interval_ms))
@@ -662,6 +706,7 @@ impl<S: RelayStatusSource> Registrant for RelayRegistrant<S> {
             load: st.load,
             allocations: st.allocations,
             draining: st.draining,
+            stats: self.status.current_stats(),
         };
         let r = client.relay_heartbeat(&hb).await?;
         Ok(interval_from_ms(r.heartbeat_interval_ms))

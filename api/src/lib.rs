@@ -2,7 +2,8 @@
 //!
 //! It is: the serde types of the signaling node's WebSocket protocol and HTTP bodies
 //! ([`signaling`]), of the directory's internal REST API ([`directory`]), and the relay's
-//! `/stats` document ([`relay`]). Clients,
+//! `/stats` document ([`relay`]), and the stats snapshots relays and nodes attach to their
+//! directory heartbeats ([`fleet_stats`]). Clients,
 //! services and tools meet each other only through these types, over the wire. With the
 //! `client` feature it also holds the typed async clients: of the directory
 //! (`directory_client`), with the register/heartbeat loops that signaling nodes and relays run,
@@ -17,6 +18,7 @@
 pub mod directory;
 #[cfg(feature = "client")]
 pub mod directory_client;
+pub mod fleet_stats;
 pub mod relay;
 pub mod signaling;
 #[cfg(feature = "client")]

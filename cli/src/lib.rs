@@ -8,7 +8,8 @@
 //! settings: humantime's syntax, or bare seconds), and the services' Prometheus exposition
 //! ([`metrics::Exposition`], through prometheus-client), and children that never outlive their
 //! launcher ([`process::die_with_parent`]), and the server side of TLS with its certificate
-//! reload ([`tls::TlsStore`], for the relay's TURN over TLS and signaling's HTTPS).
+//! reload ([`tls::TlsStore`], for the relay's TURN over TLS and signaling's HTTPS), and the
+//! one terminal progress bar of the tools ([`progress::Bar`]).
 //!
 //! It is not: the services' settings themselves; each binary's flags, TOML keys, defaults and
 //! checks stay its own.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod log;
 pub mod metrics;
 pub mod process;
+pub mod progress;
 pub mod redis_url;
 pub mod tls;
 

@@ -1,7 +1,8 @@
 //! `deploy/local/fleet.sh` end to end: it starts a multi-node fleet of the workspace's binaries
 //! and a real Prometheus; `peerlink-sim demo --server` makes calls and relayed media through
 //! every signaling node and every relay of it; Prometheus's HTTP API then answers the p99 of
-//! the relays' forwarding latency histogram and `up` for every target; the signaling nodes
+//! the relays' forwarding latency histogram, `up` for every target and every query of the
+//! Grafana dashboard (`deploy/grafana/peerlink.json`); the signaling nodes
 //! share one store; `down` leaves no process behind. A second case adds `--engines`
 //! (PostgreSQL as the signaling nodes' store, redis for the directory). Needs python3, prometheus, PostgreSQL and redis-server
 //! (`scripts/setup.sh` installs them); not root.
@@ -283,6 +284,78 @@ async fn all_targets_up(fleet: &FleetScript) {
     }
 }
 
+/// The Grafana dashboard `deploy/grafana/peerlink.json`: a dashboard with a Prometheus
+/// datasource variable that every panel uses, and every PromQL expression of it, with the
+/// dashboard's variables filled in as Grafana would (`$__rate_interval` as 1m), answers data
+/// from the fleet's Prometheus.
+async fn dashboard_queries_answer(fleet: &FleetScript) {
+    let path = peerlink_testkit::workspace::root().join("deploy/grafana/peerlink.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(
+        dash["uid"].is_string() && dash["title"].is_string(),
+        "{path:?}"
+    );
+    assert!(dash["schemaVersion"].as_u64().unwrap() >= 30);
+    let vars = dash["templating"]["list"].as_array().unwrap();
+    let ds = vars
+        .iter()
+        .find(|v| v["type"] == "datasource")
+        .unwrap_or_else(|| panic!("no datasource variable in {vars:?}"));
+    assert_eq!(ds["query"], "prometheus");
+    let ds_ref = format!("${{{}}}", ds["name"].as_str().unwrap());
+    // The other variables' values, as Grafana substitutes them.
+    let mut subst: Vec<(String, String)> = vec![("$__rate_interval".into(), "1m".into())];
+    for v in vars.iter().filter(|v| v["type"] == "custom") {
+        let name = v["name"].as_str().unwrap();
+        subst.push((
+            format!("${name}"),
+            v["current"]["value"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(
+            p["datasource"]["uid"],
+            ds_ref.as_str(),
+            "panel {}",
+            p["title"]
+        );
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], ds_ref.as_str());
+            let mut e = t["expr"].as_str().unwrap().to_owned();
+            for (k, v) in &subst {
+                e = e.replace(k.as_str(), v);
+            }
+            assert!(!e.contains('$'), "unsubstituted variable in {e}");
+            exprs.push((p["title"].as_str().unwrap().to_owned(), e));
+        }
+    }
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    for want in [
+        "peerlink_relay_forward_latency_seconds_bucket",
+        "peerlink_relay_forwarded_packets_total",
+        "peerlink_relay_allocations_active",
+        "peerlink_relay_auth_failures_total",
+        "peerlink_signaling_sessions_open",
+        "peerlink_signaling_calls_total",
+        "peerlink_signaling_store_operation_duration_seconds_bucket",
+    ] {
+        assert!(
+            exprs.iter().any(|(_, e)| e.contains(want)),
+            "no panel over {want}"
+        );
+    }
+    for (title, e) in &exprs {
+        let r = query_until(fleet, e, |r| !r.is_empty()).await;
+        println!("dashboard: {title}: {e} -> {} series", r.len());
+    }
+}
+
 /// `down` stops every process `status` listed and removes the state directory; a second
 /// `down` is a no-op.
 fn down_leaves_nothing(fleet: FleetScript) {
@@ -428,6 +501,7 @@ async fn fleet_script_two_signaling_nodes_two_relays_and_prometheus() {
         "fleet p99 forwarding latency over 30 s: {:.1} µs",
         p99 * 1e6
     );
+    dashboard_queries_answer(&fleet).await;
 
     down_leaves_nothing(fleet);
 }

@@ -17,7 +17,11 @@
 #    "directory":["http://127.0.0.1:P",...],
 #    "relays":[{"turn":"127.0.0.1:P","metrics":"http://127.0.0.1:P/metrics"},...],
 #    "postgres":null|"postgres://...","redis":null|"redis://...",
-#    "prometheus":"http://127.0.0.1:P"|null,"state":"DIR"}
+#    "prometheus":"http://127.0.0.1:P"|null,"console":"http://127.0.0.1:P/console",
+#    "operator_token":"TOKEN","state":"DIR"}
+#
+# "console" is the first directory's fleet console; "operator_token" opens it (every directory
+# of the fleet takes it; a fresh random one per fleet, also in DIR/operator-token).
 #
 # The signaling nodes share one store: one SQLite file in DIR, or with --engines a PostgreSQL
 # server started in DIR (`postgres://...`, given as PEERLINK_STORE, the environment's --store). --engines also starts redis-server for the
@@ -356,6 +360,11 @@ start_directory() { # index
   if [ -n "$REDIS_URL" ] && "$BIN_DIR/peerlink-directory" --help 2>/dev/null | grep -qi redis; then
     args+=(--store "$REDIS_URL")
   fi
+  # The console's operator token from a file (kept off the command line and the environment),
+  # when this directory build has a console.
+  if "$BIN_DIR/peerlink-directory" --help 2>/dev/null | grep -q -- '--operator-token-file'; then
+    args+=(--operator-token-file "$STATE/operator-token")
+  fi
   spawn "$name" TERM env PEERLINK_CLUSTER_TOKEN="$CLUSTER_TOKEN" "$BIN_DIR/peerlink-directory" \
     "${args[@]}"
   addr=$(wait_announce "$name" "$PID" "listening on ") || return 1
@@ -469,9 +478,9 @@ EOF
 write_json() {
   python3 - "$STATE/fleet.json" "$STATE" "${SIGNALING_URLS[*]}" "${SIGNALING_STUN[*]}" \
     "${DIRECTORY_URLS[*]}" "${RELAY_TURN[*]}" "${RELAY_METRICS[*]}" "$POSTGRES_URL" "$REDIS_URL" \
-    "$PROMETHEUS_URL" <<'EOF'
+    "$PROMETHEUS_URL" "$OPERATOR_TOKEN" <<'EOF'
 import json, sys
-out, state, sigs, stun, dirs, turns, metrics, pg, redis, prom = sys.argv[1:11]
+out, state, sigs, stun, dirs, turns, metrics, pg, redis, prom, operator = sys.argv[1:12]
 doc = {
     "signaling": sigs.split(),
     "stun": stun.split(),
@@ -480,6 +489,8 @@ doc = {
     "postgres": pg or None,
     "redis": redis or None,
     "prometheus": prom or None,
+    "console": dirs.split()[0] + "/console",
+    "operator_token": operator,
     "state": state,
 }
 open(out, "w").write(json.dumps(doc, separators=(",", ":")) + "\n")
@@ -530,10 +541,12 @@ cmd_up() {
   CLUSTER_TOKEN=$(random_secret)
   TOKEN_SECRET=$(random_secret)
   TURN_SECRET=$(random_secret)
+  OPERATOR_TOKEN=$(random_secret)
   (
     umask 077
-    printf 'PEERLINK_CLUSTER_TOKEN=%s\nPEERLINK_TOKEN_SECRET=%s\nPEERLINK_TURN_SECRET=%s\n' \
-      "$CLUSTER_TOKEN" "$TOKEN_SECRET" "$TURN_SECRET" >"$STATE/secrets.env"
+    printf 'PEERLINK_CLUSTER_TOKEN=%s\nPEERLINK_TOKEN_SECRET=%s\nPEERLINK_TURN_SECRET=%s\nPEERLINK_OPERATOR_TOKEN=%s\n' \
+      "$CLUSTER_TOKEN" "$TOKEN_SECRET" "$TURN_SECRET" "$OPERATOR_TOKEN" >"$STATE/secrets.env"
+    printf '%s\n' "$OPERATOR_TOKEN" >"$STATE/operator-token"
   )
   POSTGRES_URL="" REDIS_URL="" PROMETHEUS_URL=""
   DIRECTORY_URLS=() SIGNALING_URLS=() SIGNALING_STUN=() RELAY_TURN=() RELAY_METRICS=()

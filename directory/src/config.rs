@@ -17,6 +17,10 @@ pub const TOKEN_ENV: &str = "PEERLINK_CLUSTER_TOKEN";
 pub const STORE_ENV: &str = "PEERLINK_DIRECTORY_STORE";
 /// Shortest accepted cluster token.
 pub const MIN_TOKEN_LEN: usize = 8;
+/// Environment variable holding the operator token of the console.
+pub const OPERATOR_TOKEN_ENV: &str = "PEERLINK_OPERATOR_TOKEN";
+/// Shortest accepted operator token.
+pub const MIN_OPERATOR_TOKEN_LEN: usize = 16;
 
 /// Directory settings (TOML keys are the field names; every key is optional). Durations are
 /// humantime text (`"30s"`, `"2m"`) or a number of seconds (`30`, `2.5`).
@@ -48,6 +52,12 @@ pub struct Settings {
     /// Redis: bound of one connection attempt and of one command's answer. Default 2 s.
     #[serde(with = "peerlink_cli::config::duration")]
     pub store_timeout: Duration,
+    /// Operator token of the fleet console at `/console` (at least 16 printable ASCII
+    /// characters). Default none: the console is off. Better from `PEERLINK_OPERATOR_TOKEN` or
+    /// `operator_token_file`.
+    pub operator_token: Option<String>,
+    /// File holding the operator token (its first line). Default none.
+    pub operator_token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -62,6 +72,8 @@ impl Default for Settings {
             body_limit: crate::server::DEFAULT_BODY_LIMIT,
             store: "memory".to_owned(),
             store_timeout: crate::redis_store::DEFAULT_RESPONSE_TIMEOUT,
+            operator_token: None,
+            operator_token_file: None,
         }
     }
 }
@@ -161,6 +173,44 @@ pub struct Config {
     pub location: StoreLocation,
     /// Redis connection bounds.
     pub redis: RedisOptions,
+    /// Operator token of the console (`None`: the console is off).
+    pub operator_token: Option<String>,
+}
+
+impl Settings {
+    /// The operator token from the setting or the file (not both), checked.
+    fn operator_token(&self) -> Result<Option<String>, ConfigError> {
+        let token = match (&self.operator_token, &self.operator_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(format!(
+                    "operator token given twice: use {OPERATOR_TOKEN_ENV} (or operator_token) or \
+                     operator_token_file, not both"
+                )));
+            }
+            (Some(t), None) => t.clone(),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::Invalid(format!("operator_token_file {}: {e}", path.display()))
+                })?;
+                text.lines().next().unwrap_or("").trim().to_owned()
+            }
+            (None, None) => return Ok(None),
+        };
+        if token.len() < MIN_OPERATOR_TOKEN_LEN {
+            return Err(ConfigError::Invalid(format!(
+                "operator token must be at least {MIN_OPERATOR_TOKEN_LEN} bytes"
+            )));
+        }
+        if token
+            .bytes()
+            .any(|b| !b.is_ascii_graphic() || b == b';' || b == b',')
+        {
+            return Err(ConfigError::Invalid(
+                "operator token must be printable ASCII without spaces, `;` or `,`".to_owned(),
+            ));
+        }
+        Ok(Some(token))
+    }
 }
 
 impl Settings {
@@ -175,6 +225,7 @@ impl Settings {
             }
             Ok(v)
         };
+        let operator_token = self.operator_token()?;
         let token = self.cluster_token.ok_or_else(|| {
             ConfigError::Invalid(format!(
                 "no cluster token: set {TOKEN_ENV} or --cluster-token"
@@ -213,6 +264,7 @@ impl Settings {
                 connect_timeout: secs("store_timeout", self.store_timeout)?,
                 response_timeout: self.store_timeout,
             },
+            operator_token,
         })
     }
 }
@@ -240,6 +292,8 @@ mod tests {
         store: Option<String>,
         #[serde(with = "peerlink_cli::config::duration::option")]
         store_timeout: Option<Duration>,
+        operator_token: Option<String>,
+        operator_token_file: Option<std::path::PathBuf>,
     }
 
     fn load(text: &str, flags: &Overrides) -> Result<Settings, peerlink_cli::config::ConfigError> {
@@ -296,6 +350,8 @@ mod tests {
             body_limit: Some(4096),
             store: Some("redis://127.0.0.1:1/3?prefix=x".into()),
             store_timeout: Some(Duration::from_millis(500)),
+            operator_token: Some("an-operator-token-1".into()),
+            operator_token_file: None,
         };
         let s = load("", &flags).unwrap();
         assert_eq!(
@@ -310,6 +366,8 @@ mod tests {
                 body_limit: 4096,
                 store: "redis://127.0.0.1:1/3?prefix=x".into(),
                 store_timeout: Duration::from_millis(500),
+                operator_token: Some("an-operator-token-1".into()),
+                operator_token_file: None,
             }
         );
         let cfg = s.validate().unwrap();
@@ -321,6 +379,60 @@ mod tests {
             ("redis://127.0.0.1:1/3", "x")
         );
         assert_eq!(cfg.redis.connect_timeout, Duration::from_millis(500));
+        assert_eq!(cfg.operator_token.as_deref(), Some("an-operator-token-1"));
+    }
+
+    #[test]
+    fn the_operator_token_comes_from_one_place_and_is_checked() {
+        assert_eq!(with_token().validate().unwrap().operator_token, None);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("operator-token");
+        std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
+        let from_file = Settings {
+            operator_token_file: Some(file.clone()),
+            ..with_token()
+        };
+        assert_eq!(
+            from_file
+                .clone()
+                .validate()
+                .unwrap()
+                .operator_token
+                .as_deref(),
+            Some("0123456789abcdef0123")
+        );
+        let both = Settings {
+            operator_token: Some("0123456789abcdef0123".into()),
+            ..from_file
+        };
+        assert!(matches!(both.validate(), Err(ConfigError::Invalid(m)) if m.contains("twice")));
+        for bad in ["short", "has a space in it ok", "semi;colon;in;it;xx"] {
+            let s = Settings {
+                operator_token: Some(bad.into()),
+                ..with_token()
+            };
+            assert!(
+                matches!(s.validate(), Err(ConfigError::Invalid(_))),
+                "{bad}"
+            );
+        }
+        let missing = Settings {
+            operator_token_file: Some(dir.path().join("absent")),
+            ..with_token()
+        };
+        let e = missing.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("operator_token_file") && e.contains("absent"),
+            "{e}"
+        );
+        let toml = load(
+            "operator_token = \"0123456789abcdef0123\"\n",
+            &Overrides::default(),
+        );
+        assert_eq!(
+            toml.unwrap().operator_token.as_deref(),
+            Some("0123456789abcdef0123")
+        );
     }
 
     #[test]

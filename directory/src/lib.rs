@@ -8,6 +8,9 @@
 //! `peerlink_api::directory_client` (feature `client`), whose heartbeat loops re-register
 //! after a directory restart.
 //!
+//! It also serves the operators' live fleet console ([`console`], behind an operator token),
+//! fed by the stats snapshots relays and nodes attach to their heartbeats.
+//!
 //! It is not: an account store, a message store or a router of signaling traffic; it only says
 //! where users and relays are. It holds no durable state — after a restart (of the directory,
 //! or of a Redis without persistence) nodes and relays re-register and republish within one
@@ -15,6 +18,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod memory;
 mod redis_lua;
 pub mod redis_store;

@@ -9,7 +9,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use peerlink_cli::log::LogArgs;
 use peerlink_directory::clock::{Clock, SystemClock};
-use peerlink_directory::config::{self, STORE_ENV, Settings, StoreLocation, TOKEN_ENV};
+use peerlink_directory::config::{
+    self, OPERATOR_TOKEN_ENV, STORE_ENV, Settings, StoreLocation, TOKEN_ENV,
+};
+use peerlink_directory::console::{self, Beacon, Console, view::ReplicaRecord};
 use peerlink_directory::memory::MemoryStore;
 use peerlink_directory::redis_store::{RedisClock, RedisStore};
 use peerlink_directory::server::{AppState, Sweeper, app, sweep_interval};
@@ -55,6 +58,13 @@ struct Cli {
     #[arg(long, value_parser = peerlink_cli::parse_duration)]
     #[serde(with = "peerlink_cli::config::duration::option")]
     store_timeout: Option<Duration>,
+    /// Operator token of the fleet console at /console (off without one); better given
+    /// through the environment or a file.
+    #[arg(long, env = OPERATOR_TOKEN_ENV, hide_env_values = true)]
+    operator_token: Option<String>,
+    /// File whose first line is the operator token of the fleet console.
+    #[arg(long)]
+    operator_token_file: Option<PathBuf>,
     /// TOML config file; flags override its values.
     #[arg(long)]
     #[serde(skip)]
@@ -148,17 +158,47 @@ async fn serve<S: DirectoryStore>(
     store: Arc<S>,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<()> {
-    let state = AppState::new(store, clock, cfg.store, cfg.limits, &cfg.cluster_token);
+    let mut state = AppState::new(store, clock, cfg.store, cfg.limits, &cfg.cluster_token);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let local = listener.local_addr().context("reading the bound address")?;
+    let replica_id = console::replica_id(local);
+    let console = cfg
+        .operator_token
+        .as_deref()
+        .map(|t| Arc::new(Console::new(t, &replica_id)));
+    if let Some(c) = &console {
+        state = state.with_console(c.clone());
+        info!(url = %format!("http://{local}/console"), "fleet console on");
+    }
     let sweeper = Sweeper::spawn(state.clone(), sweep_interval(&cfg.store));
+    let _beacon = Beacon::spawn(
+        state.clone(),
+        ReplicaRecord {
+            replica_id,
+            listen: local.to_string(),
+            store: match cfg.location {
+                StoreLocation::Memory => "memory",
+                StoreLocation::Redis(_) => "redis",
+            }
+            .to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            console: console.is_some(),
+        },
+    );
     info!(%local, store = %cfg.location.redacted(), presence_ttl = ?cfg.store.presence_ttl, node_ttl = ?cfg.store.node_ttl, "directory listening");
     // Machine-readable readiness line for launchers and tests.
     println!("listening on {local}");
+    let streams = console.clone();
     axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Event streams never end by themselves: end them so the shutdown can finish.
+            if let Some(c) = streams {
+                c.close_streams();
+            }
+        })
         .await
         .context("serving HTTP")?;
     sweeper.stop().await;

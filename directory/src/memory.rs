@@ -7,10 +7,11 @@
 //! a newer epoch has swapped the node record, no write of the older epoch can land after the
 //! purge. Expiry is both lazy (reads skip dead entries) and eager ([`MemoryStore::sweep`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -18,7 +19,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::clock::{Timestamp, duration_ms};
 use crate::select::{self, RelayRecord};
 use crate::store::{
-    DirectoryStore, RELAY_RETENTION_TTLS, StoreConfig, StoreError, StoreStats, SweepStats,
+    DirectoryStore, RELAY_RETENTION_TTLS, StatsKind, StatsRecord, StoreConfig, StoreError,
+    StoreStats, SweepStats,
 };
 use peerlink_api::directory::{
     ChooseRelaysRequest, ChosenRelay, DeregisterNodeResponse, DeviceLocation, NodeInfo,
@@ -66,7 +68,11 @@ pub struct MemoryStore {
     hasher: RandomState,
     entries: AtomicU64,
     relays: Mutex<Relays>,
+    /// Console stats records: (kind, id) -> (written, JSON).
+    stats: Mutex<StatsMap>,
 }
+
+type StatsMap = BTreeMap<(StatsKind, Arc<str>), (Timestamp, String)>;
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -131,6 +137,7 @@ impl MemoryStore {
                 list: Vec::new(),
                 rng,
             }),
+            stats: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -455,6 +462,32 @@ impl MemoryStore {
         users.iter().map(|u| self.locate(&nodes, u, now)).collect()
     }
 
+    /// See [`DirectoryStore::put_stats`].
+    pub fn put_stats_now(&self, kind: StatsKind, id: &str, json: String, now: Timestamp) {
+        lock(&self.stats).insert((kind, Arc::from(id)), (now, json));
+    }
+
+    /// See [`DirectoryStore::list_stats`].
+    pub fn list_stats_now(
+        &self,
+        kind: StatsKind,
+        max_age: Duration,
+        now: Timestamp,
+    ) -> Vec<StatsRecord> {
+        let max_age = crate::clock::duration_ms(max_age);
+        let mut stats = lock(&self.stats);
+        stats.retain(|(k, _), (at, _)| *k != kind || now.millis_since(*at) < max_age);
+        stats
+            .range((kind, Arc::from(""))..)
+            .take_while(|((k, _), _)| *k == kind)
+            .map(|((_, id), (at, json))| StatsRecord {
+                id: id.to_string(),
+                json: json.clone(),
+                age_ms: now.millis_since(*at),
+            })
+            .collect()
+    }
+
     /// See [`DirectoryStore::register_relay`].
     pub fn register_relay_now(&self, req: RegisterRelayRequest, now: Timestamp) {
         let rec = RelayRecord {
@@ -699,6 +732,26 @@ impl DirectoryStore for MemoryStore {
 
     async fn sweep(&self, now: Timestamp) -> Result<SweepStats, StoreError> {
         Ok(self.sweep_now(now))
+    }
+
+    async fn put_stats(
+        &self,
+        kind: StatsKind,
+        id: &str,
+        json: String,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.put_stats_now(kind, id, json, now);
+        Ok(())
+    }
+
+    async fn list_stats(
+        &self,
+        kind: StatsKind,
+        max_age: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<StatsRecord>, StoreError> {
+        Ok(self.list_stats_now(kind, max_age, now))
     }
 
     async fn stats(&self, now: Timestamp) -> Result<StoreStats, StoreError> {
@@ -1044,6 +1097,7 @@ mod tests {
             load: 0.2,
             allocations: h[0],
             draining: false,
+            stats: None,
         };
         s.relay_heartbeat_now(&hb, t(1.0)).unwrap();
         let after = handed(&s);
@@ -1054,6 +1108,7 @@ mod tests {
             load: 0.2,
             allocations: 0,
             draining: false,
+            stats: None,
         };
         s.relay_heartbeat_now(&hb, t(9.0)).unwrap();
         for _ in 0..10 {
@@ -1067,6 +1122,7 @@ mod tests {
             load: 0.2,
             allocations: 0,
             draining: true,
+            stats: None,
         };
         s.relay_heartbeat_now(&hb, t(10.0)).unwrap();
         assert!(s.choose_relays_now(&req, t(10.0)).is_empty());
@@ -1078,7 +1134,8 @@ mod tests {
                     relay_id: "r2".into(),
                     load: 0.0,
                     allocations: 0,
-                    draining: false
+                    draining: false,
+                    stats: None,
                 },
                 t(30.0)
             ),

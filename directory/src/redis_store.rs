@@ -20,6 +20,7 @@
 //! | `P:pnodes` | set | nodes that have an index |
 //! | `P:entries` | string | number of stored presence entries |
 //! | `P:relays` | hash | relay id -> JSON record (figures, `handed_out`, `last_heartbeat`) |
+//! | `P:stats:<kind>` | hash | relay, node or replica id -> `<written_ms> <JSON>`: the console's stats records (stale fields deleted when listed) |
 //!
 //! Time: timestamps in Redis must mean the same thing to every replica, so the binary reads
 //! time from a [`RedisClock`]: Redis's own clock (`TIME`), sampled at start and every
@@ -50,7 +51,8 @@ use crate::clock::{Clock, Timestamp, duration_ms};
 use crate::redis_lua::Scripts;
 use crate::select::{self, RelayRecord};
 use crate::store::{
-    DirectoryStore, RELAY_RETENTION_TTLS, StoreConfig, StoreError, StoreStats, SweepStats,
+    DirectoryStore, RELAY_RETENTION_TTLS, StatsKind, StatsRecord, StoreConfig, StoreError,
+    StoreStats, SweepStats,
 };
 use peerlink_api::directory::{
     ChooseRelaysRequest, ChosenRelay, DeregisterNodeResponse, DeviceLocation, NodeInfo,
@@ -362,6 +364,10 @@ impl RedisStore {
 
     fn retention_ms(&self) -> u64 {
         self.node_ttl_ms.max(self.presence_ttl_ms)
+    }
+
+    fn stats_key(&self, kind: StatsKind) -> String {
+        format!("{}:stats:{}", self.location.prefix, kind.as_str())
     }
 
     fn relay_retention_ms(&self) -> u64 {
@@ -847,6 +853,66 @@ impl DirectoryStore for RedisStore {
             stats.relays = n;
         }
         Ok(stats)
+    }
+
+    async fn put_stats(
+        &self,
+        kind: StatsKind,
+        id: &str,
+        json: String,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.stats_key(kind))
+            .arg(id)
+            .arg(format!("{} {json}", now.as_millis()))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    async fn list_stats(
+        &self,
+        kind: StatsKind,
+        max_age: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<StatsRecord>, StoreError> {
+        let key = self.stats_key(kind);
+        let flat: Vec<String> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(store_err)?;
+        let max_age = duration_ms(max_age);
+        let mut out = Vec::new();
+        let mut stale = Vec::new();
+        let mut it = flat.into_iter();
+        while let (Some(id), Some(raw)) = (it.next(), it.next()) {
+            let (at, json) = raw.split_once(' ').ok_or_else(|| corrupt("stats record"))?;
+            let age_ms = now.millis_since(Timestamp(parse_u64(at, "stats record")?));
+            if age_ms < max_age {
+                out.push(StatsRecord {
+                    id,
+                    json: json.to_owned(),
+                    age_ms,
+                });
+            } else {
+                stale.push(id);
+            }
+        }
+        if !stale.is_empty() {
+            // A record rewritten since this read would be lost too: harmless, its writer
+            // writes it again with its next heartbeat.
+            let _: i64 = redis::cmd("HDEL")
+                .arg(&key)
+                .arg(stale)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(store_err)?;
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 
     async fn stats(&self, now: Timestamp) -> Result<StoreStats, StoreError> {

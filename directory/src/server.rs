@@ -2,7 +2,8 @@
 //! owned background expiry task; [`Metrics`] are the counters behind `/metrics`.
 //!
 //! Paths and bodies are listed in [`peerlink_api::directory`]. `/v1/*` needs `Authorization: Bearer <token>`
-//! (compared in constant time); `/healthz` and `/metrics` do not.
+//! (compared in constant time); `/healthz` and `/metrics` do not. `/console` (when an operator
+//! token is configured) takes the operator token instead ([`crate::console`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +24,8 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::clock::{Clock, duration_ms};
-use crate::store::{DirectoryStore, StoreConfig, StoreError};
+use crate::console::Console;
+use crate::store::{DirectoryStore, StatsKind, StoreConfig, StoreError};
 use peerlink_api::directory::*;
 
 /// Default request timeout.
@@ -86,6 +88,8 @@ pub struct AppState<S> {
     pub limits: HttpLimits,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The operators' console, when an operator token is configured.
+    pub console: Option<Arc<Console>>,
     token: Arc<[u8]>,
 }
 
@@ -97,6 +101,7 @@ impl<S> Clone for AppState<S> {
             config: self.config,
             limits: self.limits,
             metrics: self.metrics.clone(),
+            console: self.console.clone(),
             token: self.token.clone(),
         }
     }
@@ -117,8 +122,15 @@ impl<S: DirectoryStore> AppState<S> {
             config,
             limits,
             metrics: Arc::new(Metrics::default()),
+            console: None,
             token: Arc::from(cluster_token.as_bytes()),
         }
+    }
+
+    /// Serve the operators' console ([`crate::console`]) too.
+    pub fn with_console(mut self, console: Arc<Console>) -> Self {
+        self.console = Some(console);
+        self
     }
 }
 
@@ -329,19 +341,22 @@ pub fn app<S: DirectoryStore>(state: AppState<S>) -> Router {
             state.clone(),
             require_token::<S>,
         ));
-    Router::new()
+    let mut root = Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics::<S>))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
-        })
-        .layer(DefaultBodyLimit::max(state.limits.body_limit))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            state.limits.request_timeout,
-        ))
-        .with_state(state)
+        .route("/metrics", get(metrics::<S>));
+    if let Some(console) = state.console.clone() {
+        root = root.merge(crate::console::routes::<S>(console));
+    }
+    root.fallback(|| async {
+        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+    })
+    .layer(DefaultBodyLimit::max(state.limits.body_limit))
+    .layer(TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        state.limits.request_timeout,
+    ))
+    .with_state(state)
 }
 
 async fn require_token<S: DirectoryStore>(
@@ -394,6 +409,7 @@ async fn node_heartbeat<S: DirectoryStore>(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     check_id("node_id", &req.node_id)?;
     check_load(req.load)?;
+    let stats = stats_json(req.stats.as_ref(), |s| s.validate())?;
     let r = counted(
         &st.metrics,
         st.store
@@ -404,6 +420,13 @@ async fn node_heartbeat<S: DirectoryStore>(
         bump(&st.metrics.unknown_heartbeats, 1);
     }
     r?;
+    if let Some(json) = stats {
+        let r = st
+            .store
+            .put_stats(StatsKind::Node, &req.node_id, json, st.clock.now())
+            .await;
+        counted(&st.metrics, r)?;
+    }
     Ok(Json(HeartbeatResponse {
         heartbeat_interval_ms: duration_ms(st.config.heartbeat_interval()),
     }))
@@ -533,6 +556,18 @@ async fn lookup_users<S: DirectoryStore>(
     Ok(Json(LookupResponse { users }))
 }
 
+/// A heartbeat's stats snapshot, validated, as the JSON text to store.
+fn stats_json<T: serde::Serialize>(
+    stats: Option<&T>,
+    validate: impl FnOnce(&T) -> Result<(), peerlink_api::fleet_stats::SnapshotError>,
+) -> Result<Option<String>, ApiError> {
+    let Some(s) = stats else { return Ok(None) };
+    validate(s).map_err(|e| ApiError::invalid(format!("stats: {e}")))?;
+    serde_json::to_string(s)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(format!("stats: {e}")))
+}
+
 fn check_relay_registration(req: &RegisterRelayRequest) -> Result<(), ApiError> {
     check_id("relay_id", &req.relay_id)?;
     check_region("region", &req.region)?;
@@ -565,6 +600,8 @@ async fn relay_heartbeat<S: DirectoryStore>(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     check_id("relay_id", &req.relay_id)?;
     check_load(req.load)?;
+    let stats = stats_json(req.stats.as_ref(), |s| s.validate())?;
+    let relay_id = req.relay_id.clone();
     let r = counted(
         &st.metrics,
         st.store.relay_heartbeat(req, st.clock.now()).await,
@@ -573,6 +610,13 @@ async fn relay_heartbeat<S: DirectoryStore>(
         bump(&st.metrics.unknown_heartbeats, 1);
     }
     r?;
+    if let Some(json) = stats {
+        let r = st
+            .store
+            .put_stats(StatsKind::Relay, &relay_id, json, st.clock.now())
+            .await;
+        counted(&st.metrics, r)?;
+    }
     Ok(Json(HeartbeatResponse {
         heartbeat_interval_ms: duration_ms(st.config.heartbeat_interval()),
     }))

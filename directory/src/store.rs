@@ -115,6 +115,39 @@ pub struct SweepStats {
     pub presence: u64,
 }
 
+/// What a stats record describes (see [`DirectoryStore::put_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StatsKind {
+    /// A relay's heartbeat snapshot.
+    Relay,
+    /// A signaling node's heartbeat snapshot.
+    Node,
+    /// A directory replica's own record (each replica writes its own).
+    Replica,
+}
+
+impl StatsKind {
+    /// Name used in storage keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatsKind::Relay => "relay",
+            StatsKind::Node => "node",
+            StatsKind::Replica => "replica",
+        }
+    }
+}
+
+/// One stored stats record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsRecord {
+    /// Relay, node or replica id.
+    pub id: String,
+    /// The record as JSON text (validated before it was stored).
+    pub json: String,
+    /// Milliseconds since it was written.
+    pub age_ms: u64,
+}
+
 /// Presence, node registry and relay registry storage. All TTL decisions use `now`.
 pub trait DirectoryStore: Send + Sync + 'static {
     /// Register a node; a newer epoch purges every presence entry of older epochs.
@@ -215,4 +248,24 @@ pub trait DirectoryStore: Send + Sync + 'static {
 
     /// Gauges at `now`.
     fn stats(&self, now: Timestamp) -> impl Future<Output = Result<StoreStats, StoreError>> + Send;
+
+    /// Keep `json` as the latest stats record of `id` (replacing the previous one), for the
+    /// console. Records are kept beside the registry, not in it, so that relay choice never
+    /// reads them.
+    fn put_stats(
+        &self,
+        kind: StatsKind,
+        id: &str,
+        json: String,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every record of `kind` written less than `max_age` ago, sorted by id; older ones are
+    /// dropped.
+    fn list_stats(
+        &self,
+        kind: StatsKind,
+        max_age: Duration,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<StatsRecord>, StoreError>> + Send;
 }

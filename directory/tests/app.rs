@@ -526,6 +526,7 @@ async fn node_and_presence_lifecycle_over_http(h: Harness) {
                 node_id: "n1".into(),
                 epoch: 1,
                 load: 0.5,
+                stats: None,
             },
         )
         .await;
@@ -537,6 +538,7 @@ async fn node_and_presence_lifecycle_over_http(h: Harness) {
                 node_id: "ghost".into(),
                 epoch: 1,
                 load: 0.0,
+                stats: None,
             },
         )
         .await;
@@ -622,6 +624,7 @@ async fn presence_ttl_over_http_with_virtual_time(h: Harness) {
                     node_id: "n1".into(),
                     epoch: 1,
                     load: 0.0,
+                    stats: None,
                 },
             )
             .await;
@@ -697,6 +700,7 @@ async fn relay_registry_and_choice_over_http(h: Harness) {
                     load: 0.1,
                     allocations: 1,
                     draining: id == "eu1",
+                    stats: None,
                 },
             )
             .await;
@@ -722,6 +726,7 @@ async fn relay_registry_and_choice_over_http(h: Harness) {
                 load: 0.0,
                 allocations: 0,
                 draining: false,
+                stats: None,
             },
         )
         .await;

@@ -86,6 +86,7 @@ async fn every_client_method_round_trips() {
         node_id: "n1".into(),
         epoch: 3,
         load: 0.3,
+        stats: None,
     }))
     .await
     .unwrap();
@@ -159,6 +160,7 @@ async fn every_client_method_round_trips() {
         load: 0.5,
         allocations: 1,
         draining: false,
+        stats: None,
     }))
     .await
     .unwrap();
@@ -172,6 +174,7 @@ async fn every_client_method_round_trips() {
         node_id: "n1".into(),
         epoch: 3,
         load: 0.0,
+        stats: None,
     }))
     .await
     .unwrap_err();
@@ -182,6 +185,7 @@ async fn every_client_method_round_trips() {
         load: 0.0,
         allocations: 0,
         draining: false,
+        stats: None,
     }))
     .await
     .unwrap_err();
@@ -287,6 +291,7 @@ async fn several_urls_fail_over_on_connection_errors_and_5xx_and_stick() {
         node_id: "ghost".into(),
         epoch: 1,
         load: 0.0,
+        stats: None,
     }))
     .await
     .unwrap_err();

@@ -17,7 +17,7 @@ use peerlink_directory::clock::{ManualClock, Timestamp};
 use peerlink_directory::memory::MemoryStore;
 use peerlink_directory::redis_store::{self, RedisOptions, RedisStore};
 use peerlink_directory::server::{AppState, HttpLimits, app};
-use peerlink_directory::store::{DirectoryStore, StoreConfig, StoreError};
+use peerlink_directory::store::{DirectoryStore, StatsKind, StoreConfig, StoreError};
 use peerlink_testkit::redis::RedisServer;
 use tower::ServiceExt;
 
@@ -144,6 +144,7 @@ fn relay_hb(id: &str, allocations: u64, draining: bool) -> RelayHeartbeatRequest
         load: 0.2,
         allocations,
         draining,
+        stats: None,
     }
 }
 
@@ -572,6 +573,52 @@ async fn relay_choice_is_the_same_for_a_seed<S: DirectoryStore>(s: S) {
     assert!(picks.iter().all(|p| p.split(',').count() == 3), "{picks:?}");
 }
 
+async fn stats_records_replace_expire_and_keep_kinds_apart<S: DirectoryStore>(s: S) {
+    let put = |kind, id: &'static str, json: &'static str, now| {
+        let s = &s;
+        async move {
+            bounded(s.put_stats(kind, id, json.to_owned(), now))
+                .await
+                .unwrap()
+        }
+    };
+    let list = |kind, max_age: f64, now| {
+        let s = &s;
+        async move {
+            bounded(s.list_stats(kind, Duration::from_secs_f64(max_age), now))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.id, r.json, r.age_ms))
+                .collect::<Vec<_>>()
+        }
+    };
+    put(StatsKind::Relay, "r2", r#"{"a":1}"#, t(0.0)).await;
+    put(StatsKind::Relay, "r1", r#"{"a":2}"#, t(1.0)).await;
+    put(StatsKind::Node, "r1", r#"{"node":true}"#, t(1.0)).await;
+    // Sorted by id, with their ages; kinds apart.
+    assert_eq!(
+        list(StatsKind::Relay, 30.0, t(2.0)).await,
+        vec![
+            ("r1".to_owned(), r#"{"a":2}"#.to_owned(), 1_000),
+            ("r2".to_owned(), r#"{"a":1}"#.to_owned(), 2_000),
+        ]
+    );
+    assert_eq!(list(StatsKind::Node, 30.0, t(2.0)).await.len(), 1);
+    assert!(list(StatsKind::Replica, 30.0, t(2.0)).await.is_empty());
+    // A newer record replaces the older one.
+    put(StatsKind::Relay, "r2", r#"{"a":3}"#, t(3.0)).await;
+    let r = list(StatsKind::Relay, 30.0, t(3.0)).await;
+    assert_eq!(r[1], ("r2".to_owned(), r#"{"a":3}"#.to_owned(), 0));
+    // Older than max_age: no longer listed, and gone for good; other kinds untouched.
+    assert_eq!(
+        list(StatsKind::Relay, 5.0, t(7.0)).await,
+        vec![("r2".to_owned(), r#"{"a":3}"#.to_owned(), 4_000)]
+    );
+    assert_eq!(list(StatsKind::Relay, 30.0, t(7.0)).await.len(), 1);
+    assert_eq!(list(StatsKind::Node, 30.0, t(7.0)).await.len(), 1);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -608,6 +655,7 @@ suite!(
     batch_lookup_keeps_order_and_reports_offline_users,
     relay_heartbeat_resets_handed_out_and_liveness_follows_ttl,
     relay_choice_is_the_same_for_a_seed,
+    stats_records_replace_expire_and_keep_kinds_apart,
 );
 
 // ---- Redis only ----

@@ -112,6 +112,10 @@ struct PlacementArgs {
     /// Print the full JSON report on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Draw a progress bar of the rounds on stderr even when it is not a terminal (it is
+    /// drawn on a terminal anyway).
+    #[arg(long)]
+    progress: bool,
 }
 
 #[derive(Args, Debug)]
@@ -273,8 +277,15 @@ fn secs(v: f64, name: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// The rounds' progress bar on stderr: drawn on a terminal, or anywhere with `--progress`.
+fn rounds_bar(label: &str, force: bool) -> peerlink_cli::progress::Bar {
+    use peerlink_cli::progress::{Bar, Unit, wanted};
+    Bar::new(label, Unit::Steps, wanted(force))
+}
+
 fn relay(a: RelayArgs) -> anyhow::Result<()> {
     let mut c = TrafficConfig::new(placement(&a.place)?);
+    c.progress = rounds_bar("relay benchmark", a.place.progress);
     anyhow::ensure!(
         a.allocations >= 2 && a.allocations.is_multiple_of(2),
         "--allocations must be even and >= 2"
@@ -327,6 +338,7 @@ fn relay(a: RelayArgs) -> anyhow::Result<()> {
 
 fn relay_alloc(a: AllocArgs) -> anyhow::Result<()> {
     let mut c = AllocConfig::new(placement(&a.place)?);
+    c.progress = rounds_bar("allocation benchmark", a.place.progress);
     c.count = a.hold.unwrap_or(a.count);
     c.concurrency = a.concurrency.max(1);
     c.rounds = a.rounds.max(1);

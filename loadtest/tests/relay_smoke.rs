@@ -299,12 +299,60 @@ fn peerlink_alloc_with_one_client_ip_uses_a_socket_per_allocation() {
     p.peerlink_bin = peerlink_bin();
     p.client_ips = 1;
     p.timeout = Duration::from_secs(40);
-    let c = one_alloc_round(p, 20, 10);
+    let mut c = one_alloc_round(p, 20, 10);
     assert!(!c.shared_sockets());
+    // The run's progress bar (hidden here: stderr is captured) counts its rounds.
+    c.progress = peerlink_cli::progress::Bar::new(
+        "allocation benchmark",
+        peerlink_cli::progress::Unit::Steps,
+        false,
+    );
     let r = relay_bench::run_alloc(&c).expect("allocation benchmark against peerlink-relay");
+    assert_eq!(c.progress.position(), 1, "one round of one server");
     let round = &r.servers[0].rounds[0];
     assert_eq!(round.client_sockets, 20, "{round:?}");
     assert_eq!(round.succeeded, 20, "{round:?}");
     assert_eq!(round.held_and_refreshed, Some(20), "{round:?}");
     assert_eq!(round.released, 20, "{round:?}");
+}
+
+/// `peerlink-loadtest relay-alloc`: a progress bar of the rounds on stderr with `--progress`
+/// (stderr is a pipe here), none without it (not a terminal).
+#[test]
+fn the_cli_draws_a_progress_bar_only_when_asked_or_on_a_terminal() {
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_peerlink-loadtest"))
+            .args([
+                "relay-alloc",
+                "--servers",
+                "peerlink-uring",
+                "--count",
+                "10",
+            ])
+            .args(["--concurrency", "5", "--rounds", "2", "--server-cpu", "-1"])
+            .args([
+                "--gen-cpu",
+                "-1",
+                "--port-min",
+                "18500",
+                "--port-max",
+                "18999",
+            ])
+            .args(["--timeout", "60", "--peerlink-bin"])
+            .arg(peerlink_bin())
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let with = run(&["--progress"]);
+    assert!(with.contains("round 2/2") && with.contains("2/2"), "{with}");
+    let without = run(&[]);
+    assert!(!without.contains("round 1/2"), "{without}");
 }

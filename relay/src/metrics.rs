@@ -21,6 +21,7 @@ use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
 use serde::Serialize;
 
+use peerlink_api::fleet_stats::{LatencyHistogram, RelayStatsSnapshot};
 pub use peerlink_api::relay::{Percentiles, Stats};
 use peerlink_cli::metrics::Exposition;
 
@@ -489,6 +490,26 @@ impl MetricsHub {
             latency_total_us: Percentiles::of(&total),
             allocations_active: allocs,
             counters: Self::counter_list(&io, &core).into_iter().collect(),
+        }
+    }
+
+    /// The stats snapshot sent with directory heartbeats: cumulative counters and the
+    /// since-start latency distribution in the shared bucketing of
+    /// `peerlink_api::fleet_stats` (bounded: at most one entry per bucket in 1 µs..60 s).
+    pub fn snapshot(&self) -> RelayStatsSnapshot {
+        let (io, core, _, total, _) = self.merged();
+        let latency_us = LatencyHistogram::from_values(
+            total
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value())),
+        );
+        RelayStatsSnapshot {
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            packets_forwarded: io.fwd_packets.iter().sum(),
+            bytes_forwarded: io.fwd_bytes.iter().sum(),
+            auth_failures: core.auth_failures,
+            allocations_created: core.allocations_created,
+            latency_us,
         }
     }
 
@@ -965,6 +986,14 @@ mod tests {
             );
         }
         hub.set_interval(&pending);
+        // The heartbeat snapshot carries the same figures, in the shared bucketing.
+        let snap = hub.snapshot();
+        snap.validate().unwrap();
+        assert_eq!(snap.packets_forwarded, 20);
+        assert_eq!(snap.allocations_created, 10);
+        assert_eq!(snap.latency_us.count(), 10);
+        assert_eq!(snap.latency_us.max, 2000);
+        assert_eq!(snap.latency_us.value_at_quantile(0.5), 9);
         let text = hub.prometheus();
         assert!(
             text.contains(

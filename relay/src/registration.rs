@@ -1,6 +1,8 @@
 //! Directory registration: with `--directory URL` the relay registers its public TURN
 //! address, metrics address, region and capacity with the peerlink directory, then heartbeats
-//! its load, allocation count and draining state.
+//! its load, allocation count and draining state, with a compact stats snapshot for the
+//! operators' console ([`MetricsHub::snapshot`]: forwarded packets and bytes, auth failures,
+//! the forwarding latency distribution).
 //!
 //! The loop itself is [`RelayRegistration`] from `peerlink_api::directory_client` (register, heartbeat at the
 //! interval the directory recommends, re-register when a restarted directory answers
@@ -21,7 +23,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use peerlink_api::directory::{RegisterRelayRequest, RelayHeartbeatRequest, RelayInfo};
+use peerlink_api::directory::{
+    RegisterRelayRequest, RelayHeartbeatRequest, RelayInfo, RelayStatsSnapshot,
+};
 use peerlink_api::directory_client::{
     DirectoryClient, RelayRegistration, RelayStatus, RelayStatusSource,
 };
@@ -114,6 +118,10 @@ impl RelayStatusSource for HubStatus {
             allocations,
             draining: !self.hub.is_ready(),
         }
+    }
+
+    fn current_stats(&self) -> Option<RelayStatsSnapshot> {
+        Some(self.hub.snapshot())
     }
 }
 
@@ -338,6 +346,7 @@ async fn announce_drain(
         load: st.load,
         allocations: st.allocations,
         draining: st.draining,
+        stats: status.current_stats(),
     };
     match client.relay_heartbeat(&hb).await {
         Ok(_) => tracing::info!("drain announced to the directory"),

@@ -15,7 +15,7 @@ use peerlink_api::directory::{
     ChooseRelaysRequest, NodePresence, PresenceRemove, PresenceStatus as DirStatus, PresenceUpdate,
     RegisterNodeRequest,
 };
-use peerlink_api::directory_client::{DirectoryClient, NodeRegistration};
+use peerlink_api::directory_client::{DirectoryClient, NodeRegistration, NodeStatsSource};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -172,9 +172,10 @@ impl Cluster {
         })
     }
 
-    /// Start the registration loop (register, heartbeat, re-register and republish the
-    /// presence of every local session after a directory restart).
-    pub fn start(&self, hub: Arc<Hub>) {
+    /// Start the registration loop (register, heartbeat with the console figures of `stats`,
+    /// re-register and republish the presence of every local session after a directory
+    /// restart).
+    pub fn start(&self, hub: Arc<Hub>, stats: impl NodeStatsSource) {
         let req = RegisterNodeRequest {
             node_id: self.node_id.clone(),
             internal_url: self.internal_url.clone(),
@@ -191,7 +192,9 @@ impl Cluster {
                 })
                 .collect::<Vec<_>>()
         };
-        let reg = self.dir.spawn_node_registration(req, source);
+        let reg = self
+            .dir
+            .spawn_node_registration_with_stats(req, source, stats);
         *self.registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(reg);
     }
 

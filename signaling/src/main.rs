@@ -445,7 +445,15 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     if let Some(c) = state.cluster.as_ref() {
-        c.start(state.hub.clone());
+        // The console figures read the node's counters; a weak handle, so that the
+        // registration loop does not keep the node state alive.
+        let started = std::time::Instant::now();
+        let shared = std::sync::Arc::downgrade(&state.0);
+        let stats = move || {
+            let uptime_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            shared.upgrade().map(|s| s.metrics.snapshot(uptime_ms))
+        };
+        c.start(state.hub.clone(), stats);
         if !c.wait_registered(Duration::from_secs(5)).await {
             tracing::warn!("directory registration not confirmed yet; retrying in the background");
         }

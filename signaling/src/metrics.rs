@@ -2,6 +2,7 @@
 //! `peerlink_cli::metrics` (no per-user labels).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use peerlink_cli::metrics::Exposition;
 
@@ -11,6 +12,9 @@ macro_rules! metrics {
         #[derive(Default, Debug)]
         pub struct Metrics {
             $( $(#[doc = $help])* pub $name: metrics!(@ty $kind), )*
+            /// Durations of account and message store operations (shared with the store
+            /// handle, which records them).
+            pub store_latency: std::sync::Arc<StoreLatency>,
         }
         impl Metrics {
             /// Prometheus text exposition.
@@ -23,6 +27,7 @@ macro_rules! metrics {
                         self.$name.load(Ordering::Relaxed),
                     );
                 )*
+                self.store_latency.expose(&mut e);
                 e.render("peerlink_signaling")
             }
         }
@@ -102,8 +107,109 @@ metrics! {
 }
 
 impl Metrics {
+    /// The console figures sent with directory heartbeats, `uptime_ms` after start: sessions
+    /// open, calls started (invites), errors (error frames, failed forwards, failed message
+    /// stores, refused upgrades) and failed logins.
+    pub fn snapshot(&self, uptime_ms: u64) -> peerlink_api::fleet_stats::NodeStatsSnapshot {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        peerlink_api::fleet_stats::NodeStatsSnapshot {
+            uptime_ms,
+            sessions_open: u64::try_from(self.sessions_open.load(Ordering::Relaxed)).unwrap_or(0),
+            invites: c(&self.calls_total),
+            errors: c(&self.frame_errors_total)
+                .saturating_add(c(&self.forward_errors_total))
+                .saturating_add(c(&self.message_store_errors_total))
+                .saturating_add(c(&self.upgrades_refused_total)),
+            login_failures: c(&self.login_failures_total),
+        }
+    }
+
     /// Add one to a counter.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Upper bounds (seconds) of `peerlink_signaling_store_operation_duration_seconds`: from a
+/// SQLite page-cache hit (~100 µs) to a PostgreSQL statement near its timeout (5 s).
+pub const STORE_LATENCY_BUCKETS: [f64; 15] = [
+    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Histogram of store operation durations: one relaxed atomic per bucket (no lock).
+#[derive(Debug, Default)]
+pub struct StoreLatency {
+    /// Samples per bucket alone; the last slot counts those above every bound.
+    counts: [AtomicU64; STORE_LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl StoreLatency {
+    /// Count one operation that took `d`.
+    pub fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let slot = STORE_LATENCY_BUCKETS.partition_point(|&b| b < secs);
+        if let Some(c) = self.counts.get(slot) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Add to `e` as `store_operation_duration_seconds`.
+    fn expose(&self, e: &mut Exposition) {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let count = counts.iter().sum();
+        let buckets = STORE_LATENCY_BUCKETS
+            .iter()
+            .zip(&counts)
+            .map(|(&b, &n)| (b, n))
+            .collect();
+        e.histogram(
+            "store_operation_duration_seconds",
+            "Duration of account and message store operations (SQLite or PostgreSQL), seconds, including the wait for a blocking thread.",
+            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            count,
+            buckets,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_latency_is_a_cumulative_histogram_and_snapshots_count() {
+        let m = Metrics::default();
+        m.store_latency.record(Duration::from_micros(50));
+        m.store_latency.record(Duration::from_micros(100));
+        m.store_latency.record(Duration::from_millis(3));
+        m.store_latency.record(Duration::from_secs(9));
+        let text = m.render();
+        let sample = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        };
+        let p = "peerlink_signaling_store_operation_duration_seconds";
+        assert_eq!(sample(&format!("{p}_bucket{{le=\"0.0001\"}}")), 2.0);
+        assert_eq!(sample(&format!("{p}_bucket{{le=\"0.005\"}}")), 3.0);
+        assert_eq!(sample(&format!("{p}_bucket{{le=\"5\"}}")), 3.0);
+        assert_eq!(sample(&format!("{p}_bucket{{le=\"+Inf\"}}")), 4.0);
+        assert_eq!(sample(&format!("{p}_count")), 4.0);
+        m.sessions_open.store(3, Ordering::Relaxed);
+        Metrics::inc(&m.calls_total);
+        Metrics::inc(&m.frame_errors_total);
+        Metrics::inc(&m.forward_errors_total);
+        let s = m.snapshot(1_234);
+        assert_eq!(
+            (s.uptime_ms, s.sessions_open, s.invites, s.errors),
+            (1_234, 3, 1, 2)
+        );
     }
 }

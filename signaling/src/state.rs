@@ -117,6 +117,7 @@ impl AppState {
             }
             _ => None,
         };
+        let metrics = Metrics::default();
         Ok(Self(Arc::new(Shared {
             throttle_account: Throttle::new(
                 cfg.login_failures_per_account,
@@ -129,12 +130,12 @@ impl AppState {
                 THROTTLE_MAX_KEYS,
             ),
             cfg,
-            db: Db(store),
+            db: Db(store, metrics.store_latency.clone()),
             hasher,
             tokens,
             hub: Arc::new(Hub::default()),
             calls: Calls::default(),
-            metrics: Metrics::default(),
+            metrics,
             cluster,
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),

@@ -1,6 +1,5 @@
-//! Progress events (bytes, rate, ETA) and an indicatif progress bar for the CLI.
+//! Progress events (bytes, rate, ETA) and the terminal progress bar of the CLI.
 
-use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -81,28 +80,25 @@ impl ProgressTracker {
     }
 }
 
-/// A terminal progress bar fed by [`Progress`] events; hidden when stderr is not a terminal
-/// or when JSON output was asked for.
+/// A terminal progress bar fed by [`Progress`] events (the tools' one bar,
+/// [`peerlink_cli::progress::Bar`]); hidden when stderr is not a terminal or when JSON output
+/// was asked for.
 #[derive(Debug, Clone)]
 pub struct ProgressBar {
-    bar: indicatif::ProgressBar,
+    bar: peerlink_cli::progress::Bar,
 }
 
 impl ProgressBar {
     /// A bar labelled `label`; hidden if `json` or if stderr is not a TTY.
     pub fn new(label: &str, json: bool) -> Self {
-        let bar = if json || !std::io::stderr().is_terminal() {
-            indicatif::ProgressBar::hidden()
-        } else {
-            indicatif::ProgressBar::new(0)
-        };
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
+        let visible = !json && peerlink_cli::progress::wanted(false);
+        Self {
+            bar: peerlink_cli::progress::Bar::new(
+                label,
+                peerlink_cli::progress::Unit::Bytes,
+                visible,
+            ),
         }
-        bar.set_message(label.to_string());
-        Self { bar }
     }
 
     /// Whether the bar draws nothing.

@@ -291,6 +291,9 @@ pub struct TrafficConfig {
     pub floor_bin: Option<std::path::PathBuf>,
     /// The floors to probe, each its own echo process, in turn with the servers.
     pub floor_io: Vec<floor::FloorIo>,
+    /// Progress of the run on stderr (hidden by default).
+    #[serde(skip)]
+    pub progress: peerlink_cli::progress::Bar,
 }
 
 impl TrafficConfig {
@@ -314,6 +317,7 @@ impl TrafficConfig {
     pub fn new(placement: Placement) -> Self {
         Self {
             placement,
+            progress: peerlink_cli::progress::Bar::hidden(),
             allocations: 200,
             topology: Topology::Pairs,
             rate: Some(30_000.0),
@@ -687,6 +691,13 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
     };
     let mut reports: Vec<ServerReport> = servers.iter().map(|k| ServerReport::new(*k)).collect();
     let mut round_id = 0u32;
+    let bar = &cfg.progress;
+    let probes = if (cfg.max || cfg.half_load_rate.is_some()) && cfg.half_load_probe {
+        cfg.half_load_probes * servers.iter().filter(|k| k.is_peerlink()).count()
+    } else {
+        0
+    };
+    bar.set_length((cfg.rounds * servers.len() + probes) as u64);
     for r in 0..cfg.rounds {
         // Alternate: rotate the order every round.
         for j in 0..servers.len() {
@@ -705,6 +716,8 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                 let m = search_max(cfg, &mut round_id, |spec| measured_round(prep, spec, None))?;
                 reports[s].max.push(m);
             }
+            bar.set_message(format!("round {}/{}", r + 1, cfg.rounds));
+            bar.inc(1);
         }
     }
     // peerlink's in-relay latency at half of its (median) max rate, from /stats; and the same
@@ -752,6 +765,12 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
                 };
                 let f = measured_round(prep, &spec, Some((read_at, &mut probe)))?;
                 reports[s].half_load.push(report::HalfLoad::new(f, stats));
+                bar.set_message(format!(
+                    "half-load probe {}/{}",
+                    p + 1,
+                    cfg.half_load_probes
+                ));
+                bar.inc(1);
             }
         }
         // The echoes stop here (dropped), their probes go to the report.
@@ -765,6 +784,7 @@ pub fn run_traffic(cfg: &TrafficConfig) -> Result<TrafficReport, BenchError> {
         }
         reports[s].allocations = prep.sessions.count(AllocationState::Allocated);
     }
+    bar.finish();
     let mut report = TrafficReport::new(cfg, reports, started.elapsed());
     report.set_generator_baseline(generator_baseline);
     report.set_floors(floor_probes);
@@ -855,6 +875,9 @@ pub struct AllocConfig {
     pub hold: Option<Duration>,
     /// Idle time before reading RSS after allocating.
     pub settle: Duration,
+    /// Progress of the run on stderr (hidden by default).
+    #[serde(skip)]
+    pub progress: peerlink_cli::progress::Bar,
 }
 
 impl AllocConfig {
@@ -862,6 +885,7 @@ impl AllocConfig {
     pub fn new(placement: Placement) -> Self {
         Self {
             placement,
+            progress: peerlink_cli::progress::Bar::hidden(),
             count: 2000,
             concurrency: 500,
             rounds: 3,
@@ -1014,6 +1038,7 @@ pub fn run_alloc(cfg: &AllocConfig) -> Result<AllocReport, BenchError> {
     let servers = &cfg.placement.servers;
     let mut reports: Vec<AllocServerReport> =
         servers.iter().map(|k| AllocServerReport::new(*k)).collect();
+    cfg.progress.set_length((cfg.rounds * servers.len()) as u64);
     for r in 0..cfg.rounds {
         for j in 0..servers.len() {
             if Instant::now() >= deadline {
@@ -1022,8 +1047,12 @@ pub fn run_alloc(cfg: &AllocConfig) -> Result<AllocReport, BenchError> {
             let s = (j + r) % servers.len();
             let round = alloc_round(cfg, servers[s], deadline)?;
             reports[s].rounds.push(round);
+            cfg.progress
+                .set_message(format!("round {}/{}", r + 1, cfg.rounds));
+            cfg.progress.inc(1);
         }
     }
+    cfg.progress.finish();
     Ok(AllocReport::new(cfg, reports, started.elapsed()))
 }
 

@@ -297,9 +297,10 @@ pub fn open(location: &StoreLocation, pg: &PgOptions) -> Result<Arc<dyn Store>, 
     })
 }
 
-/// Async handle to a [`Store`]: every call runs on the blocking pool.
+/// Async handle to a [`Store`]: every call runs on the blocking pool, its duration recorded
+/// in the store latency histogram.
 #[derive(Clone)]
-pub struct Db(pub Arc<dyn Store>);
+pub struct Db(pub Arc<dyn Store>, pub Arc<crate::metrics::StoreLatency>);
 
 impl Db {
     /// Run `f` against the store off the async runtime.
@@ -308,9 +309,12 @@ impl Db {
         f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let s = self.0.clone();
-        tokio::task::spawn_blocking(move || f(s.as_ref()))
+        let started = std::time::Instant::now();
+        let r = tokio::task::spawn_blocking(move || f(s.as_ref()))
             .await
-            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?;
+        self.1.record(started.elapsed());
+        r
     }
 }
 
