@@ -30,13 +30,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use peerlink_proto::attrs::{
-    AlternateServer, ChannelNumber, Data, ErrorCode, Lifetime, Nonce, Realm, RequestedTransport,
-    Software, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
+    AlternateServer, ChannelNumber, Data, ErrorCode, Lifetime, Nonce, Realm,
+    RequestedAddressFamily, RequestedTransport, Software, Username, XorMappedAddress,
+    XorPeerAddress, XorRelayedAddress,
 };
 use peerlink_proto::channel::{self, ChannelData, ChannelDataError};
 use peerlink_proto::{
-    AttrError, Class, EncodeError, Message, MessageBuilder, MessageType, Method, PacketKind,
-    ParseError, TransactionId, auth, classify,
+    AddressFamily, AttrError, Class, EncodeError, Message, MessageBuilder, MessageType, Method,
+    PacketKind, ParseError, TransactionId, auth, classify,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -81,6 +82,9 @@ pub struct TurnConfig {
     pub software: Option<String>,
     /// Append FINGERPRINT to requests (default true).
     pub fingerprint: bool,
+    /// Family of the relayed address to ask for (REQUESTED-ADDRESS-FAMILY, RFC 8656): `None`
+    /// sends no attribute, and the server relays IPv4 (default none).
+    pub requested_family: Option<AddressFamily>,
 }
 
 impl TurnConfig {
@@ -100,6 +104,7 @@ impl TurnConfig {
             seed: 0,
             software: None,
             fingerprint: true,
+            requested_family: None,
         }
     }
 
@@ -802,6 +807,9 @@ impl TurnClient {
         match kind {
             RequestKind::Allocate => {
                 b.add(&RequestedTransport::UDP)?;
+                if let Some(f) = self.config.requested_family {
+                    b.add(&RequestedAddressFamily(f))?;
+                }
                 b.add(&Lifetime(secs_u32(self.config.lifetime)))?;
             }
             RequestKind::Refresh { lifetime } => b.add(&Lifetime(*lifetime))?,

@@ -74,6 +74,7 @@
 
 mod candidate;
 mod checks;
+mod family;
 mod gather;
 mod relay;
 mod selection;
@@ -101,6 +102,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::turn::{self, AllocationState, TurnClient};
 
 pub use candidate::{Candidate, CandidateError, CandidateKind};
+pub use family::{family_precedence, local_preference};
 pub use types::{
     AgentConfig, AgentStats, AppData, DisconnectReason, Event, PathKind, Role, SelectedPath,
     SendError, Transmit, TurnConfig,
@@ -203,6 +205,8 @@ struct Txn {
 #[derive(Clone, Debug)]
 struct Gather {
     socket: usize,
+    /// The STUN server asked (the one of the socket's family).
+    server: SocketAddr,
     tid: TransactionId,
     payload: Vec<u8>,
     transmissions: u32,
@@ -264,6 +268,12 @@ pub struct Agent {
     events: VecDeque<Event>,
     transmits: VecDeque<Transmit>,
     stats: AgentStats,
+    /// The allocation of the other relayed family and its local socket (`family`).
+    turn2: Option<(usize, TurnClient)>,
+    /// When its Allocate started, while gathering waits for it.
+    turn2_started_at: Option<Instant>,
+    /// It was tried in this generation.
+    turn2_tried: bool,
 }
 
 impl Agent {
@@ -306,6 +316,9 @@ impl Agent {
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             stats: AgentStats::default(),
+            turn2: None,
+            turn2_started_at: None,
+            turn2_tried: false,
         };
         agent.start_gathering(now);
         agent
@@ -369,8 +382,7 @@ impl Agent {
         let ip = c.addr.ip();
         self.remotes.push(c.clone());
         self.stats.remote_candidates = self.remotes.len();
-        if let Some(t) = self.turn.as_mut()
-            && t.state() == AllocationState::Allocated
+        if let Some((_, t)) = self.relay_for_mut(c.addr)
             && !t.has_permission(ip)
         {
             let _ = t.create_permission(now, ip);
@@ -406,6 +418,11 @@ impl Agent {
                 .turn
                 .as_ref()
                 .is_some_and(|t| t.config().server == from);
+        if matches!(kind, PacketKind::Stun | PacketKind::ChannelData)
+            && self.from_turn2(socket, from)
+        {
+            return self.turn2_input(now, socket, from, data);
+        }
         // The answer to a Refresh LIFETIME 0 of a released allocation.
         if !from_turn && kind == PacketKind::Stun && self.feed_retired(now, socket, from, data) {
             return None;
@@ -453,6 +470,7 @@ impl Agent {
             t.handle_timeout(now);
         }
         self.drain_turn(now);
+        self.turn2_timers(now);
         self.turn_failover(now);
         self.pair_timers(now);
         self.consent_timers(now);
@@ -488,6 +506,10 @@ impl Agent {
         for (_, t) in &self.retired {
             consider(t.poll_timeout());
         }
+        if let Some((_, t)) = &self.turn2 {
+            consider(t.poll_timeout());
+        }
+        consider(self.turn2_wait_until());
         consider(self.turn_deferred_until);
         consider(self.unused_relay_release_at());
         if self.remote_creds.is_some() && !self.dead {
@@ -539,12 +561,12 @@ impl Agent {
                 payload: payload.to_vec(),
             },
             Via::Relay => {
-                let turn = self.turn.as_mut().ok_or(SendError::NotConnected)?;
+                let (socket, turn) = self.relay_for_mut(remote).ok_or(SendError::NotConnected)?;
                 let mut buf = vec![0u8; payload.len() + TURN_OVERHEAD];
                 let n = turn.encode_data(remote, payload, &mut buf)?;
                 buf.truncate(n);
                 Transmit {
-                    socket: self.turn_socket,
+                    socket,
                     to: turn.config().server,
                     payload: buf,
                 }
@@ -658,7 +680,7 @@ impl Agent {
 
     /// True when no allocation of this agent is alive or being released on a relay.
     pub fn is_released(&self) -> bool {
-        self.turn.is_none() && self.retired.is_empty()
+        self.turn.is_none() && self.turn2.is_none() && self.retired.is_empty()
     }
 
     /// Counters and figures.
@@ -709,11 +731,6 @@ impl std::fmt::Debug for Agent {
 
 fn p_last(p: &Pair) -> Option<Instant> {
     p.last_rx
-}
-
-/// Local preference of socket `i`: earlier sockets are preferred.
-fn local_pref(i: usize) -> u16 {
-    65535u16.saturating_sub(u16::try_from(i).unwrap_or(u16::MAX))
 }
 
 /// Encodes a STUN message with `fill` adding the attributes.

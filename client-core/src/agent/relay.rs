@@ -7,6 +7,7 @@ impl Agent {
     /// Moves the current allocation to the released list (Refresh LIFETIME 0 sent).
     pub(super) fn release_turn(&mut self, now: Instant) {
         self.turn_deferred_until = None;
+        self.release_turn2(now);
         if let Some(mut old) = self.turn.take()
             && old.state() == AllocationState::Allocated
             && old.deallocate(now).is_ok()
