@@ -178,12 +178,15 @@ pub enum Cmd {
 /// Network settings of a call.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NetArgs {
-    /// Host address the call's UDP socket binds on.
+    /// Host address the call's UDP socket binds on; give it twice (an IPv4 and an IPv6
+    /// address) to choose the IPv6 socket's address too [default: 127.0.0.1; the IPv6 socket
+    /// beside an IPv4 one binds on the source address towards the IPv6 --stun].
     #[arg(long, default_value = "127.0.0.1")]
-    pub bind: std::net::IpAddr,
-    /// Signaling's STUN responder (for the server-reflexive candidate).
+    pub bind: Vec<std::net::IpAddr>,
+    /// Signaling's STUN responder (for the server-reflexive candidate); repeat it for its
+    /// other family (signaling prints both on its `stun=` line): one per family.
     #[arg(long)]
-    pub stun: Option<SocketAddr>,
+    pub stun: Vec<SocketAddr>,
     /// Do not ask for TURN credentials (no relayed candidate).
     #[arg(long, conflicts_with = "relay_only")]
     pub no_turn: bool,
@@ -194,9 +197,35 @@ pub struct NetArgs {
 
 impl NetArgs {
     fn options(&self) -> CallOptions {
+        let v4 = |v: bool| move |a: &&std::net::IpAddr| a.is_ipv4() == v;
+        // The first address is the primary socket's; an IPv6 one beside IPv4 goes to bind6.
+        let bind_ip = self
+            .bind
+            .first()
+            .copied()
+            .unwrap_or(CallOptions::default().bind_ip);
+        let bind6 = self
+            .bind
+            .iter()
+            .filter(v4(false))
+            .copied()
+            .find(|_| bind_ip.is_ipv4());
+        let stun = self
+            .stun
+            .iter()
+            .find(|s| s.is_ipv4() == bind_ip.is_ipv4())
+            .or(self.stun.first())
+            .copied();
+        let stun6 = self
+            .stun
+            .iter()
+            .find(|s| s.is_ipv6() && Some(**s) != stun)
+            .copied();
         CallOptions {
-            bind_ip: self.bind,
-            stun: self.stun,
+            bind_ip,
+            bind6,
+            stun,
+            stun6,
             use_turn: !self.no_turn,
             relay_only: self.relay_only,
             ..CallOptions::default()

@@ -121,7 +121,7 @@ impl Agent {
     }
 
     /// Whether a datagram from `from` on `socket` is the second allocation's server.
-    pub(super) fn from_turn2(&self, socket: usize, from: SocketAddr) -> bool {
+    pub(super) fn is_turn2_server(&self, socket: usize, from: SocketAddr) -> bool {
         self.turn2
             .as_ref()
             .is_some_and(|(s, t)| *s == socket && t.config().server == from)

@@ -419,7 +419,7 @@ impl Agent {
                 .as_ref()
                 .is_some_and(|t| t.config().server == from);
         if matches!(kind, PacketKind::Stun | PacketKind::ChannelData)
-            && self.from_turn2(socket, from)
+            && self.is_turn2_server(socket, from)
         {
             return self.turn2_input(now, socket, from, data);
         }

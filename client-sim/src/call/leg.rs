@@ -8,6 +8,8 @@ use super::*;
 pub(super) struct Leg {
     pub(super) role: IceRole,
     pub(super) sock: UdpSocket,
+    /// The IPv6 socket beside an IPv4 `sock` (the agent's socket 1), when the host has IPv6.
+    pub(super) sock6: Option<UdpSocket>,
     pub(super) agent: Agent,
     pub(super) keys: KeyExchange,
     pub(super) ufrag: String,
@@ -64,10 +66,27 @@ impl Leg {
         }
         let sock = UdpSocket::bind(SocketAddr::new(opts.bind_ip, 0)).await?;
         let local = sock.local_addr()?;
+        let sock6 = match v6_bind_ip(opts).await {
+            Some(ip) => match UdpSocket::bind(SocketAddr::new(ip, 0)).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("no IPv6 socket on {ip}: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut sockets = vec![local];
+        if let Some(s) = &sock6 {
+            sockets.push(s.local_addr()?);
+        }
         let ufrag = random_token(8);
         let pwd = random_token(24);
         let mut cfg = AgentConfig::new(role, ufrag.clone(), pwd.clone(), opts.seed);
         cfg.stun_server = opts.stun;
+        cfg.stun_server6 = opts.stun6;
+        // A peer of the other family only can reach us through a relayed address of its family.
+        cfg.relay_other_family = true;
         cfg.relay_only = opts.relay_only;
         if opts.relay_only {
             // Every pair is relayed: nothing direct to wait for.
@@ -89,10 +108,11 @@ impl Leg {
                 Err(e) => tracing::warn!("no TURN credentials, calling without a relay: {e}"),
             }
         }
-        let agent = Agent::new(cfg, &[local], Instant::now());
+        let agent = Agent::new(cfg, &sockets, Instant::now());
         Ok(Self {
             role,
             sock,
+            sock6,
             agent,
             keys: KeyExchange::generate(&mut rand::rng()),
             ufrag,
@@ -304,9 +324,9 @@ impl Leg {
 
     pub(super) async fn flush(&mut self) -> Result<(), CallError> {
         while let Some(t) = self.agent.poll_transmit() {
-            // One socket per call: index 0. A send error on one datagram (e.g. an unreachable
-            // candidate) must not end the call.
-            if let Err(e) = self.sock.send_to(&t.payload, t.to).await {
+            // Socket 0, or 1 for the IPv6 socket. A send error on one datagram (e.g. an
+            // unreachable candidate) must not end the call.
+            if let Err(e) = self.socket(t.socket).send_to(&t.payload, t.to).await {
                 tracing::debug!("send to {} failed: {e}", t.to);
             }
         }
@@ -316,7 +336,7 @@ impl Leg {
     pub(super) async fn send_app(&mut self, payload: &[u8]) -> Result<(), CallError> {
         match self.agent.send(Instant::now(), payload) {
             Ok(t) => {
-                if let Err(e) = self.sock.send_to(&t.payload, t.to).await {
+                if let Err(e) = self.socket(t.socket).send_to(&t.payload, t.to).await {
                     tracing::debug!("media send to {} failed: {e}", t.to);
                 }
             }
@@ -331,7 +351,16 @@ impl Leg {
         }
     }
 
-    pub(super) fn on_datagram(&mut self, n: usize, from: SocketAddr, buf: &[u8]) {
+    /// The socket of the agent's index `i` (0: `sock`, 1: `sock6`).
+    pub(super) fn socket(&self, i: usize) -> &UdpSocket {
+        match (i, &self.sock6) {
+            (1, Some(s)) => s,
+            _ => &self.sock,
+        }
+    }
+
+    /// A datagram of `n` bytes in `buf` from `from` on the agent's socket `socket`.
+    pub(super) fn on_datagram_at(&mut self, socket: usize, n: usize, from: SocketAddr, buf: &[u8]) {
         let now = Instant::now();
         let data = &buf[..n];
         // RFC 7983: 4-63 is nobody's (ZRTP/DTLS, not used here).
@@ -339,7 +368,7 @@ impl Leg {
             self.dropped_garbage += 1;
         }
         let Some(crate::agent::AppData::Payload { data, .. }) =
-            self.agent.handle_datagram(now, 0, from, data)
+            self.agent.handle_datagram(now, socket, from, data)
         else {
             return;
         };
@@ -397,9 +426,9 @@ impl Leg {
                 .min(deadline)
                 .max(Instant::now());
             tokio::select! {
-                r = self.sock.recv_from(&mut buf) => {
-                    if let Ok((n, from)) = r {
-                        let _ = self.agent.handle_datagram(Instant::now(), 0, from, &buf[..n]);
+                r = recv_any(&self.sock, self.sock6.as_ref(), &mut buf) => {
+                    if let Ok((i, n, from)) = r {
+                        let _ = self.agent.handle_datagram(Instant::now(), i, from, &buf[..n]);
                     }
                 }
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
@@ -472,6 +501,53 @@ impl Leg {
         }
         w
     }
+}
+
+/// The next datagram on `sock` or `sock6`: (agent socket index, length, source). A free
+/// function so the future borrows the sockets only, not the whole (non-`Sync`) leg.
+pub(super) async fn recv_any(
+    sock: &UdpSocket,
+    sock6: Option<&UdpSocket>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, usize, SocketAddr)> {
+    let Some(s6) = sock6 else {
+        return sock.recv_from(buf).await.map(|(n, a)| (0, n, a));
+    };
+    loop {
+        let (i, s) = tokio::select! {
+            r = sock.readable() => { r?; (0, sock) }
+            r = s6.readable() => { r?; (1, s6) }
+        };
+        match s.try_recv_from(buf) {
+            Ok((n, a)) => return Ok((i, n, a)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Where the IPv6 socket binds beside an IPv4 one: `opts.bind6`, else the source address the
+/// host would use towards the IPv6 STUN server (none without a route, or when it is
+/// link-local: such a candidate needs a scope the peer cannot use).
+async fn v6_bind_ip(opts: &CallOptions) -> Option<std::net::IpAddr> {
+    if !opts.bind_ip.is_ipv4() {
+        return None;
+    }
+    if let Some(ip) = opts.bind6 {
+        return Some(ip);
+    }
+    let stun6 = opts.stun6?;
+    let probe = UdpSocket::bind("[::]:0").await.ok()?;
+    // connect() on UDP sends nothing: it only picks the route and source address.
+    probe.connect(stun6).await.ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    let usable = match ip {
+        std::net::IpAddr::V6(v6) => {
+            !v6.is_unspecified() && !v6.is_unicast_link_local() && v6.to_ipv4_mapped().is_none()
+        }
+        std::net::IpAddr::V4(_) => false,
+    };
+    usable.then_some(ip)
 }
 
 /// Every usable relay of the credentials, in the order signaling gave them.

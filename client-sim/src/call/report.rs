@@ -49,6 +49,8 @@ pub struct CallReport {
     pub local: Option<String>,
     /// The peer's end of the selected path.
     pub remote: Option<String>,
+    /// "ipv4" or "ipv6": the address family of the selected pair (both ends are of one).
+    pub family: Option<String>,
     /// Path changes after connecting (e.g. relay -> direct).
     pub path_changes: u64,
     /// Caller: invite sent -> accepted (ringing + answering); callee: none.
@@ -234,6 +236,7 @@ impl Leg {
             }),
             local: self.path.map(|p| p.local.to_string()),
             remote: self.path.map(|p| p.remote.to_string()),
+            family: self.path.map(|p| family_name(p.remote).into()),
             path_changes: self.path_changes,
             invite_to_answer_ms: invite_to_answer.map(ms),
             answer_to_connected_ms: since(self.t_connected),
@@ -268,4 +271,9 @@ impl Leg {
             max_media_gap_ms: ms(self.max_media_gap),
         }
     }
+}
+
+/// "ipv4" or "ipv6".
+pub(super) fn family_name(a: SocketAddr) -> &'static str {
+    if a.is_ipv4() { "ipv4" } else { "ipv6" }
 }

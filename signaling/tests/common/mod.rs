@@ -201,6 +201,14 @@ impl Node {
         self.proc.child()
     }
 
+    /// The rest of the next stdout line starting with `prefix` (bounded wait; after the
+    /// `http=` and `stun=` lines `start` consumed).
+    pub fn stdout_line(&mut self, prefix: &str) -> String {
+        self.proc.wait_for(Duration::from_secs(20), |l| {
+            l.strip_prefix(prefix).map(str::to_owned)
+        })
+    }
+
     /// The node's process id.
     pub fn pid(&self) -> u32 {
         self.proc.pid()
