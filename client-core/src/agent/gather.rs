@@ -50,7 +50,13 @@ impl Agent {
                 });
             }
         }
-        self.turn_order = self.turn_list();
+        // A relay of a family no socket has is out of reach (an IPv6-only host, IPv4 relays).
+        let reachable = |t: &TurnConfig| {
+            self.sockets
+                .iter()
+                .any(|s| s.is_ipv4() == t.server.is_ipv4())
+        };
+        self.turn_order = self.turn_list().into_iter().filter(reachable).collect();
         self.turn_index = 0;
         self.turn_allocated_once = false;
         self.turn_started_at = None;
