@@ -633,14 +633,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ctx.print(
                 serde_json::json!({"directory": f.directory_url, "signaling": f.signaling_url,
                     "stun": f.stun.map(|s| s.to_string()),
+                    "stun6": f.stun6.map(|s| s.to_string()),
                     "relay": relay.map(|r| r.turn.to_string()),
                     "relay_metrics": relay.map(|r| r.metrics.to_string()),
                     "logs": f.dir().display().to_string()}),
                 format!(
-                    "directory {}\nsignaling {}\nstun {}\nrelay {} (metrics {})\nlogs in {}\nCtrl-C or SIGTERM stops the fleet",
+                    "directory {}\nsignaling {}\nstun {}{}\nrelay {} (metrics {})\nlogs in {}\nCtrl-C or SIGTERM stops the fleet",
                     f.directory_url,
                     f.signaling_url,
                     f.stun.map(|s| s.to_string()).unwrap_or_default(),
+                    f.stun6.map(|s| format!("\nstun6 {s}")).unwrap_or_default(),
                     relay.map(|r| r.turn.to_string()).unwrap_or_default(),
                     relay.map(|r| r.metrics.to_string()).unwrap_or_default(),
                     f.dir().display()

@@ -7,8 +7,8 @@
 //! A bad configuration (including a TLS certificate or key that cannot be used) exits with
 //! status 2 before any socket is bound; a store that cannot be opened (unreachable, refused
 //! credentials, newer schema) with status 1, also before. Once bound, the binary prints
-//! `http=ADDR` and `stun=ADDR[,ADDR..]` lines on stdout, and `stun6=ADDR` when the IPv6 STUN
-//! responder runs.
+//! `http=ADDR`, `stun6=ADDR` (when the IPv6 STUN responder runs) and `stun=ADDR[,ADDR..]`
+//! lines on stdout, in this order.
 //!
 //! With `--tls-cert` and `--tls-key` the listener serves HTTPS and WSS; SIGHUP re-reads both
 //! files (a pair that fails to load is logged and the previous one keeps serving); without
@@ -472,6 +472,10 @@ async fn main() -> anyhow::Result<()> {
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "http={http_addr}")?;
+        // Before `stun=`: whoever waits for that line has seen this one.
+        if let Some(a) = stun6.as_ref().and_then(|s| s.layout().slots[0]) {
+            writeln!(out, "stun6={a}")?;
+        }
         if let Some(s) = &stun {
             let addrs: Vec<String> = s
                 .layout()
@@ -481,9 +485,6 @@ async fn main() -> anyhow::Result<()> {
                 .map(|a| a.to_string())
                 .collect();
             writeln!(out, "stun={}", addrs.join(","))?;
-        }
-        if let Some(a) = stun6.as_ref().and_then(|s| s.layout().slots[0]) {
-            writeln!(out, "stun6={a}")?;
         }
         out.flush()?;
     }

@@ -396,8 +396,8 @@ async fn hostile_datagrams_dropped_and_bad_attributes_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_responder_beside_the_ipv4_one() {
     let d = tempfile::tempdir().unwrap();
-    let mut node = Node::start(&d.path().join("db"), &["--stun6", "[::1]:0"]);
-    let v6: SocketAddr = node.stdout_line("stun6=").parse().unwrap();
+    let node = Node::start(&d.path().join("db"), &["--stun6", "[::1]:0"]);
+    let v6 = node.stun6.expect("a stun6= line");
     assert!(
         v6.is_ipv6() && v6.ip().is_loopback() && v6.port() != 0,
         "{v6}"
