@@ -67,7 +67,8 @@
 //!
 //! The public API and the agent's state are here; `gather` holds candidate gathering,
 //! `relay` the TURN allocations, `checks` the pairs and connectivity checks, `selection` the
-//! path selection and consent.
+//! path selection and consent, `family` dual stack (RFC 8421 local preferences, a STUN
+//! server per family, same-family pairs, the allocation of the other relayed family).
 //!
 //! What it is not: no sockets, clock reads or unseeded randomness; one component, UDP only;
 //! no port prediction (symmetric <-> port-restricted goes through the relay); no ICE-lite.
