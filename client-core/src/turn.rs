@@ -78,13 +78,13 @@ pub struct TurnConfig {
     pub max_transmissions: u32,
     /// Seed of the transaction-id RNG (default 0; give every client its own).
     pub seed: u64,
+    /// Family of the relayed address to ask for (REQUESTED-ADDRESS-FAMILY, RFC 8656): `None`
+    /// sends no attribute, and the server relays IPv4 (default none).
+    pub requested_family: Option<AddressFamily>,
     /// SOFTWARE attribute to send (default none).
     pub software: Option<String>,
     /// Append FINGERPRINT to requests (default true).
     pub fingerprint: bool,
-    /// Family of the relayed address to ask for (REQUESTED-ADDRESS-FAMILY, RFC 8656): `None`
-    /// sends no attribute, and the server relays IPv4 (default none).
-    pub requested_family: Option<AddressFamily>,
 }
 
 impl TurnConfig {
@@ -102,9 +102,9 @@ impl TurnConfig {
             rto: DEFAULT_RTO,
             max_transmissions: DEFAULT_MAX_TRANSMISSIONS,
             seed: 0,
+            requested_family: None,
             software: None,
             fingerprint: true,
-            requested_family: None,
         }
     }
 

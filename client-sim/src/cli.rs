@@ -197,39 +197,53 @@ pub struct NetArgs {
 
 impl NetArgs {
     fn options(&self) -> CallOptions {
-        let v4 = |v: bool| move |a: &&std::net::IpAddr| a.is_ipv4() == v;
-        // The first address is the primary socket's; an IPv6 one beside IPv4 goes to bind6.
-        let bind_ip = self
-            .bind
-            .first()
-            .copied()
-            .unwrap_or(CallOptions::default().bind_ip);
-        let bind6 = self
-            .bind
-            .iter()
-            .filter(v4(false))
-            .copied()
-            .find(|_| bind_ip.is_ipv4());
-        let stun = self
-            .stun
-            .iter()
-            .find(|s| s.is_ipv4() == bind_ip.is_ipv4())
-            .or(self.stun.first())
-            .copied();
-        let stun6 = self
-            .stun
-            .iter()
-            .find(|s| s.is_ipv6() && Some(**s) != stun)
-            .copied();
         CallOptions {
-            bind_ip,
-            bind6,
-            stun,
-            stun6,
+            bind_ip: self.bind_ip(),
+            bind6: self.bind6(),
+            stun: self.stun4(),
+            stun6: self.stun6(),
             use_turn: !self.no_turn,
             relay_only: self.relay_only,
             ..CallOptions::default()
         }
+    }
+}
+
+impl NetArgs {
+    /// The primary socket's address: the first `--bind`.
+    fn bind_ip(&self) -> std::net::IpAddr {
+        self.bind
+            .first()
+            .copied()
+            .unwrap_or(CallOptions::default().bind_ip)
+    }
+
+    /// An IPv6 `--bind` beside an IPv4 primary one.
+    fn bind6(&self) -> Option<std::net::IpAddr> {
+        let primary = self.bind_ip();
+        self.bind
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv6() && primary.is_ipv4())
+    }
+
+    /// The `--stun` of the primary socket's family (else the first).
+    fn stun4(&self) -> Option<SocketAddr> {
+        let primary = self.bind_ip();
+        self.stun
+            .iter()
+            .find(|s| s.is_ipv4() == primary.is_ipv4())
+            .or(self.stun.first())
+            .copied()
+    }
+
+    /// An IPv6 `--stun` beside it.
+    fn stun6(&self) -> Option<SocketAddr> {
+        let first = self.stun4();
+        self.stun
+            .iter()
+            .copied()
+            .find(|s| s.is_ipv6() && Some(*s) != first)
     }
 }
 

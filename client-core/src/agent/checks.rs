@@ -238,7 +238,10 @@ impl Agent {
                 payload,
             }),
             Via::Relay => {
-                let Some((socket, t)) = self.relay_for_mut(to) else {
+                if self.emit_turn2(now, to, &payload) {
+                    return;
+                }
+                let Some(t) = self.turn.as_mut() else {
                     self.stats.send_errors += 1;
                     return;
                 };
@@ -253,7 +256,7 @@ impl Agent {
                         buf.truncate(n);
                         let server = t.config().server;
                         self.transmits.push_back(Transmit {
-                            socket,
+                            socket: self.turn_socket,
                             to: server,
                             payload: buf,
                         });

@@ -120,6 +120,75 @@ impl Agent {
         }
     }
 
+    /// Drops relays of a family no socket has (an IPv6-only host, IPv4 relays): out of reach.
+    pub(super) fn keep_reachable_relays(&mut self) {
+        let sockets = &self.sockets;
+        self.turn_order
+            .retain(|t| sockets.iter().any(|s| s.is_ipv4() == t.server.is_ipv4()));
+    }
+
+    /// The second allocation when it relays the family of `remote` (it is allocated).
+    fn turn2_for(&mut self, remote: SocketAddr) -> Option<(usize, &mut TurnClient)> {
+        match self.turn2.as_mut() {
+            Some((s, t))
+                if t.state() == AllocationState::Allocated
+                    && t.relayed_addr()
+                        .is_some_and(|r| r.is_ipv4() == remote.is_ipv4()) =>
+            {
+                Some((*s, t))
+            }
+            _ => None,
+        }
+    }
+
+    /// Queues `payload` to `to` through the second allocation if it relays `to`'s family;
+    /// `false` leaves it to the first.
+    pub(super) fn emit_turn2(&mut self, now: Instant, to: SocketAddr, payload: &[u8]) -> bool {
+        let Some((socket, t)) = self.turn2_for(to) else {
+            return false;
+        };
+        let mut buf = vec![0u8; payload.len() + TURN_OVERHEAD];
+        let mut res = t.encode_data(to, payload, &mut buf);
+        if matches!(res, Err(turn::TurnError::NoPermission(_))) {
+            let _ = t.create_permission(now, to.ip());
+            res = t.encode_data(to, payload, &mut buf);
+        }
+        match res {
+            Ok(n) => {
+                buf.truncate(n);
+                let server = t.config().server;
+                self.transmits.push_back(Transmit {
+                    socket,
+                    to: server,
+                    payload: buf,
+                });
+            }
+            Err(_) => self.stats.send_errors += 1,
+        }
+        self.drain_turn2(now);
+        true
+    }
+
+    /// An application payload to `remote` wrapped for the second allocation, if it relays
+    /// `remote`'s family.
+    pub(super) fn wrap_turn2(
+        &mut self,
+        remote: SocketAddr,
+        payload: &[u8],
+    ) -> Result<Option<Transmit>, SendError> {
+        let Some((socket, t)) = self.turn2_for(remote) else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; payload.len() + TURN_OVERHEAD];
+        let n = t.encode_data(remote, payload, &mut buf)?;
+        buf.truncate(n);
+        Ok(Some(Transmit {
+            socket,
+            to: t.config().server,
+            payload: buf,
+        }))
+    }
+
     /// Whether a datagram from `from` on `socket` is the second allocation's server.
     pub(super) fn is_turn2_server(&self, socket: usize, from: SocketAddr) -> bool {
         self.turn2

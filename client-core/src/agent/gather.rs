@@ -50,16 +50,11 @@ impl Agent {
                 });
             }
         }
-        // A relay of a family no socket has is out of reach (an IPv6-only host, IPv4 relays).
-        let reachable = |t: &TurnConfig| {
-            self.sockets
-                .iter()
-                .any(|s| s.is_ipv4() == t.server.is_ipv4())
-        };
-        self.turn_order = self.turn_list().into_iter().filter(reachable).collect();
+        self.turn_order = self.turn_list();
         self.turn_index = 0;
         self.turn_allocated_once = false;
         self.turn_started_at = None;
+        self.keep_reachable_relays();
         if let Some(first) = self.turn_order.first().map(|t| t.server) {
             let releasing = self.retired.iter().any(|(_, t)| t.config().server == first);
             if releasing {
@@ -215,23 +210,11 @@ impl Agent {
                     self.start_turn2(now);
                 }
                 turn::Event::AllocationLost(e) => {
-                    // Only the pairs of its family: the other family's allocation lives on.
-                    let v4 = self
-                        .turn
-                        .as_ref()
-                        .and_then(|t| t.relayed_addr())
-                        .map(|r| r.is_ipv4());
-                    let mine = |p: &Pair| {
-                        p.via == Via::Relay && v4.is_none_or(|v4| p.remote.is_ipv4() == v4)
-                    };
-                    for p in self.pairs.iter_mut().filter(|p| mine(p)) {
-                        p.state = PairState::Failed;
-                        p.next_check_at = None;
-                    }
+                    self.end_relayed_pairs();
                     if self
                         .selected
                         .and_then(|i| self.pairs.get(i))
-                        .is_some_and(mine)
+                        .is_some_and(|p| p.via == Via::Relay && p.state == PairState::Failed)
                     {
                         self.disconnect(DisconnectReason::RelayLost(e));
                     }

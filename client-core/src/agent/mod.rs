@@ -414,16 +414,16 @@ impl Agent {
             return None;
         }
         let kind = classify(data);
-        let from_turn = socket == self.turn_socket
-            && self
-                .turn
-                .as_ref()
-                .is_some_and(|t| t.config().server == from);
         if matches!(kind, PacketKind::Stun | PacketKind::ChannelData)
             && self.is_turn2_server(socket, from)
         {
             return self.turn2_input(now, socket, from, data);
         }
+        let from_turn = socket == self.turn_socket
+            && self
+                .turn
+                .as_ref()
+                .is_some_and(|t| t.config().server == from);
         // The answer to a Refresh LIFETIME 0 of a released allocation.
         if !from_turn && kind == PacketKind::Stun && self.feed_retired(now, socket, from, data) {
             return None;
@@ -562,12 +562,16 @@ impl Agent {
                 payload: payload.to_vec(),
             },
             Via::Relay => {
-                let (socket, turn) = self.relay_for_mut(remote).ok_or(SendError::NotConnected)?;
+                if let Some(t) = self.wrap_turn2(remote, payload)? {
+                    self.stats.app_sent += 1;
+                    return Ok(t);
+                }
+                let turn = self.turn.as_mut().ok_or(SendError::NotConnected)?;
                 let mut buf = vec![0u8; payload.len() + TURN_OVERHEAD];
                 let n = turn.encode_data(remote, payload, &mut buf)?;
                 buf.truncate(n);
                 Transmit {
-                    socket,
+                    socket: self.turn_socket,
                     to: turn.config().server,
                     payload: buf,
                 }
@@ -636,6 +640,7 @@ impl Agent {
         }
         // The old allocation may sit on a dead NAT mapping: release it, start anew.
         self.release_turn(now);
+        self.release_turn2(now);
         self.locals.clear();
         self.gathers.clear();
         self.start_gathering(now);
@@ -669,6 +674,7 @@ impl Agent {
     /// [`is_released`](Self::is_released) tells when nothing is left on any relay.
     pub fn close(&mut self, now: Instant) {
         self.release_turn(now);
+        self.release_turn2(now);
         self.dead = true;
         self.selected = None;
         self.previous = None;

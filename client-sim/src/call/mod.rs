@@ -77,6 +77,7 @@ use crate::transfer::{
 };
 use peerlink_api::signaling_client::{Reopened, SignalError, SignalSession, parse_turn_uri};
 
+mod dual;
 mod file;
 mod leg;
 mod report;
@@ -84,6 +85,7 @@ mod restart;
 mod run;
 mod signal_link;
 
+use dual::*;
 use file::*;
 use leg::*;
 use peerlink_client_core::recovery::*;

@@ -45,12 +45,13 @@ pub struct CallReport {
     pub call_id: String,
     /// "direct" or "relay" (the path in use at the end).
     pub path: Option<String>,
+    /// "ipv4" or "ipv6": the address family of the selected pair (both ends are of one; a
+    /// relayed pair's is its relayed address's, whichever family reaches the relay).
+    pub family: Option<String>,
     /// Our end of the selected path.
     pub local: Option<String>,
     /// The peer's end of the selected path.
     pub remote: Option<String>,
-    /// "ipv4" or "ipv6": the address family of the selected pair (both ends are of one).
-    pub family: Option<String>,
     /// Path changes after connecting (e.g. relay -> direct).
     pub path_changes: u64,
     /// Caller: invite sent -> accepted (ringing + answering); callee: none.
@@ -234,9 +235,9 @@ impl Leg {
                 PathKind::Direct => "direct".into(),
                 PathKind::Relay => "relay".into(),
             }),
+            family: self.path.map(|p| family_name(p.remote).into()),
             local: self.path.map(|p| p.local.to_string()),
             remote: self.path.map(|p| p.remote.to_string()),
-            family: self.path.map(|p| family_name(p.remote).into()),
             path_changes: self.path_changes,
             invite_to_answer_ms: invite_to_answer.map(ms),
             answer_to_connected_ms: since(self.t_connected),
@@ -271,9 +272,4 @@ impl Leg {
             max_media_gap_ms: ms(self.max_media_gap),
         }
     }
-}
-
-/// "ipv4" or "ipv6".
-pub(super) fn family_name(a: SocketAddr) -> &'static str {
-    if a.is_ipv4() { "ipv4" } else { "ipv6" }
 }

@@ -673,18 +673,15 @@ impl World {
     pub fn client(&self, router: &Router, name: &str, user: &str) -> Client {
         let host = router.add_host(name).expect("client host");
         let mut bind: Vec<IpAddr> = vec![host.ip().into()];
-        let mut stun = vec![self.stun];
-        if let (Some(ip6), Some(s6)) = (host.ip6(), self.stun6) {
-            bind.push(ip6.into());
-            stun.push(s6);
-        }
+        bind.extend(host.ip6().map(IpAddr::from));
         let c = Client {
+            stun6: host.ip6().and(self.stun6),
+            bind,
             state: self.dir.path().join(format!("{user}.state.json")),
             host,
             user: user.to_owned(),
             server: self.signaling_url.clone(),
-            stun,
-            bind,
+            stun: self.stun,
         };
         self.register_and_login(c)
     }
@@ -700,12 +697,13 @@ impl World {
             .add_public_host_v6(name, None, ip6)
             .expect("IPv6-only host");
         let c = Client {
+            stun6: None,
+            bind: vec![ip6.into()],
             state: self.dir.path().join(format!("{user}.state.json")),
             host,
             user: user.to_owned(),
             server: url6,
-            stun: vec![s6],
-            bind: vec![ip6.into()],
+            stun: s6,
         };
         self.register_and_login(c)
     }
@@ -757,12 +755,13 @@ pub struct Client {
     pub host: Host,
     /// Its account.
     pub user: String,
-    state: PathBuf,
-    server: String,
-    /// Signaling's STUN addresses this host uses (one per family it has).
-    stun: Vec<SocketAddr>,
+    /// Signaling's IPv6 STUN address beside `stun`, for a dual-stack host.
+    stun6: Option<SocketAddr>,
     /// The addresses the call's sockets bind on (one per family it has).
     bind: Vec<IpAddr>,
+    state: PathBuf,
+    server: String,
+    stun: SocketAddr,
 }
 
 impl Client {
@@ -789,7 +788,7 @@ impl Client {
         for b in &self.bind {
             v.extend(["--bind".into(), b.to_string()]);
         }
-        for s in &self.stun {
+        for s in std::iter::once(self.stun).chain(self.stun6) {
             v.extend(["--stun".into(), s.to_string()]);
         }
         v
