@@ -81,11 +81,11 @@ mod root;
 mod wire;
 
 pub use error::{LabError, Result};
-pub use lab::{
-    CORE_A, CORE_B, CORE6, Host, INTERNET6_PREFIX, Lab, LinkConditions, Router, sweep_stale,
-};
+pub use lab::{CORE_A, CORE_B, Host, Lab, LinkConditions, Router, sweep_stale};
 pub use nat::{ExpectedPath, LAN_IF, MAPPING_TIMEOUT_SECS, NatKind, WAN_IF, expected_path};
 pub use ns::{Netns, NsChild, NsJoinHandle};
 pub use reflector::{MAX_NONCE, Reflector, parse_reply, query_mapped};
 pub use root::root_or_skip;
 pub use wire::WireStats;
+// IPv6 (`lab::ipv6`).
+pub use lab::{CORE6, INTERNET6_PREFIX};
