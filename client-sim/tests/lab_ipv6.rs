@@ -25,7 +25,7 @@ use serde_json::Value;
 /// Media duration of each call.
 const CALL: Duration = Duration::from_secs(3);
 /// Whole-test bound.
-const DEADLINE: Duration = Duration::from_secs(180);
+const DEADLINE: Duration = Duration::from_secs(170);
 
 fn addr(r: &Value, key: &str) -> SocketAddr {
     r[key]

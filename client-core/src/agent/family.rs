@@ -585,4 +585,222 @@ mod tests {
         assert_eq!((pb.local, pb.remote), (sb[1], sa[1]), "{pb:?}");
         assert_eq!(a.selected_path(), Some(pa));
     }
+
+    // --- The allocation of the other family, against a scripted TURN server ---
+
+    use peerlink_proto::attrs::{
+        Lifetime, Nonce, Realm, RequestedAddressFamily, XorRelayedAddress,
+    };
+
+    const USER: &str = "1900000000:alice";
+    const PASS: &str = "turn-password";
+    const REALM: &str = "peerlink";
+    const RELAY_A: &str = "203.0.113.210:3478";
+    const RELAY_B: &str = "203.0.113.211:3478";
+
+    fn turn_agent(sockets: &[SocketAddr], now: Instant) -> Agent {
+        let mut cfg = AgentConfig::new(Role::Controlling, "aaaa", "aaaa-password-0123456789", 9);
+        let tc = |s: &str| TurnConfig {
+            server: s.parse().unwrap(),
+            username: USER.into(),
+            password: PASS.into(),
+        };
+        cfg.turn = Some(tc(RELAY_A));
+        cfg.turn_alternates = vec![tc(RELAY_B)];
+        cfg.relay_other_family = true;
+        Agent::new(cfg, sockets, now)
+    }
+
+    /// Answers `req` as the relay would: 401 to an unauthenticated Allocate, success with
+    /// `relayed` to an authenticated one.
+    fn turn_answer(req: &[u8], relayed: SocketAddr) -> Vec<u8> {
+        let m = Message::parse(req).unwrap();
+        assert_eq!(m.method(), Method::ALLOCATE);
+        let authed = m.get::<Username>().is_some();
+        let class = if authed { Class::Success } else { Class::Error };
+        let mut buf = vec![0u8; 512];
+        let mut b = MessageBuilder::new(
+            &mut buf,
+            m.message_type().with_class(class),
+            m.transaction_id(),
+        )
+        .unwrap();
+        if authed {
+            b.add(&XorRelayedAddress(relayed)).unwrap();
+            b.add(&Lifetime(600)).unwrap();
+            b.add_integrity(&peerlink_proto::auth::long_term_key(USER, REALM, PASS))
+                .unwrap();
+        } else {
+            b.add(&ErrorCode::new(401)).unwrap();
+            b.add(&Realm(REALM)).unwrap();
+            b.add(&Nonce("nonce-1")).unwrap();
+        }
+        b.add_fingerprint().unwrap();
+        let n = b.finish();
+        buf.truncate(n);
+        buf
+    }
+
+    /// The Allocates the agent sent: (socket, server, requested family).
+    fn allocates(a: &mut Agent) -> Vec<(usize, SocketAddr, Option<AddressFamily>, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(t) = a.poll_transmit() {
+            let Ok(m) = Message::parse(&t.payload) else {
+                continue;
+            };
+            if m.method() == Method::ALLOCATE {
+                let f = m.get::<RequestedAddressFamily>().map(|r| r.unwrap().0);
+                out.push((t.socket, t.to, f, t.payload.clone()));
+            }
+        }
+        out
+    }
+
+    /// Runs one Allocate (challenge, then success with `relayed`) expected on (socket, server).
+    fn grant(
+        a: &mut Agent,
+        now: Instant,
+        want: (usize, &str, Option<AddressFamily>),
+        relayed: &str,
+    ) {
+        let relayed: SocketAddr = relayed.parse().unwrap();
+        let server: SocketAddr = want.1.parse().unwrap();
+        for _ in 0..2 {
+            let sent = allocates(a);
+            assert_eq!(sent.len(), 1, "one Allocate: {sent:?}");
+            let (socket, to, family, req) = &sent[0];
+            assert_eq!((*socket, *to, *family), (want.0, server, want.2));
+            let _ = a.handle_datagram(now, *socket, server, &turn_answer(req, relayed));
+            if a.local_candidates().iter().any(|c| c.addr == relayed) {
+                return;
+            }
+        }
+        panic!("{relayed} not granted");
+    }
+
+    #[test]
+    fn the_other_family_goes_to_the_next_relay_from_the_only_socket() {
+        let now = Instant::now();
+        let mut a = turn_agent(&[V4.parse().unwrap()], now);
+        grant(&mut a, now, (0, RELAY_A, None), "203.0.113.210:50000");
+        // Same socket, same relay is the same 5-tuple: the next relay, asked for IPv6.
+        grant(
+            &mut a,
+            now,
+            (0, RELAY_B, Some(AddressFamily::V6)),
+            "[2001:db8::211]:50001",
+        );
+        let relayed: Vec<SocketAddr> = a
+            .local_candidates()
+            .iter()
+            .filter(|c| c.kind == CandidateKind::Relayed)
+            .map(|c| c.addr)
+            .collect();
+        assert_eq!(relayed.len(), 2);
+        assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6());
+        // A peer's candidates pair with the relayed address of their family.
+        a.set_remote_credentials("bbbb", "bbbb-password-0123456789");
+        let r6: SocketAddr = "[2001:db8::30]:7000".parse().unwrap();
+        let r4: SocketAddr = "198.51.100.9:7000".parse().unwrap();
+        for r in [r6, r4] {
+            a.add_remote_candidate(Candidate::new(CandidateKind::Host, r, r, 1), now);
+        }
+        let relayed_pair = |r: SocketAddr| {
+            a.pairs
+                .iter()
+                .find(|p| p.via == Via::Relay && p.remote == r)
+                .map(|p| p.local_addr)
+        };
+        assert_eq!(relayed_pair(r6), Some(relayed[1]));
+        assert_eq!(relayed_pair(r4), Some(relayed[0]));
+        // The IPv4-only socket pairs with the IPv4 peer only.
+        assert!(
+            !a.pairs
+                .iter()
+                .any(|p| p.via == Via::Socket(0) && p.remote == r6)
+        );
+        // Both are released on close.
+        a.close(now);
+        let released: Vec<SocketAddr> = std::iter::from_fn(|| a.poll_transmit())
+            .filter(|t| Message::parse(&t.payload).is_ok_and(|m| m.method() == Method::REFRESH))
+            .map(|t| t.to)
+            .collect();
+        assert_eq!(released.len(), 2, "{released:?}");
+        assert!(!a.is_released());
+    }
+
+    #[test]
+    fn the_other_family_prefers_another_socket_to_the_same_relay() {
+        let now = Instant::now();
+        let socks: Vec<SocketAddr> = vec![
+            V4.parse().unwrap(),
+            "203.0.113.5:4001".parse().unwrap(),
+            V6.parse().unwrap(),
+        ];
+        let mut a = turn_agent(&socks, now);
+        grant(&mut a, now, (0, RELAY_A, None), "203.0.113.210:50000");
+        grant(
+            &mut a,
+            now,
+            (1, RELAY_A, Some(AddressFamily::V6)),
+            "[2001:db8::210]:50002",
+        );
+    }
+
+    #[test]
+    fn ipv6_only_skips_ipv4_relays_one_relay_gives_one_family_and_440_ends_the_wait() {
+        let now = Instant::now();
+        let mut a = turn_agent(&[V6.parse().unwrap()], now);
+        // No socket reaches an IPv4 relay: nothing is sent to one, gathering is complete.
+        assert!(allocates(&mut a).is_empty());
+        let mut done = false;
+        while let Some(e) = a.poll_event() {
+            done |= e == Event::GatheringComplete;
+        }
+        assert!(done);
+        // An IPv4-only agent with one relay: no other 5-tuple, so no second Allocate.
+        let mut cfg = AgentConfig::new(Role::Controlled, "cccc", "cccc-password-0123456789", 3);
+        cfg.turn = Some(TurnConfig {
+            server: RELAY_A.parse().unwrap(),
+            username: USER.into(),
+            password: PASS.into(),
+        });
+        cfg.relay_other_family = true;
+        let mut b = Agent::new(cfg, &[V4.parse().unwrap()], now);
+        grant(&mut b, now, (0, RELAY_A, None), "203.0.113.210:50000");
+        assert!(allocates(&mut b).is_empty());
+        assert!(std::iter::from_fn(|| b.poll_event()).any(|e| e == Event::GatheringComplete));
+        // A relay without IPv6 answers the second Allocate 440: gathering completes with one.
+        let mut c = turn_agent(&[V4.parse().unwrap()], now);
+        grant(&mut c, now, (0, RELAY_A, None), "203.0.113.210:50000");
+        while c.poll_event().is_some() {}
+        let sent = allocates(&mut c);
+        assert_eq!(sent.len(), 1);
+        let b_addr: SocketAddr = RELAY_B.parse().unwrap();
+        let dummy: SocketAddr = "[2001:db8::1]:1".parse().unwrap();
+        let _ = c.handle_datagram(now, 0, b_addr, &turn_answer(&sent[0].3, dummy));
+        let sent = allocates(&mut c);
+        assert_eq!(sent.len(), 1, "the authenticated retry");
+        let m = Message::parse(&sent[0].3).unwrap();
+        let mut buf = vec![0u8; 256];
+        let mut r = MessageBuilder::new(
+            &mut buf,
+            m.message_type().with_class(Class::Error),
+            m.transaction_id(),
+        )
+        .unwrap();
+        r.add(&ErrorCode::new(440)).unwrap();
+        r.add_integrity(&peerlink_proto::auth::long_term_key(USER, REALM, PASS))
+            .unwrap();
+        r.add_fingerprint().unwrap();
+        let n = r.finish();
+        let _ = c.handle_datagram(now, 0, b_addr, &buf[..n]);
+        assert!(std::iter::from_fn(|| c.poll_event()).any(|e| e == Event::GatheringComplete));
+        let relayed = c
+            .local_candidates()
+            .iter()
+            .filter(|l| l.kind == CandidateKind::Relayed)
+            .count();
+        assert_eq!(relayed, 1);
+    }
 }
