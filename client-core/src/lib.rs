@@ -8,7 +8,8 @@
 //!
 //! * [`agent`] — the connectivity agent (ICE: gathering host, server-reflexive and relayed
 //!   candidates, connectivity checks, nomination, consent, restarts).
-//! * [`turn`] — the TURN client (RFC 8656 over UDP: allocate, refresh, permissions, channels).
+//! * [`turn`] — the TURN client (RFC 8656 over UDP, TCP or TLS: allocate, refresh, permissions,
+//!   channels).
 //! * [`recovery`] — when a call restarts ICE, reconnects signaling or is over.
 //! * [`media`] (feature `media`) — the voice pipeline: Opus, media keys and AEAD, RTP-style
 //!   packets, jitter buffer and concealment, receiver reports, call statistics and MOS.

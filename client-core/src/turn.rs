@@ -1,4 +1,4 @@
-//! Sans-IO TURN client (RFC 8656 over UDP): one allocation per [`TurnClient`].
+//! Sans-IO TURN client (RFC 8656 over UDP, TCP or TLS): one allocation per [`TurnClient`].
 //!
 //! Flow: [`TurnClient::allocate`] sends an unauthenticated Allocate; the server answers
 //! 401 with REALM and NONCE; the client derives the long-term key (MD5 of
@@ -16,13 +16,31 @@
 //! minutes (they last 5); channels 9 minutes after binding (they last 10).
 //! [`TurnClient::deallocate`] sends Refresh with LIFETIME 0.
 //!
+//! A client that already holds the server's realm and nonce (from another allocation of the same
+//! host: peerlink-relay binds nonces to the client's IP, not its port) starts authenticated:
+//! [`TurnClient::auth_hint`] on the old client, [`TurnClient::resume_auth`] on the new one, and
+//! its first Allocate carries credentials, costing the server no 401. A 401 or 438 to such a
+//! request falls back to the ordinary challenge once.
+//!
+//! Over a stream (TCP, or TLS: [`ClientTransport::Stream`], RFC 8656 section 3.1) the caller
+//! moves the connection's bytes: what it reads goes to [`TurnClient::handle_stream_bytes`],
+//! complete frames come out of [`TurnClient::poll_stream_input`] (STUN messages and ChannelData
+//! reassembled by `peerlink_proto`'s [`StreamFramer`], whatever the reads' sizes); transmits are
+//! written to the connection in order. ChannelData sent is padded to a multiple of 4 (RFC 8656
+//! section 12.5). Requests are not retransmitted on a reliable transport (RFC 8489 section
+//! 6.2.2); a transaction fails after [`TurnConfig::stream_timeout`] (39.5 s, RFC 8489's Ti).
+//! The stream is the allocation: bytes that cannot be framed (garbage, a frame longer than
+//! [`MAX_STREAM_FRAME`]) or the connection closing ([`TurnClient::handle_stream_closed`], also
+//! in the middle of a frame) end it with a [`TurnError::Stream`] or
+//! [`TurnError::ConnectionClosed`], and the caller closes the connection.
+//!
 //! A 300 (Try Alternate) answer to Allocate moves the client to the ALTERNATE-SERVER (with
 //! integrity when the request was authenticated; at most [`MAX_REDIRECTS`], never back to a
 //! server that redirected): [`Event::Redirected`], then the Allocate starts over there.
 //!
 //! What it is not: no sockets, no clock reads, no unseeded randomness (transaction ids come
-//! from a ChaCha RNG seeded from [`TurnConfig::seed`]); no TCP/TLS transport, no IPv6 dual
-//! allocation, no MESSAGE-INTEGRITY-SHA256 / PASSWORD-ALGORITHMS negotiation (coturn and
+//! from a ChaCha RNG seeded from [`TurnConfig::seed`]); no connections (the caller opens them,
+//! TLS included); no TCP relayed transport (RFC 6062); no IPv6 dual allocation, no MESSAGE-INTEGRITY-SHA256 / PASSWORD-ALGORITHMS negotiation (coturn and
 //! peerlink-relay both accept classic MESSAGE-INTEGRITY).
 
 use std::collections::{HashMap, VecDeque};
@@ -35,6 +53,7 @@ use peerlink_proto::attrs::{
     XorPeerAddress, XorRelayedAddress,
 };
 use peerlink_proto::channel::{self, ChannelData, ChannelDataError};
+use peerlink_proto::stream::{StreamError, StreamFramer};
 use peerlink_proto::{
     AddressFamily, AttrError, Class, EncodeError, Message, MessageBuilder, MessageType, Method,
     PacketKind, ParseError, TransactionId, auth, classify,
@@ -60,6 +79,22 @@ pub const MAX_STALE_NONCE_RETRIES: u8 = 3;
 pub const MAX_REDIRECTS: usize = 3;
 /// Size of the buffer requests are encoded into (a TURN request never comes close).
 const REQUEST_BUF: usize = 1280;
+/// RFC 8489 `Ti`: how long a request over a reliable transport waits for its answer.
+pub const STREAM_TRANSACTION_TIMEOUT: Duration = Duration::from_millis(39_500);
+/// Longest frame taken from a stream (STUN message or ChannelData, padding excluded): twice
+/// what any relay forwards (peerlink-relay takes datagrams up to 4 KB). A longer header means
+/// a broken or hostile stream, which is closed before its payload is buffered.
+pub const MAX_STREAM_FRAME: usize = 8192;
+
+/// How the client's messages reach the server.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum ClientTransport {
+    /// UDP: one message per datagram, requests retransmitted.
+    #[default]
+    Datagram,
+    /// A TCP or TLS connection: messages back to back, ChannelData padded, no retransmissions.
+    Stream,
+}
 
 /// How a client is configured. Field docs state defaults set by [`TurnConfig::new`].
 #[derive(Clone, Debug)]
@@ -85,6 +120,11 @@ pub struct TurnConfig {
     pub software: Option<String>,
     /// Append FINGERPRINT to requests (default true).
     pub fingerprint: bool,
+    /// Datagrams or a stream (default [`ClientTransport::Datagram`]).
+    pub transport: ClientTransport,
+    /// Over a stream: how long a request waits for its answer (default
+    /// [`STREAM_TRANSACTION_TIMEOUT`]).
+    pub stream_timeout: Duration,
 }
 
 impl TurnConfig {
@@ -105,6 +145,8 @@ impl TurnConfig {
             requested_family: None,
             software: None,
             fingerprint: true,
+            transport: ClientTransport::Datagram,
+            stream_timeout: STREAM_TRANSACTION_TIMEOUT,
         }
     }
 
@@ -124,6 +166,12 @@ impl TurnConfig {
     /// Sets the RNG seed (builder style).
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    /// Sets the transport (builder style).
+    pub fn with_transport(mut self, transport: ClientTransport) -> Self {
+        self.transport = transport;
         self
     }
 }
@@ -287,6 +335,19 @@ pub enum TurnError {
     /// ChannelData could not be encoded.
     #[error("ChannelData encoding failed: {0}")]
     ChannelData(#[from] ChannelDataError),
+    /// The stream from the server cannot be framed (garbage, an oversized frame): the
+    /// connection must be closed, and the allocation is gone with it.
+    #[error("TURN stream broken: {0}")]
+    Stream(#[from] StreamError),
+    /// The stream connection to the server closed (the allocation lives with it).
+    #[error("TURN connection closed{}", if *.mid_frame { " in the middle of a frame" } else { "" })]
+    ConnectionClosed {
+        /// A frame had begun and not finished.
+        mid_frame: bool,
+    },
+    /// A stream call on a datagram client, or the reverse.
+    #[error("not a {0:?} client")]
+    WrongTransport(ClientTransport),
 }
 
 /// Why an incoming datagram was not accepted. The client state is unchanged by such input.
@@ -393,6 +454,21 @@ struct AuthState {
     realm: String,
     nonce: String,
     key: [u8; 16],
+    /// Taken over from another client ([`TurnClient::resume_auth`]), not yet confirmed by an
+    /// answer of this server to this client: a 401 falls back to its challenge once.
+    resumed: bool,
+}
+
+/// A server's realm and nonce as one client learned them, for the next client of the same host
+/// and server ([`TurnClient::auth_hint`], [`TurnClient::resume_auth`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthHint {
+    /// The server that issued them.
+    pub server: SocketAddr,
+    /// Its REALM.
+    pub realm: String,
+    /// Its NONCE.
+    pub nonce: String,
 }
 
 /// One TURN allocation as a sans-IO state machine.
@@ -416,6 +492,25 @@ pub struct TurnClient {
     events: VecDeque<Event>,
     /// Servers that redirected this allocation (a loop back to one of them fails it).
     redirected_from: Vec<SocketAddr>,
+    /// Stream transport: reassembles frames from the connection's bytes.
+    framer: StreamFramer,
+}
+
+/// One frame taken from the stream.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum StreamInput {
+    /// Application data from `peer`.
+    Data {
+        /// The peer's transport address.
+        peer: SocketAddr,
+        /// The payload.
+        data: Vec<u8>,
+    },
+    /// A control message was consumed; check [`TurnClient::poll_event`] and friends.
+    Control,
+    /// A well-framed message that was not accepted (unknown channel, bad STUN, a response to
+    /// nothing): dropped, the stream goes on.
+    Dropped(InputError),
 }
 
 impl TurnClient {
@@ -440,7 +535,12 @@ impl TurnClient {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             redirected_from: Vec::new(),
+            framer: StreamFramer::new(MAX_STREAM_FRAME),
         }
+    }
+
+    fn is_stream(&self) -> bool {
+        self.config.transport == ClientTransport::Stream
     }
 
     /// The configuration.
@@ -475,6 +575,32 @@ impl TurnClient {
     /// Requests still waiting for an answer.
     pub fn outstanding_requests(&self) -> usize {
         self.transactions.len()
+    }
+
+    /// The realm and nonce this client authenticates with, once the server challenged it.
+    pub fn auth_hint(&self) -> Option<AuthHint> {
+        self.auth.as_ref().map(|a| AuthHint {
+            server: self.config.server,
+            realm: a.realm.clone(),
+            nonce: a.nonce.clone(),
+        })
+    }
+
+    /// Authenticate from the first request on with `hint` (learned by another client of this
+    /// host from the same server). Ignored (false) when the hint is for another server or the
+    /// allocation has started.
+    pub fn resume_auth(&mut self, hint: &AuthHint) -> bool {
+        if hint.server != self.config.server || self.state != AllocationState::Idle {
+            return false;
+        }
+        let key = auth::long_term_key(&self.config.username, &hint.realm, &self.config.password);
+        self.auth = Some(AuthState {
+            realm: hint.realm.clone(),
+            nonce: hint.nonce.clone(),
+            key,
+            resumed: true,
+        });
+        true
     }
 
     /// Starts the allocation: queues an Allocate request.
@@ -570,7 +696,7 @@ impl TurnClient {
     ) -> Result<usize, TurnError> {
         self.require_allocated()?;
         if let Some(ch) = self.channel_for(peer) {
-            return Ok(channel::encode(ch, data, out, false)?);
+            return Ok(channel::encode(ch, data, out, self.is_stream())?);
         }
         if !self.permissions.contains_key(&peer.ip()) && !self.channels.contains_key(&peer) {
             return Err(TurnError::NoPermission(peer));
@@ -646,9 +772,78 @@ impl TurnClient {
         }
     }
 
+    /// Stream transport: appends bytes read from the connection (any split). Complete frames
+    /// are then taken with [`poll_stream_input`](Self::poll_stream_input).
+    pub fn handle_stream_bytes(&mut self, bytes: &[u8]) -> Result<(), TurnError> {
+        if !self.is_stream() {
+            return Err(TurnError::WrongTransport(self.config.transport));
+        }
+        self.framer.push(bytes);
+        Ok(())
+    }
+
+    /// Stream transport: the next complete frame, handled as a datagram from the server would
+    /// be; `Ok(None)` when more bytes are needed. An error means the stream is out of step (or
+    /// was closed): the allocation has ended with it ([`Event::AllocationFailed`] or
+    /// [`Event::AllocationLost`]) and the caller closes the connection.
+    pub fn poll_stream_input(&mut self, now: Instant) -> Result<Option<StreamInput>, TurnError> {
+        if !self.is_stream() {
+            return Err(TurnError::WrongTransport(self.config.transport));
+        }
+        let bytes = match self.framer.next_frame() {
+            Ok(Some(f)) => f.bytes.to_vec(),
+            Ok(None) => {
+                self.framer.release();
+                return Ok(None);
+            }
+            Err(e) => {
+                self.break_stream(TurnError::Stream(e));
+                return Err(TurnError::Stream(e));
+            }
+        };
+        let server = self.config.server;
+        Ok(Some(match self.handle_input(now, server, &bytes) {
+            Ok(Input::Data { peer, data }) => StreamInput::Data {
+                peer,
+                data: data.to_vec(),
+            },
+            Ok(Input::Control) => StreamInput::Control,
+            Err(e) => StreamInput::Dropped(e),
+        }))
+    }
+
+    /// Stream transport: the connection closed (end of stream, reset, a failed connect or
+    /// handshake). The allocation is gone with it (RFC 8656: an allocation over TCP lives with
+    /// its connection); ending mid-frame is said in the error.
+    pub fn handle_stream_closed(&mut self, _now: Instant) {
+        if !self.is_stream() {
+            return;
+        }
+        let mid_frame = self.framer.mid_frame();
+        self.framer = StreamFramer::new(MAX_STREAM_FRAME);
+        self.break_stream(TurnError::ConnectionClosed { mid_frame });
+    }
+
+    /// The stream is unusable: whatever was in progress ends with `error`.
+    fn break_stream(&mut self, error: TurnError) {
+        match self.state {
+            AllocationState::Allocating => {
+                self.state = AllocationState::Failed;
+                self.transactions.clear();
+                self.events.push_back(Event::AllocationFailed(error));
+            }
+            AllocationState::Allocated => self.lose(error),
+            // The release is as good as done: the server frees the allocation with the
+            // connection.
+            AllocationState::Deallocating => self.close(),
+            AllocationState::Idle | AllocationState::Closed | AllocationState::Failed => {}
+        }
+    }
+
     /// Runs due timers: retransmissions, request timeouts, refreshes, expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
         // Retransmissions and timeouts.
+        let stream = self.is_stream();
         let mut i = 0;
         while i < self.transactions.len() {
             let t = &mut self.transactions[i];
@@ -656,7 +851,8 @@ impl TurnClient {
                 i += 1;
                 continue;
             }
-            if t.transmissions < self.config.max_transmissions {
+            // No retransmissions on a reliable transport (RFC 8489 section 6.2.2).
+            if !stream && t.transmissions < self.config.max_transmissions {
                 t.transmissions += 1;
                 t.rto = t.rto.saturating_mul(2);
                 t.next_at = if t.transmissions == self.config.max_transmissions {
@@ -782,7 +978,9 @@ impl TurnClient {
             payload: bytes.clone(),
         });
         let rto = self.config.rto;
-        let next_at = if self.config.max_transmissions <= 1 {
+        let next_at = if self.is_stream() {
+            now + self.config.stream_timeout
+        } else if self.config.max_transmissions <= 1 {
             now + rto.saturating_mul(LAST_WAIT_FACTOR)
         } else {
             now + rto
@@ -878,6 +1076,9 @@ impl TurnClient {
             self.handle_error(now, t, code, reason, msg);
             return Ok(());
         }
+        if let Some(a) = &mut self.auth {
+            a.resumed = false;
+        }
         match self.handle_success(now, &t.kind, msg) {
             Ok(()) => {}
             Err(e) => self.fail(now, t.kind, e),
@@ -912,6 +1113,8 @@ impl TurnClient {
             self.config.server = alternate;
             // The alternate issues its own nonce (and maybe realm): start unauthenticated.
             self.auth = None;
+            // Over a stream the alternate is a new connection: nothing of the old one carries.
+            self.framer = StreamFramer::new(MAX_STREAM_FRAME);
             self.events.push_back(Event::Redirected {
                 from,
                 to: alternate,
@@ -919,14 +1122,24 @@ impl TurnClient {
             self.retry(now, t.kind, 0);
             return;
         }
+        // Any answer from this server settles whether a resumed nonce works.
+        let resumed = self.auth.as_ref().is_some_and(|a| a.resumed);
+        if let Some(a) = &mut self.auth {
+            a.resumed = false;
+        }
         match code {
-            401 if !t.authenticated => {
+            401 if !t.authenticated || resumed => {
                 let (Some(realm), Some(nonce)) = (realm, nonce) else {
                     self.fail(now, t.kind, TurnError::MissingChallenge { method });
                     return;
                 };
                 let key = auth::long_term_key(&self.config.username, &realm, &self.config.password);
-                self.auth = Some(AuthState { realm, nonce, key });
+                self.auth = Some(AuthState {
+                    realm,
+                    nonce,
+                    key,
+                    resumed: false,
+                });
                 self.retry(now, t.kind, t.stale_retries);
             }
             401 => self.fail(now, t.kind, TurnError::Unauthorized { method }),
@@ -971,7 +1184,12 @@ impl TurnClient {
                             &realm,
                             &self.config.password,
                         );
-                        self.auth = Some(AuthState { realm, nonce, key });
+                        self.auth = Some(AuthState {
+                            realm,
+                            nonce,
+                            key,
+                            resumed: false,
+                        });
                     }
                     (None, None) => {
                         self.fail(

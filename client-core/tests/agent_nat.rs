@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peerlink_client_core::agent::{
-    Agent, AgentConfig, AppData, CandidateKind, DisconnectReason, Event, PathKind, Role, TurnConfig,
+    Agent, AgentConfig, AppData, CandidateKind, DisconnectReason, Event, PathKind, Role,
+    TurnConfig, TurnTransport,
 };
 use peerlink_client_core::netsim::{NetSim, NetSimConfig};
 use peerlink_netlab::{ExpectedPath, NatKind, expected_path};
@@ -19,7 +20,7 @@ use peerlink_proto::attrs::XorMappedAddress;
 use peerlink_proto::{Class, Message, MessageBuilder, MessageType, Method};
 use peerlink_relay::core::{
     AddrFamily, AllocationId, Core, CoreConfig, HEADROOM, OpenError, Opened, Output, PortRequest,
-    RelaySockets, SCRATCH_LEN, Shared, SocketRef,
+    RelaySockets, SCRATCH_LEN, Shared, SocketRef, error_index,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -326,6 +327,7 @@ impl World {
                 );
                 cfg.turn = Some(TurnConfig {
                     server: sa(RELAY_LISTENER),
+                    transport: TurnTransport::Udp,
                     username,
                     password,
                 });
@@ -539,7 +541,7 @@ impl World {
                 && m <= now
             {
                 let a = self.sides[i].agent.as_mut().expect("started");
-                if let Ok(t) = a.send(now, &[0x80, 0x60, 0, 1, 2, 3, 4, 5]) {
+                if let Ok(Some(t)) = a.send(now, &[0x80, 0x60, 0, 1, 2, 3, 4, 5]) {
                     self.outbound(i, t);
                 }
                 self.sides[i].next_media = Some(now + MEDIA_EVERY);
@@ -1083,6 +1085,36 @@ fn consent_expires_after_five_seconds_of_silence() {
 }
 
 #[test]
+fn a_restart_reallocates_with_the_nonce_it_holds_and_costs_the_relay_no_401() {
+    // Symmetric <-> symmetric: both sides need the relay. The NAT's new mapping after the flush
+    // has a new port but the same public IP, so the nonce (bound to the IP) still holds.
+    let sc = Scenario::new(NatKind::Symmetric, NatKind::Symmetric);
+    let mut w = World::new(&sc);
+    w.auto_restart = true;
+    w.run_for(Duration::from_secs(3));
+    assert!(w.connected_at(0).is_some() && w.connected_at(1).is_some());
+    let challenged = |w: &World| w.relay.counters().resp_error[error_index(401)];
+    let allocated = |w: &World| w.relay.counters().allocations_created;
+    let (c0, a0) = (challenged(&w), allocated(&w));
+    assert_eq!(c0, 2, "one 401 per side for the first allocation");
+    w.sides[0].nat.flush();
+    w.run_for(Duration::from_secs(12));
+    assert!(!w.restarts.is_empty(), "no restart happened");
+    assert!(allocated(&w) >= a0 + 2, "both sides allocated again");
+    assert_eq!(
+        challenged(&w),
+        c0,
+        "the new allocations authenticated at once"
+    );
+    for i in 0..2 {
+        assert_eq!(
+            w.agent(i).selected_path().expect("reconnected").kind,
+            PathKind::Relay
+        );
+    }
+}
+
+#[test]
 fn nat_rebinding_is_recovered_by_restart() {
     for (a, b, consent) in [
         (NatKind::PortRestricted, NatKind::PortRestricted, 5000),
@@ -1274,6 +1306,7 @@ fn random_and_mutated_datagrams_never_panic() {
     cfg.stun_server = Some(sa(STUN_SERVER));
     cfg.turn = Some(TurnConfig {
         server: sa(RELAY_LISTENER),
+        transport: TurnTransport::Udp,
         username: "u".into(),
         password: "p".into(),
     });

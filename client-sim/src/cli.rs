@@ -29,8 +29,9 @@ pub struct Cli {
     /// (WebSocket over wss://) [default: from the state file, else http://127.0.0.1:8443].
     #[arg(long, global = true, env = "PEERLINK_SERVER")]
     pub server: Option<String>,
-    /// CA certificate file (PEM, one or more certificates) trusted for an https:// server
-    /// besides the system's roots, e.g. a private fleet CA (repeatable).
+    /// CA certificate file (PEM, one or more certificates) trusted for an https:// server and
+    /// for relays reached over TLS (`turns:`), besides the system's roots, e.g. a private fleet
+    /// CA (repeatable).
     #[arg(long = "ca", global = true, env = "PEERLINK_CA", value_name = "PEM")]
     pub ca: Vec<PathBuf>,
     /// State file caching credentials [default: $HOME/.peerlink-sim.json].
@@ -196,7 +197,7 @@ pub struct NetArgs {
 }
 
 impl NetArgs {
-    fn options(&self) -> CallOptions {
+    fn options(&self, trust: &Trust) -> CallOptions {
         CallOptions {
             bind_ip: self.bind_ip(),
             bind6: self.bind6(),
@@ -204,6 +205,7 @@ impl NetArgs {
             stun6: self.stun6(),
             use_turn: !self.no_turn,
             relay_only: self.relay_only,
+            turn_trust: Some(trust.clone()),
             ..CallOptions::default()
         }
     }
@@ -494,7 +496,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 audio,
                 record,
                 duration,
-                ..net.options()
+                ..net.options(&ctx.trust)
             };
             if !ctx.json {
                 eprintln!("calling {user}…");
@@ -513,7 +515,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = CallOptions {
                 duration: timeout,
                 progress: !ctx.json,
-                ..net.options()
+                ..net.options(&ctx.trust)
             };
             if !ctx.json {
                 eprintln!("sending {} to {user}…", path.display());
@@ -553,7 +555,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     record,
                     save_dir: save_dir.clone(),
                     progress: !ctx.json,
-                    ..net.options()
+                    ..net.options(&ctx.trust)
                 };
                 if !ctx.json {
                     eprintln!("listening as {} (session {}/{sessions})…", s.user(), i + 1);

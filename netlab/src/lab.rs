@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::cmd::{self, ip_batch};
 use crate::error::{LabError, Result};
-use crate::nat::{self, LAN_IF, NatKind, WAN_IF};
+use crate::nat::{self, Egress, LAN_IF, NatKind, WAN_IF};
 use crate::ns::{NETNS_DIR, Netns};
 use crate::wire::{DelayLine, WireConfig, WireStats};
 
@@ -207,7 +207,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
     Ok(stale)
 }
 
-/// Delay, jitter, loss and rate of a router's WAN link.
+/// Delay, jitter, loss and rate of a router's WAN link, and what its firewall lets out.
 ///
 /// With `delay` or `jitter` non-zero the router's WAN goes through a delay line (a "wire"
 /// namespace with a user-space forwarding thread); loss is then applied by that line with
@@ -226,6 +226,9 @@ pub struct LinkConditions {
     pub rate_bps: Option<u64>,
     /// Seed of the delay line's RNG (jitter and loss), for reproducible runs.
     pub seed: u64,
+    /// What the router lets out of its LAN (default everything; [`Egress::NoUdp`] and
+    /// [`Egress::TcpPorts`] make UDP-hostile networks).
+    pub egress: Egress,
 }
 
 impl LinkConditions {
@@ -488,6 +491,7 @@ impl Lab {
         if wire.is_none() && conditions.loss_percent > 0 {
             rules.push_str(&nat::loss_ruleset(conditions.loss_percent));
         }
+        rules.push_str(&nat::egress_ruleset(conditions.egress));
         cmd::ns_exec(ns.name(), &["nft", "-f", "-"], Some(&rules))?;
 
         if let Some(rate) = conditions.rate_bps {

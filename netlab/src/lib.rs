@@ -82,7 +82,7 @@ mod wire;
 
 pub use error::{LabError, Result};
 pub use lab::{CORE_A, CORE_B, Host, Lab, LinkConditions, Router, sweep_stale};
-pub use nat::{ExpectedPath, LAN_IF, MAPPING_TIMEOUT_SECS, NatKind, WAN_IF, expected_path};
+pub use nat::{Egress, ExpectedPath, LAN_IF, MAPPING_TIMEOUT_SECS, NatKind, WAN_IF, expected_path};
 pub use ns::{Netns, NsChild, NsJoinHandle};
 pub use reflector::{MAX_NONCE, Reflector, parse_reply, query_mapped};
 pub use root::root_or_skip;

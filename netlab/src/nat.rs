@@ -224,6 +224,45 @@ pub(crate) fn router_ruleset(kind: NatKind, wan: Ipv4Addr) -> String {
     s
 }
 
+/// What a router lets out of its LAN: everything, or only what a UDP-hostile firewall does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Egress {
+    /// Everything leaves (the default).
+    #[default]
+    Open,
+    /// No UDP leaves the LAN (every UDP datagram towards the WAN is dropped); TCP does.
+    NoUdp,
+    /// Only TCP to these destination ports leaves (an office network that allows HTTPS only:
+    /// `TcpPorts(&[443])`); everything else towards the WAN is dropped.
+    TcpPorts(&'static [u16]),
+}
+
+/// The nftables rules of `egress` on a router's forward path (empty for [`Egress::Open`]).
+/// They run before the accounting counters, so dropped datagrams are not counted.
+pub(crate) fn egress_ruleset(egress: Egress) -> String {
+    let rules = match egress {
+        Egress::Open => return String::new(),
+        Egress::NoUdp => format!(r#"oif "{WAN_IF}" meta l4proto udp drop"#),
+        Egress::TcpPorts(ports) => {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            format!(
+                r#"oif "{WAN_IF}" tcp dport {{ {} }} accept
+        oif "{WAN_IF}" drop"#,
+                list.join(", ")
+            )
+        }
+    };
+    format!(
+        r#"table ip egress {{
+    chain forward {{
+        type filter hook forward priority -20; policy accept;
+        {rules}
+    }}
+}}
+"#
+    )
+}
+
 /// Random loss on a router's forward path, both directions, each `percent` %.
 pub(crate) fn loss_ruleset(percent: u8) -> String {
     format!(
@@ -277,6 +316,23 @@ mod tests {
         let fc = router_ruleset(NatKind::FullCone, wan);
         assert!(fc.find("update @fullcone") < fc.find("snat to"));
         assert!(fc.contains("counter name \"udp_in\"") && fc.contains("priority 10"));
+    }
+
+    #[test]
+    fn egress_rules_drop_what_the_firewall_forbids() {
+        assert_eq!(egress_ruleset(Egress::Open), "");
+        let no_udp = egress_ruleset(Egress::NoUdp);
+        assert!(
+            no_udp.contains("oif \"wan0\" meta l4proto udp drop"),
+            "{no_udp}"
+        );
+        assert!(no_udp.contains("priority -20"), "before the counters");
+        let https = egress_ruleset(Egress::TcpPorts(&[443, 8443]));
+        let accept = https
+            .find("tcp dport { 443, 8443 } accept")
+            .expect("accept rule");
+        let drop = https.find("oif \"wan0\" drop").expect("drop rule");
+        assert!(accept < drop, "{https}");
     }
 
     #[test]

@@ -281,3 +281,70 @@ fn rate_limit_drops_what_exceeds_it() {
         );
     });
 }
+
+/// Whether a TCP connection from `host` to `to` opens within a short bound.
+fn tcp_opens(host: &peerlink_netlab::Host, to: SocketAddr) -> bool {
+    host.tcp_connect(to, Duration::from_millis(700)).is_ok()
+}
+
+#[test]
+fn egress_rules_block_udp_or_all_but_the_allowed_tcp_ports() {
+    use peerlink_netlab::Egress;
+    if !peerlink_netlab::root_or_skip("egress_rules_block_udp_or_all_but_the_allowed_tcp_ports") {
+        return;
+    }
+    with_deadline(Duration::from_secs(45), || {
+        let lab = lab();
+        let server = lab
+            .add_public_host("srv", "203.0.113.200".parse().unwrap())
+            .unwrap();
+        let sink = server.udp_socket(SINK.parse().unwrap()).unwrap();
+        sink.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let l443 = server
+            .tcp_listener("203.0.113.200:443".parse().unwrap())
+            .unwrap();
+        let l3478 = server
+            .tcp_listener("203.0.113.200:3478".parse().unwrap())
+            .unwrap();
+        let (p443, p3478): (SocketAddr, SocketAddr) = (
+            "203.0.113.200:443".parse().unwrap(),
+            "203.0.113.200:3478".parse().unwrap(),
+        );
+        let udp_arrives = |host: &peerlink_netlab::Host| {
+            let tx = host.udp_socket(any()).unwrap();
+            for _ in 0..5 {
+                tx.send_to(b"probe", SINK.parse::<SocketAddr>().unwrap())
+                    .unwrap();
+            }
+            let mut buf = [0u8; 16];
+            sink.recv_from(&mut buf).is_ok()
+        };
+        for (egress, udp, tcp3478, tcp443) in [
+            (Egress::Open, true, true, true),
+            (Egress::NoUdp, false, true, true),
+            (Egress::TcpPorts(&[443]), false, false, true),
+        ] {
+            let router = lab
+                .add_nat_with(
+                    NatKind::PortRestricted,
+                    LinkConditions {
+                        egress,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            let host = router
+                .add_host(&format!("h{}", router.wan_ip().octets()[3]))
+                .unwrap();
+            assert_eq!(udp_arrives(&host), udp, "{egress:?}: UDP");
+            assert_eq!(tcp_opens(&host, p3478), tcp3478, "{egress:?}: TCP 3478");
+            assert_eq!(tcp_opens(&host, p443), tcp443, "{egress:?}: TCP 443");
+            // Nothing dropped is counted as forwarded.
+            let (_, out) = router.udp_forwarded().unwrap();
+            assert_eq!(out > 0, udp, "{egress:?}: UDP counter {out}");
+            while sink.recv_from(&mut [0u8; 16]).is_ok() {}
+        }
+        drop((l443, l3478));
+    });
+}

@@ -85,6 +85,16 @@ pub struct Config {
     /// Accept ChannelBind numbers 0x4000-0x7FFF (RFC 5766; coturn and its `turnutils_uclient`
     /// use them) instead of RFC 8656's 0x4000-0x4FFF. Default false.
     pub legacy_channel_range: bool,
+    /// Answers to unauthenticated requests (401/438/400) per source IP and second, per worker.
+    /// Every client needs one 401 before it authenticates, so this bounds how fast clients
+    /// behind one NAT address can start. Default 2000.
+    pub unauth_rate: u32,
+    /// Burst of answers to unauthenticated requests per source IP, per worker. Default 2000.
+    pub unauth_burst: u32,
+    /// How long a nonce stays valid (it is bound to the client's IP, so new sockets of the same
+    /// host reuse it). Default 600 s.
+    #[serde(with = "peerlink_cli::config::duration")]
+    pub nonce_lifetime: Duration,
     /// How far ahead a TURN REST username's expiry may lie. Default 86700 s: coturn's tools and
     /// typical REST services issue 24 h credentials, plus 5 minutes of clock-skew allowance.
     #[serde(with = "peerlink_cli::config::duration")]
@@ -158,6 +168,9 @@ impl Default for Config {
             max_lifetime: Duration::from_secs(3600),
             bandwidth_limit: None,
             legacy_channel_range: false,
+            unauth_rate: crate::core::DEFAULT_UNAUTH_RATE,
+            unauth_burst: crate::core::DEFAULT_UNAUTH_BURST,
+            nonce_lifetime: Duration::from_secs(600),
             rest_max_ttl: Duration::from_secs(86_700),
             uring_buffers: crate::uring::BUF_ENTRIES,
             busy_poll_us: 0,
@@ -274,6 +287,15 @@ impl Config {
         }
         if self.user_quota == 0 {
             return bad("user-quota must be at least 1".into());
+        }
+        if self.unauth_rate == 0 || self.unauth_burst == 0 {
+            return bad(
+                "unauth-rate and unauth-burst must be at least 1 (no client could authenticate)"
+                    .into(),
+            );
+        }
+        if self.nonce_lifetime < Duration::from_secs(30) || self.nonce_lifetime.as_secs() > 86_400 {
+            return bad("nonce-lifetime must be between 30 s and 24 h".into());
         }
         if self.max_lifetime < Duration::from_secs(600) {
             return bad("max-lifetime must be at least 600 seconds (RFC 8656 default)".into());
@@ -502,6 +524,9 @@ impl Validated {
         core.bandwidth_limit_bps = c.bandwidth_limit;
         core.legacy_channel_range = c.legacy_channel_range;
         core.rest_max_ttl = c.rest_max_ttl;
+        core.unauth_rate_per_sec = c.unauth_rate;
+        core.unauth_burst = c.unauth_burst;
+        core.nonce_lifetime = c.nonce_lifetime;
         Arc::new(core)
     }
 
@@ -572,6 +597,9 @@ mod tests {
             Box::new(|c| c.relay_ip = vec!["127.0.0.2".parse().unwrap(); 2]),
             Box::new(|c| c.relay_ip = vec!["224.0.0.1".parse().unwrap()]),
             Box::new(|c| c.busy_poll_us = 1001),
+            Box::new(|c| c.unauth_rate = 0),
+            Box::new(|c| c.unauth_burst = 0),
+            Box::new(|c| c.nonce_lifetime = Duration::from_secs(5)),
             Box::new(|c| c.listen_tls = vec!["127.0.0.1:5349".parse().unwrap()]),
             Box::new(|c| {
                 c.listen_tls = vec!["127.0.0.1:5349".parse().unwrap()];

@@ -116,6 +116,17 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     legacy_channel_range: bool,
+    /// Answers to unauthenticated requests (401) per source IP and second, per worker; bounds
+    /// how fast clients behind one NAT address start [default 2000].
+    #[arg(long)]
+    unauth_rate: Option<u32>,
+    /// Burst of answers to unauthenticated requests per source IP, per worker [default 2000].
+    #[arg(long)]
+    unauth_burst: Option<u32>,
+    /// How long a nonce stays valid (600s, 1h, or seconds) [default 600s].
+    #[arg(long, value_parser = peerlink_cli::parse_duration)]
+    #[serde(with = "peerlink_cli::config::duration::option")]
+    nonce_lifetime: Option<Duration>,
     /// Provided receive buffers per io_uring worker (power of two) [default 1024].
     #[arg(long)]
     uring_buffers: Option<u32>,
@@ -426,7 +437,8 @@ mod tests {
             &path,
             "listen = \"127.0.0.1:3478\"\nrealm = \"filerealm\"\nusers = [\"f:1\", \"g:2\"]\n\
              allow_peers = [\"10.0.0.0/8\"]\nio = \"epoll\"\ndrain_timeout = 5\n\
-             legacy_channel_range = true\nmax_lifetime = \"2h\"\nrest_max_ttl = 600\n",
+             legacy_channel_range = true\nmax_lifetime = \"2h\"\nrest_max_ttl = 600\n\
+             unauth_rate = 50\nunauth_burst = 70\nnonce_lifetime = \"1h\"\n",
         )
         .unwrap();
         let file = path.to_str().unwrap();
@@ -442,6 +454,8 @@ mod tests {
         assert_eq!(c.max_lifetime, Duration::from_secs(7200));
         assert_eq!(c.rest_max_ttl, Duration::from_secs(600));
         assert!(c.legacy_channel_range);
+        assert_eq!((c.unauth_rate, c.unauth_burst), (50, 70));
+        assert_eq!(c.nonce_lifetime, Duration::from_secs(3600));
         assert_eq!(c.min_port, 49152, "a key in neither keeps its default");
 
         let c = build_config(&run_args(&[
@@ -453,8 +467,12 @@ mod tests {
             "c:3",
             "--drain-timeout",
             "90",
+            "--unauth-burst",
+            "5000",
         ]))
         .unwrap();
+        assert_eq!(c.unauth_burst, 5000);
+        assert_eq!(c.unauth_rate, 50, "the file's value where no flag is given");
         assert_eq!(c.io, IoMode::Uring);
         assert_eq!(c.users, ["c:3"], "a repeated flag replaces the file's list");
         assert_eq!(c.drain_timeout, Duration::from_secs(90));

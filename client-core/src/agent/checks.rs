@@ -255,11 +255,7 @@ impl Agent {
                     Ok(n) => {
                         buf.truncate(n);
                         let server = t.config().server;
-                        self.transmits.push_back(Transmit {
-                            socket: self.turn_socket,
-                            to: server,
-                            payload: buf,
-                        });
+                        self.push_turn_out(server, buf);
                     }
                     Err(_) => self.stats.send_errors += 1,
                 }

@@ -229,7 +229,8 @@ impl Agent {
 
     /// Starts the Allocate of the other family once the first allocation was granted.
     pub(super) fn start_turn2(&mut self, now: Instant) {
-        if !self.cfg.relay_other_family || self.turn2_tried {
+        // Over UDP only: an allocation over TCP or TLS says this network passes no UDP.
+        if !self.cfg.relay_other_family || self.turn2_tried || self.turn_stream.is_some() {
             return;
         }
         let Some(first) = self.turn.as_ref() else {
@@ -268,7 +269,7 @@ impl Agent {
         }
         if choice.is_none() {
             for tc in &self.turn_order {
-                if tc.server == first_conf.server {
+                if tc.server == first_conf.server || tc.transport != TurnTransport::Udp {
                     continue;
                 }
                 let socket = std::iter::once(s0).chain(0..self.sockets.len()).find(|&s| {
@@ -602,6 +603,7 @@ mod tests {
         let mut cfg = AgentConfig::new(Role::Controlling, "aaaa", "aaaa-password-0123456789", 9);
         let tc = |s: &str| TurnConfig {
             server: s.parse().unwrap(),
+            transport: TurnTransport::Udp,
             username: USER.into(),
             password: PASS.into(),
         };
@@ -762,6 +764,7 @@ mod tests {
         let mut cfg = AgentConfig::new(Role::Controlled, "cccc", "cccc-password-0123456789", 3);
         cfg.turn = Some(TurnConfig {
             server: RELAY_A.parse().unwrap(),
+            transport: TurnTransport::Udp,
             username: USER.into(),
             password: PASS.into(),
         });

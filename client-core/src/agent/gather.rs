@@ -50,7 +50,9 @@ impl Agent {
                 });
             }
         }
-        self.turn_order = self.turn_list();
+        self.turn_order = relay::ladder(self.turn_list(), self.turn_transport_worked);
+        self.stats.turn_attempts.clear();
+        self.turn_rung_started_at = None;
         self.turn_index = 0;
         self.turn_allocated_once = false;
         self.turn_started_at = None;
@@ -185,7 +187,10 @@ impl Agent {
                     relayed, mapped, ..
                 } => {
                     self.turn_allocated_once = true;
-                    if let Some(m) = mapped {
+                    self.turn_transport_worked = Some(self.turn_transport);
+                    self.note_attempt(TurnOutcome::Allocated);
+                    // Over TCP or TLS the relay saw our TCP mapping: no UDP candidate.
+                    if let Some(m) = mapped.filter(|_| self.turn_stream.is_none()) {
                         self.add_srflx(self.turn_socket, m);
                     }
                     let pref = local_preference(relayed.ip(), 0);
@@ -209,7 +214,21 @@ impl Agent {
                     }
                     self.start_turn2(now);
                 }
+                turn::Event::AllocationFailed(e) => {
+                    self.note_attempt(TurnOutcome::Failed(e.to_string()));
+                    self.close_turn_stream();
+                }
+                turn::Event::Redirected { from, to } if self.turn_stream.is_some() => {
+                    // The alternate is another connection.
+                    self.stream_ops.push_back(StreamOp::Close { server: from });
+                    self.turn_stream = Some(to);
+                    self.stream_ops.push_back(StreamOp::Open {
+                        server: to,
+                        transport: self.turn_transport,
+                    });
+                }
                 turn::Event::AllocationLost(e) => {
+                    self.close_turn_stream();
                     self.end_relayed_pairs();
                     if self
                         .selected
@@ -232,18 +251,19 @@ impl Agent {
             self.turn_failover(now);
             return;
         }
+        let mut out = Vec::new();
         if let Some(t) = self.turn.as_mut() {
             while let Some(tx) = t.poll_transmit() {
-                self.transmits.push_back(Transmit {
-                    socket: self.turn_socket,
-                    to: if tx.destination == server {
-                        server
-                    } else {
-                        tx.destination
-                    },
-                    payload: tx.payload,
-                });
+                out.push(tx);
             }
+        }
+        for tx in out {
+            let to = if tx.destination == server {
+                server
+            } else {
+                tx.destination
+            };
+            self.push_turn_out(to, tx.payload);
         }
         self.check_gathering_complete();
     }

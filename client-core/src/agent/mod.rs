@@ -55,6 +55,16 @@
 //! * **Several relays**: `turn` then `turn_alternates` are tried in order; an Allocate that
 //!   fails or gets no answer within `turn_alternate_after` (400 ms) moves on to the next relay.
 //!   On [`Agent::restart`] the relay of a dead relayed path goes last.
+//! * **The TURN ladder** (UDP-hostile networks): the relays are tried over UDP first, then
+//!   over TCP, then over TLS (stable order within each transport). A transport that has given
+//!   no allocation [`TURN_TRANSPORT_STEP`] (1 s, `turn_transport_after`) after its first
+//!   Allocate gives way to the next; a refused connection moves on at once. A TCP or TLS
+//!   allocation lives on a connection the driver owns ([`StreamOp`]: open, write, close;
+//!   [`Agent::handle_stream_data`], [`Agent::handle_stream_closed`]); checks and media through
+//!   it are ChannelData (or Send indications) on that stream. It is released by closing the
+//!   connection. The selected path says which transport it uses ([`SelectedPath::transport`]).
+//!   After a TCP or TLS allocation, a restart's ladder starts at that transport (the ones
+//!   below it are tried after): the network it found is likely still the same.
 //! * **Allocations do not outlive the agent**: a restart releases the old allocation and
 //!   [`Agent::close`] the current one (Refresh LIFETIME 0, retransmitted until answered; a new
 //!   Allocate on the same relay waits for the release so the relay does not answer 437).
@@ -70,7 +80,8 @@
 //! path selection and consent, `family` dual stack (RFC 8421 local preferences, a STUN
 //! server per family, same-family pairs, the allocation of the other relayed family).
 //!
-//! What it is not: no sockets, clock reads or unseeded randomness; one component, UDP only;
+//! What it is not: no sockets, clock reads or unseeded randomness; one component; direct
+//! paths over UDP only (TCP and TLS only to the relay);
 //! no port prediction (symmetric <-> port-restricted goes through the relay); no ICE-lite.
 
 mod candidate;
@@ -106,7 +117,8 @@ pub use candidate::{Candidate, CandidateError, CandidateKind};
 pub use family::{family_precedence, local_preference};
 pub use types::{
     AgentConfig, AgentStats, AppData, DisconnectReason, Event, PathKind, Role, SelectedPath,
-    SendError, Transmit, TurnConfig,
+    SendError, StreamOp, TURN_TRANSPORT_STEP, Transmit, TurnAttempt, TurnConfig, TurnOutcome,
+    TurnTransport,
 };
 
 /// Size of the buffer checks and responses are encoded into (USERNAME can be 512 bytes).
@@ -251,6 +263,19 @@ pub struct Agent {
     turn_deferred_until: Option<Instant>,
     /// Allocations being released (Refresh LIFETIME 0 in flight) after a restart or close.
     retired: Vec<(usize, TurnClient)>,
+    /// Realm and nonce per relay this agent authenticated with: the next Allocate there (a
+    /// restart, a failover back) starts authenticated. At most one per configured relay.
+    turn_auth: Vec<turn::AuthHint>,
+    /// The client transport of `turn`.
+    turn_transport: TurnTransport,
+    /// The server whose stream connection `turn` uses while it is open.
+    turn_stream: Option<SocketAddr>,
+    /// When the first Allocate of the current transport's rung started (the ladder's bound).
+    turn_rung_started_at: Option<Instant>,
+    /// The transport of the last allocation granted: a restart's ladder starts there.
+    turn_transport_worked: Option<TurnTransport>,
+    /// Operations on stream connections for the driver.
+    stream_ops: VecDeque<StreamOp>,
     gathering_reported: bool,
     selected: Option<usize>,
     /// Controlled side: the pair the controlling side sends application data on (module docs).
@@ -304,6 +329,12 @@ impl Agent {
             turn_allocated_once: false,
             turn_deferred_until: None,
             retired: Vec::new(),
+            turn_auth: Vec::new(),
+            turn_transport: TurnTransport::Udp,
+            turn_stream: None,
+            turn_rung_started_at: None,
+            turn_transport_worked: None,
+            stream_ops: VecDeque::new(),
             gathering_reported: false,
             selected: None,
             follow: Follow::default(),
@@ -420,10 +451,9 @@ impl Agent {
             return self.turn2_input(now, socket, from, data);
         }
         let from_turn = socket == self.turn_socket
-            && self
-                .turn
-                .as_ref()
-                .is_some_and(|t| t.config().server == from);
+            && self.turn.as_ref().is_some_and(|t| {
+                t.config().server == from && t.config().transport == turn::ClientTransport::Datagram
+            });
         // The answer to a Refresh LIFETIME 0 of a released allocation.
         if !from_turn && kind == PacketKind::Stun && self.feed_retired(now, socket, from, data) {
             return None;
@@ -495,15 +525,8 @@ impl Agent {
         }
         if let Some(t) = &self.turn {
             consider(t.poll_timeout());
-            if t.state() == AllocationState::Allocating
-                && self.turn_index + 1 < self.turn_order.len()
-            {
-                consider(
-                    self.turn_started_at
-                        .map(|s| s + self.cfg.turn_alternate_after),
-                );
-            }
         }
+        consider(self.turn_failover_at());
         for (_, t) in &self.retired {
             consider(t.poll_timeout());
         }
@@ -546,8 +569,9 @@ impl Agent {
     }
 
     /// Wraps an application payload for the selected path (direct: as is; relay: ChannelData
-    /// on a bound channel, else a Send indication).
-    pub fn send(&mut self, _now: Instant, payload: &[u8]) -> Result<Transmit, SendError> {
+    /// on a bound channel, else a Send indication). `None`: it went through our allocation over
+    /// TCP or TLS and waits in [`poll_stream_op`](Self::poll_stream_op).
+    pub fn send(&mut self, _now: Instant, payload: &[u8]) -> Result<Option<Transmit>, SendError> {
         let (via, remote) = match self.selected.and_then(|i| self.pairs.get(i)) {
             Some(p) => (p.via, p.remote),
             None => match self.previous {
@@ -564,21 +588,99 @@ impl Agent {
             Via::Relay => {
                 if let Some(t) = self.wrap_turn2(remote, payload)? {
                     self.stats.app_sent += 1;
-                    return Ok(t);
+                    return Ok(Some(t));
                 }
                 let turn = self.turn.as_mut().ok_or(SendError::NotConnected)?;
                 let mut buf = vec![0u8; payload.len() + TURN_OVERHEAD];
                 let n = turn.encode_data(remote, payload, &mut buf)?;
                 buf.truncate(n);
+                let server = turn.config().server;
+                self.stats.app_sent += 1;
+                if self.turn_stream.is_some() {
+                    self.stream_ops
+                        .push_back(StreamOp::Write { server, bytes: buf });
+                    return Ok(None);
+                }
                 Transmit {
                     socket: self.turn_socket,
-                    to: turn.config().server,
+                    to: server,
                     payload: buf,
                 }
             }
         };
-        self.stats.app_sent += 1;
-        Ok(t)
+        if matches!(via, Via::Socket(_)) {
+            self.stats.app_sent += 1;
+        }
+        Ok(Some(t))
+    }
+
+    /// The next operation on a stream connection to a TURN server over TCP or TLS.
+    pub fn poll_stream_op(&mut self) -> Option<StreamOp> {
+        self.stream_ops.pop_front()
+    }
+
+    /// Bytes read from the stream connection to `server`. Returns the application data (media
+    /// or QUIC) they completed, unwrapped from TURN framing; STUN and TURN control messages are
+    /// kept. Bytes of a connection the agent no longer uses are ignored; bytes that break the
+    /// framing end the allocation (the connection is then to be closed: a
+    /// [`StreamOp::Close`] follows).
+    pub fn handle_stream_data(
+        &mut self,
+        now: Instant,
+        server: SocketAddr,
+        bytes: &[u8],
+    ) -> Vec<AppData<'static>> {
+        let mut out = Vec::new();
+        if self.turn_stream != Some(server) {
+            return out;
+        }
+        let Some(t) = self.turn.as_mut() else {
+            return out;
+        };
+        if t.handle_stream_bytes(bytes).is_err() {
+            return out;
+        }
+        while let Some(t) = self.turn.as_mut() {
+            match t.poll_stream_input(now) {
+                Ok(Some(turn::StreamInput::Data { peer, data })) => {
+                    self.relay_rx_at = Some(now);
+                    self.drain_turn(now);
+                    if let Some(app) = self.handle_inner(now, Via::Relay, peer, &data) {
+                        out.push(match app {
+                            AppData::Payload { data, path } => AppData::Payload {
+                                data: Cow::Owned(data.into_owned()),
+                                path,
+                            },
+                        });
+                    }
+                }
+                Ok(Some(turn::StreamInput::Control)) => self.drain_turn(now),
+                Ok(Some(turn::StreamInput::Dropped(_))) => self.stats.turn_input_errors += 1,
+                Ok(None) => break,
+                Err(_) => {
+                    self.stats.turn_input_errors += 1;
+                    self.drain_turn(now);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// The stream connection to `server` ended (closed, reset, or its connect or TLS handshake
+    /// failed). Its allocation is gone: the next rung of the ladder is tried, or the relayed
+    /// pairs through it end.
+    pub fn handle_stream_closed(&mut self, now: Instant, server: SocketAddr) {
+        if self.turn_stream != Some(server) {
+            return;
+        }
+        // The connection is gone already: no Close for it.
+        self.turn_stream = None;
+        if let Some(t) = self.turn.as_mut() {
+            t.handle_stream_closed(now);
+        }
+        self.drain_turn(now);
+        self.turn_failover(now);
     }
 
     /// ICE restart after path loss: new local credentials, forget the peer's candidates and all
@@ -721,6 +823,7 @@ impl Agent {
                 local: p.local_addr,
                 remote: p.remote,
                 rtt: p.rtt,
+                transport: self.via_transport(p.via),
             })
     }
 }

@@ -1,12 +1,82 @@
-//! The agent's TURN allocations: start, fail over to the next relay, release (a restart's,
-//! a closed agent's, one the call does not use), and the pairs that end with them.
+//! The agent's TURN allocations: start, fail over to the next relay or transport (the
+//! ladder), release (a restart's, a closed agent's, one the call does not use), and the pairs
+//! that end with them.
 
 use super::*;
 
+/// The TURN ladder: every relay over UDP, then over TCP, then over TLS (stable within each);
+/// from `start` on when given, the transports below it after.
+pub(super) fn ladder(mut relays: Vec<TurnConfig>, start: Option<TurnTransport>) -> Vec<TurnConfig> {
+    let start = start.unwrap_or(TurnTransport::Udp);
+    relays.sort_by_key(|t| (t.transport < start, t.transport));
+    relays
+}
+
 impl Agent {
-    /// Moves the current allocation to the released list (Refresh LIFETIME 0 sent).
+    /// Keeps the realm and nonce an allocation authenticated with, for the next Allocate on
+    /// its server.
+    pub(super) fn remember_turn_auth(&mut self, hint: Option<turn::AuthHint>) {
+        let Some(hint) = hint else {
+            return;
+        };
+        self.turn_auth.retain(|h| h.server != hint.server);
+        if self.turn_auth.len() > self.cfg.turn_alternates.len() {
+            self.turn_auth.remove(0);
+        }
+        self.turn_auth.push(hint);
+    }
+
+    /// Queues bytes of the current TURN client for `server`: a datagram from the TURN socket,
+    /// or a write to its stream connection.
+    pub(super) fn push_turn_out(&mut self, server: SocketAddr, payload: Vec<u8>) {
+        match self.turn_stream {
+            Some(_) => self.stream_ops.push_back(StreamOp::Write {
+                server,
+                bytes: payload,
+            }),
+            None => self.transmits.push_back(Transmit {
+                socket: self.turn_socket,
+                to: server,
+                payload,
+            }),
+        }
+    }
+
+    /// The transport this side's packets on a pair through `via` leave on.
+    pub(super) fn via_transport(&self, via: Via) -> TurnTransport {
+        match via {
+            Via::Relay => self.turn_transport,
+            Via::Socket(_) => TurnTransport::Udp,
+        }
+    }
+
+    /// Closes the stream connection of the current allocation, if it has one open.
+    pub(super) fn close_turn_stream(&mut self) {
+        if let Some(server) = self.turn_stream.take() {
+            self.stream_ops.push_back(StreamOp::Close { server });
+        }
+    }
+
+    /// Records how the current rung of the ladder went (the last attempt is the current one).
+    pub(super) fn note_attempt(&mut self, outcome: TurnOutcome) {
+        if let Some(a) = self.stats.turn_attempts.last_mut()
+            && a.outcome == TurnOutcome::Pending
+        {
+            a.outcome = outcome;
+        }
+    }
+
+    /// Moves the current allocation to the released list (Refresh LIFETIME 0 sent); one on a
+    /// stream is released by closing its connection.
     pub(super) fn release_turn(&mut self, now: Instant) {
         self.turn_deferred_until = None;
+        let held = self.turn.as_ref().and_then(TurnClient::auth_hint);
+        self.remember_turn_auth(held);
+        if self.turn_stream.is_some() {
+            self.close_turn_stream();
+            self.turn = None;
+            return;
+        }
         if let Some(mut old) = self.turn.take()
             && old.state() == AllocationState::Allocated
             && old.deallocate(now).is_ok()
@@ -105,8 +175,54 @@ impl Agent {
         });
     }
 
-    /// Tries the next relay when the Allocate on the current one failed or went unanswered
-    /// for `turn_alternate_after`; starts a deferred Allocate when its time has come.
+    /// The index of the first relay of the next transport of the ladder, if any.
+    fn next_rung(&self) -> Option<usize> {
+        let cur = self.turn_order.get(self.turn_index)?.transport;
+        (self.turn_index + 1..self.turn_order.len()).find(|&i| self.turn_order[i].transport != cur)
+    }
+
+    /// Where the ladder goes when the current Allocate is still unanswered: (when, to which
+    /// index). The next relay of the same transport after `turn_alternate_after`; the next
+    /// transport once the current one has had `turn_transport_after`, whichever comes first.
+    fn unanswered_failover(&self) -> Option<(Instant, usize)> {
+        let next = self.turn_index + 1;
+        let cur = self.turn_order.get(self.turn_index)?.transport;
+        let same = self
+            .turn_order
+            .get(next)
+            .is_some_and(|t| t.transport == cur);
+        let alternate = self
+            .turn_started_at
+            .filter(|_| same)
+            .map(|s| (s + self.cfg.turn_alternate_after, next));
+        let rung = self
+            .next_rung()
+            .zip(self.turn_rung_started_at)
+            .map(|(i, s)| (s + self.cfg.turn_transport_after, i));
+        match (alternate, rung) {
+            (Some(a), Some(r)) => Some(if r.0 <= a.0 { r } else { a }),
+            (a, r) => a.or(r),
+        }
+    }
+
+    /// When [`Self::turn_failover`] has something to do for an unanswered Allocate.
+    pub(super) fn turn_failover_at(&self) -> Option<Instant> {
+        if self.turn_allocated_once {
+            return None;
+        }
+        let t = self.turn.as_ref()?;
+        if !matches!(
+            t.state(),
+            AllocationState::Allocating | AllocationState::Idle
+        ) {
+            return None;
+        }
+        self.unanswered_failover().map(|(at, _)| at)
+    }
+
+    /// Tries the next relay (or transport) when the Allocate on the current one failed or went
+    /// unanswered for its bound ([`Self::unanswered_failover`]); starts a deferred Allocate when
+    /// its time has come.
     pub(super) fn turn_failover(&mut self, now: Instant) {
         if let Some(until) = self.turn_deferred_until {
             let server = self.turn_order.get(self.turn_index).map(|t| t.server);
@@ -123,22 +239,33 @@ impl Agent {
         if self.turn_allocated_once || self.turn_index + 1 >= self.turn_order.len() {
             return;
         }
-        let stuck = match self.turn.as_ref() {
-            None => !self.turn_order.is_empty(),
+        let next = match self.turn.as_ref() {
+            None if !self.turn_order.is_empty() => Some(self.turn_index + 1),
+            None => None,
             Some(t) => match t.state() {
-                AllocationState::Failed => true,
-                AllocationState::Allocating | AllocationState::Idle => {
-                    self.turn_started_at.is_some_and(|s| {
-                        now.saturating_duration_since(s) >= self.cfg.turn_alternate_after
-                    })
-                }
-                _ => false,
+                AllocationState::Failed => Some(self.turn_index + 1),
+                AllocationState::Allocating | AllocationState::Idle => self
+                    .unanswered_failover()
+                    .filter(|(at, _)| *at <= now)
+                    .map(|(_, i)| i),
+                _ => None,
             },
         };
-        if stuck {
-            // An unanswered Allocate is abandoned: nothing was granted to release.
+        if let Some(next) = next {
+            if self
+                .turn
+                .as_ref()
+                .is_some_and(|t| t.state() == AllocationState::Failed)
+            {
+                // The reason was recorded when the Allocate failed.
+            } else {
+                self.note_attempt(TurnOutcome::NoAnswer);
+            }
+            // An unanswered Allocate is abandoned: nothing was granted to release (one on a
+            // stream goes with its connection).
+            self.close_turn_stream();
             self.turn = None;
-            self.turn_index += 1;
+            self.turn_index = next;
             self.stats.turn_failovers += 1;
             self.start_turn(now);
         }
@@ -153,8 +280,31 @@ impl Agent {
             return;
         }
         self.turn_generation += 1;
+        let first_of_rung = self.turn_index == 0
+            || self
+                .turn_order
+                .get(self.turn_index - 1)
+                .is_none_or(|prev| prev.transport != tc.transport);
+        if first_of_rung {
+            self.turn_rung_started_at = Some(now);
+        }
         let mut conf = turn::TurnConfig::new(tc.server, tc.username, tc.password);
         conf.rto = self.cfg.stun_rto;
+        self.turn_transport = tc.transport;
+        self.turn_stream = None;
+        if tc.transport != TurnTransport::Udp {
+            conf.transport = turn::ClientTransport::Stream;
+            self.turn_stream = Some(tc.server);
+            self.stream_ops.push_back(StreamOp::Open {
+                server: tc.server,
+                transport: tc.transport,
+            });
+        }
+        self.stats.turn_attempts.push(TurnAttempt {
+            transport: tc.transport,
+            server: tc.server,
+            outcome: TurnOutcome::Pending,
+        });
         conf.seed = self
             .cfg
             .seed
@@ -166,6 +316,13 @@ impl Agent {
             .position(|s| s.is_ipv4() == tc.server.is_ipv4())
             .unwrap_or(0);
         let mut client = TurnClient::new(conf);
+        // A realm and nonce this agent already holds for the server (an earlier allocation, a
+        // restart): the first Allocate authenticates and costs the relay no 401.
+        let held = self.turn.as_ref().and_then(TurnClient::auth_hint);
+        self.remember_turn_auth(held);
+        if let Some(hint) = self.turn_auth.iter().find(|h| h.server == tc.server) {
+            client.resume_auth(hint);
+        }
         self.turn_started_at = Some(now);
         if client.allocate(now).is_ok() {
             self.turn = Some(client);

@@ -95,6 +95,7 @@ impl Agent {
             local: p.local_addr,
             remote: p.remote,
             rtt: p.rtt,
+            transport: self.via_transport(p.via),
         };
         if self.connected_once {
             self.stats.path_changes += 1;

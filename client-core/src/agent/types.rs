@@ -5,6 +5,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::turn::TurnError;
+pub use peerlink_api::signaling::TurnTransport;
+
+/// How long one client transport of the TURN ladder (UDP, then TCP) may go without an
+/// allocation before the next (TCP, then TLS) is tried: the default of
+/// [`AgentConfig::turn_transport_after`]. One second covers a few UDP round trips, so a network
+/// that answers at all answers within it, and keeps the fallback well within a call's setup.
+pub const TURN_TRANSPORT_STEP: Duration = Duration::from_secs(1);
 
 /// ICE role (RFC 8445 section 6.1.1): the caller is controlling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,6 +52,9 @@ pub struct SelectedPath {
     pub remote: SocketAddr,
     /// Round-trip time of the last check on this pair, if measured.
     pub rtt: Option<Duration>,
+    /// How this side's packets on the path leave: UDP (direct, or to a relay over UDP), or
+    /// the TCP or TLS connection of our TURN allocation.
+    pub transport: TurnTransport,
 }
 
 /// Why the agent gave up on the call's connectivity; the app restarts through signaling.
@@ -105,6 +115,58 @@ pub enum AppData<'a> {
     },
 }
 
+/// What the driver must do with the connection of a TURN allocation over TCP or TLS. The
+/// connections are keyed by the server's address; the operations come in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamOp {
+    /// Open a connection to `server` over `transport` (TCP, or TLS over TCP). Report its
+    /// bytes with [`super::Agent::handle_stream_data`] and its end (also a failed connect or
+    /// handshake) with [`super::Agent::handle_stream_closed`].
+    Open {
+        /// The TURN server's TCP or TLS listener.
+        server: SocketAddr,
+        /// TCP or TLS.
+        transport: TurnTransport,
+    },
+    /// Write `bytes` to the connection to `server` (after its open, in order).
+    Write {
+        /// The server.
+        server: SocketAddr,
+        /// The bytes (whole STUN messages or padded ChannelData).
+        bytes: Vec<u8>,
+    },
+    /// Close the connection to `server`: its allocation is released, abandoned or broken
+    /// (closing it frees the allocation on the server).
+    Close {
+        /// The server.
+        server: SocketAddr,
+    },
+}
+
+/// One rung of the TURN ladder tried in this generation and how it went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TurnAttempt {
+    /// The client transport.
+    pub transport: TurnTransport,
+    /// The server tried.
+    pub server: SocketAddr,
+    /// How it went.
+    pub outcome: TurnOutcome,
+}
+
+/// The outcome of one [`TurnAttempt`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TurnOutcome {
+    /// Still waiting for the allocation.
+    Pending,
+    /// The allocation was granted.
+    Allocated,
+    /// Given up on: no allocation within the bound.
+    NoAnswer,
+    /// The Allocate failed (refused, connection failed or closed).
+    Failed(String),
+}
+
 /// Why [`super::Agent::send`] could not wrap a payload.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
@@ -116,11 +178,13 @@ pub enum SendError {
     Relay(#[from] TurnError),
 }
 
-/// Long-term (TURN REST) credentials for the relay the directory chose.
+/// Long-term (TURN REST) credentials for the relay the directory chose, and how to reach it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TurnConfig {
-    /// The relay's UDP listener.
+    /// The relay's listener for `transport`.
     pub server: SocketAddr,
+    /// UDP, TCP or TLS.
+    pub transport: TurnTransport,
     /// Username (REST: `"<expiry>:<user>"`).
     pub username: String,
     /// Password (REST: base64 HMAC).
@@ -147,6 +211,10 @@ pub struct AgentConfig {
     pub turn_alternates: Vec<TurnConfig>,
     /// How long an Allocate may go unanswered before the next relay is tried (default 400 ms).
     pub turn_alternate_after: Duration,
+    /// The TURN ladder: relays are tried over UDP first, then TCP, then TLS (each transport's
+    /// relays in order). A transport that has not given an allocation this long after its
+    /// first Allocate gives way to the next (default [`TURN_TRANSPORT_STEP`], 1 s).
+    pub turn_transport_after: Duration,
     /// First interval between checks on one pair (default 25 ms).
     pub check_interval: Duration,
     /// Largest interval checks back off to (default 250 ms).
@@ -206,6 +274,7 @@ impl AgentConfig {
             turn: None,
             turn_alternates: Vec::new(),
             turn_alternate_after: Duration::from_millis(400),
+            turn_transport_after: TURN_TRANSPORT_STEP,
             check_interval: Duration::from_millis(25),
             max_check_interval: Duration::from_millis(250),
             pair_timeout: Duration::from_secs(8),
@@ -269,6 +338,8 @@ pub struct AgentStats {
     pub restarts: u64,
     /// Relays given up on (no answer in time or Allocate failed) for the next one.
     pub turn_failovers: u64,
+    /// The TURN ladder's rungs tried in the current generation, in order.
+    pub turn_attempts: Vec<TurnAttempt>,
     /// Allocations released because the call settled on a pair that does not use them
     /// (`release_unused_relay_after`).
     pub unused_relay_released: u64,

@@ -18,6 +18,15 @@
 //! talkspurt boundary) and otherwise at most once per `shrink_interval`, so it comes back down
 //! gently.
 //!
+//! Head-of-line stalls (media over TCP, e.g. a TURN allocation on a stream): a lost segment
+//! holds back every packet behind it until its retransmission, and then they arrive in one
+//! burst, the first with the stall's whole delay and the rest less and less. A burst is not a
+//! loss: the packets are buffered (or counted late) like any other, and nothing restarts. But
+//! the quantile alone would cover only part of the next stall (a stall of `n` frames is `n`
+//! samples, a few percent of the window, with delays falling from its peak), so a burst of at
+//! least [`BURST_MIN`] packets arriving within [`BURST_GAP`] holds its first packet's delay
+//! in the target for [`STALL_HOLD`]: the next stall of that size is covered in full.
+//!
 //! Each tick yields what to play for one slot: the packet, the next packet's FEC, or a
 //! concealment frame (loss, DTX gap or stretch). The caller owns the decoder.
 //! Not handled: clock drift between sender and receiver, SSRC/timestamp restarts.
@@ -138,10 +147,24 @@ pub struct JitterBuffer {
     unconfirmed_gap: u64,
     frames_since_shrink: u32,
     started: bool,
+    /// Arrival of the last packet, and the current burst: its length and first delay.
+    last_arrival: Option<Instant>,
+    burst_len: u32,
+    burst_first_delay: f64,
+    /// The delay of the last released stall, held in the target until the instant.
+    stall: Option<(f64, Instant)>,
 }
 
 /// Bound on how far ahead of the playout point a packet may be buffered, in frames.
 const MAX_AHEAD_FRAMES: i64 = 500;
+/// Packets arriving this close after one another belong to one burst.
+pub const BURST_GAP: Duration = Duration::from_millis(2);
+/// Packets in one burst that make it a released stall (at 20 ms pacing, three packets at once
+/// means at least 40 ms held back: path jitter alone rarely does that).
+pub const BURST_MIN: u32 = 3;
+/// How long a stall's delay stays in the target after its burst (stalls on a lossy TCP path
+/// come every few seconds; after this long without one the buffer comes back down).
+pub const STALL_HOLD: Duration = Duration::from_secs(10);
 
 impl JitterBuffer {
     /// New, empty buffer.
@@ -161,6 +184,10 @@ impl JitterBuffer {
             unconfirmed_gap: 0,
             frames_since_shrink: 0,
             started: false,
+            last_arrival: None,
+            burst_len: 0,
+            burst_first_delay: 0.0,
+            stall: None,
         }
     }
 
@@ -205,6 +232,7 @@ impl JitterBuffer {
         while self.delays.len() > self.cfg.window.max(1) {
             self.delays.pop_front();
         }
+        self.note_burst(now, d);
         self.update_target();
         if frame < self.next_frame {
             if self.started {
@@ -223,6 +251,30 @@ impl JitterBuffer {
         InsertOutcome::Buffered
     }
 
+    /// Tracks bursts of arrivals; a long one is a released stall whose delay is held.
+    fn note_burst(&mut self, now: Instant, d: f64) {
+        let in_burst = self
+            .last_arrival
+            .is_some_and(|t| now.saturating_duration_since(t) <= BURST_GAP);
+        self.last_arrival = Some(now);
+        if in_burst {
+            self.burst_len = self.burst_len.saturating_add(1);
+        } else {
+            self.burst_len = 1;
+            self.burst_first_delay = d;
+        }
+        if self.burst_len == BURST_MIN {
+            let peak = match self.stall {
+                Some((p, until)) if until > now => p.max(self.burst_first_delay),
+                _ => self.burst_first_delay,
+            };
+            self.stall = Some((peak, now + STALL_HOLD));
+        }
+        if self.stall.is_some_and(|(_, until)| until <= now) {
+            self.stall = None;
+        }
+    }
+
     fn update_target(&mut self) {
         if self.delays.is_empty() {
             return;
@@ -232,7 +284,10 @@ impl JitterBuffer {
         rel.sort_by(f64::total_cmp);
         let q = self.cfg.quantile.clamp(0.0, 1.0);
         let pos = ((rel.len() - 1) as f64 * q).ceil() as usize;
-        let quant = rel[pos.min(rel.len() - 1)];
+        let mut quant = rel[pos.min(rel.len() - 1)];
+        if let Some((peak, _)) = self.stall {
+            quant = quant.max(peak - min);
+        }
         let slack = if self.cfg.fec_slack {
             self.frame_secs()
         } else {
@@ -375,6 +430,88 @@ mod tests {
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+
+    /// Media over TCP (a TURN allocation on a stream): a lost segment holds back everything
+    /// behind it until the retransmission, then the held packets arrive in one burst. Packets
+    /// go out every 20 ms and arrive 5 ms later, except that those sent during each stall
+    /// arrive together with the first packet after it. Returns per packet its insert outcome
+    /// and what played, slot by slot.
+    fn hol_run(stalls: &[(u64, u64)], total: u64) -> (Vec<InsertOutcome>, Vec<Playout>) {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let arrive = |i: u64| -> u64 {
+            for &(from, len) in stalls {
+                if i >= from && i < from + len {
+                    return 20 * (from + len) + 5;
+                }
+            }
+            20 * i + 5
+        };
+        let mut order: Vec<u64> = (0..total).collect();
+        order.sort_by_key(|&i| (arrive(i), i));
+        let mut outcomes = vec![InsertOutcome::Buffered; total as usize];
+        let mut played = Vec::new();
+        let mut next = 0;
+        let end = 20 * total + 1000;
+        for t in 0..end {
+            let now = t0 + ms(t);
+            while next < order.len() && arrive(order[next]) <= t {
+                let i = order[next];
+                let ts = (7_000u32).wrapping_add((i as u32) * 960);
+                outcomes[i as usize] = jb.insert(now, i, ts, vec![(i % 251) as u8]);
+                next += 1;
+            }
+            while let Some(tick) = jb.poll(now, false) {
+                if !matches!(tick.play, Playout::Conceal(ConcealReason::Stretch)) {
+                    played.push(tick.play);
+                }
+            }
+        }
+        (outcomes, played)
+    }
+
+    #[test]
+    fn a_stall_and_its_burst_do_not_reset_the_stream_and_the_buffer_grows_to_cover_it() {
+        // Two 200 ms stalls (a retransmission after the minimum TCP RTO), 3 s apart.
+        let stalls = [(100, 10), (250, 10)];
+        let (outcomes, played) = hol_run(&stalls, 400);
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, InsertOutcome::Buffered | InsertOutcome::Late)),
+            "a burst is neither duplicate nor too early"
+        );
+        let late = |from: u64, len: u64| {
+            (from..from + len)
+                .filter(|&i| outcomes[i as usize] == InsertOutcome::Late)
+                .count()
+        };
+        // The first stall is longer than the initial buffer: some of it plays late...
+        let first = late(100, 10);
+        assert!(first > 0 && first <= 10, "first stall: {first} late");
+        // ...but the burst does not reset the stream: everything after it plays, in order.
+        assert!(
+            (110..250).all(|i| outcomes[i as usize] == InsertOutcome::Buffered),
+            "packets after the burst are on time"
+        );
+        // The buffer has grown to cover a stall of that size: the second costs nothing.
+        assert_eq!(late(250, 10), 0, "second stall covered");
+        let packets: Vec<u8> = played
+            .iter()
+            .filter_map(|p| match p {
+                Playout::Packet(v) => v.first().copied(),
+                _ => None,
+            })
+            .collect();
+        let mut sorted = packets.clone();
+        sorted.dedup();
+        assert_eq!(packets.len(), sorted.len(), "no packet plays twice");
+        assert_eq!(
+            packets.len() as u64 + first as u64,
+            400,
+            "every packet but the first stall's late ones plays"
+        );
     }
 
     #[test]

@@ -228,6 +228,61 @@ fn stale_nonce_loop_is_bounded() {
 }
 
 #[test]
+fn a_resumed_nonce_authenticates_the_first_allocate() {
+    let t0 = Instant::now();
+    let first = allocated(t0, 600);
+    let hint = first
+        .auth_hint()
+        .expect("challenged, so it holds realm and nonce");
+    assert_eq!((hint.realm.as_str(), hint.nonce.as_str()), (REALM, "n1"));
+    let mut c = client(2);
+    assert!(c.resume_auth(&hint));
+    c.allocate(t0).unwrap();
+    let req = one_transmit(&mut c);
+    assert_authenticated(&req, "n1");
+    c.handle_input(t0, server(), &allocate_ok(&req, 600))
+        .unwrap();
+    assert!(matches!(c.poll_event(), Some(Event::Allocated { .. })));
+    // A hint for another server, or after the allocation started, is not taken.
+    let other = AuthHint {
+        server: addr("127.0.0.1:3479"),
+        ..hint.clone()
+    };
+    assert!(!client(3).resume_auth(&other));
+    assert!(!c.resume_auth(&hint));
+}
+
+#[test]
+fn a_resumed_nonce_the_server_refuses_falls_back_to_its_challenge_once() {
+    let t0 = Instant::now();
+    let hint = AuthHint {
+        server: server(),
+        realm: "old-realm".into(),
+        nonce: "old".into(),
+    };
+    for code in [401, 438] {
+        let mut c = client(5);
+        assert!(c.resume_auth(&hint));
+        c.allocate(t0).unwrap();
+        let req = one_transmit(&mut c);
+        assert!(Message::parse(&req).unwrap().has_integrity());
+        c.handle_input(t0, server(), &challenge(&req, code, "fresh"))
+            .unwrap();
+        let req2 = one_transmit(&mut c);
+        assert_authenticated(&req2, "fresh");
+        // The retry is not a resumption any more: a second 401 is a wrong password.
+        c.handle_input(t0, server(), &challenge(&req2, 401, "fresh"))
+            .unwrap();
+        assert_eq!(
+            c.poll_event(),
+            Some(Event::AllocationFailed(TurnError::Unauthorized {
+                method: "Allocate"
+            }))
+        );
+    }
+}
+
+#[test]
 fn wrong_password_fails_with_unauthorized() {
     let t0 = Instant::now();
     let mut c = client(4);
@@ -690,4 +745,355 @@ fn an_unsigned_or_looping_redirect_fails_the_allocation() {
             ..
         }))
     ));
+}
+
+// --- TURN over a stream (TCP / TLS) ---
+
+fn stream_client(seed: u64) -> TurnClient {
+    TurnClient::new(
+        TurnConfig::new(server(), USER, PASS)
+            .with_seed(seed)
+            .with_transport(ClientTransport::Stream),
+    )
+}
+
+/// Feeds `bytes` to a stream client in pieces of `chunk` and collects every frame's input.
+fn feed(c: &mut TurnClient, t: Instant, bytes: &[u8], chunk: usize) -> Vec<StreamInput> {
+    let mut out = Vec::new();
+    for piece in bytes.chunks(chunk.max(1)) {
+        c.handle_stream_bytes(piece).unwrap();
+        while let Some(i) = c.poll_stream_input(t).unwrap() {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// A stream client through 401 -> Allocate -> success, every frame split at `chunk`.
+fn stream_allocated(t0: Instant, chunk: usize) -> TurnClient {
+    let mut c = stream_client(21);
+    c.allocate(t0).unwrap();
+    let req = one_transmit(&mut c);
+    assert_eq!(
+        feed(&mut c, t0, &challenge(&req, 401, "n1"), chunk),
+        vec![StreamInput::Control]
+    );
+    let req2 = one_transmit(&mut c);
+    assert_authenticated(&req2, "n1");
+    assert_eq!(
+        feed(&mut c, t0, &allocate_ok(&req2, 600), chunk),
+        vec![StreamInput::Control]
+    );
+    assert!(matches!(c.poll_event(), Some(Event::Allocated { .. })));
+    c
+}
+
+/// Binds a channel to PEER over the stream; returns its number.
+fn stream_bound(c: &mut TurnClient, t0: Instant) -> u16 {
+    let ch = c.bind_channel(t0, addr(PEER)).unwrap();
+    let req = one_transmit(c);
+    let ok = reply(&req, Class::Success, Some(&key()), |_| {});
+    assert_eq!(feed(c, t0, &ok, 64), vec![StreamInput::Control]);
+    assert!(matches!(c.poll_event(), Some(Event::ChannelBound { .. })));
+    ch
+}
+
+#[test]
+fn stream_frames_are_reassembled_from_any_split() {
+    let t0 = Instant::now();
+    for chunk in [1, 3, 7, 20, 4096] {
+        let mut c = stream_allocated(t0, chunk);
+        assert_eq!(c.state(), AllocationState::Allocated, "chunk {chunk}");
+        let ch = stream_bound(&mut c, t0);
+        // Two padded ChannelData frames and a Data indication back to back in one read.
+        let mut bytes = vec![0x40, ch as u8, 0, 5, 1, 2, 3, 4, 5, 0, 0, 0];
+        bytes.extend_from_slice(&[0x40, ch as u8, 0, 4, 9, 8, 7, 6]);
+        let mut buf = [0u8; 128];
+        let mut b = MessageBuilder::new(
+            &mut buf,
+            MessageType::DATA_INDICATION,
+            TransactionId([3; 12]),
+        )
+        .unwrap();
+        b.add(&XorPeerAddress(addr(PEER))).unwrap();
+        b.add(&Data(b"abc")).unwrap();
+        let n = b.finish();
+        bytes.extend_from_slice(&buf[..n]);
+        let got = feed(&mut c, t0, &bytes, chunk);
+        let data = |d: &[u8]| StreamInput::Data {
+            peer: addr(PEER),
+            data: d.to_vec(),
+        };
+        assert_eq!(
+            got,
+            vec![data(&[1, 2, 3, 4, 5]), data(&[9, 8, 7, 6]), data(b"abc")],
+            "chunk {chunk}"
+        );
+    }
+}
+
+#[test]
+fn stream_channel_data_is_padded_to_four() {
+    let t0 = Instant::now();
+    let mut c = stream_allocated(t0, 4096);
+    let ch = stream_bound(&mut c, t0);
+    c.send(addr(PEER), b"hello").unwrap();
+    assert_eq!(
+        one_transmit(&mut c),
+        vec![
+            0x40, ch as u8, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0
+        ]
+    );
+    c.send(addr(PEER), b"four").unwrap();
+    assert_eq!(one_transmit(&mut c).len(), 8, "already aligned: no padding");
+    // The datagram client does not pad.
+    let mut d = allocated(t0, 600);
+    let _ = d.bind_channel(t0, addr(PEER)).unwrap();
+    let req = one_transmit(&mut d);
+    d.handle_input(
+        t0,
+        server(),
+        &reply(&req, Class::Success, Some(&key()), |_| {}),
+    )
+    .unwrap();
+    d.send(addr(PEER), b"hello").unwrap();
+    assert_eq!(one_transmit(&mut d).len(), 9);
+}
+
+#[test]
+fn stream_requests_are_not_retransmitted_but_time_out() {
+    let t0 = Instant::now();
+    let mut c = stream_client(22);
+    c.allocate(t0).unwrap();
+    let _ = one_transmit(&mut c);
+    assert_eq!(c.poll_timeout(), Some(t0 + STREAM_TRANSACTION_TIMEOUT));
+    for s in [1, 5, 20, 39] {
+        c.handle_timeout(t0 + Duration::from_secs(s));
+        assert!(c.poll_transmit().is_none(), "no retransmission at {s} s");
+        assert_eq!(c.state(), AllocationState::Allocating);
+    }
+    c.handle_timeout(t0 + STREAM_TRANSACTION_TIMEOUT);
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::AllocationFailed(TurnError::Timeout {
+            method: "Allocate",
+            transmissions: 1
+        }))
+    );
+    assert_eq!(c.state(), AllocationState::Failed);
+    // A shorter bound is the caller's to choose.
+    let mut cfg = TurnConfig::new(server(), USER, PASS).with_transport(ClientTransport::Stream);
+    cfg.stream_timeout = Duration::from_secs(2);
+    let mut c = TurnClient::new(cfg);
+    c.allocate(t0).unwrap();
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+}
+
+#[test]
+fn stream_garbage_and_oversized_frames_end_the_allocation() {
+    let t0 = Instant::now();
+    for (bytes, want) in [
+        (vec![0xFF, 1, 2, 3], StreamError::UnknownFrame(0xFF)),
+        (vec![0x80, 0, 0, 0], StreamError::UnknownFrame(0x80)),
+        (
+            vec![0, 1, 0, 0, 0xDE, 0xAD, 0xBE, 0xEF],
+            StreamError::BadCookie(0xDEAD_BEEF),
+        ),
+        (
+            vec![0x40, 0x00, 0xFF, 0xFF],
+            StreamError::TooLong {
+                len: 65539,
+                max: MAX_STREAM_FRAME,
+            },
+        ),
+    ] {
+        let mut c = stream_allocated(t0, 4096);
+        c.handle_stream_bytes(&bytes).unwrap();
+        assert_eq!(
+            c.poll_stream_input(t0),
+            Err(TurnError::Stream(want)),
+            "{bytes:?}"
+        );
+        assert_eq!(
+            c.poll_event(),
+            Some(Event::AllocationLost(TurnError::Stream(want)))
+        );
+        assert_eq!(c.state(), AllocationState::Failed);
+        // The stream stays refused: it is out of step.
+        c.handle_stream_bytes(&[0x40, 0, 0, 0]).unwrap();
+        assert_eq!(c.poll_stream_input(t0), Err(TurnError::Stream(want)));
+        assert!(
+            TurnError::Stream(want)
+                .to_string()
+                .contains("TURN stream broken"),
+            "a clear error"
+        );
+    }
+    // While allocating, the Allocate fails instead.
+    let mut c = stream_client(23);
+    c.allocate(t0).unwrap();
+    c.handle_stream_bytes(&[0xC0; 8]).unwrap();
+    assert!(c.poll_stream_input(t0).is_err());
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::AllocationFailed(TurnError::Stream(_)))
+    ));
+    assert_eq!(c.outstanding_requests(), 0);
+}
+
+#[test]
+fn stream_that_stops_mid_frame_or_closes_ends_the_allocation() {
+    let t0 = Instant::now();
+    // Truncated: half a ChannelData frame, then the connection ends.
+    let mut c = stream_allocated(t0, 4096);
+    let ch = stream_bound(&mut c, t0);
+    c.handle_stream_bytes(&[0x40, ch as u8, 0, 100, 1, 2, 3])
+        .unwrap();
+    assert_eq!(c.poll_stream_input(t0), Ok(None), "waits for the rest");
+    c.handle_stream_closed(t0);
+    let lost = c.poll_event();
+    assert_eq!(
+        lost,
+        Some(Event::AllocationLost(TurnError::ConnectionClosed {
+            mid_frame: true
+        }))
+    );
+    assert!(
+        TurnError::ConnectionClosed { mid_frame: true }
+            .to_string()
+            .contains("in the middle of a frame")
+    );
+    // A clean end between frames.
+    let mut c = stream_allocated(t0, 4096);
+    c.handle_stream_closed(t0);
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::AllocationLost(TurnError::ConnectionClosed {
+            mid_frame: false
+        }))
+    );
+    // A connect that never worked fails the Allocate.
+    let mut c = stream_client(24);
+    c.allocate(t0).unwrap();
+    c.handle_stream_closed(t0);
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::AllocationFailed(TurnError::ConnectionClosed { .. }))
+    ));
+    // Closing while releasing completes the release (the server frees it with the connection).
+    let mut c = stream_allocated(t0, 4096);
+    c.deallocate(t0).unwrap();
+    let _ = one_transmit(&mut c);
+    c.handle_stream_closed(t0);
+    assert_eq!(c.poll_event(), Some(Event::Deallocated));
+    assert_eq!(c.state(), AllocationState::Closed);
+}
+
+#[test]
+fn well_framed_but_bad_messages_are_dropped_and_the_stream_goes_on() {
+    let t0 = Instant::now();
+    let mut c = stream_allocated(t0, 4096);
+    let ch = stream_bound(&mut c, t0);
+    // Unbound channel, a response to nothing, a STUN request (not for a client): all dropped.
+    let mut bytes = vec![0x4F, 0xFF, 0, 1, 7, 0, 0, 0];
+    let stray = reply(
+        &[0u8; 20]
+            .iter()
+            .enumerate()
+            .map(|(i, _)| match i {
+                1 => 0x03,
+                4 => 0x21,
+                5 => 0x12,
+                6 => 0xA4,
+                7 => 0x42,
+                _ => 0,
+            })
+            .collect::<Vec<u8>>(),
+        Class::Success,
+        None,
+        |_| {},
+    );
+    bytes.extend_from_slice(&stray);
+    let mut buf = [0u8; 64];
+    let b = MessageBuilder::new(
+        &mut buf,
+        MessageType::BINDING_REQUEST,
+        TransactionId([1; 12]),
+    )
+    .unwrap();
+    let n = b.finish();
+    bytes.extend_from_slice(&buf[..n]);
+    bytes.extend_from_slice(&[0x40, ch as u8, 0, 2, 0xAB, 0xCD, 0, 0]);
+    let got = feed(&mut c, t0, &bytes, 5);
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(
+        got[0],
+        StreamInput::Dropped(InputError::UnknownChannel(0x4FFF))
+    );
+    assert_eq!(got[1], StreamInput::Dropped(InputError::UnknownTransaction));
+    assert!(matches!(
+        got[2],
+        StreamInput::Dropped(InputError::Unexpected(_))
+    ));
+    assert_eq!(
+        got[3],
+        StreamInput::Data {
+            peer: addr(PEER),
+            data: vec![0xAB, 0xCD]
+        }
+    );
+    assert_eq!(c.state(), AllocationState::Allocated);
+}
+
+#[test]
+fn stream_calls_on_a_datagram_client_are_refused() {
+    let t0 = Instant::now();
+    let mut c = client(25);
+    assert_eq!(
+        c.handle_stream_bytes(&[0; 4]),
+        Err(TurnError::WrongTransport(ClientTransport::Datagram))
+    );
+    assert_eq!(
+        c.poll_stream_input(t0),
+        Err(TurnError::WrongTransport(ClientTransport::Datagram))
+    );
+    c.handle_stream_closed(t0);
+    assert_eq!(c.state(), AllocationState::Idle);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// Arbitrary stream bytes in arbitrary reads never panic; once the framing fails it keeps
+    /// failing, and the allocation is gone.
+    #[test]
+    fn stream_garbage_never_panics(
+        bytes in proptest::collection::vec(any::<u8>(), 0..600),
+        chunk in 1usize..40,
+        first in 0u8..=0x7f,
+    ) {
+        let t0 = Instant::now();
+        let mut c = stream_allocated(t0, 4096);
+        let _ = stream_bound(&mut c, t0);
+        let mut b = bytes.clone();
+        if let Some(x) = b.first_mut() { *x = first; }
+        let mut failed = false;
+        for piece in b.chunks(chunk) {
+            c.handle_stream_bytes(piece).unwrap();
+            loop {
+                match c.poll_stream_input(t0) {
+                    Ok(Some(_)) => prop_assert!(!failed, "a frame after the stream broke"),
+                    Ok(None) => break,
+                    Err(_) => { failed = true; break; }
+                }
+            }
+        }
+        if failed {
+            prop_assert_eq!(c.state(), AllocationState::Failed);
+        }
+        c.handle_stream_closed(t0);
+        c.handle_timeout(t0 + Duration::from_secs(100));
+        while c.poll_event().is_some() {}
+        while c.poll_transmit().is_some() {}
+    }
 }

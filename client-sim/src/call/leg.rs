@@ -50,6 +50,8 @@ pub(super) struct Leg {
     pub(super) quic_in: Option<Pipe>,
     /// Frames for signaling held while it is down.
     pub(super) sig_outbox: Vec<ClientMsg>,
+    /// Connections of TURN allocations over TCP or TLS.
+    pub(super) streams: Streams,
 }
 
 impl Leg {
@@ -152,6 +154,7 @@ impl Leg {
             file: None,
             quic_in: None,
             sig_outbox: Vec::new(),
+            streams: Streams::new(opts.bind_ip, &turn_trust(opts)?),
         })
     }
 
@@ -330,16 +333,43 @@ impl Leg {
                 tracing::debug!("send to {} failed: {e}", t.to);
             }
         }
+        self.flush_streams();
         Ok(())
+    }
+
+    /// Carries out the agent's operations on TURN stream connections.
+    pub(super) fn flush_streams(&mut self) {
+        while let Some(op) = self.agent.poll_stream_op() {
+            self.streams.apply(op);
+        }
+    }
+
+    /// An event of a TURN stream connection.
+    pub(super) fn on_stream(&mut self, server: SocketAddr, ev: StreamEvent) {
+        let now = Instant::now();
+        match ev {
+            StreamEvent::Data(bytes) => {
+                for app in self.agent.handle_stream_data(now, server, &bytes) {
+                    let crate::agent::AppData::Payload { data, .. } = app;
+                    self.on_app(now, data);
+                }
+            }
+            StreamEvent::Closed(why) => {
+                tracing::info!("TURN stream ended: {why}");
+                self.agent.handle_stream_closed(now, server);
+            }
+        }
+        self.flush_streams();
     }
 
     pub(super) async fn send_app(&mut self, payload: &[u8]) -> Result<(), CallError> {
         match self.agent.send(Instant::now(), payload) {
-            Ok(t) => {
+            Ok(Some(t)) => {
                 if let Err(e) = self.socket(t.socket).send_to(&t.payload, t.to).await {
                     tracing::debug!("media send to {} failed: {e}", t.to);
                 }
             }
+            Ok(None) => self.flush_streams(),
             Err(e) => tracing::debug!("media not sent: {e}"),
         }
         Ok(())
@@ -372,6 +402,11 @@ impl Leg {
         else {
             return;
         };
+        self.on_app(now, data);
+    }
+
+    /// Application data the agent unwrapped (from a datagram or a TURN stream).
+    pub(super) fn on_app(&mut self, now: Instant, data: std::borrow::Cow<'_, [u8]>) {
         if !matches!(data.first(), Some(128..=191)) {
             // QUIC (64-127, 192-255): the file transfer's, if one runs.
             match &self.quic_in {
@@ -431,6 +466,7 @@ impl Leg {
                         let _ = self.agent.handle_datagram(Instant::now(), i, from, &buf[..n]);
                     }
                 }
+                (server, ev) = self.streams.recv() => self.on_stream(server, ev),
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
                     self.agent.handle_timeout(Instant::now());
                 }
@@ -503,17 +539,31 @@ impl Leg {
     }
 }
 
-/// Every usable relay of the credentials, in the order signaling gave them.
+/// Every usable relay and transport of the credentials, in the order signaling gave them
+/// (the agent tries them as its ladder: UDP, then TCP, then TLS).
 pub(super) fn turn_configs(c: &TurnCredentials) -> Vec<TurnConfig> {
     let mut out: Vec<TurnConfig> = Vec::new();
-    for server in c.uris.iter().filter_map(|u| parse_turn_uri(u)) {
-        if !out.iter().any(|t| t.server == server) {
+    for u in c.uris.iter().filter_map(|u| TurnUri::parse(u)) {
+        if !out
+            .iter()
+            .any(|t| t.server == u.addr && t.transport == u.transport)
+        {
             out.push(TurnConfig {
-                server,
+                server: u.addr,
+                transport: u.transport,
                 username: c.username.clone(),
                 password: c.password.clone(),
             });
         }
     }
     out
+}
+
+/// The roots TURN over TLS trusts: the call's, else the system's.
+fn turn_trust(opts: &CallOptions) -> Result<peerlink_api::tls::Trust, CallError> {
+    match &opts.turn_trust {
+        Some(t) => Ok(t.clone()),
+        None => peerlink_api::tls::Trust::system_shared()
+            .map_err(|e| CallError::Connectivity(format!("TLS trust for TURN: {e}"))),
+    }
 }

@@ -12,6 +12,14 @@
 //! and prefers IPv6 (RFC 8421). Everything that arrives on them is handed to the agent, which
 //! keeps STUN/TURN for itself and returns media payloads.
 //!
+//! The relayed candidate comes from the TURN ladder: every relay signaling offers is tried
+//! over UDP first; when UDP has given no allocation within the agent's
+//! `TURN_TRANSPORT_STEP` (1 s), over TCP (`turn:H:P?transport=tcp`), then over TLS
+//! (`turns:H:P?transport=tcp`, trusting `turn_trust`: `peerlink-sim --ca`). A TCP or TLS
+//! allocation lives on a connection of its own (`stream`: one task per connection, bound on
+//! the same host address); checks and media through it are ChannelData on that stream. The
+//! report names the transport of the selected path and the ladder's rungs.
+//!
 //! Recovery: when neither media nor reports have come from the peer for `restart_after_silence`
 //! (1 s; media flows every 20 ms; its consent checks do not count, as they do not prove its
 //! media reaches us) or the agent reports the path lost, the call makes an ICE
@@ -57,14 +65,14 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use peerlink_api::signaling::{
-    CallId, ClientMsg, EndReason, ServerMsg, SessionDesc, SessionPurpose, TurnCredentials,
+    CallId, ClientMsg, EndReason, ServerMsg, SessionDesc, SessionPurpose, TurnCredentials, TurnUri,
 };
 use rand::{Rng as _, RngCore as _};
 use tokio::net::UdpSocket;
 
 use crate::agent::{
     Agent, AgentConfig, Candidate, CandidateKind, Event, PathKind, Role as IceRole, SelectedPath,
-    TurnConfig,
+    TurnConfig, TurnOutcome,
 };
 use crate::media::{
     DropReason, FRAME, FRAME_SAMPLES, KeyExchange, MediaConfig, MediaSession, ReceiveDrop,
@@ -75,7 +83,7 @@ use crate::transfer::{
     DatagramPath, EndpointOptions, Fingerprint, Pipe, ProgressBar, TransferIdentity,
     TransferReport, TransferRole,
 };
-use peerlink_api::signaling_client::{Reopened, SignalError, SignalSession, parse_turn_uri};
+use peerlink_api::signaling_client::{Reopened, SignalError, SignalSession};
 
 mod dual;
 mod file;
@@ -84,6 +92,7 @@ mod report;
 mod restart;
 mod run;
 mod signal_link;
+mod stream;
 
 use dual::*;
 use file::*;
@@ -93,6 +102,7 @@ use report::*;
 pub use report::{CallReport, DeclinedReport, FileReport, MediaFigures, SessionReport};
 use run::*;
 use signal_link::*;
+use stream::*;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +180,9 @@ pub struct CallOptions {
     /// (default 4 s, within signaling's default call grace of 5 s); then it ends
     /// ("signaling lost").
     pub signal_grace: Duration,
+    /// Trust roots for TURN over TLS (default: the system's; `peerlink-sim` passes its
+    /// `--ca` files).
+    pub turn_trust: Option<peerlink_api::tls::Trust>,
 }
 
 /// Something that happened during a call (sent to [`CallOptions::events`]).
@@ -216,6 +229,7 @@ impl Default for CallOptions {
             save_dir: None,
             progress: false,
             signal_grace: Duration::from_secs(4),
+            turn_trust: None,
         }
     }
 }
@@ -325,6 +339,7 @@ async fn place(
             r = recv_any(&leg.sock, leg.sock6.as_ref(), &mut buf) => {
                 if let Ok((i, n, from)) = r { leg.on_datagram_at(i, n, from, &buf); }
             }
+            (server, ev) = leg.streams.recv() => leg.on_stream(server, ev),
             m = sess.recv() => match m? {
                 ServerMsg::CallAccepted { call_id: c, answer, .. } if c == call_id => {
                     leg.t_answer = Some(Instant::now());

@@ -52,6 +52,15 @@ pub struct CallReport {
     pub local: Option<String>,
     /// The peer's end of the selected path.
     pub remote: Option<String>,
+    /// How this side's packets on the selected path leave: "udp" (direct, or to a relay over
+    /// UDP), "tcp" or "tls" (through our TURN allocation over TCP or TLS).
+    pub transport: Option<String>,
+    /// When the path is relayed: this side's transport to the relay it goes through ("udp",
+    /// "tcp" or "tls"; "udp" when it goes through the peer's relay).
+    pub relay_transport: Option<String>,
+    /// The TURN ladder's rungs tried (this generation), e.g. "udp 203.0.113.210:3478 no
+    /// answer", "tls 203.0.113.210:443 allocated".
+    pub turn_attempts: Vec<String>,
     /// Path changes after connecting (e.g. relay -> direct).
     pub path_changes: u64,
     /// Caller: invite sent -> accepted (ringing + answering); callee: none.
@@ -150,6 +159,8 @@ pub struct DeclinedReport {
 /// What one answered session was (one JSON line per session for `listen --json`).
 #[derive(Clone, Debug, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// One per session, printed and dropped: boxing the call report would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum SessionReport {
     /// An audio call.
     Call(CallReport),
@@ -238,6 +249,24 @@ impl Leg {
             family: self.path.map(|p| family_name(p.remote).into()),
             local: self.path.map(|p| p.local.to_string()),
             remote: self.path.map(|p| p.remote.to_string()),
+            transport: self.path.map(|p| p.transport.as_str().to_owned()),
+            relay_transport: self
+                .path
+                .filter(|p| p.kind == PathKind::Relay)
+                .map(|p| p.transport.as_str().to_owned()),
+            turn_attempts: agent_stats
+                .turn_attempts
+                .iter()
+                .map(|a| {
+                    let outcome = match &a.outcome {
+                        TurnOutcome::Pending => "pending".to_owned(),
+                        TurnOutcome::Allocated => "allocated".to_owned(),
+                        TurnOutcome::NoAnswer => "no answer".to_owned(),
+                        TurnOutcome::Failed(why) => format!("failed: {why}"),
+                    };
+                    format!("{} {} {outcome}", a.transport.as_str(), a.server)
+                })
+                .collect(),
             path_changes: self.path_changes,
             invite_to_answer_ms: invite_to_answer.map(ms),
             answer_to_connected_ms: since(self.t_connected),

@@ -178,6 +178,7 @@ pub(super) async fn run_loop(
                     Err(e) => tracing::debug!("recv: {e}"),
                 }
             }
+            (server, ev) = leg.streams.recv() => leg.on_stream(server, ev),
             Some(d) = next_out(out.as_ref()) => {
                 leg.send_app(&d).await?;
             }

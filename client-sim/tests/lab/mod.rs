@@ -4,7 +4,9 @@
 //! behind NAT routers of every kind.
 //!
 //! Address plan (the lab's, see the `peerlink_netlab` crate doc): services sit at 203.0.113.200 (directory + signaling, STUN on
-//! 3479 and the RFC 5780 alternate on 3480) and 203.0.113.210/.211 (relays); router WAN
+//! 3479 and the RFC 5780 alternate on 3480) and 203.0.113.210/.211 (relays: TURN over UDP and
+//! TCP on 3478, over TLS on 443 with a certificate of the lab's own CA, which every client
+//! trusts with `--ca`); router WAN
 //! addresses are allocated by the lab from 203.0.113.1 upwards, LANs from 100.64.0.0/10.
 //! Every child is started with [`peerlink_netlab::Netns::spawn_piped`] and is killed by pid
 //! when its handle (or the lab) drops; service logs go to files in a temp dir and their tails
@@ -30,6 +32,8 @@ use serde_json::Value;
 pub const PASSWORD: &str = "lab-password-123";
 /// Directory + signaling host.
 pub const SVC_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
+/// TURN over TLS port of the lab's relays.
+pub const TLS_PORT: u16 = 443;
 /// Relay hosts.
 pub const RELAY_IPS: [Ipv4Addr; 2] = [
     Ipv4Addr::new(203, 0, 113, 210),
@@ -364,8 +368,10 @@ pub fn http_get(
 pub struct Relay {
     /// Its public host.
     pub host: Host,
-    /// TURN address.
+    /// TURN address (UDP; TCP listens on the same address).
     pub turn: SocketAddr,
+    /// TURN over TLS address.
+    pub turn_tls: SocketAddr,
     /// Metrics HTTP address (`/stats`).
     pub metrics: SocketAddr,
     /// The process (`None` once killed).
@@ -443,6 +449,8 @@ pub struct World {
     pub svc: Host,
     /// Temp dir: logs, database, client state files.
     pub dir: tempfile::TempDir,
+    /// The lab CA's certificate (what clients trust with `--ca`).
+    pub ca: PathBuf,
     cluster_token: String,
     /// The lab (dropped last: it kills whatever is left and deletes the namespaces).
     pub lab: Lab,
@@ -511,6 +519,8 @@ impl World {
             }
         }
 
+        let ca = peerlink_testkit::tls::TestCa::new("peerlink lab CA");
+        let ca_file = ca.write_cert(&dir.path().join("lab-ca.pem"));
         let mut relays = Vec::new();
         for (i, ip) in RELAY_IPS.iter().enumerate() {
             let name = format!("relay{}", i + 1);
@@ -521,9 +531,17 @@ impl World {
             }
             .expect("relay host");
             let turn = SocketAddr::from((*ip, 3478));
+            let turn_tls = SocketAddr::from((*ip, TLS_PORT));
             let metrics = SocketAddr::from((*ip, 9641));
+            let files = ca.write_server(dir.path(), &format!("relay{}", i + 1), &[&ip.to_string()]);
             let mut cmd = Command::new(service_bin("peerlink-relay"));
             cmd.args(["--listen", &turn.to_string()])
+                .args(["--listen-tcp", &turn.to_string()])
+                .args(["--listen-tls", &turn_tls.to_string()])
+                .arg("--tls-cert")
+                .arg(&files.cert)
+                .arg("--tls-key")
+                .arg(&files.key)
                 .args(["--relay-ip", &ip.to_string(), "--realm", "peerlink"])
                 .args(["--metrics", &metrics.to_string(), "--workers", "1"])
                 .args(["--log", "warn"])
@@ -544,6 +562,7 @@ impl World {
             relays.push(Relay {
                 host,
                 turn,
+                turn_tls,
                 metrics,
                 proc: Some(proc),
                 log,
@@ -607,6 +626,7 @@ impl World {
             signaling_url6: dual.then(|| format!("http://[{SVC_IP6}]:8443")),
             svc,
             dir,
+            ca: ca_file,
             cluster_token,
             lab,
             clients: Mutex::new(0),
@@ -682,6 +702,7 @@ impl World {
             user: user.to_owned(),
             server: self.signaling_url.clone(),
             stun: self.stun,
+            ca: self.ca.clone(),
         };
         self.register_and_login(c)
     }
@@ -704,6 +725,7 @@ impl World {
             user: user.to_owned(),
             server: url6,
             stun: s6,
+            ca: self.ca.clone(),
         };
         self.register_and_login(c)
     }
@@ -762,6 +784,7 @@ pub struct Client {
     state: PathBuf,
     server: String,
     stun: SocketAddr,
+    ca: PathBuf,
 }
 
 impl Client {
@@ -771,6 +794,8 @@ impl Client {
         c.args(["--server", &self.server])
             .arg("--state")
             .arg(&self.state)
+            .arg("--ca")
+            .arg(&self.ca)
             .arg("--json")
             .args(args)
             .env("PEERLINK_PASSWORD", PASSWORD)

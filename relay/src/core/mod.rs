@@ -27,11 +27,13 @@
 //!   ChannelBind go: retransmission cache (same transaction id on this 5-tuple's allocation ->
 //!   the same bytes) -> long-term authentication -> 420 for unknown comprehension-required
 //!   attributes -> the method. Authentication is stateless until it succeeds: no
-//!   MESSAGE-INTEGRITY -> 401 with REALM and a nonce that MACs (timestamp, client ip:port)
-//!   ([`auth::Nonces`]); forged / expired / other-address nonce -> 438 with a fresh one; then
+//!   MESSAGE-INTEGRITY -> 401 with REALM and a nonce that MACs (timestamp, client IP)
+//!   ([`auth::Nonces`]); forged / expired / other-IP nonce -> 438 with a fresh one; then
 //!   static users, else TURN REST (`<expiry>:<user>`, every configured secret tried). Every
 //!   answer to an unauthenticated request (401/438/400) passes a fixed-size per-source-IP token
-//!   bucket table ([`auth::RateLimiter`]); over the limit it is dropped and counted. Answers to
+//!   bucket table ([`auth::RateLimiter`], `--unauth-rate`/`--unauth-burst`); over the limit it
+//!   is dropped and counted. Such answers carry nothing beyond ERROR-CODE, REALM and NONCE (and
+//!   FINGERPRINT when the request had one). Answers to
 //!   authenticated requests, errors included, carry MESSAGE-INTEGRITY; FINGERPRINT when the
 //!   request had one. Send indications are checked against the peer policy on every packet and
 //!   forwarded zero-copy (the DATA value of the receive buffer).
@@ -416,9 +418,11 @@ pub struct CoreConfig {
     pub legacy_channel_range: bool,
     /// Optional per-allocation bandwidth cap in bytes/s, each direction (excess dropped).
     pub bandwidth_limit_bps: Option<u64>,
-    /// Unauthenticated error replies (401/438/400) allowed per source IP per second.
+    /// Unauthenticated error replies (401/438/400) allowed per source IP per second, per
+    /// worker (default [`DEFAULT_UNAUTH_RATE`]).
     pub unauth_rate_per_sec: u32,
-    /// Burst of unauthenticated error replies per source IP.
+    /// Burst of unauthenticated error replies per source IP, per worker (default
+    /// [`DEFAULT_UNAUTH_BURST`]).
     pub unauth_burst: u32,
     /// Entries of the per-source rate-limit table (fixed memory).
     pub rate_table_size: usize,
@@ -456,12 +460,24 @@ impl CoreConfig {
             max_channels: 256,
             legacy_channel_range: false,
             bandwidth_limit_bps: None,
-            unauth_rate_per_sec: 20,
-            unauth_burst: 40,
+            unauth_rate_per_sec: DEFAULT_UNAUTH_RATE,
+            unauth_burst: DEFAULT_UNAUTH_BURST,
             rate_table_size: 8192,
         }
     }
 }
+
+/// Default rate of unauthenticated error replies per source IP and second (per worker).
+///
+/// Thousands of clients behind one carrier-grade NAT or office address each need one 401 before
+/// they can authenticate (fewer when they reuse a nonce, which is bound to the IP alone). A
+/// reflected flood aimed at one victim gets at most this many replies per second per worker,
+/// each no larger than TURN requires (about 90 bytes with an 8-byte realm): some 1.4 Mbit/s per
+/// worker at most, where an unlimited server reflects whatever it is sent.
+pub const DEFAULT_UNAUTH_RATE: u32 = 2000;
+/// Default burst of unauthenticated error replies per source IP (per worker): 2,000 clients
+/// behind one address that start at once are all challenged at once.
+pub const DEFAULT_UNAUTH_BURST: u32 = 2000;
 
 /// State shared by all workers' cores. Touched only on allocate/free, never per packet.
 #[derive(Debug)]

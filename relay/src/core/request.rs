@@ -303,7 +303,8 @@ impl Core {
     }
 
     /// An error to a request that did not authenticate (401, 438, 400): rate limited per source
-    /// IP, no state; 401 and 438 carry REALM and a fresh NONCE.
+    /// IP, no state; 401 and 438 carry REALM and a fresh NONCE. Nothing else (no SOFTWARE):
+    /// the source address is unverified, so the answer stays as small as TURN allows.
     fn unauth_error(
         &mut self,
         now: Instant,
@@ -324,7 +325,7 @@ impl Core {
             b.add(&Realm(&self.cfg.realm)).map_err(internal)?;
             b.add(&Nonce(nonce)).map_err(internal)?;
         }
-        let n = seal(b, self.cfg.software.as_deref(), None, req.fingerprint).map_err(internal)?;
+        let n = seal(b, None, None, req.fingerprint).map_err(internal)?;
         self.counters.resp_error[error_index(code)] += 1;
         Ok(n)
     }

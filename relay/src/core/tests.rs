@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use peerlink_proto::attrs::{
     AlternateServer, Data, ErrorCode, EvenPort, Lifetime, Nonce, Realm, RequestedAddressFamily,
     RequestedTransport, ReservationToken, UnknownAttributes, Username, XorMappedAddress,
-    XorPeerAddress, XorRelayedAddress,
+    XorPeerAddress, XorRelayedAddress, attr_type,
 };
 use peerlink_proto::auth::{long_term_key, rest};
 use peerlink_proto::channel::ChannelData;
@@ -761,8 +761,8 @@ fn forged_expired_and_other_address_nonces_get_438_with_a_fresh_nonce() {
     c.nonce = Some(fresh.clone());
     let ok = h.client_sends(c.addr, &c.mk(Method::ALLOCATE, &udp, true));
     assert_eq!(err_code(ok.reply()), None);
-    // the same nonce from another address (other port) -> 438
-    let mut other = Client::new("198.51.100.20:40001", "alice", "alice-pw");
+    // the same nonce from another IP address -> 438
+    let mut other = Client::new("198.51.100.21:40000", "alice", "alice-pw");
     other.nonce = Some(fresh.clone());
     let resp = h.client_sends(other.addr, &other.mk(Method::ALLOCATE, &udp, true));
     assert_eq!(err_code(resp.reply()), Some(438));
@@ -879,6 +879,98 @@ fn unauthenticated_401s_are_rate_limited_per_source_ip() {
         h.client_sends(c.addr, &req).out,
         Output::Reply { .. }
     ));
+}
+
+#[test]
+fn a_new_socket_of_the_same_ip_allocates_with_its_nonce_on_the_first_request() {
+    let mut h = Harness::new();
+    let mut first = Client::new("198.51.100.20:40000", "alice", "alice-pw");
+    first.allocate(&mut h).unwrap();
+    let challenged = h.core.counters().resp_error[error_index(401)];
+    // A second socket of the same host reuses realm and nonce: one request, no 401.
+    let mut second = Client::new("198.51.100.20:40001", "alice", "alice-pw");
+    second.nonce = first.nonce.clone();
+    let tid = second.next_tid();
+    let req = second.build(tid, Method::ALLOCATE, &udp, true);
+    let resp = h.client_sends(second.addr, &req).reply().to_vec();
+    assert_eq!(
+        err_code(&resp),
+        None,
+        "first Allocate of the new socket succeeds"
+    );
+    assert_eq!(h.core.counters().resp_error[error_index(401)], challenged);
+    assert_eq!(h.core.allocations(), 2);
+}
+
+#[test]
+fn a_thousand_clients_behind_one_address_are_all_challenged_under_the_default_limits() {
+    // Defaults (no limiter overrides): 1,000 sockets of one NAT address send their first,
+    // unauthenticated Allocate at the same instant; every one gets its 401 and then allocates.
+    let mut h = Harness::with(|c| c.max_allocations_per_user = 2_000);
+    let mut clients: Vec<Client> = (0..1000u32)
+        .map(|i| {
+            Client::new(
+                &format!("198.51.100.20:{}", 20_000 + i),
+                "alice",
+                "alice-pw",
+            )
+        })
+        .collect();
+    for c in &mut clients {
+        let tid = c.next_tid();
+        let req = c.build(tid, Method::ALLOCATE, &udp, false);
+        let resp = h.client_sends(c.addr, &req).reply().to_vec();
+        assert_eq!(err_code(&resp), Some(401));
+        c.nonce = Some(nonce_of(&resp));
+    }
+    assert_eq!(h.drops(DropReason::RateLimited), 0);
+    for c in &mut clients {
+        c.allocate(&mut h).unwrap();
+    }
+    assert_eq!(h.core.allocations(), 1000);
+}
+
+#[test]
+fn unauthenticated_errors_carry_only_what_the_protocol_requires() {
+    // Even with SOFTWARE configured, a 401/438/400 to an unauthenticated request carries only
+    // ERROR-CODE (plus REALM and NONCE for 401/438, FINGERPRINT iff the request had one): a
+    // spoofed request reflects as little as TURN allows.
+    let mut h = Harness::with(|c| c.software = Some("peerlink-relay".into()));
+    for fingerprint in [false, true] {
+        let mut c = Client::new("198.51.100.20:40000", "alice", "alice-pw");
+        c.fingerprint = fingerprint;
+        let tid = c.next_tid();
+        let req = c.build(tid, Method::ALLOCATE, &udp, false);
+        let resp = h.client_sends(c.addr, &req).reply().to_vec();
+        assert_eq!(err_code(&resp), Some(401));
+        let m = Message::parse(&resp).unwrap();
+        let types: Vec<u16> = m.attributes().map(|a| a.typ).collect();
+        assert_eq!(
+            types,
+            [attr_type::ERROR_CODE, attr_type::REALM, attr_type::NONCE]
+        );
+        let realm_attr = 4 + REALM.len().next_multiple_of(4);
+        let expected = 20 + (4 + 4 + "Unauthorized".len()) + realm_attr + (4 + auth::NONCE_LEN);
+        assert_eq!(resp.len(), expected + if fingerprint { 8 } else { 0 });
+    }
+    // A credentialed request with a forged nonce: 438, same shape.
+    let mut forged = Client::new("198.51.100.20:40000", "alice", "alice-pw");
+    forged.nonce = Some("0000000000000000000000000000abcd".into());
+    let tid = forged.next_tid();
+    let resp = h
+        .client_sends(
+            forged.addr,
+            &forged.build(tid, Method::ALLOCATE, &udp, true),
+        )
+        .reply()
+        .to_vec();
+    assert_eq!(err_code(&resp), Some(438));
+    assert!(
+        Message::parse(&resp)
+            .unwrap()
+            .raw(attr_type::SOFTWARE)
+            .is_none()
+    );
 }
 
 #[test]
