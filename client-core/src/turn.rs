@@ -48,14 +48,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use peerlink_proto::attrs::{
-    AlternateServer, ChannelNumber, Data, ErrorCode, Lifetime, Nonce, Realm, RequestedTransport,
-    Software, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
+    AlternateServer, ChannelNumber, Data, ErrorCode, Lifetime, Nonce, Realm,
+    RequestedAddressFamily, RequestedTransport, Software, Username, XorMappedAddress,
+    XorPeerAddress, XorRelayedAddress,
 };
 use peerlink_proto::channel::{self, ChannelData, ChannelDataError};
 use peerlink_proto::stream::{StreamError, StreamFramer};
 use peerlink_proto::{
-    AttrError, Class, EncodeError, Message, MessageBuilder, MessageType, Method, PacketKind,
-    ParseError, TransactionId, auth, classify,
+    AddressFamily, AttrError, Class, EncodeError, Message, MessageBuilder, MessageType, Method,
+    PacketKind, ParseError, TransactionId, auth, classify,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -112,6 +113,9 @@ pub struct TurnConfig {
     pub max_transmissions: u32,
     /// Seed of the transaction-id RNG (default 0; give every client its own).
     pub seed: u64,
+    /// Family of the relayed address to ask for (REQUESTED-ADDRESS-FAMILY, RFC 8656): `None`
+    /// sends no attribute, and the server relays IPv4 (default none).
+    pub requested_family: Option<AddressFamily>,
     /// SOFTWARE attribute to send (default none).
     pub software: Option<String>,
     /// Append FINGERPRINT to requests (default true).
@@ -138,6 +142,7 @@ impl TurnConfig {
             rto: DEFAULT_RTO,
             max_transmissions: DEFAULT_MAX_TRANSMISSIONS,
             seed: 0,
+            requested_family: None,
             software: None,
             fingerprint: true,
             transport: ClientTransport::Datagram,
@@ -1000,6 +1005,9 @@ impl TurnClient {
         match kind {
             RequestKind::Allocate => {
                 b.add(&RequestedTransport::UDP)?;
+                if let Some(f) = self.config.requested_family {
+                    b.add(&RequestedAddressFamily(f))?;
+                }
                 b.add(&Lifetime(secs_u32(self.config.lifetime)))?;
             }
             RequestKind::Refresh { lifetime } => b.add(&Lifetime(*lifetime))?,

@@ -193,12 +193,15 @@ pub enum Cmd {
 /// Network settings of a call.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NetArgs {
-    /// Host address the call's UDP socket binds on.
+    /// Host address the call's UDP socket binds on; give it twice (an IPv4 and an IPv6
+    /// address) to choose the IPv6 socket's address too [default: 127.0.0.1; the IPv6 socket
+    /// beside an IPv4 one binds on the source address towards the IPv6 --stun].
     #[arg(long, default_value = "127.0.0.1")]
-    pub bind: std::net::IpAddr,
-    /// Signaling's STUN responder (for the server-reflexive candidate).
+    pub bind: Vec<std::net::IpAddr>,
+    /// Signaling's STUN responder (for the server-reflexive candidate); repeat it for its
+    /// other family (signaling prints both on its `stun=` line): one per family.
     #[arg(long)]
-    pub stun: Option<SocketAddr>,
+    pub stun: Vec<SocketAddr>,
     /// Do not ask for TURN credentials (no relayed candidate).
     #[arg(long, conflicts_with = "relay_only")]
     pub no_turn: bool,
@@ -210,13 +213,53 @@ pub struct NetArgs {
 impl NetArgs {
     fn options(&self, trust: &Trust) -> CallOptions {
         CallOptions {
-            bind_ip: self.bind,
-            stun: self.stun,
+            bind_ip: self.bind_ip(),
+            bind6: self.bind6(),
+            stun: self.stun4(),
+            stun6: self.stun6(),
             use_turn: !self.no_turn,
             relay_only: self.relay_only,
             turn_trust: Some(trust.clone()),
             ..CallOptions::default()
         }
+    }
+}
+
+impl NetArgs {
+    /// The primary socket's address: the first `--bind`.
+    fn bind_ip(&self) -> std::net::IpAddr {
+        self.bind
+            .first()
+            .copied()
+            .unwrap_or(CallOptions::default().bind_ip)
+    }
+
+    /// An IPv6 `--bind` beside an IPv4 primary one.
+    fn bind6(&self) -> Option<std::net::IpAddr> {
+        let primary = self.bind_ip();
+        self.bind
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv6() && primary.is_ipv4())
+    }
+
+    /// The `--stun` of the primary socket's family (else the first).
+    fn stun4(&self) -> Option<SocketAddr> {
+        let primary = self.bind_ip();
+        self.stun
+            .iter()
+            .find(|s| s.is_ipv4() == primary.is_ipv4())
+            .or(self.stun.first())
+            .copied()
+    }
+
+    /// An IPv6 `--stun` beside it.
+    fn stun6(&self) -> Option<SocketAddr> {
+        let first = self.stun4();
+        self.stun
+            .iter()
+            .copied()
+            .find(|s| s.is_ipv6() && Some(*s) != first)
     }
 }
 
@@ -648,14 +691,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ctx.print(
                 serde_json::json!({"directory": f.directory_url, "signaling": f.signaling_url,
                     "stun": f.stun.map(|s| s.to_string()),
+                    "stun6": f.stun6.map(|s| s.to_string()),
                     "relay": relay.map(|r| r.turn.to_string()),
                     "relay_metrics": relay.map(|r| r.metrics.to_string()),
                     "logs": f.dir().display().to_string()}),
                 format!(
-                    "directory {}\nsignaling {}\nstun {}\nrelay {} (metrics {})\nlogs in {}\nCtrl-C or SIGTERM stops the fleet",
+                    "directory {}\nsignaling {}\nstun {}{}\nrelay {} (metrics {})\nlogs in {}\nCtrl-C or SIGTERM stops the fleet",
                     f.directory_url,
                     f.signaling_url,
                     f.stun.map(|s| s.to_string()).unwrap_or_default(),
+                    f.stun6.map(|s| format!("\nstun6 {s}")).unwrap_or_default(),
                     relay.map(|r| r.turn.to_string()).unwrap_or_default(),
                     relay.map(|r| r.metrics.to_string()).unwrap_or_default(),
                     f.dir().display()

@@ -155,6 +155,8 @@ pub struct Fleet {
     pub signaling_url: String,
     /// Signaling STUN responder address.
     pub stun: Option<SocketAddr>,
+    /// Signaling's IPv6 STUN responder (`[::1]`), when the host has IPv6.
+    pub stun6: Option<SocketAddr>,
     /// The (first) relay, if started.
     pub relay: Option<RelayInfo>,
     /// Every relay started, the first one first.
@@ -169,6 +171,7 @@ impl std::fmt::Debug for Fleet {
             .field("directory_url", &self.directory_url)
             .field("signaling_url", &self.signaling_url)
             .field("stun", &self.stun)
+            .field("stun6", &self.stun6)
             .field("relay", &self.relay)
             .field("dir", &self.dir.path())
             .finish()
@@ -227,6 +230,7 @@ impl Fleet {
             directory_url: String::new(),
             signaling_url: String::new(),
             stun: None,
+            stun6: None,
             relay: None,
             relays: Vec::new(),
             services: Vec::new(),
@@ -320,10 +324,11 @@ impl Fleet {
         let mut out = fleet.spawn("signaling", cmd)?;
         let lines = fleet
             .read_announce("signaling", &mut out, |l, acc| {
-                if l.starts_with("http=") || l.starts_with("stun=") {
+                if l.starts_with("http=") || l.starts_with("stun") {
                     acc.push(l.to_owned());
                 }
-                acc.len() >= 2
+                // `stun6=` (if any) comes before `stun=`, the last line.
+                l.starts_with("stun=")
             })
             .await?;
         drain(out);
@@ -332,6 +337,8 @@ impl Fleet {
                 fleet.signaling_url = format!("http://{a}");
             } else if let Some(a) = l.strip_prefix("stun=") {
                 fleet.stun = a.split(',').next().and_then(|s| s.parse().ok());
+            } else if let Some(a) = l.strip_prefix("stun6=") {
+                fleet.stun6 = a.parse().ok();
             }
         }
         Ok(fleet)

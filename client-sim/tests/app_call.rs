@@ -178,3 +178,73 @@ async fn relay_only_call_goes_through_the_relay() {
     .await
     .expect("test timed out");
 }
+
+/// Dual stack on loopback: signaling's default IPv6 STUN responder (`[::1]`) beside the IPv4
+/// one gives each side an IPv6 socket beside its IPv4 one; both families' host pairs validate
+/// and the IPv6 one is selected (RFC 8421: `::1` outranks IPv4).
+#[tokio::test]
+async fn dual_stack_call_on_loopback_prefers_ipv6() {
+    tokio::time::timeout(TEST, async {
+        let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+        let Some(stun6) = fleet.stun6 else {
+            eprintln!("dual_stack_call_on_loopback_prefers_ipv6: skipped, no IPv6 loopback here");
+            fleet.stop().await;
+            return;
+        };
+        assert!(stun6.is_ipv6() && stun6.ip().is_loopback(), "{stun6}");
+        let api = HttpApi::new(&fleet.signaling_url, Duration::from_secs(30)).unwrap();
+        for u in ["lena", "milo"] {
+            api.register(u, "password-123").await.unwrap();
+        }
+        let ta = api.login("lena", "password-123").await.unwrap();
+        let tb = api.login("milo", "password-123").await.unwrap();
+        let mut a = SignalSession::connect(api.clone(), ta, "a", None)
+            .await
+            .unwrap();
+        let mut b = SignalSession::connect(api.clone(), tb, "b", None)
+            .await
+            .unwrap();
+        let base = CallOptions {
+            stun: fleet.stun,
+            stun6: Some(stun6),
+            duration: Duration::from_secs(2),
+            ..CallOptions::default()
+        };
+        let b_opts = CallOptions {
+            seed: 4,
+            ..base.clone()
+        };
+        let callee = tokio::spawn(async move {
+            let r = call::answer_next(
+                &mut b,
+                Duration::from_secs(30),
+                Duration::from_secs(30),
+                &b_opts,
+            )
+            .await;
+            (r, b)
+        });
+        let a_opts = CallOptions { seed: 3, ..base };
+        let ra = call::call(&mut a, "milo", &a_opts)
+            .await
+            .unwrap_or_else(|e| panic!("caller: {e}"));
+        let (rb, _b) = callee.await.unwrap();
+        let rb = rb.unwrap_or_else(|e| panic!("callee: {e}"));
+        for r in [&ra, &rb] {
+            assert_eq!(r.path.as_deref(), Some("direct"), "{r:?}");
+            assert_eq!(r.family.as_deref(), Some("ipv6"), "{r:?}");
+            let local: std::net::SocketAddr = r.local.as_deref().unwrap().parse().unwrap();
+            assert!(local.is_ipv6() && local.ip().is_loopback(), "{r:?}");
+            for prefix in ["Host 127.0.0.1:", "Host [::1]:"] {
+                assert!(
+                    r.local_candidates.iter().any(|c| c.starts_with(prefix)),
+                    "{prefix} {r:?}"
+                );
+            }
+            assert!(r.media.packets_received >= 50, "{r:?}");
+        }
+        fleet.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

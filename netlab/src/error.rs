@@ -53,6 +53,17 @@ pub enum LabError {
         "address {0} is not allowed for a public host: use 203.0.113.1-253 or 198.51.100.2-127"
     )]
     AddressNotAllowed(Ipv4Addr),
+    /// An IPv6 address already taken in this lab.
+    #[error("address {0} is already used in this lab")]
+    Ipv6AddressInUse(std::net::Ipv6Addr),
+    /// The IPv6 address is not one a public host may use (see the address plan).
+    #[error(
+        "address {0} is not allowed for a public host: use 2001:db8::2-2001:db8::ffff (2001:db8::/64)"
+    )]
+    Ipv6AddressNotAllowed(std::net::Ipv6Addr),
+    /// An IPv6 part of the lab was asked for before [`crate::Lab::enable_ipv6`].
+    #[error("IPv6 is off in this lab: call Lab::enable_ipv6 first")]
+    Ipv6Off,
     /// An address pool of the lab ran out.
     #[error("address pool exhausted: {0}")]
     PoolExhausted(&'static str),

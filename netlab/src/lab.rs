@@ -1,7 +1,7 @@
 //! The lab builder: namespaces, the internet segment, routers and hosts, and their cleanup.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::Deref;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -13,6 +13,9 @@ use crate::error::{LabError, Result};
 use crate::nat::{self, Egress, LAN_IF, NatKind, WAN_IF};
 use crate::ns::{NETNS_DIR, Netns};
 use crate::wire::{DelayLine, WireConfig, WireStats};
+
+mod ipv6;
+pub use ipv6::{CORE6, INTERNET6_PREFIX};
 
 /// Every namespace name of every lab starts `pl<pid>x<counter>-`; the sweep parses this.
 const PREFIX_TAG: &str = "pl";
@@ -61,6 +64,9 @@ struct State {
     public_hosts: Vec<Host>,
     /// Delay lines by router namespace.
     wires: BTreeMap<String, DelayLine>,
+    /// IPv6 is on in the internet ([`Lab::enable_ipv6`]).
+    ipv6_on: bool,
+    used_ips6: BTreeSet<Ipv6Addr>,
 }
 
 impl Shared {
@@ -379,6 +385,7 @@ impl Lab {
             ip,
             gateway,
             behind: None,
+            ip6: None,
         };
         self.shared.state()?.public_hosts.push(host.clone());
         Ok(host)
@@ -539,6 +546,7 @@ impl Lab {
             lan_prefix,
             conditions,
             shared: Arc::clone(&self.shared),
+            v6: None,
         };
         self.shared.state()?.routers.push(router.clone());
         tracing::debug!(router = %router.ns.name(), %wan_ip, ?kind, "router ready");
@@ -605,6 +613,8 @@ pub struct Router {
     lan_prefix: u8,
     conditions: LinkConditions,
     shared: Arc<Shared>,
+    /// Its IPv6 side, for a dual-stack router ([`Lab::add_nat_dual_stack`]).
+    v6: Option<ipv6::RouterV6>,
 }
 
 impl std::fmt::Debug for Router {
@@ -707,12 +717,19 @@ impl Router {
                 format!("route add default via {}", self.lan_gateway),
             ],
         )?;
+        let ip6 = match &self.v6 {
+            Some(v6) => {
+                Some(self.add_host_v6(&ns, v6, u32::from(ip) - u32::from(self.lan_gateway))?)
+            }
+            None => None,
+        };
         Ok(Host {
             ns,
             name: name.to_owned(),
             ip,
             gateway: self.lan_gateway,
             behind: Some(self.kind),
+            ip6,
         })
     }
 
@@ -780,6 +797,8 @@ pub struct Host {
     ip: Ipv4Addr,
     gateway: Ipv4Addr,
     behind: Option<NatKind>,
+    /// Its global IPv6 address, on a dual-stack or IPv6-only host.
+    ip6: Option<Ipv6Addr>,
 }
 
 impl std::fmt::Debug for Host {
@@ -788,6 +807,7 @@ impl std::fmt::Debug for Host {
             .field("name", &self.name)
             .field("ip", &self.ip)
             .field("behind", &self.behind)
+            .field("ip6", &self.ip6)
             .finish()
     }
 }
@@ -800,7 +820,7 @@ impl Deref for Host {
 }
 
 impl Host {
-    /// The host's own address on `eth0`.
+    /// The host's own IPv4 address on `eth0` (`0.0.0.0` on an IPv6-only host).
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
     }

@@ -19,6 +19,11 @@
 //!   198.51.100.1; routers' WAN addresses are allocated from 203.0.113.1 upwards; public
 //!   hosts may use 203.0.113.1-253 and 198.51.100.2-127.
 //! - NAT LANs: a /24 each out of 100.64.0.0/10 (router `.1`, hosts from `.2`).
+//! - IPv6, opt-in ([`Lab::enable_ipv6`]): the internet is `2001:db8::/64` with the core at
+//!   [`CORE6`] (`2001:db8::1`); public hosts may use `2001:db8::2`-`::ffff`
+//!   ([`Lab::add_public_host_v6`], dual stack or IPv6-only); a dual-stack router
+//!   ([`Lab::add_nat_dual_stack`]) `n` has WAN `2001:db8::1:n` and routes `2001:db8:n::/64` to
+//!   its LAN untranslated and unfiltered (no NAT66) while its IPv4 side NATs.
 //! - [`NatKind::Public`] routers do not translate: their LAN is a /28 out of
 //!   198.51.100.128/25 routed by the core, so hosts behind them have public addresses.
 //!
@@ -82,3 +87,5 @@ pub use ns::{Netns, NsChild, NsJoinHandle};
 pub use reflector::{MAX_NONCE, Reflector, parse_reply, query_mapped};
 pub use root::root_or_skip;
 pub use wire::WireStats;
+// IPv6 (`lab::ipv6`).
+pub use lab::{CORE6, INTERNET6_PREFIX};

@@ -122,6 +122,10 @@ pub struct Config {
     pub stun: Option<SocketAddr>,
     /// Second STUN address (other IP and/or port) enabling RFC 5780 tests.
     pub stun_alt: Option<SocketAddr>,
+    /// IPv6 STUN responder beside the primary (IPv4) one: a dual-stack client learns the
+    /// mapping of its IPv6 socket there (default none; the binary defaults it to `[::1]` on
+    /// the primary's port when that is loopback).
+    pub stun6: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -172,6 +176,7 @@ impl Default for Config {
             cluster_ca: Vec::new(),
             stun: Some(SocketAddr::from(([127, 0, 0, 1], 3479))),
             stun_alt: None,
+            stun6: None,
         }
     }
 }
@@ -202,6 +207,10 @@ pub struct Settings {
     pub stun_alt: Option<SocketAddr>,
     /// No STUN responder. Default false.
     pub no_stun: bool,
+    /// IPv6 STUN responder address, beside `stun` (one responder per family). Default
+    /// `[::1]` on `stun`'s port when `stun` is an IPv4 loopback address (not binding it is
+    /// then only a warning: a host without IPv6 runs IPv4 only), else none.
+    pub stun6: Option<SocketAddr>,
     /// SQLite database path (the same as `store = "sqlite:PATH"`; giving both is an error).
     /// Default `peerlink-signaling.db` when `store` is not set either.
     pub db: Option<PathBuf>,
@@ -342,6 +351,7 @@ impl Default for Settings {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3479))),
             stun_alt: c.stun_alt,
             no_stun: false,
+            stun6: None,
             db: None,
             store: None,
             store_pool_size: PgOptions::default().pool_size,
@@ -538,6 +548,11 @@ impl Settings {
             cluster_ca: self.cluster_ca.clone(),
             stun: (!self.no_stun).then_some(self.stun),
             stun_alt: self.stun_alt,
+            stun6: if self.no_stun {
+                None
+            } else {
+                self.stun6.or_else(|| self.default_stun6())
+            },
             ..Config::default()
         };
         for cidr in &self.deny_candidate {
@@ -548,6 +563,15 @@ impl Settings {
             .unwrap_or_else(|| self.listen.ip().is_loopback());
         c.validate()?;
         Ok(c)
+    }
+}
+
+impl Settings {
+    /// The IPv6 STUN address when none is given: `[::1]` on `stun`'s port for a loopback
+    /// `stun` (the one-machine demo), else none.
+    pub fn default_stun6(&self) -> Option<SocketAddr> {
+        (self.stun.is_ipv4() && self.stun.ip().is_loopback())
+            .then(|| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.stun.port())))
     }
 }
 
@@ -606,6 +630,14 @@ impl Config {
         }
         if self.stun_alt.is_some() && self.stun.is_none() {
             return bad("--stun-alt needs --stun");
+        }
+        if let Some(a) = self.stun6 {
+            if !a.is_ipv6() {
+                return bad("--stun6 must be an IPv6 address");
+            }
+            if self.stun.is_some_and(|s| s.is_ipv6()) {
+                return bad("--stun6 goes beside an IPv4 --stun (one responder per family)");
+            }
         }
         for r in &self.relays {
             if r.is_empty() || r.contains(char::is_whitespace) {

@@ -7,7 +7,8 @@
 //! A bad configuration (including a TLS certificate or key that cannot be used) exits with
 //! status 2 before any socket is bound; a store that cannot be opened (unreachable, refused
 //! credentials, newer schema) with status 1, also before. Once bound, the binary prints
-//! `http=ADDR` and `stun=ADDR[,ADDR..]` lines on stdout.
+//! `http=ADDR`, `stun6=ADDR` (when the IPv6 STUN responder runs) and `stun=ADDR[,ADDR..]`
+//! lines on stdout, in this order.
 //!
 //! With `--tls-cert` and `--tls-key` the listener serves HTTPS and WSS; SIGHUP re-reads both
 //! files (a pair that fails to load is logged and the previous one keeps serving); without
@@ -56,6 +57,10 @@ struct Flags {
     /// Disable the STUN responder.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     no_stun: Option<bool>,
+    /// IPv6 STUN responder address beside --stun [default: [::1] on --stun's port when
+    /// --stun is loopback, else none].
+    #[arg(long)]
+    stun6: Option<SocketAddr>,
     /// SQLite database path; the same as `--store sqlite:PATH`, and an error together with
     /// `--store` [default: peerlink-signaling.db].
     #[arg(long)]
@@ -421,7 +426,8 @@ async fn main() -> anyhow::Result<()> {
         },
         None => None,
     };
-    let (stun_addr, stun_alt) = (cfg.stun, cfg.stun_alt);
+    let (stun_addr, stun_alt, stun6_addr) = (cfg.stun, cfg.stun_alt, cfg.stun6);
+    let stun6_defaulted = settings.stun6.is_none();
     let listen = settings.listen;
 
     // Bind everything, then announce.
@@ -444,6 +450,19 @@ async fn main() -> anyhow::Result<()> {
         Some(a) => Some(StunResponder::bind(a, stun_alt).await?),
         None => None,
     };
+    // One responder per family. The defaulted [::1] one is optional: a host without IPv6
+    // runs IPv4 only.
+    let stun6 = match stun6_addr {
+        Some(a) => match StunResponder::bind(a, None).await {
+            Ok(s) => Some(s),
+            Err(e) if stun6_defaulted => {
+                tracing::warn!("no IPv6 STUN responder on {a}: {e}");
+                None
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding STUN {a}")),
+        },
+        None => None,
+    };
     if let Some(c) = state.cluster.as_ref() {
         // The console figures read the node's counters; a weak handle, so that the
         // registration loop does not keep the node state alive.
@@ -461,6 +480,10 @@ async fn main() -> anyhow::Result<()> {
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "http={http_addr}")?;
+        // Before `stun=`: whoever waits for that line has seen this one.
+        if let Some(a) = stun6.as_ref().and_then(|s| s.layout().slots[0]) {
+            writeln!(out, "stun6={a}")?;
+        }
         if let Some(s) = &stun {
             let addrs: Vec<String> = s
                 .layout()
@@ -477,6 +500,9 @@ async fn main() -> anyhow::Result<()> {
 
     let stop = CancellationToken::new();
     if let Some(s) = stun {
+        tokio::spawn(s.run(state.clone(), stop.clone()));
+    }
+    if let Some(s) = stun6 {
         tokio::spawn(s.run(state.clone(), stop.clone()));
     }
     {
@@ -555,6 +581,8 @@ mod tests {
             "127.0.0.1:2",
             "--stun-alt",
             "127.0.0.1:3",
+            "--stun6",
+            "[::1]:4",
             "--no-stun",
             "false",
             "--db",
@@ -705,6 +733,7 @@ mod tests {
         assert_eq!(c.tls_handshake_timeout, Duration::from_secs(24));
         assert_eq!(c.stun, Some("127.0.0.1:2".parse().unwrap()));
         assert_eq!(c.stun_alt, Some("127.0.0.1:3".parse().unwrap()));
+        assert_eq!(c.stun6, Some("[::1]:4".parse().unwrap()));
         assert_eq!(c.directory.as_deref(), Some("http://127.0.0.1:8500"));
         assert_eq!(c.cluster_token.as_deref(), Some("cluster-token"));
         assert_eq!((c.node_id.as_str(), c.region.as_str()), ("n7", "eu"));
@@ -754,6 +783,40 @@ mod tests {
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
         let s = settings(&flags(&["--no-stun", "--token-secret", SECRET])).unwrap();
         assert_eq!(s.to_config().unwrap().stun, None);
+        assert_eq!(s.to_config().unwrap().stun6, None);
+    }
+
+    #[test]
+    fn the_ipv6_stun_responder_defaults_to_loopback_beside_a_loopback_one() {
+        let c = |args: &[&str]| {
+            let mut a = args.to_vec();
+            a.extend(["--token-secret", SECRET]);
+            settings(&flags(&a)).unwrap().to_config()
+        };
+        assert_eq!(c(&[]).unwrap().stun6, Some("[::1]:3479".parse().unwrap()));
+        assert_eq!(
+            c(&["--stun", "127.0.0.1:4000"]).unwrap().stun6,
+            Some("[::1]:4000".parse().unwrap())
+        );
+        assert_eq!(c(&["--stun", "203.0.113.5:3479"]).unwrap().stun6, None);
+        assert_eq!(
+            c(&[
+                "--stun",
+                "203.0.113.5:3479",
+                "--stun6",
+                "[2001:db8::5]:3479"
+            ])
+            .unwrap()
+            .stun6,
+            Some("[2001:db8::5]:3479".parse().unwrap())
+        );
+        for bad in [
+            &["--stun6", "127.0.0.1:3479"][..],
+            &["--stun", "[::1]:3479", "--stun6", "[::1]:3480"][..],
+        ] {
+            let e = c(bad).unwrap_err().to_string();
+            assert!(e.contains("--stun6"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

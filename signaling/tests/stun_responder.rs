@@ -390,3 +390,34 @@ async fn hostile_datagrams_dropped_and_bad_attributes_answered() {
         u64::try_from(junk.len()).unwrap()
     );
 }
+
+/// One responder per family: `--stun6` answers IPv6 clients with their IPv6 mapping, the
+/// primary keeps answering IPv4 ones, and the binary announces it on a `stun6=` line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_responder_beside_the_ipv4_one() {
+    let d = tempfile::tempdir().unwrap();
+    let node = Node::start(&d.path().join("db"), &["--stun6", "[::1]:0"]);
+    let v6 = node.stun6.expect("a stun6= line");
+    assert!(
+        v6.is_ipv6() && v6.ip().is_loopback() && v6.port() != 0,
+        "{v6}"
+    );
+    let sock6 = UdpSocket::bind("[::1]:0").await.unwrap();
+    sock6.send_to(&binding(6, None), v6).await.unwrap();
+    let (resp, from) = recv(&sock6).await;
+    assert_eq!(from, v6);
+    let m = Message::parse(&resp).unwrap();
+    assert_eq!(m.message_type(), MessageType::BINDING_SUCCESS);
+    assert_eq!(
+        m.get::<XorMappedAddress>().unwrap().unwrap().0,
+        sock6.local_addr().unwrap()
+    );
+    let sock4 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let resp = ask(&sock4, node.stun[0], &binding(4, None)).await;
+    let m = Message::parse(&resp).unwrap();
+    assert_eq!(
+        m.get::<XorMappedAddress>().unwrap().unwrap().0,
+        sock4.local_addr().unwrap()
+    );
+    assert_eq!(node.metric("stun_responses_total").await, 2);
+}

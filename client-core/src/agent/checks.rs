@@ -19,22 +19,33 @@ impl Agent {
         v
     }
 
+    /// A relayed address of ours (either allocation), if any is allocated.
     pub(super) fn relayed_addr(&self) -> Option<SocketAddr> {
         self.turn
-            .as_ref()
+            .iter()
+            .chain(self.turn2.as_ref().map(|(_, t)| t))
             .filter(|t| t.state() == AllocationState::Allocated)
-            .and_then(|t| t.relayed_addr())
+            .find_map(|t| t.relayed_addr())
     }
 
-    pub(super) fn via_addr_priority(&self, via: Via) -> Option<(SocketAddr, u32)> {
+    /// Our address and candidate priority on `via` towards `remote` (the relayed address of
+    /// the remote's family through the relay).
+    pub(super) fn via_addr_priority(
+        &self,
+        via: Via,
+        remote: SocketAddr,
+    ) -> Option<(SocketAddr, u32)> {
         match via {
-            Via::Socket(i) => self
-                .sockets
-                .get(i)
-                .map(|a| (*a, candidate_priority(TYPE_PREF_HOST, local_pref(i), 1))),
-            Via::Relay => self
-                .relayed_addr()
-                .map(|a| (a, candidate_priority(TYPE_PREF_RELAYED, 65535, 1))),
+            Via::Socket(i) => self.sockets.get(i).map(|a| {
+                (
+                    *a,
+                    candidate_priority(TYPE_PREF_HOST, self.socket_pref(i), 1),
+                )
+            }),
+            Via::Relay => self.relayed_addr_for(remote).map(|a| {
+                let pref = local_preference(a.ip(), 0);
+                (a, candidate_priority(TYPE_PREF_RELAYED, pref, 1))
+            }),
         }
     }
 
@@ -57,7 +68,7 @@ impl Agent {
         if self.cfg.relay_only && via != Via::Relay {
             return None;
         }
-        let (local_addr, local_priority) = self.via_addr_priority(via)?;
+        let (local_addr, local_priority) = self.via_addr_priority(via, r.addr)?;
         if local_addr.is_ipv4() != r.addr.is_ipv4() {
             return None;
         }
@@ -122,11 +133,12 @@ impl Agent {
             }
             // Checks through our relay wait until the server has the peer's permission.
             if p.via == Via::Relay {
-                let ip = p.remote.ip();
-                let ready = self.turn.as_ref().is_some_and(|t| t.has_permission(ip));
+                let (remote, ip) = (p.remote, p.remote.ip());
+                let ready = self
+                    .relay_for_mut(remote)
+                    .is_some_and(|(_, t)| t.has_permission(ip));
                 if !ready {
-                    if let Some(t) = self.turn.as_mut()
-                        && t.state() == AllocationState::Allocated
+                    if let Some((_, t)) = self.relay_for_mut(remote)
                         && !t.has_permission(ip)
                     {
                         let _ = t.create_permission(now, ip);
@@ -164,7 +176,7 @@ impl Agent {
         let Some(p) = self.pairs.get(i) else { return };
         let (via, remote) = (p.via, p.remote);
         let prflx_priority = match via {
-            Via::Socket(s) => candidate_priority(TYPE_PREF_PEER_REFLEXIVE, local_pref(s), 1),
+            Via::Socket(s) => candidate_priority(TYPE_PREF_PEER_REFLEXIVE, self.socket_pref(s), 1),
             Via::Relay => p.local_priority,
         };
         let use_candidate = self.role == Role::Controlling && !consent;
@@ -226,6 +238,9 @@ impl Agent {
                 payload,
             }),
             Via::Relay => {
+                if self.emit_turn2(now, to, &payload) {
+                    return;
+                }
                 let Some(t) = self.turn.as_mut() else {
                     self.stats.send_errors += 1;
                     return;
@@ -553,7 +568,8 @@ impl Agent {
             && !self.locals.iter().any(|l| l.cand.addr == mapped)
             && let Some(&base) = self.sockets.get(s)
         {
-            let c = Candidate::new(CandidateKind::PeerReflexive, mapped, base, local_pref(s));
+            let pref = self.socket_pref(s);
+            let c = Candidate::new(CandidateKind::PeerReflexive, mapped, base, pref);
             self.add_local(c, false);
             self.stats.peer_reflexive_learned += 1;
         }

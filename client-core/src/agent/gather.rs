@@ -6,16 +6,17 @@ use super::*;
 impl Agent {
     pub(super) fn start_gathering(&mut self, now: Instant) {
         self.gathering_reported = false;
+        self.turn2_tried = false;
         for (i, addr) in self.sockets.clone().into_iter().enumerate() {
-            let pref = local_pref(i);
+            let pref = self.socket_pref(i);
             let c = Candidate::new(CandidateKind::Host, addr, addr, pref);
             self.add_local(c, true);
         }
-        if let Some(server) = self.cfg.stun_server {
+        {
             for i in 0..self.sockets.len() {
-                if self.sockets[i].is_ipv4() != server.is_ipv4() {
+                let Some(server) = self.stun_for(i) else {
                     continue;
-                }
+                };
                 let tid = TransactionId::random(&mut self.rng);
                 let mut buf = vec![0u8; 64];
                 let payload = match MessageBuilder::new(&mut buf, MessageType::BINDING_REQUEST, tid)
@@ -39,6 +40,7 @@ impl Agent {
                 });
                 self.gathers.push(Gather {
                     socket: i,
+                    server,
                     tid,
                     payload,
                     transmissions: 1,
@@ -54,6 +56,7 @@ impl Agent {
         self.turn_index = 0;
         self.turn_allocated_once = false;
         self.turn_started_at = None;
+        self.keep_reachable_relays();
         if let Some(first) = self.turn_order.first().map(|t| t.server) {
             let releasing = self.retired.iter().any(|(_, t)| t.config().server == first);
             if releasing {
@@ -68,9 +71,6 @@ impl Agent {
     }
 
     pub(super) fn gather_timers(&mut self, now: Instant) {
-        let Some(server) = self.cfg.stun_server else {
-            return;
-        };
         for g in self
             .gathers
             .iter_mut()
@@ -85,7 +85,7 @@ impl Agent {
             g.next_at = now + g.rto;
             self.transmits.push_back(Transmit {
                 socket: g.socket,
-                to: server,
+                to: g.server,
                 payload: g.payload.clone(),
             });
         }
@@ -99,7 +99,7 @@ impl Agent {
         from: SocketAddr,
         data: &[u8],
     ) -> bool {
-        if self.cfg.stun_server != Some(from) {
+        if !self.is_stun_server(from) {
             return false;
         }
         let Ok(msg) = Message::parse(data) else {
@@ -140,7 +140,7 @@ impl Agent {
             CandidateKind::ServerReflexive,
             mapped,
             base,
-            local_pref(socket),
+            self.socket_pref(socket),
         );
         // Server-reflexive candidates are trickled but not paired: their base (the host
         // socket) already is (RFC 8445 section 6.1.2.4).
@@ -158,7 +158,7 @@ impl Agent {
         if self.gathering_reported {
             return;
         }
-        let stun_done = self.gathers.iter().all(|g| g.done);
+        let stun_done = self.gathers.iter().all(|g| g.done) && !self.turn2_pending();
         let turn_done = self.turn_deferred_until.is_none()
             && self
                 .turn
@@ -172,6 +172,7 @@ impl Agent {
     }
 
     pub(super) fn drain_turn(&mut self, now: Instant) {
+        self.drain_turn2(now);
         let Some(t) = self.turn.as_mut() else {
             return;
         };
@@ -192,9 +193,15 @@ impl Agent {
                     if let Some(m) = mapped.filter(|_| self.turn_stream.is_none()) {
                         self.add_srflx(self.turn_socket, m);
                     }
-                    let c = Candidate::new(CandidateKind::Relayed, relayed, relayed, 65535);
+                    let pref = local_preference(relayed.ip(), 0);
+                    let c = Candidate::new(CandidateKind::Relayed, relayed, relayed, pref);
                     self.add_local(c, true);
-                    let ips: Vec<_> = self.remotes.iter().map(|r| r.addr.ip()).collect();
+                    let ips: Vec<_> = self
+                        .remotes
+                        .iter()
+                        .map(|r| r.addr.ip())
+                        .filter(|ip| ip.is_ipv4() == relayed.is_ipv4())
+                        .collect();
                     if let Some(t) = self.turn.as_mut() {
                         for ip in ips {
                             if !t.has_permission(ip) {
@@ -205,6 +212,7 @@ impl Agent {
                     for r in self.remotes.clone() {
                         self.add_pair(now, Via::Relay, &r);
                     }
+                    self.start_turn2(now);
                 }
                 turn::Event::AllocationFailed(e) => {
                     self.note_attempt(TurnOutcome::Failed(e.to_string()));
@@ -225,7 +233,7 @@ impl Agent {
                     if self
                         .selected
                         .and_then(|i| self.pairs.get(i))
-                        .is_some_and(|p| p.via == Via::Relay)
+                        .is_some_and(|p| p.via == Via::Relay && p.state == PairState::Failed)
                     {
                         self.disconnect(DisconnectReason::RelayLost(e));
                     }

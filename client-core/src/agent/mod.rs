@@ -77,7 +77,8 @@
 //!
 //! The public API and the agent's state are here; `gather` holds candidate gathering,
 //! `relay` the TURN allocations, `checks` the pairs and connectivity checks, `selection` the
-//! path selection and consent.
+//! path selection and consent, `family` dual stack (RFC 8421 local preferences, a STUN
+//! server per family, same-family pairs, the allocation of the other relayed family).
 //!
 //! What it is not: no sockets, clock reads or unseeded randomness; one component; direct
 //! paths over UDP only (TCP and TLS only to the relay);
@@ -85,6 +86,7 @@
 
 mod candidate;
 mod checks;
+mod family;
 mod gather;
 mod relay;
 mod selection;
@@ -112,6 +114,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::turn::{self, AllocationState, TurnClient};
 
 pub use candidate::{Candidate, CandidateError, CandidateKind};
+pub use family::{family_precedence, local_preference};
 pub use types::{
     AgentConfig, AgentStats, AppData, DisconnectReason, Event, PathKind, Role, SelectedPath,
     SendError, StreamOp, TURN_TRANSPORT_STEP, Transmit, TurnAttempt, TurnConfig, TurnOutcome,
@@ -215,6 +218,8 @@ struct Txn {
 #[derive(Clone, Debug)]
 struct Gather {
     socket: usize,
+    /// The STUN server asked (the one of the socket's family).
+    server: SocketAddr,
     tid: TransactionId,
     payload: Vec<u8>,
     transmissions: u32,
@@ -289,6 +294,12 @@ pub struct Agent {
     events: VecDeque<Event>,
     transmits: VecDeque<Transmit>,
     stats: AgentStats,
+    /// The allocation of the other relayed family and its local socket (`family`).
+    turn2: Option<(usize, TurnClient)>,
+    /// When its Allocate started, while gathering waits for it.
+    turn2_started_at: Option<Instant>,
+    /// It was tried in this generation.
+    turn2_tried: bool,
 }
 
 impl Agent {
@@ -337,6 +348,9 @@ impl Agent {
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             stats: AgentStats::default(),
+            turn2: None,
+            turn2_started_at: None,
+            turn2_tried: false,
         };
         agent.start_gathering(now);
         agent
@@ -400,8 +414,7 @@ impl Agent {
         let ip = c.addr.ip();
         self.remotes.push(c.clone());
         self.stats.remote_candidates = self.remotes.len();
-        if let Some(t) = self.turn.as_mut()
-            && t.state() == AllocationState::Allocated
+        if let Some((_, t)) = self.relay_for_mut(c.addr)
             && !t.has_permission(ip)
         {
             let _ = t.create_permission(now, ip);
@@ -432,6 +445,11 @@ impl Agent {
             return None;
         }
         let kind = classify(data);
+        if matches!(kind, PacketKind::Stun | PacketKind::ChannelData)
+            && self.is_turn2_server(socket, from)
+        {
+            return self.turn2_input(now, socket, from, data);
+        }
         let from_turn = socket == self.turn_socket
             && self.turn.as_ref().is_some_and(|t| {
                 t.config().server == from && t.config().transport == turn::ClientTransport::Datagram
@@ -483,6 +501,7 @@ impl Agent {
             t.handle_timeout(now);
         }
         self.drain_turn(now);
+        self.turn2_timers(now);
         self.turn_failover(now);
         self.pair_timers(now);
         self.consent_timers(now);
@@ -511,6 +530,10 @@ impl Agent {
         for (_, t) in &self.retired {
             consider(t.poll_timeout());
         }
+        if let Some((_, t)) = &self.turn2 {
+            consider(t.poll_timeout());
+        }
+        consider(self.turn2_wait_until());
         consider(self.turn_deferred_until);
         consider(self.unused_relay_release_at());
         if self.remote_creds.is_some() && !self.dead {
@@ -563,6 +586,10 @@ impl Agent {
                 payload: payload.to_vec(),
             },
             Via::Relay => {
+                if let Some(t) = self.wrap_turn2(remote, payload)? {
+                    self.stats.app_sent += 1;
+                    return Ok(Some(t));
+                }
                 let turn = self.turn.as_mut().ok_or(SendError::NotConnected)?;
                 let mut buf = vec![0u8; payload.len() + TURN_OVERHEAD];
                 let n = turn.encode_data(remote, payload, &mut buf)?;
@@ -715,6 +742,7 @@ impl Agent {
         }
         // The old allocation may sit on a dead NAT mapping: release it, start anew.
         self.release_turn(now);
+        self.release_turn2(now);
         self.locals.clear();
         self.gathers.clear();
         self.start_gathering(now);
@@ -748,6 +776,7 @@ impl Agent {
     /// [`is_released`](Self::is_released) tells when nothing is left on any relay.
     pub fn close(&mut self, now: Instant) {
         self.release_turn(now);
+        self.release_turn2(now);
         self.dead = true;
         self.selected = None;
         self.previous = None;
@@ -760,7 +789,7 @@ impl Agent {
 
     /// True when no allocation of this agent is alive or being released on a relay.
     pub fn is_released(&self) -> bool {
-        self.turn.is_none() && self.retired.is_empty()
+        self.turn.is_none() && self.turn2.is_none() && self.retired.is_empty()
     }
 
     /// Counters and figures.
@@ -812,11 +841,6 @@ impl std::fmt::Debug for Agent {
 
 fn p_last(p: &Pair) -> Option<Instant> {
     p.last_rx
-}
-
-/// Local preference of socket `i`: earlier sockets are preferred.
-fn local_pref(i: usize) -> u16 {
-    65535u16.saturating_sub(u16::try_from(i).unwrap_or(u16::MAX))
 }
 
 /// Encodes a STUN message with `fill` adding the attributes.

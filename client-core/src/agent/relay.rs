@@ -109,15 +109,26 @@ impl Agent {
         if self.unused_relay_release_at().is_none_or(|at| at > now) {
             return;
         }
-        self.end_relayed_pairs();
         self.release_turn(now);
+        self.release_turn2(now);
+        self.end_relayed_pairs();
         self.stats.unused_relay_released += 1;
     }
 
     /// Our allocation is gone (lost, or released as unused): the pairs through it fail and
-    /// are checked no more.
+    /// are checked no more (those of a family another allocation still relays live on).
     pub(super) fn end_relayed_pairs(&mut self) {
-        for p in self.pairs.iter_mut().filter(|p| p.via == Via::Relay) {
+        let live: Vec<bool> = self
+            .pairs
+            .iter()
+            .map(|p| self.relayed_addr_for(p.remote).is_some())
+            .collect();
+        for (p, _) in self
+            .pairs
+            .iter_mut()
+            .zip(live)
+            .filter(|(p, live)| p.via == Via::Relay && !live)
+        {
             p.state = PairState::Failed;
             p.next_check_at = None;
         }

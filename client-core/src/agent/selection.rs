@@ -75,7 +75,7 @@ impl Agent {
         self.next_consent_at = Some(now + self.cfg.keepalive_interval);
         let p = self.pairs[b].clone();
         if p.via == Via::Relay
-            && let Some(t) = self.turn.as_mut()
+            && let Some((_, t)) = self.relay_for_mut(p.remote)
             && t.channel_for(p.remote).is_none()
         {
             let _ = t.bind_channel(now, p.remote);

@@ -246,6 +246,15 @@ pub struct AgentConfig {
     /// and our relayed pairs end. A call then holds only the allocation it uses; a restart
     /// allocates anew. `None` keeps the allocation for the whole call (default 3 s).
     pub release_unused_relay_after: Option<Duration>,
+    /// A second STUN server, for the sockets of the other family than `stun_server`'s
+    /// (signaling's IPv6 STUN address beside its IPv4 one): each socket asks the server of
+    /// its own family (default none).
+    pub stun_server6: Option<SocketAddr>,
+    /// Once the first TURN allocation is granted, ask for a relayed address of the other
+    /// family too (REQUESTED-ADDRESS-FAMILY), over another socket of the relay's family or
+    /// from the same socket to the next relay: a peer of only that family can then reach us
+    /// through it (default false; see the `family` notes in the module docs).
+    pub relay_other_family: bool,
 }
 
 impl AgentConfig {
@@ -277,6 +286,8 @@ impl AgentConfig {
             extra_checks: 3,
             relay_only: false,
             release_unused_relay_after: Some(Duration::from_secs(3)),
+            stun_server6: None,
+            relay_other_family: false,
         }
     }
 }

@@ -144,6 +144,30 @@ fn allocate_401_then_success() {
 }
 
 #[test]
+fn requested_address_family_goes_in_the_allocate_only_when_set() {
+    use peerlink_proto::attrs::RequestedAddressFamily;
+    let mut plain = client(1);
+    plain.allocate(Instant::now()).unwrap();
+    let req = one_transmit(&mut plain);
+    assert!(
+        Message::parse(&req)
+            .unwrap()
+            .get::<RequestedAddressFamily>()
+            .is_none()
+    );
+    let mut conf = TurnConfig::new(server(), USER, PASS).with_seed(2);
+    conf.requested_family = Some(AddressFamily::V6);
+    let mut v6 = TurnClient::new(conf);
+    v6.allocate(Instant::now()).unwrap();
+    let req = one_transmit(&mut v6);
+    let m = Message::parse(&req).unwrap();
+    assert_eq!(
+        m.get::<RequestedAddressFamily>().map(|r| r.unwrap().0),
+        Some(AddressFamily::V6)
+    );
+}
+
+#[test]
 fn rest_credentials_authenticate() {
     let t0 = Instant::now();
     let cfg = TurnConfig::rest(server(), b"shared", "bob", 1_700_000_000, 3600);

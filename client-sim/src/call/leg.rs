@@ -8,6 +8,8 @@ use super::*;
 pub(super) struct Leg {
     pub(super) role: IceRole,
     pub(super) sock: UdpSocket,
+    /// The IPv6 socket beside an IPv4 `sock` (the agent's socket 1), when the host has IPv6.
+    pub(super) sock6: Option<UdpSocket>,
     pub(super) agent: Agent,
     pub(super) keys: KeyExchange,
     pub(super) ufrag: String,
@@ -66,10 +68,27 @@ impl Leg {
         }
         let sock = UdpSocket::bind(SocketAddr::new(opts.bind_ip, 0)).await?;
         let local = sock.local_addr()?;
+        let sock6 = match v6_bind_ip(opts).await {
+            Some(ip) => match UdpSocket::bind(SocketAddr::new(ip, 0)).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("no IPv6 socket on {ip}: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut sockets = vec![local];
+        if let Some(s) = &sock6 {
+            sockets.push(s.local_addr()?);
+        }
         let ufrag = random_token(8);
         let pwd = random_token(24);
         let mut cfg = AgentConfig::new(role, ufrag.clone(), pwd.clone(), opts.seed);
         cfg.stun_server = opts.stun;
+        cfg.stun_server6 = opts.stun6;
+        // A peer of the other family only can reach us through a relayed address of its family.
+        cfg.relay_other_family = true;
         cfg.relay_only = opts.relay_only;
         if opts.relay_only {
             // Every pair is relayed: nothing direct to wait for.
@@ -91,10 +110,11 @@ impl Leg {
                 Err(e) => tracing::warn!("no TURN credentials, calling without a relay: {e}"),
             }
         }
-        let agent = Agent::new(cfg, &[local], Instant::now());
+        let agent = Agent::new(cfg, &sockets, Instant::now());
         Ok(Self {
             role,
             sock,
+            sock6,
             agent,
             keys: KeyExchange::generate(&mut rand::rng()),
             ufrag,
@@ -307,9 +327,9 @@ impl Leg {
 
     pub(super) async fn flush(&mut self) -> Result<(), CallError> {
         while let Some(t) = self.agent.poll_transmit() {
-            // One socket per call: index 0. A send error on one datagram (e.g. an unreachable
-            // candidate) must not end the call.
-            if let Err(e) = self.sock.send_to(&t.payload, t.to).await {
+            // Socket 0, or 1 for the IPv6 socket. A send error on one datagram (e.g. an
+            // unreachable candidate) must not end the call.
+            if let Err(e) = self.socket(t.socket).send_to(&t.payload, t.to).await {
                 tracing::debug!("send to {} failed: {e}", t.to);
             }
         }
@@ -345,7 +365,7 @@ impl Leg {
     pub(super) async fn send_app(&mut self, payload: &[u8]) -> Result<(), CallError> {
         match self.agent.send(Instant::now(), payload) {
             Ok(Some(t)) => {
-                if let Err(e) = self.sock.send_to(&t.payload, t.to).await {
+                if let Err(e) = self.socket(t.socket).send_to(&t.payload, t.to).await {
                     tracing::debug!("media send to {} failed: {e}", t.to);
                 }
             }
@@ -361,7 +381,16 @@ impl Leg {
         }
     }
 
-    pub(super) fn on_datagram(&mut self, n: usize, from: SocketAddr, buf: &[u8]) {
+    /// The socket of the agent's index `i` (0: `sock`, 1: `sock6`).
+    pub(super) fn socket(&self, i: usize) -> &UdpSocket {
+        match (i, &self.sock6) {
+            (1, Some(s)) => s,
+            _ => &self.sock,
+        }
+    }
+
+    /// A datagram of `n` bytes in `buf` from `from` on the agent's socket `socket`.
+    pub(super) fn on_datagram_at(&mut self, socket: usize, n: usize, from: SocketAddr, buf: &[u8]) {
         let now = Instant::now();
         let data = &buf[..n];
         // RFC 7983: 4-63 is nobody's (ZRTP/DTLS, not used here).
@@ -369,7 +398,7 @@ impl Leg {
             self.dropped_garbage += 1;
         }
         let Some(crate::agent::AppData::Payload { data, .. }) =
-            self.agent.handle_datagram(now, 0, from, data)
+            self.agent.handle_datagram(now, socket, from, data)
         else {
             return;
         };
@@ -432,9 +461,9 @@ impl Leg {
                 .min(deadline)
                 .max(Instant::now());
             tokio::select! {
-                r = self.sock.recv_from(&mut buf) => {
-                    if let Ok((n, from)) = r {
-                        let _ = self.agent.handle_datagram(Instant::now(), 0, from, &buf[..n]);
+                r = recv_any(&self.sock, self.sock6.as_ref(), &mut buf) => {
+                    if let Ok((i, n, from)) = r {
+                        let _ = self.agent.handle_datagram(Instant::now(), i, from, &buf[..n]);
                     }
                 }
                 (server, ev) = self.streams.recv() => self.on_stream(server, ev),

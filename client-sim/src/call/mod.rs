@@ -6,8 +6,11 @@
 //! from the X25519 exchange bound to the call id) flows on that path with 20 ms pacing, and
 //! what is heard is recorded. The result is a [`CallReport`].
 //!
-//! One UDP socket per call, bound on the given host address. Everything that arrives on it is
-//! handed to the agent, which keeps STUN/TURN for itself and returns media payloads.
+//! One UDP socket per call, bound on the given host address, and an IPv6 one beside an IPv4
+//! one when the host has IPv6 (`bind6`, or the source address towards signaling's IPv6 STUN
+//! address; link-local addresses are not used): the agent gathers and pairs on both families
+//! and prefers IPv6 (RFC 8421). Everything that arrives on them is handed to the agent, which
+//! keeps STUN/TURN for itself and returns media payloads.
 //!
 //! The relayed candidate comes from the TURN ladder: every relay signaling offers is tried
 //! over UDP first; when UDP has given no allocation within the agent's
@@ -82,6 +85,7 @@ use crate::transfer::{
 };
 use peerlink_api::signaling_client::{Reopened, SignalError, SignalSession};
 
+mod dual;
 mod file;
 mod leg;
 mod report;
@@ -90,6 +94,7 @@ mod run;
 mod signal_link;
 mod stream;
 
+use dual::*;
 use file::*;
 use leg::*;
 use peerlink_client_core::recovery::*;
@@ -138,6 +143,13 @@ pub struct CallOptions {
     pub bind_ip: IpAddr,
     /// Signaling's STUN responder (server-reflexive candidate), if known.
     pub stun: Option<SocketAddr>,
+    /// Signaling's STUN responder of the other family than `stun` (IPv6 beside IPv4), if
+    /// known: the IPv6 socket's server-reflexive candidate, and how the IPv6 source address is
+    /// found when `bind6` is not given (default none).
+    pub stun6: Option<SocketAddr>,
+    /// IPv6 address of the IPv6 socket bound beside an IPv4 `bind_ip` (default: the source
+    /// address towards `stun6`, when there is a route and it is not link-local).
+    pub bind6: Option<IpAddr>,
     /// Ask signaling for TURN credentials and gather a relayed candidate (default true).
     pub use_turn: bool,
     /// Signal only relayed candidates (like WebRTC's relay-only policy: host addresses are not
@@ -202,6 +214,8 @@ impl Default for CallOptions {
         Self {
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             stun: None,
+            stun6: None,
+            bind6: None,
             use_turn: true,
             relay_only: false,
             audio: None,
@@ -322,8 +336,8 @@ async fn place(
         }
         let wake = tokio::time::Instant::from_std(leg.wake(false, setup_deadline).max(now));
         tokio::select! {
-            r = leg.sock.recv_from(&mut buf) => {
-                if let Ok((n, from)) = r { leg.on_datagram(n, from, &buf); }
+            r = recv_any(&leg.sock, leg.sock6.as_ref(), &mut buf) => {
+                if let Ok((i, n, from)) = r { leg.on_datagram_at(i, n, from, &buf); }
             }
             (server, ev) = leg.streams.recv() => leg.on_stream(server, ev),
             m = sess.recv() => match m? {

@@ -45,6 +45,9 @@ pub struct CallReport {
     pub call_id: String,
     /// "direct" or "relay" (the path in use at the end).
     pub path: Option<String>,
+    /// "ipv4" or "ipv6": the address family of the selected pair (both ends are of one; a
+    /// relayed pair's is its relayed address's, whichever family reaches the relay).
+    pub family: Option<String>,
     /// Our end of the selected path.
     pub local: Option<String>,
     /// The peer's end of the selected path.
@@ -243,6 +246,7 @@ impl Leg {
                 PathKind::Direct => "direct".into(),
                 PathKind::Relay => "relay".into(),
             }),
+            family: self.path.map(|p| family_name(p.remote).into()),
             local: self.path.map(|p| p.local.to_string()),
             remote: self.path.map(|p| p.remote.to_string()),
             transport: self.path.map(|p| p.transport.as_str().to_owned()),

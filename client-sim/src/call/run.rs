@@ -171,9 +171,9 @@ pub(super) async fn run_loop(
         let wake = tokio::time::Instant::from_std(leg.wake(true, deadline).max(now));
         let out = xfer.as_ref().map(|x| x.0.clone());
         tokio::select! {
-            r = leg.sock.recv_from(&mut buf) => {
+            r = recv_any(&leg.sock, leg.sock6.as_ref(), &mut buf) => {
                 match r {
-                    Ok((n, from)) => leg.on_datagram(n, from, &buf),
+                    Ok((i, n, from)) => leg.on_datagram_at(i, n, from, &buf),
                     // ICMP-induced errors (port unreachable) on UDP are not fatal.
                     Err(e) => tracing::debug!("recv: {e}"),
                 }

@@ -904,7 +904,7 @@ pub fn render_call(r: &CallReport) -> String {
     };
     let m = &r.media;
     format!(
-        "call {} with {} ({}): path {} {} -> {} (changes {})\n\
+        "call {} with {} ({}): path {} {} {} -> {} (changes {})\n\
          setup: invite->answer {}, answer->connected {}, answer->first media {} (agent: {} checks, checks->connected {})\n\
          candidates: local {:?}, remote {}; unused relay allocations released {}\n\
          media: sent {} recv {} lost {} fec {} concealed {} | jitter {:.2} ms | RTT {} | MOS {:.2} | recorded {:.1} s{}\n\
@@ -914,6 +914,7 @@ pub fn render_call(r: &CallReport) -> String {
         r.peer,
         r.role,
         r.path.as_deref().unwrap_or("none"),
+        r.family.as_deref().unwrap_or(""),
         r.local.as_deref().unwrap_or("?"),
         r.remote.as_deref().unwrap_or("?"),
         r.path_changes,

@@ -17,7 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test harness
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::Mutex;
@@ -42,6 +42,15 @@ pub const RELAY_IPS: [Ipv4Addr; 2] = [
     Ipv4Addr::new(203, 0, 113, 210),
     Ipv4Addr::new(203, 0, 113, 211),
 ];
+/// The services host's IPv6 address in a dual-stack world ([`World::start_dual_stack`]).
+pub const SVC_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x200);
+/// The relay hosts' IPv6 addresses in a dual-stack world (their IPv6 relayed addresses).
+pub const RELAY_IPS6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x210),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x211),
+];
+/// The IPv6 internet's range, which relays deny as peers by default like the IPv4 ones.
+pub const LAB_RANGE6: &str = "2001:db8::/32";
 /// The lab's "internet": documentation ranges, which relays deny as peers by default (no
 /// real peer has such an address). The LANs behind the NATs stay denied, as in production.
 pub const LAB_RANGES: [&str; 2] = ["203.0.113.0/24", "198.51.100.0/24"];
@@ -435,6 +444,10 @@ pub struct World {
     pub stun: SocketAddr,
     /// Signaling's second STUN address (RFC 5780).
     pub stun_alt: SocketAddr,
+    /// Signaling's IPv6 STUN responder, in a dual-stack world.
+    pub stun6: Option<SocketAddr>,
+    /// Signaling's base URL over IPv6, in a dual-stack world.
+    pub signaling_url6: Option<String>,
     /// The services' host.
     pub svc: Host,
     /// Temp dir: logs, database, client state files.
@@ -450,7 +463,22 @@ pub struct World {
 impl World {
     /// Build a lab and start the services in it (bounded by [`START_TIMEOUT`] each).
     pub fn start() -> World {
+        Self::start_with(false)
+    }
+
+    /// [`World::start`] on a dual-stack internet: the services' hosts have IPv6 addresses too;
+    /// signaling and the directory listen on both families (`[::]`), signaling answers STUN on
+    /// both ([`SVC_IP6`] port 3479 beside the IPv4 one), and the relays (UDP listener on IPv4)
+    /// relay both families (`--relay-ip` of each, IPv6 peers allowed).
+    pub fn start_dual_stack() -> World {
+        Self::start_with(true)
+    }
+
+    fn start_with(dual: bool) -> World {
         let lab = lab();
+        if dual {
+            lab.enable_ipv6().expect("IPv6 in the lab");
+        }
         let dir = tempfile::Builder::new()
             .prefix("peerlink-lab-")
             .tempdir()
@@ -458,7 +486,12 @@ impl World {
         let cluster_token = random_secret();
         let token_secret = random_secret();
         let turn_secret = random_secret();
-        let svc = lab.add_public_host("svc", SVC_IP).expect("svc host");
+        let svc = if dual {
+            lab.add_public_host_v6("svc", Some(SVC_IP), SVC_IP6)
+        } else {
+            lab.add_public_host("svc", SVC_IP)
+        }
+        .expect("svc host");
         svc.ns()
             .exec(&[
                 "ip",
@@ -471,9 +504,14 @@ impl World {
             .expect("second address of the svc host");
         let dir_addr = SocketAddr::from((SVC_IP, 8500));
         let directory_url = format!("http://{dir_addr}");
+        let dir_listen = if dual {
+            "[::]:8500".to_owned()
+        } else {
+            dir_addr.to_string()
+        };
 
         let mut cmd = Command::new(service_bin("peerlink-directory"));
-        cmd.args(["--listen", &dir_addr.to_string(), "--node-ttl", NODE_TTL_S])
+        cmd.args(["--listen", &dir_listen, "--node-ttl", NODE_TTL_S])
             .env("PEERLINK_CLUSTER_TOKEN", &cluster_token)
             .env("RUST_LOG", "warn");
         let mut directory = Proc::start(
@@ -498,9 +536,13 @@ impl World {
         let ca_file = ca.write_cert(&dir.path().join("lab-ca.pem"));
         let mut relays = Vec::new();
         for (i, ip) in RELAY_IPS.iter().enumerate() {
-            let host = lab
-                .add_public_host(&format!("relay{}", i + 1), *ip)
-                .expect("relay host");
+            let name = format!("relay{}", i + 1);
+            let host = if dual {
+                lab.add_public_host_v6(&name, Some(*ip), RELAY_IPS6[i])
+            } else {
+                lab.add_public_host(&name, *ip)
+            }
+            .expect("relay host");
             let turn = SocketAddr::from((*ip, 3478));
             let turn_tls = SocketAddr::from((*ip, TLS_PORT));
             let metrics = SocketAddr::from((*ip, 9641));
@@ -524,6 +566,10 @@ impl World {
             for r in LAB_RANGES {
                 cmd.args(["--allow-peer", r]);
             }
+            if dual {
+                cmd.args(["--relay-ip", &RELAY_IPS6[i].to_string()])
+                    .args(["--allow-peer", LAB_RANGE6]);
+            }
             let log = dir.path().join(format!("relay{}.log", i + 1));
             let proc = Proc::start(&host, &format!("relay{}", i + 1), cmd, Some(&log));
             relays.push(Relay {
@@ -539,24 +585,31 @@ impl World {
         let sig_addr = SocketAddr::from((SVC_IP, 8443));
         let stun = SocketAddr::from((SVC_IP, 3479));
         let stun_alt = SocketAddr::from((SVC_ALT_IP, 3480));
+        let stun6 = dual.then(|| SocketAddr::from((SVC_IP6, 3479)));
         let mut cmd = Command::new(service_bin("peerlink-signaling"));
-        cmd.args(["--listen", &sig_addr.to_string()])
-            .args([
-                "--stun",
-                &stun.to_string(),
-                "--stun-alt",
-                &stun_alt.to_string(),
-            ])
-            .args(["--directory", &directory_url])
-            .args(["--ring-timeout", "60s"])
-            // Cheap password hashing: dozens of lab accounts on a 2-core machine.
-            .args(["--argon2-m-kib", "1024", "--argon2-t", "1"])
-            .args(["--log", "warn"])
-            .arg("--db")
-            .arg(dir.path().join("signaling.db"))
-            .env("PEERLINK_TOKEN_SECRET", &token_secret)
-            .env("PEERLINK_TURN_SECRET", &turn_secret)
-            .env("PEERLINK_CLUSTER_TOKEN", &cluster_token);
+        if let Some(s6) = stun6 {
+            // One socket for both families; other services know the node by its IPv4 URL.
+            cmd.args(["--listen", "[::]:8443", "--stun6", &s6.to_string()])
+                .args(["--internal-url", &format!("http://{sig_addr}")]);
+        } else {
+            cmd.args(["--listen", &sig_addr.to_string()]);
+        }
+        cmd.args([
+            "--stun",
+            &stun.to_string(),
+            "--stun-alt",
+            &stun_alt.to_string(),
+        ])
+        .args(["--directory", &directory_url])
+        .args(["--ring-timeout", "60s"])
+        // Cheap password hashing: dozens of lab accounts on a 2-core machine.
+        .args(["--argon2-m-kib", "1024", "--argon2-t", "1"])
+        .args(["--log", "warn"])
+        .arg("--db")
+        .arg(dir.path().join("signaling.db"))
+        .env("PEERLINK_TOKEN_SECRET", &token_secret)
+        .env("PEERLINK_TURN_SECRET", &turn_secret)
+        .env("PEERLINK_CLUSTER_TOKEN", &cluster_token);
         for r in &relays {
             // Static fallback when the directory has no live relay to offer.
             cmd.args(["--relay", &r.turn.to_string()]);
@@ -582,6 +635,8 @@ impl World {
             signaling_url: format!("http://{sig_addr}"),
             stun,
             stun_alt,
+            stun6,
+            signaling_url6: dual.then(|| format!("http://[{SVC_IP6}]:8443")),
             svc,
             dir,
             ca: ca_file,
@@ -650,7 +705,11 @@ impl World {
     /// logged in through the real CLI (run inside the host's namespace).
     pub fn client(&self, router: &Router, name: &str, user: &str) -> Client {
         let host = router.add_host(name).expect("client host");
+        let mut bind: Vec<IpAddr> = vec![host.ip().into()];
+        bind.extend(host.ip6().map(IpAddr::from));
         let c = Client {
+            stun6: host.ip6().and(self.stun6),
+            bind,
             state: self.dir.path().join(format!("{user}.state.json")),
             host,
             user: user.to_owned(),
@@ -658,6 +717,35 @@ impl World {
             stun: self.stun,
             ca: self.ca.clone(),
         };
+        self.register_and_login(c)
+    }
+
+    /// An IPv6-only client host `name` on the internet at `ip6` (dual-stack world), with an
+    /// account `user`: it reaches signaling, STUN and peers over IPv6 only.
+    pub fn client_v6_only(&self, name: &str, user: &str, ip6: Ipv6Addr) -> Client {
+        let (Some(url6), Some(s6)) = (self.signaling_url6.clone(), self.stun6) else {
+            panic!("an IPv6-only client needs World::start_dual_stack");
+        };
+        let host = self
+            .lab
+            .add_public_host_v6(name, None, ip6)
+            .expect("IPv6-only host");
+        let c = Client {
+            stun6: None,
+            bind: vec![ip6.into()],
+            state: self.dir.path().join(format!("{user}.state.json")),
+            host,
+            user: user.to_owned(),
+            server: url6,
+            stun: s6,
+            ca: self.ca.clone(),
+        };
+        self.register_and_login(c)
+    }
+
+    fn register_and_login(&self, c: Client) -> Client {
+        let user = c.user.clone();
+        let user = user.as_str();
         // One retry each: an HTTP request lost under heavy load (several labs on two cores)
         // is printed, not hidden; a second failure fails the test. A register that did land
         // the first time makes the retry fail ("taken"), which the login then settles.
@@ -702,6 +790,10 @@ pub struct Client {
     pub host: Host,
     /// Its account.
     pub user: String,
+    /// Signaling's IPv6 STUN address beside `stun`, for a dual-stack host.
+    stun6: Option<SocketAddr>,
+    /// The addresses the call's sockets bind on (one per family it has).
+    bind: Vec<IpAddr>,
     state: PathBuf,
     server: String,
     stun: SocketAddr,
@@ -730,12 +822,14 @@ impl Client {
 
     /// The network flags of `call`/`listen` for this host.
     pub fn net_args(&self) -> Vec<String> {
-        vec![
-            "--bind".into(),
-            self.host.ip().to_string(),
-            "--stun".into(),
-            self.stun.to_string(),
-        ]
+        let mut v = Vec::new();
+        for b in &self.bind {
+            v.extend(["--bind".into(), b.to_string()]);
+        }
+        for s in std::iter::once(self.stun).chain(self.stun6) {
+            v.extend(["--stun".into(), s.to_string()]);
+        }
+        v
     }
 
     /// Start `peerlink-sim ARGS` in the client's namespace.

@@ -27,6 +27,8 @@ pub struct Node {
     proc: Service,
     pub http: SocketAddr,
     pub stun: Vec<SocketAddr>,
+    /// The IPv6 STUN responder (its `stun6=` line, printed before `stun=`).
+    pub stun6: Option<SocketAddr>,
     pub db: PathBuf,
 }
 
@@ -177,10 +179,14 @@ impl Node {
             l.strip_prefix("http=")
                 .map(|a| a.parse().expect("http addr"))
         });
+        let mut stun6 = None;
         let stun = if args.iter().any(|a| a == "--no-stun") {
             Vec::new()
         } else {
             proc.wait_for(Duration::from_secs(60), |l| {
+                if let Some(a) = l.strip_prefix("stun6=") {
+                    stun6 = Some(a.parse().expect("stun6 addr"));
+                }
                 l.strip_prefix("stun=").map(|a| {
                     a.split(',')
                         .map(|s| s.parse().expect("stun addr"))
@@ -192,6 +198,7 @@ impl Node {
             proc,
             http,
             stun,
+            stun6,
             db: db.to_path_buf(),
         }
     }
