@@ -623,11 +623,15 @@ async fn tcp_connect(authority: &str, source: Option<IpAddr>) -> std::io::Result
 pub struct Reopened {
     conn: Connection,
     tokens: Tokens,
+    /// The node it was opened on (the session's own, or one of its other nodes).
+    api: HttpApi,
 }
 
 /// One WebSocket session of one device, plus the state needed to resume it.
 pub struct SignalSession {
     api: HttpApi,
+    /// Other nodes of the same fleet, tried in order when `api` cannot be reached.
+    others: Vec<HttpApi>,
     tokens: Tokens,
     device: String,
     conn: Connection,
@@ -679,6 +683,7 @@ impl SignalSession {
         let start = resume_from.unwrap_or(conn.welcome.acked_seq);
         Ok(Self {
             api,
+            others: Vec::new(),
             tokens,
             device: device.to_owned(),
             conn,
@@ -702,6 +707,64 @@ impl SignalSession {
             ..ConnectOptions::default()
         };
         Connection::open(api, &tokens.access_token, device, resume_from, &opts).await
+    }
+
+    /// Other signaling nodes of the same fleet (same token secret and store): when the
+    /// session's node cannot be reached, [`reconnect`](Self::reconnect) and
+    /// [`reopen`](Self::reopen) try these in order, and the first that answers becomes the
+    /// session's node.
+    pub fn with_failover(mut self, others: Vec<HttpApi>) -> Self {
+        self.others = others;
+        self
+    }
+
+    /// The nodes a reconnect tries, in order: the session's own, then the others.
+    fn candidates(&self) -> Vec<HttpApi> {
+        let mut all = Vec::with_capacity(1 + self.others.len());
+        all.push(self.api.clone());
+        all.extend(
+            self.others
+                .iter()
+                .filter(|o| o.base() != self.api.base())
+                .cloned(),
+        );
+        all
+    }
+
+    /// Open a connection on the first of `nodes` that takes it: the node's index and the
+    /// connection, or the last node's error. A node refusing the session itself (bad token,
+    /// a newer session of the device) ends the search: another node would answer the same.
+    async fn open_any(
+        nodes: &[HttpApi],
+        tokens: &mut Tokens,
+        device: &str,
+        resume_from: Option<u64>,
+        io_timeout: Duration,
+    ) -> Result<(usize, Connection), SignalError> {
+        let mut last = SignalError::Protocol("no signaling node to connect to".into());
+        for (i, api) in nodes.iter().enumerate() {
+            let attempt = async {
+                if tokens.needs_refresh() {
+                    *tokens = api.refresh(&tokens.refresh_token).await?;
+                }
+                Self::open(api, tokens, device, resume_from, io_timeout).await
+            };
+            match attempt.await {
+                Ok(c) => return Ok((i, c)),
+                Err(e) if !unreachable(&e) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Make `api` the session's node (the others stay in the failover list).
+    fn switch_to(&mut self, api: HttpApi) {
+        if api.base() != self.api.base() {
+            let old = std::mem::replace(&mut self.api, api);
+            self.others.retain(|o| o.base() != self.api.base());
+            self.others.push(old);
+        }
     }
 
     /// Log in over HTTP and connect in one step.
@@ -933,19 +996,22 @@ impl SignalSession {
     /// messages after it are replayed, duplicates of ones already handed out are dropped.
     /// Refreshes the access token first when due. Returns how the server handled it.
     pub async fn reconnect(&mut self) -> Result<ResumeOutcome, SignalError> {
-        if self.tokens.needs_refresh() {
-            self.tokens = self.api.refresh(&self.tokens.refresh_token).await?;
-        }
         // Close the old socket politely; ignore failures (it may already be gone).
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.ws.close(None)).await;
-        let conn = Self::open(
-            &self.api,
-            &self.tokens,
+        let nodes = self.candidates();
+        let mut tokens = self.tokens.clone();
+        let (i, conn) = Self::open_any(
+            &nodes,
+            &mut tokens,
             &self.device,
             Some(self.acked_seq),
             self.io_timeout,
         )
         .await?;
+        self.tokens = tokens;
+        if let Some(api) = nodes.into_iter().nth(i) {
+            self.switch_to(api);
+        }
         // Messages after the acked seq that were handed out but not acked will be replayed;
         // deliver them again only if the application never acked them.
         self.delivered_seq = self.acked_seq;
@@ -962,17 +1028,18 @@ impl SignalSession {
     pub fn reopen(
         &self,
     ) -> impl std::future::Future<Output = Result<Reopened, SignalError>> + Send + 'static {
-        let api = self.api.clone();
+        let nodes = self.candidates();
         let mut tokens = self.tokens.clone();
         let device = self.device.clone();
         let acked = self.acked_seq;
         let io_timeout = self.io_timeout;
         async move {
-            if tokens.needs_refresh() {
-                tokens = api.refresh(&tokens.refresh_token).await?;
-            }
-            let conn = Self::open(&api, &tokens, &device, Some(acked), io_timeout).await?;
-            Ok(Reopened { conn, tokens })
+            let (i, conn) =
+                Self::open_any(&nodes, &mut tokens, &device, Some(acked), io_timeout).await?;
+            let api = nodes.into_iter().nth(i).ok_or_else(|| {
+                SignalError::Protocol("reconnected to a node that is not in the list".into())
+            })?;
+            Ok(Reopened { conn, tokens, api })
         }
     }
 
@@ -981,6 +1048,7 @@ impl SignalSession {
     /// handled the resume.
     pub fn install(&mut self, r: Reopened) -> ResumeOutcome {
         self.tokens = r.tokens;
+        self.switch_to(r.api);
         self.delivered_seq = self.acked_seq;
         self.backlog
             .retain(|m| !matches!(m, ServerMsg::Message { .. }));
@@ -1010,6 +1078,20 @@ where
         .await
         .map_err(|_| SignalError::Timeout(timeout, "WebSocket send"))??;
     Ok(())
+}
+
+/// Whether `e` says the node could not be reached or is not serving (so another node of the
+/// fleet may take the session): transport failures, timeouts, 5xx answers and 503 upgrades.
+fn unreachable(e: &SignalError) -> bool {
+    match e {
+        SignalError::Http { .. } | SignalError::Timeout(..) => true,
+        SignalError::Api { status, .. } => *status >= 500,
+        SignalError::Ws(tungstenite::Error::Http(r)) => r.status().is_server_error(),
+        SignalError::Ws(tungstenite::Error::Io(_) | tungstenite::Error::ConnectionClosed) => true,
+        SignalError::Ws(_) => false,
+        SignalError::Closed { code, .. } => *code != 4001,
+        _ => false,
+    }
 }
 
 /// Read the next text frame as a [`ServerMsg`]; control frames are handled by tungstenite

@@ -239,7 +239,41 @@ for _, n in ipairs(redis.call('SMEMBERS', k_nodes())) do
 end
 local relays = redis.call('HGETALL', P .. ':relays')
 local entries = redis.call('GET', k_entries()) or '0'
-return {nodes, relays, {entries}}
+local handed = redis.call('HGETALL', P .. ':handed')
+return {nodes, relays, {entries}, handed}
+"#;
+
+/// `ARGV`: prefix. Returns `{relays, handed}`: the stored relay records and the handed-out
+/// counters, read together (flat `id, value` lists).
+const READ_RELAYS: &str = r#"
+return {redis.call('HGETALL', P .. ':relays'), redis.call('HGETALL', P .. ':handed')}
+"#;
+
+/// `ARGV`: prefix, then relay ids: each chosen relay's handed-out counter goes up by one
+/// (`HINCRBY`, so choices through any number of replicas never conflict); a relay removed
+/// meanwhile gets no counter. Returns how many were counted.
+const HAND_OUT: &str = r#"
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('HEXISTS', P .. ':relays', ARGV[i]) == 1 then
+    redis.call('HINCRBY', P .. ':handed', ARGV[i], 1)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// `ARGV`: prefix, relay id, record: (re)registers the relay with its handed-out counter at 0.
+const REGISTER_RELAY: &str = r#"
+redis.call('HSET', P .. ':relays', ARGV[2], ARGV[3])
+redis.call('HDEL', P .. ':handed', ARGV[2])
+return 1
+"#;
+
+/// `ARGV`: prefix, relay id. Removes the record and its counter; returns 1 when it existed.
+const DEREGISTER_RELAY: &str = r#"
+redis.call('HDEL', P .. ':handed', ARGV[2])
+return redis.call('HDEL', P .. ':relays', ARGV[2])
 "#;
 
 /// `ARGV`: prefix, now, node_ttl_ms, presence_ttl_ms. Removes node records past both TTLs,
@@ -281,7 +315,8 @@ return {tostring(nodes), tostring(presence)}
 "#;
 
 /// `ARGV`: prefix, then (relay_id, expected, new) triples: applied only when every relay's
-/// stored record still equals `expected` (`""` = absent); `new` = `""` deletes. Returns 1 when
+/// stored record still equals `expected` (`""` = absent); `new` = `""` deletes. A write (a
+/// heartbeat's new figures, or a removal) resets the relay's handed-out counter. Returns 1 when
 /// applied, 0 when another writer came first (the caller reads again and retries).
 const RELAYS_CAS: &str = r#"
 local k = P .. ':relays'
@@ -295,6 +330,7 @@ for i = 2, #ARGV - 2, 3 do
   else
     redis.call('HSET', k, ARGV[i], ARGV[i + 2])
   end
+  redis.call('HDEL', P .. ':handed', ARGV[i])
 end
 return 1
 "#;
@@ -310,6 +346,10 @@ pub(crate) struct Scripts {
     pub snapshot: redis::Script,
     pub sweep: redis::Script,
     pub relays_cas: redis::Script,
+    pub read_relays: redis::Script,
+    pub hand_out: redis::Script,
+    pub register_relay: redis::Script,
+    pub deregister_relay: redis::Script,
 }
 
 impl Scripts {
@@ -325,6 +365,10 @@ impl Scripts {
             snapshot: s(SNAPSHOT),
             sweep: s(SWEEP),
             relays_cas: s(RELAYS_CAS),
+            read_relays: s(READ_RELAYS),
+            hand_out: s(HAND_OUT),
+            register_relay: s(REGISTER_RELAY),
+            deregister_relay: s(DEREGISTER_RELAY),
         }
     }
 }

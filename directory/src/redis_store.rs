@@ -4,9 +4,11 @@
 //!
 //! Semantics are [`crate::memory::MemoryStore`]'s, decided by the caller's `now` (the same
 //! store suite runs on both). Multi-key updates are Lua scripts (`redis_lua.rs`), so they
-//! are atomic. Relay records are JSON values updated by compare-and-set: a heartbeat or a
-//! choice reads the records, decides in Rust (relay choice is [`crate::select`]), and writes
-//! back only if the records it read are unchanged, else reads again.
+//! are atomic. Relay records are JSON values updated by compare-and-set: a heartbeat reads the
+//! record and writes it back only if it is unchanged, else reads again. A relay choice reads
+//! the records, decides in Rust (relay choice is [`crate::select`]) and counts what it handed
+//! out with `HINCRBY` on a hash of its own, so concurrent choices through several replicas
+//! never conflict (they may decide on the same figures; each choice is still counted).
 //!
 //! Key layout (`P` is the key prefix, default [`DEFAULT_PREFIX`]):
 //!
@@ -19,7 +21,8 @@
 //! | `P:pepochs:<node>` | set | epochs of `<node>` that have an index |
 //! | `P:pnodes` | set | nodes that have an index |
 //! | `P:entries` | string | number of stored presence entries |
-//! | `P:relays` | hash | relay id -> JSON record (figures, `handed_out`, `last_heartbeat`) |
+//! | `P:relays` | hash | relay id -> JSON record (figures, `last_heartbeat`) |
+//! | `P:handed` | hash | relay id -> choices handed out since its last heartbeat |
 //! | `P:stats:<kind>` | hash | relay, node or replica id -> `<written_ms> <JSON>`: the console's stats records (stale fields deleted when listed) |
 //!
 //! Time: timestamps in Redis must mean the same thing to every replica, so the binary reads
@@ -172,6 +175,9 @@ struct StoredRelay {
     allocations: u64,
     capacity: u64,
     draining: bool,
+    /// Written as 0: the count lives in `P:handed` (a record written before that counter
+    /// existed may carry one, which adds to it).
+    #[serde(default)]
     handed_out: u64,
     last_heartbeat: u64,
 }
@@ -194,22 +200,6 @@ impl StoredRelay {
         }
     }
 
-    fn from_record(r: &RelayRecord) -> Self {
-        Self {
-            turn_addr: r.turn_addr,
-            turn_tcp_addr: r.turn_tcp_addr,
-            turn_tls_addr: r.turn_tls_addr,
-            metrics_addr: r.metrics_addr,
-            region: r.region.to_string(),
-            load: r.load,
-            allocations: r.allocations,
-            capacity: r.capacity,
-            draining: r.draining,
-            handed_out: r.handed_out,
-            last_heartbeat: r.last_heartbeat.as_millis(),
-        }
-    }
-
     fn json(&self) -> Result<String, StoreError> {
         serde_json::to_string(self).map_err(|e| StoreError::Backend(e.to_string()))
     }
@@ -222,7 +212,12 @@ struct RelaySnapshot {
     raw: Vec<String>,
 }
 
-fn relays_from_flat(flat: Vec<String>) -> Result<RelaySnapshot, StoreError> {
+/// Relay records from flat `HGETALL` answers of the records and of the handed-out counters.
+fn relays_from_flat(flat: Vec<String>, handed: &[String]) -> Result<RelaySnapshot, StoreError> {
+    let counters: std::collections::HashMap<&str, u64> = handed
+        .chunks_exact(2)
+        .map(|c| Ok((c[0].as_str(), parse_u64(&c[1], "handed-out counter")?)))
+        .collect::<Result<_, StoreError>>()?;
     let mut pairs: Vec<(String, String)> = Vec::with_capacity(flat.len() / 2);
     let mut it = flat.into_iter();
     while let (Some(id), Some(raw)) = (it.next(), it.next()) {
@@ -233,7 +228,11 @@ fn relays_from_flat(flat: Vec<String>) -> Result<RelaySnapshot, StoreError> {
     let mut raws = Vec::with_capacity(pairs.len());
     for (id, raw) in pairs {
         let s: StoredRelay = serde_json::from_str(&raw).map_err(|_| corrupt("relay record"))?;
-        records.push(s.record(&id));
+        let mut r = s.record(&id);
+        r.handed_out = r
+            .handed_out
+            .saturating_add(counters.get(id.as_str()).copied().unwrap_or(0));
+        records.push(r);
         raws.push(raw);
     }
     Ok(RelaySnapshot { records, raw: raws })
@@ -435,28 +434,29 @@ impl RedisStore {
     async fn snapshot(&self) -> Result<(Vec<NodeRow>, RelaySnapshot, u64), StoreError> {
         let mut inv = self.scripts.snapshot.prepare_invoke();
         inv.arg(&self.location.prefix);
-        let (nodes, relays, entries): (Vec<String>, Vec<String>, Vec<String>) = inv
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(store_err)?;
+        let (nodes, relays, entries, handed): (Vec<String>, Vec<String>, Vec<String>, Vec<String>) =
+            inv.invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(store_err)?;
         let entries = match entries.first() {
             Some(e) => e.parse::<i64>().map_err(|_| corrupt("entry count"))?,
             None => 0,
         };
         Ok((
             nodes_from_flat(&nodes)?,
-            relays_from_flat(relays)?,
+            relays_from_flat(relays, &handed)?,
             u64::try_from(entries).unwrap_or(0),
         ))
     }
 
     async fn read_relays(&self) -> Result<RelaySnapshot, StoreError> {
-        let flat: Vec<String> = redis::cmd("HGETALL")
-            .arg(format!("{}:relays", self.location.prefix))
-            .query_async(&mut self.conn.clone())
+        let mut inv = self.scripts.read_relays.prepare_invoke();
+        inv.arg(&self.location.prefix);
+        let (flat, handed): (Vec<String>, Vec<String>) = inv
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_err)?;
-        relays_from_flat(flat)
+        relays_from_flat(flat, &handed)
     }
 
     /// Apply `(id, expected, new)` relay writes if every expected record is still stored;
@@ -723,11 +723,12 @@ impl DirectoryStore for RedisStore {
             handed_out: 0,
             last_heartbeat: now.as_millis(),
         };
-        let _: i64 = redis::cmd("HSET")
-            .arg(format!("{}:relays", self.location.prefix))
+        let mut inv = self.scripts.register_relay.prepare_invoke();
+        inv.arg(&self.location.prefix)
             .arg(&req.relay_id)
-            .arg(rec.json()?)
-            .query_async(&mut self.conn.clone())
+            .arg(rec.json()?);
+        let _: i64 = inv
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_err)?;
         Ok(())
@@ -773,10 +774,10 @@ impl DirectoryStore for RedisStore {
     }
 
     async fn deregister_relay(&self, relay_id: &str) -> Result<bool, StoreError> {
-        let removed: i64 = redis::cmd("HDEL")
-            .arg(format!("{}:relays", self.location.prefix))
-            .arg(relay_id)
-            .query_async(&mut self.conn.clone())
+        let mut inv = self.scripts.deregister_relay.prepare_invoke();
+        inv.arg(&self.location.prefix).arg(relay_id);
+        let removed: i64 = inv
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_err)?;
         Ok(removed > 0)
@@ -796,31 +797,27 @@ impl DirectoryStore for RedisStore {
         req: &ChooseRelaysRequest,
         now: Timestamp,
     ) -> Result<Vec<ChosenRelay>, StoreError> {
-        for _ in 0..CAS_ATTEMPTS {
-            let RelaySnapshot { mut records, raw } = self.read_relays().await?;
-            let chosen = {
-                let mut rng = self.rng.lock().unwrap_or_else(PoisonError::into_inner);
-                select::choose(&mut records, req, now, self.node_ttl_ms, &mut *rng)
-            };
-            if chosen.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut ops = Vec::with_capacity(chosen.len());
-            for &i in &chosen {
-                ops.push((
-                    records[i].relay_id.to_string(),
-                    raw[i].clone(),
-                    StoredRelay::from_record(&records[i]).json()?,
-                ));
-            }
-            if self.relays_cas(ops).await? {
-                return Ok(chosen
-                    .into_iter()
-                    .map(|i| select::chosen_view(&records[i]))
-                    .collect());
-            }
+        let RelaySnapshot { mut records, .. } = self.read_relays().await?;
+        let chosen = {
+            let mut rng = self.rng.lock().unwrap_or_else(PoisonError::into_inner);
+            select::choose(&mut records, req, now, self.node_ttl_ms, &mut *rng)
+        };
+        if chosen.is_empty() {
+            return Ok(Vec::new());
         }
-        Err(Self::lost_race("relay choice"))
+        let mut inv = self.scripts.hand_out.prepare_invoke();
+        inv.arg(&self.location.prefix);
+        for &i in &chosen {
+            inv.arg(records[i].relay_id.as_ref());
+        }
+        let _: i64 = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(store_err)?;
+        Ok(chosen
+            .into_iter()
+            .map(|i| select::chosen_view(&records[i]))
+            .collect())
     }
 
     async fn sweep(&self, now: Timestamp) -> Result<SweepStats, StoreError> {

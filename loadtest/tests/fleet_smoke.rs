@@ -310,3 +310,62 @@ fn fleet_missing_binary_fails_clearly() {
     assert!(!ok);
     assert!(err.contains("not found"), "{err}");
 }
+
+#[test]
+fn fleet_engines_small() {
+    let installed = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.path().join("bin/initdb").is_file());
+    let redis = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()));
+    if !installed || !redis {
+        eprintln!(
+            "skipped: PostgreSQL or redis-server not installed (scripts/setup.sh installs both)"
+        );
+        return;
+    }
+    let sig = service("peerlink-signaling");
+    let dir = service("peerlink-directory");
+    let r: serde_json::Value = run_json(&[
+        "engines",
+        "--json",
+        "--rounds",
+        "1",
+        "--rate",
+        "50",
+        "--duration",
+        "1s",
+        "--pairs",
+        "4",
+        "--message-duration",
+        "1s",
+        "--message-concurrency",
+        "2",
+        "--timeout",
+        "200",
+        "--signaling-bin",
+        sig.to_str().expect("utf-8 path"),
+        "--directory-bin",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    for arm in ["invites_embedded", "invites_engines"] {
+        let rounds = r[arm].as_array().expect("rounds");
+        assert_eq!(rounds.len(), 1, "{r}");
+        let inv: InviteReport =
+            serde_json::from_value(rounds[0].clone()).expect("an invite report");
+        assert_eq!(inv.nodes, 3);
+        check_invites(&inv, 50);
+    }
+    for (arm, store) in [
+        ("messages_sqlite", "sqlite"),
+        ("messages_postgres", "postgres"),
+    ] {
+        let m = &r[arm][0];
+        assert_eq!(m["store"], store, "{r}");
+        assert!(m["acked"].as_u64().expect("acked") > 0, "{r}");
+        assert_eq!(m["errors"], 0, "{r}");
+        assert_eq!(m["latency"]["count"], m["acked"], "{r}");
+    }
+}

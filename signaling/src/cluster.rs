@@ -269,6 +269,31 @@ impl Cluster {
         }
     }
 
+    /// Whether looking `user` up in the directory fails (every replica unreachable or
+    /// answering an error), as opposed to answering that the user has no device.
+    pub async fn lookup_fails(&self, user: &str) -> bool {
+        self.dir.lookup_user(user).await.is_err()
+    }
+
+    /// Where the directory has `user`'s `device` now: `Some(None)` on this node,
+    /// `Some(Some(url))` on another one, `None` when it is nowhere (or the directory is
+    /// unreachable). A device whose node died reconnects to another node; a frame that could
+    /// not reach the old node is sent where this says.
+    pub async fn node_of_device(&self, user: &str, device: &str) -> Option<Option<String>> {
+        let loc = match self.dir.lookup_user(user).await {
+            Ok(loc) => loc,
+            Err(e) => {
+                tracing::warn!(error = %e, "directory lookup failed");
+                return None;
+            }
+        };
+        let d = loc.devices.into_iter().find(|d| d.device == device)?;
+        if d.node_id == self.node_id {
+            return Some(None);
+        }
+        d.node_url.map(|u| Some(u.trim_end_matches('/').to_owned()))
+    }
+
     /// Presence of `user` across the fleet (best status of any device).
     pub async fn presence(&self, user: &str) -> PresenceStatus {
         match self.dir.lookup_user(user).await {

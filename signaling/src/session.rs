@@ -721,6 +721,15 @@ async fn send_contacts(sess: &mut Sess) {
 }
 
 /// Push `user`'s current presence to every user who has them as a contact.
+///
+/// Deliveries to other nodes are sent once, not retried like call frames: a presence event
+/// carries the status at the time it was read, so one sent again after a failure could arrive
+/// after a newer event and leave the watcher with a stale status, which is worse than a missed
+/// one. A missed event is corrected by the next change and by the contact list, which carries
+/// every contact's status as the directory has it and is what clients read when they connect
+/// (`list_contacts`, `add_contact`); the delivery fails mostly when the watcher's node is down,
+/// and then the watcher reconnects to another node and reads that list anyway. Nothing
+/// depends on the event arriving: invites look the callee up in the directory.
 async fn announce_presence(st: &AppState, user: &str) {
     let u = user.to_owned();
     let Ok(watchers) = st.db.call(move |s| s.watchers(&u)).await else {

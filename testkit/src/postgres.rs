@@ -311,6 +311,25 @@ impl PgServer {
         }
     }
 
+    /// Kill the server with SIGKILL to the postmaster (`kill -9`: no shutdown at all), then
+    /// wait (bounded) until its backends, which notice the postmaster's death, have exited
+    /// too, so that [`run`] finds no old shared memory in use and starts it again with crash
+    /// recovery. Committed data survives (fsync on).
+    ///
+    /// [`run`]: Self::run
+    pub fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let backends = children_of(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while backends.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether the server process is running.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -320,6 +339,30 @@ impl PgServer {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// `/proc/<pid>/stat` fields after the command name: state, ppid, ...
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = s.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let ppid = pid.to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| stat_fields(p).is_some_and(|f| f.get(1) == Some(&ppid)))
+        .collect()
+}
+
+/// Whether `pid` runs (a zombie waiting to be reaped does not).
+fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s != "Z"))
 }
 
 impl Drop for PgServer {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use peerlink_loadtest::fleet::{self, directory, idle, idle_multi, invites, logins};
+use peerlink_loadtest::fleet::{self, directory, idle, idle_multi, invites, logins, on_engines};
 use serde::Serialize;
 
 /// Signaling and directory benchmarks.
@@ -20,6 +20,9 @@ pub enum FleetCmd {
     Logins(LoginArgs),
     /// Directory lookups over HTTP next to the same process's GET /healthz rate (same run).
     Directory(DirectoryArgs),
+    /// Invites over 3 nodes and durable messages on PostgreSQL + Redis next to the embedded
+    /// stores (SQLite + in-memory directory), same run; starts the engines itself.
+    Engines(EnginesArgs),
     /// Client worker process of `idle-sessions --nodes K` (internal).
     #[command(hide = true)]
     IdleWorker(IdleWorkerArgs),
@@ -132,7 +135,7 @@ pub struct InviteArgs {
     /// Caller/callee pairs.
     #[arg(long, default_value_t = 100)]
     pairs: usize,
-    /// Signaling nodes: 1, or 2 (callers on one, callees on the other, real directory).
+    /// Signaling nodes: 1, or 2-3 (callers on one, callees on the others, real directory).
     #[arg(long, default_value_t = 1)]
     nodes: usize,
     /// Longest wait for outstanding deliveries after the last send.
@@ -141,6 +144,31 @@ pub struct InviteArgs {
     /// Extra node flags.
     #[arg(long = "node-flag", allow_hyphen_values = true)]
     node_flags: Vec<String>,
+}
+
+/// `engines`.
+#[derive(Args, Debug)]
+pub struct EnginesArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Offered invites per second.
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Invite sending time of each run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Caller/callee pairs.
+    #[arg(long, default_value_t = 100)]
+    pairs: usize,
+    /// Message sending time of each run.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    message_duration: Duration,
+    /// Message senders (each waits for its ack before the next message).
+    #[arg(long, default_value_t = 16)]
+    message_concurrency: usize,
+    /// Kept rounds (one more runs first and is discarded).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
 }
 
 /// `logins`.
@@ -255,7 +283,7 @@ pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
         }
         FleetCmd::Invites(a) => {
             let mut c = invites::InviteConfig::new(a.common.signaling()?, a.rate, a.duration);
-            if a.nodes == 2 {
+            if a.nodes >= 2 {
                 c.directory_bin = Some(a.common.directory()?);
             }
             c.pairs = a.pairs;
@@ -265,6 +293,20 @@ pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
             c.extra_flags = a.node_flags;
             let r = invites::run(&c).context("invites benchmark")?;
             print(a.common.json, r.table(), &r)
+        }
+        FleetCmd::Engines(a) => {
+            let c = on_engines::EnginesConfig {
+                signaling_bin: a.common.signaling()?,
+                directory_bin: a.common.directory()?,
+                rate: a.rate,
+                duration: a.duration,
+                pairs: a.pairs,
+                message_duration: a.message_duration,
+                message_concurrency: a.message_concurrency,
+                rounds: a.rounds,
+            };
+            let r = on_engines::run(&c).context("engines benchmark")?;
+            print(a.common.json, r.table(a.duration), &r)
         }
         FleetCmd::Logins(a) => {
             let mut c = logins::LoginConfig::new(a.common.signaling()?, a.duration);

@@ -1,6 +1,8 @@
 //! Invite delivery latency: caller sends `invite` -> callee receives `incoming_call`, through
-//! one signaling node or across two (callers on the first, callees on the second, a real
-//! directory between them), at a fixed offered rate.
+//! one signaling node or across two or three (callers on the first, callees on the others, a
+//! real directory between them), at a fixed offered rate. The nodes and the directory run on
+//! their embedded stores (one SQLite file, the in-memory directory) or on engines
+//! ([`Stores`]: PostgreSQL and Redis).
 //!
 //! Pacing is open loop: invite `k` is due at `start + k / rate` whatever happened to earlier
 //! ones (a slow server does not lower the offered rate); a pacer thread hands each due invite
@@ -40,7 +42,7 @@ pub struct InviteConfig {
     pub duration: Duration,
     /// Caller/callee pairs.
     pub pairs: usize,
-    /// 1: everyone on one node; 2: callers on node 1, callees on node 2.
+    /// 1: everyone on one node; 2 or 3: callers on node 1, callees on the others.
     pub nodes: usize,
     /// Longest wait for outstanding deliveries after the last send.
     pub drain: Duration,
@@ -48,6 +50,17 @@ pub struct InviteConfig {
     pub timeout: Duration,
     /// Extra flags for the nodes.
     pub extra_flags: Vec<String>,
+    /// Engines to run on instead of the embedded stores.
+    pub stores: Option<Stores>,
+}
+
+/// Where a fleet of the benchmark keeps its state when not in the embedded stores.
+#[derive(Clone, Debug)]
+pub struct Stores {
+    /// The nodes' `--store` (`postgres://...`).
+    pub signaling: String,
+    /// The directory's `--store` (`redis://...`).
+    pub directory: String,
 }
 
 impl InviteConfig {
@@ -63,6 +76,7 @@ impl InviteConfig {
             drain: Duration::from_secs(2),
             timeout: Duration::from_secs(300),
             extra_flags: Vec::new(),
+            stores: None,
         }
     }
 }
@@ -151,9 +165,14 @@ pub fn run(c: &InviteConfig) -> Result<InviteReport> {
     if !(c.rate.is_finite() && c.rate > 0.0 && c.rate <= 1_000_000.0) {
         return Err(FleetError::Invalid("rate must be in (0, 1e6]".into()));
     }
-    if c.pairs == 0 || c.pairs > 5000 || !(1..=2).contains(&c.nodes) {
+    if c.pairs == 0 || c.pairs > 5000 || !(1..=3).contains(&c.nodes) {
         return Err(FleetError::Invalid(
-            "pairs must be 1..=5000 and nodes 1 or 2".into(),
+            "pairs must be 1..=5000 and nodes 1, 2 or 3".into(),
+        ));
+    }
+    if c.stores.is_some() && c.nodes == 1 {
+        return Err(FleetError::Invalid(
+            "engines need a fleet: nodes 2 or 3".into(),
         ));
     }
     let total = (c.rate * c.duration.as_secs_f64()).round() as usize;
@@ -264,14 +283,18 @@ async fn run_async(c: &InviteConfig, total: usize) -> Result<InviteReport> {
 
     let mut _directory: Option<Service> = None;
     let mut nodes: Vec<Service> = Vec::new();
-    if c.nodes == 2 {
+    if c.nodes >= 2 {
         let bin = c.directory_bin.clone().ok_or_else(|| {
-            FleetError::Invalid("two nodes need the peerlink-directory binary".into())
+            FleetError::Invalid("several nodes need the peerlink-directory binary".into())
         })?;
-        let d = proc::start_directory(&bin, dir.path())?;
+        let dir_flags: Vec<String> = match &c.stores {
+            Some(s) => vec!["--store".into(), s.directory.clone()],
+            None => Vec::new(),
+        };
+        let d = proc::start_directory_with(&bin, dir.path(), "directory", &dir_flags)?;
         let url = format!("http://{}", d.addr);
         _directory = Some(d);
-        for n in 0..2 {
+        for n in 0..c.nodes {
             let mut f = flags.clone();
             f.extend([
                 "--directory".to_owned(),
@@ -279,6 +302,9 @@ async fn run_async(c: &InviteConfig, total: usize) -> Result<InviteReport> {
                 "--node-id".to_owned(),
                 format!("bench-node-{n}"),
             ]);
+            if let Some(s) = &c.stores {
+                f.extend(["--store".to_owned(), s.signaling.clone()]);
+            }
             nodes.push(proc::start_signaling(
                 &c.signaling_bin,
                 dir.path(),
@@ -297,7 +323,12 @@ async fn run_async(c: &InviteConfig, total: usize) -> Result<InviteReport> {
         )?);
     }
     let caller_node = nodes[0].addr.clone();
-    let callee_node = nodes[nodes.len() - 1].addr.clone();
+    // Callees on every other node, in turn (on the only one when there is one).
+    let callee_nodes: Vec<String> = nodes.iter().skip(1).map(|n| n.addr.clone()).collect();
+    let callee_node = |p: usize| match callee_nodes.len() {
+        0 => caller_node.clone(),
+        n => callee_nodes[p % n].clone(),
+    };
     let base = format!("http://{caller_node}");
     let callers = within(
         Duration::from_secs(120),
@@ -314,7 +345,7 @@ async fn run_async(c: &InviteConfig, total: usize) -> Result<InviteReport> {
     let mut caller_ws = Vec::with_capacity(c.pairs);
     let mut callee_ws = Vec::with_capacity(c.pairs);
     for p in 0..c.pairs {
-        callee_ws.push(connect(&callee_node, &callees[p]).await?);
+        callee_ws.push(connect(&callee_node(p), &callees[p]).await?);
         caller_ws.push(connect(&caller_node, &callers[p]).await?);
     }
 

@@ -1,6 +1,7 @@
 //! Signaling and directory benchmarks: idle WebSocket sessions per node, invite
-//! delivery latency, login rate against a raw Argon2id baseline, and directory lookups over
-//! HTTP against the same process's `GET /healthz`.
+//! delivery latency, login rate against a raw Argon2id baseline, directory lookups over
+//! HTTP against the same process's `GET /healthz`, and the fleet on PostgreSQL and Redis
+//! against the embedded stores (invites and durable messages).
 //!
 //! What it is: harnesses that start the real `peerlink-signaling` / `peerlink-directory`
 //! binaries on loopback (temp database, killed on drop), drive them with many clients and
@@ -9,10 +10,13 @@
 //! that) nor a claim about absolute speed on another machine.
 
 pub mod directory;
+pub mod engines;
 pub mod idle;
 pub mod idle_multi;
 pub mod invites;
 pub mod logins;
+pub mod messages;
+pub mod on_engines;
 pub mod proc;
 pub mod stats;
 

@@ -229,8 +229,8 @@ impl Drop for Service {
 }
 
 /// Start a signaling node: `extra` flags after the benchmark's defaults (loopback listen, no
-/// STUN, warn logging, database `dir/shared.db` — nodes of one cluster share it — and log
-/// `dir/{name}.log`).
+/// STUN, warn logging, database `dir/shared.db` — nodes of one cluster share it — unless
+/// `extra` names a `--store`, and log `dir/{name}.log`).
 pub fn start_signaling(
     bin: &Path,
     dir: &Path,
@@ -239,10 +239,11 @@ pub fn start_signaling(
     env: &[(&str, &str)],
 ) -> Result<Service> {
     let mut cmd = Command::new(bin);
-    cmd.args(["--listen", "127.0.0.1:0", "--no-stun", "--log", "warn"])
-        .arg("--db")
-        .arg(dir.join("shared.db"))
-        .args(extra)
+    cmd.args(["--listen", "127.0.0.1:0", "--no-stun", "--log", "warn"]);
+    if !extra.iter().any(|f| f == "--store") {
+        cmd.arg("--db").arg(dir.join("shared.db"));
+    }
+    cmd.args(extra)
         .env("PEERLINK_TOKEN_SECRET", super::TOKEN_SECRET);
     for (k, v) in env {
         cmd.env(k, v);
@@ -258,6 +259,17 @@ pub fn start_signaling(
 
 /// Start a directory with long TTLs (entries stay live for the whole benchmark).
 pub fn start_directory(bin: &Path, dir: &Path) -> Result<Service> {
+    start_directory_with(bin, dir, "directory", &[])
+}
+
+/// [`start_directory`] named `name` (its log `dir/{name}.log`), `extra` flags after the
+/// defaults (e.g. `--store redis://...`).
+pub fn start_directory_with(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    extra: &[String],
+) -> Result<Service> {
     let mut cmd = Command::new(bin);
     cmd.args([
         "--listen",
@@ -269,11 +281,12 @@ pub fn start_directory(bin: &Path, dir: &Path) -> Result<Service> {
         "--seed",
         "1",
     ])
+    .args(extra)
     .env("PEERLINK_CLUSTER_TOKEN", super::CLUSTER_TOKEN);
     Service::start(
         "peerlink-directory",
         cmd,
-        &dir.join("directory.log"),
+        &dir.join(format!("{name}.log")),
         "listening on",
         Duration::from_secs(30),
     )

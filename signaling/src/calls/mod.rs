@@ -96,6 +96,18 @@ impl Calls {
     pub fn len(&self) -> usize {
         self.lock().len()
     }
+    /// The session of `party` in call `id` is now on `node` (None = this node).
+    fn move_party(&self, id: &CallId, party: &Party, node: Option<String>) {
+        if let Some(c) = self.lock().get_mut(id) {
+            if c.caller == *party {
+                c.caller.node = node;
+            } else if let CallState::Active(p) = &mut c.state
+                && p == party
+            {
+                p.node = node;
+            }
+        }
+    }
     /// Whether no call is arbitrated here.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
@@ -257,13 +269,25 @@ async fn invite(
         st,
         vec![Effect {
             to: Target::User {
-                user: callee,
+                user: callee.clone(),
                 except_device: None,
             },
             msg: incoming,
         }],
     )
     .await;
+    if n == 0
+        && let Some(c) = st.cluster.as_ref()
+        && c.lookup_fails(&callee).await
+    {
+        // Not "unavailable": the callee may well be online on another node.
+        remove(st, &call_id);
+        return vec![err(
+            ErrorCode::Internal,
+            "the directory cannot be reached, so the callee's devices cannot be found; try again",
+            req,
+        )];
+    }
     let mut out = vec![ServerMsg::InviteSent {
         req,
         call_id: call_id.clone(),
@@ -612,6 +636,50 @@ fn call_id_of_server(msg: &ServerMsg) -> Option<&CallId> {
 
 /// Deliver effects locally or through other nodes (retried, see
 /// [`crate::cluster::Cluster::deliver_reliably`]); returns how many sessions got them.
+/// A frame for `party` could not reach its node at `failed` (the node died, say): when the
+/// directory has the device on another node now (it reconnected there), or on this one, the
+/// frame goes there, and the call remembers the new node. Returns the sessions reached.
+async fn redeliver(
+    st: &AppState,
+    cluster: &crate::cluster::Cluster,
+    party: &Party,
+    failed: &str,
+    mut req: DeliverRequest,
+) -> u32 {
+    let Some(now_at) = cluster.node_of_device(&party.user, &party.device).await else {
+        return 0;
+    };
+    if now_at.as_deref() == Some(failed) {
+        return 0;
+    }
+    if let Some(id) = call_id_of_server(&req.msg).or(match &req.msg {
+        ServerMsg::CallEnded { call_id, .. } => Some(call_id),
+        _ => None,
+    }) {
+        st.calls.move_party(id, party, now_at.clone());
+    }
+    tracing::info!(
+        user = %party.user,
+        device = %party.device,
+        node = now_at.as_deref().unwrap_or("this node"),
+        "call party moved to another node"
+    );
+    match now_at {
+        None => u32::from(deliver_device(st, &party.user, &party.device, &req.msg)),
+        Some(url) => {
+            req.id = None;
+            cluster
+                .deliver_reliably(&url, req, || false)
+                .await
+                .unwrap_or_else(|e| {
+                    crate::metrics::Metrics::inc(&st.metrics.forward_errors_total);
+                    tracing::warn!(error = %e, "delivery to the party's new node failed");
+                    0
+                })
+        }
+    }
+}
+
 async fn perform(st: &AppState, effects: Vec<Effect>) -> u32 {
     let mut total = 0;
     let arbiter = st.cluster.as_ref().map(|c| c.internal_url.clone());
@@ -634,13 +702,14 @@ async fn perform(st: &AppState, effects: Vec<Effect>) -> u32 {
                     };
                     crate::metrics::Metrics::inc(&st.metrics.forwards_total);
                     match cluster
-                        .deliver_reliably(url, req, || moot(st, call.as_ref()))
+                        .deliver_reliably(url, req.clone(), || moot(st, call.as_ref()))
                         .await
                     {
                         Ok(n) => total += n,
                         Err(err) => {
                             crate::metrics::Metrics::inc(&st.metrics.forward_errors_total);
                             tracing::warn!(error = %err, "delivery to another node failed");
+                            total += redeliver(st, cluster, &p, url, req).await;
                         }
                     }
                 }
