@@ -94,7 +94,8 @@
 //!
 //! `SessionDesc` = `{ice_ufrag (4-256), ice_pwd (22-256), public_key (base64 X25519, 32 bytes),
 //! candidates: [Candidate] (<= 32), end_of_candidates, purpose?: {kind: "call"} | {kind: "file",
-//! name (1-255 bytes, not `.`/`..`, no `/`, `\\` or control characters), size}, transfer_fingerprint? (64 lowercase hex)}`; `Candidate` = `{foundation, component,
+//! name (1-255 bytes, not `.`/`..`, no `/`, `\\` or control characters), size}, transfer_fingerprint? (64 lowercase hex), nat?: {mapping, filtering, port_allocation,
+//! port_delta? (only when sequential, 1-16 either way), hairpin}}`; `Candidate` = `{foundation, component,
 //! transport: "udp", priority, address, port, type: host|srflx|prflx|relay, related_address?,
 //! related_port?}`. Candidates whose address no peer can have (unspecified, multicast,
 //! broadcast, 0.0.0.0/8, 240.0.0.0/4, in any IPv6 spelling) are refused; private, shared,
@@ -202,6 +203,106 @@ pub struct SessionDesc {
     /// certificate, pinned by the other party for file transfer; absent when it sends none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer_fingerprint: Option<String>,
+    /// This party's NAT as it classified it (RFC 5780 behaviour discovery), when it could.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatClass>,
+}
+
+/// How a NAT maps an internal address to external ones (RFC 4787 section 4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatMapping {
+    /// One mapping for every destination (also: no NAT at all).
+    EndpointIndependent,
+    /// A new mapping per destination IP.
+    AddressDependent,
+    /// A new mapping per destination IP and port ("symmetric").
+    AddressAndPortDependent,
+}
+
+/// Which inbound packets a NAT lets through to a mapping (RFC 4787 section 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatFiltering {
+    /// From anyone.
+    EndpointIndependent,
+    /// From IPs the inside host sent to.
+    AddressDependent,
+    /// From IP and port pairs the inside host sent to.
+    AddressAndPortDependent,
+}
+
+/// How a NAT picks the external port of a new mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatPortAllocation {
+    /// The external port is the internal one.
+    Preserving,
+    /// Each new mapping's port is the previous one plus a constant delta.
+    Sequential,
+    /// No pattern.
+    Random,
+}
+
+/// A party's NAT classification, sent with its description (`peerlink-sim nat-check`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatClass {
+    /// Mapping behaviour.
+    pub mapping: NatMapping,
+    /// Filtering behaviour.
+    pub filtering: NatFiltering,
+    /// Port allocation.
+    pub port_allocation: NatPortAllocation,
+    /// The step between consecutive mappings when the allocation is sequential (at most
+    /// [`NatClass::MAX_PORT_DELTA`] either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_delta: Option<i32>,
+    /// Whether the NAT forwards a packet from inside to its own mapped address back inside.
+    pub hairpin: bool,
+}
+
+impl NatClass {
+    /// Largest step between consecutive mappings still called sequential.
+    pub const MAX_PORT_DELTA: i32 = 16;
+
+    /// Whether the fields agree with each other (a peer's classification is only a hint).
+    pub fn is_consistent(&self) -> bool {
+        match (self.port_allocation, self.port_delta) {
+            (NatPortAllocation::Sequential, Some(d)) => d != 0 && d.abs() <= Self::MAX_PORT_DELTA,
+            (NatPortAllocation::Sequential, None) => false,
+            (_, delta) => delta.is_none(),
+        }
+    }
+}
+
+impl std::fmt::Display for NatMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatMapping::EndpointIndependent => "endpoint-independent",
+            NatMapping::AddressDependent => "address-dependent",
+            NatMapping::AddressAndPortDependent => "address-and-port-dependent",
+        })
+    }
+}
+
+impl std::fmt::Display for NatFiltering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatFiltering::EndpointIndependent => "endpoint-independent",
+            NatFiltering::AddressDependent => "address-dependent",
+            NatFiltering::AddressAndPortDependent => "address-and-port-dependent",
+        })
+    }
+}
+
+impl std::fmt::Display for NatPortAllocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatPortAllocation::Preserving => "preserving",
+            NatPortAllocation::Sequential => "sequential",
+            NatPortAllocation::Random => "random",
+        })
+    }
 }
 
 /// What a session carries.
@@ -742,6 +843,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_nat_class_rides_in_the_description_and_is_checked_for_consistency() {
+        let class = NatClass {
+            mapping: NatMapping::AddressAndPortDependent,
+            filtering: NatFiltering::AddressAndPortDependent,
+            port_allocation: NatPortAllocation::Sequential,
+            port_delta: Some(2),
+            hairpin: false,
+        };
+        assert!(class.is_consistent());
+        let v = serde_json::to_value(class).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"mapping": "address-and-port-dependent",
+                "filtering": "address-and-port-dependent", "port_allocation": "sequential",
+                "port_delta": 2, "hairpin": false})
+        );
+        assert_eq!(serde_json::from_value::<NatClass>(v).unwrap(), class);
+        for bad in [
+            NatClass {
+                port_delta: None,
+                ..class
+            },
+            NatClass {
+                port_delta: Some(0),
+                ..class
+            },
+            NatClass {
+                port_delta: Some(17),
+                ..class
+            },
+            NatClass {
+                port_allocation: NatPortAllocation::Random,
+                ..class
+            },
+        ] {
+            assert!(!bad.is_consistent(), "{bad:?}");
+        }
+        assert!(
+            serde_json::from_value::<NatClass>(serde_json::json!({"mapping": "cone",
+                "filtering": "endpoint-independent", "port_allocation": "random",
+                "hairpin": false}))
+            .is_err()
+        );
+    }
+
+    #[test]
     fn turn_uris_name_their_transport_and_round_trip() {
         let a: SocketAddr = "198.51.100.1:3478".parse().unwrap();
         for (uri, transport) in [
@@ -819,6 +966,7 @@ mod tests {
             end_of_candidates: false,
             purpose: SessionPurpose::Call,
             transfer_fingerprint: None,
+            nat: None,
         };
         let id = || CallId("0".repeat(32));
         let cand = Candidate {
@@ -906,6 +1054,7 @@ mod tests {
         let plain = SessionDesc {
             purpose: SessionPurpose::Call,
             transfer_fingerprint: None,
+            nat: None,
             ..d
         };
         let s = serde_json::to_string(&plain).unwrap();
@@ -936,6 +1085,7 @@ mod tests {
                 end_of_candidates: false,
                 purpose: Default::default(),
                 transfer_fingerprint: None,
+                nat: None,
             },
         };
         let s = serde_json::to_string(&m).unwrap();

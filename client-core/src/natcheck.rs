@@ -21,7 +21,6 @@
 //! What it is not: no sockets, no clock, no retransmission policy (the caller's); no TCP test
 //! and no binding-lifetime discovery (section 4.5).
 
-use std::fmt;
 use std::net::SocketAddr;
 
 use peerlink_proto::attrs::{
@@ -30,71 +29,9 @@ use peerlink_proto::attrs::{
 use peerlink_proto::{Class, Message, MessageBuilder, MessageType, Method, TransactionId};
 use serde::Serialize;
 
-/// How a NAT maps an internal address to external ones (RFC 4787 section 4.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mapping {
-    /// One mapping for every destination (also: no NAT at all).
-    EndpointIndependent,
-    /// A new mapping per destination IP.
-    AddressDependent,
-    /// A new mapping per destination IP and port ("symmetric").
-    AddressAndPortDependent,
-}
-
-/// Which inbound packets a NAT lets through to a mapping (RFC 4787 section 5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Filtering {
-    /// From anyone.
-    EndpointIndependent,
-    /// From IPs the inside host sent to.
-    AddressDependent,
-    /// From IP and port pairs the inside host sent to.
-    AddressAndPortDependent,
-}
-
-/// How a NAT picks the external port of a new mapping.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PortAllocation {
-    /// The external port is the internal one.
-    Preserving,
-    /// Each new mapping's port is the previous one plus a constant delta.
-    Sequential,
-    /// No pattern.
-    Random,
-}
-
-impl fmt::Display for Mapping {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mapping::EndpointIndependent => "endpoint-independent",
-            Mapping::AddressDependent => "address-dependent",
-            Mapping::AddressAndPortDependent => "address-and-port-dependent",
-        })
-    }
-}
-
-impl fmt::Display for Filtering {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Filtering::EndpointIndependent => "endpoint-independent",
-            Filtering::AddressDependent => "address-dependent",
-            Filtering::AddressAndPortDependent => "address-and-port-dependent",
-        })
-    }
-}
-
-impl fmt::Display for PortAllocation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PortAllocation::Preserving => "preserving",
-            PortAllocation::Sequential => "sequential",
-            PortAllocation::Random => "random",
-        })
-    }
-}
+pub use peerlink_api::signaling::{
+    NatClass, NatFiltering as Filtering, NatMapping as Mapping, NatPortAllocation as PortAllocation,
+};
 
 /// The classification of one network, as `peerlink-sim nat-check --json` prints it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -115,8 +52,21 @@ pub struct NatReport {
     pub mapped: SocketAddr,
 }
 
+impl NatReport {
+    /// What a party tells its peer.
+    pub fn class(&self) -> NatClass {
+        NatClass {
+            mapping: self.mapping,
+            filtering: self.filtering,
+            port_allocation: self.port_allocation,
+            port_delta: self.port_delta,
+            hairpin: self.hairpin,
+        }
+    }
+}
+
 /// Largest constant step between consecutive mappings still called sequential.
-pub const MAX_SEQUENTIAL_DELTA: i32 = 16;
+pub const MAX_SEQUENTIAL_DELTA: i32 = NatClass::MAX_PORT_DELTA;
 
 /// A Binding request, with CHANGE-REQUEST when either flag is set, into a new buffer.
 pub fn binding_request(tid: TransactionId, change_ip: bool, change_port: bool) -> Vec<u8> {

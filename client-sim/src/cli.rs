@@ -273,7 +273,32 @@ pub struct State {
     /// Last message seq processed, per device.
     #[serde(default)]
     pub last_seq: std::collections::BTreeMap<String, u64>,
+    /// NAT classifications per network (STUN server and the local address towards it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat: Vec<NatCacheEntry>,
 }
+
+/// One network's NAT classification, cached for [`NAT_CACHE_TTL`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NatCacheEntry {
+    /// The STUN server asked.
+    pub stun: SocketAddr,
+    /// This host's address towards it (another network, another entry).
+    pub local_ip: std::net::IpAddr,
+    /// When it was found, Unix seconds.
+    pub at: u64,
+    /// The classification; none when the check could not tell (e.g. a server without an
+    /// alternate address), which is cached too.
+    pub class: Option<peerlink_api::signaling::NatClass>,
+}
+
+/// How long a network's NAT classification is reused.
+pub const NAT_CACHE_TTL: Duration = Duration::from_secs(600);
+/// Networks remembered in the state file.
+const NAT_CACHE_MAX: usize = 8;
+/// Bound on the check a call, listen or file session makes when its network has no fresh
+/// classification.
+const NAT_CHECK_AT_START: Duration = Duration::from_secs(4);
 
 fn default_state_path() -> PathBuf {
     match std::env::var_os("HOME") {
@@ -363,6 +388,55 @@ impl Ctx {
             None
         };
         Ok(SignalSession::connect(self.api()?, tokens, &self.device, resume_from).await?)
+    }
+
+    /// This network's NAT classification towards `stun`: cached in the state file per network
+    /// for [`NAT_CACHE_TTL`], else found now (bounded by [`NAT_CHECK_AT_START`]; a check that
+    /// cannot tell gives none, and the call goes on without it).
+    async fn nat_class(
+        &mut self,
+        stun: Option<SocketAddr>,
+    ) -> Option<peerlink_api::signaling::NatClass> {
+        let stun = stun?;
+        let local_ip = peerlink_sim::natcheck::local_ip_toward(stun).await.ok()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(e) = self.state.nat.iter().find(|e| {
+            e.stun == stun
+                && e.local_ip == local_ip
+                && now.saturating_sub(e.at) < NAT_CACHE_TTL.as_secs()
+        }) {
+            return e.class;
+        }
+        let opts = peerlink_sim::natcheck::NatCheckOptions {
+            wait: Duration::from_millis(400),
+            timeout: NAT_CHECK_AT_START,
+            ..Default::default()
+        };
+        let class = match peerlink_sim::natcheck::run(stun, &opts).await {
+            Ok(r) => Some(r.class()),
+            Err(e) => {
+                tracing::info!("NAT check against {stun}: {e}");
+                None
+            }
+        };
+        self.state
+            .nat
+            .retain(|e| !(e.stun == stun && e.local_ip == local_ip));
+        if self.state.nat.len() >= NAT_CACHE_MAX {
+            self.state.nat.remove(0);
+        }
+        self.state.nat.push(NatCacheEntry {
+            stun,
+            local_ip,
+            at: now,
+            class,
+        });
+        if let Err(e) = save_state(&self.state_path, &self.state) {
+            tracing::warn!("saving the NAT classification: {e:#}");
+        }
+        class
     }
 
     fn print(&self, v: serde_json::Value, human: String) {
@@ -505,11 +579,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             duration,
             net,
         } => {
+            let nat = ctx.nat_class(net.stun4()).await;
             let mut s = ctx.session(false).await?;
             let opts = CallOptions {
                 audio,
                 record,
                 duration,
+                nat,
                 ..net.options(&ctx.trust)
             };
             if !ctx.json {
@@ -552,6 +628,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 bail!("--save-dir {} is not a directory", d.display());
             }
+            let nat = ctx.nat_class(net.stun4()).await;
             let mut s = ctx.session(false).await?;
             let mut failed = 0u32;
             for i in 0..sessions.max(1) {
@@ -569,6 +646,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     record,
                     save_dir: save_dir.clone(),
                     progress: !ctx.json,
+                    nat,
                     ..net.options(&ctx.trust)
                 };
                 if !ctx.json {

@@ -189,7 +189,7 @@ async fn hairpin(
 }
 
 /// The local IP this host uses toward `to` (the routing table's choice).
-async fn local_ip_toward(to: SocketAddr) -> Result<IpAddr, NatCheckError> {
+pub async fn local_ip_toward(to: SocketAddr) -> Result<IpAddr, NatCheckError> {
     let any: SocketAddr = if to.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {

@@ -2,7 +2,8 @@
 //! responder on two IPs of a public host (`--stun IP1:3479 --stun-alt IP2:3480`) and the real
 //! client classifies the NAT in front of it, behind a router of each of the five kinds; every
 //! classification must be the one the router implements (RFC 4787 mapping and filtering;
-//! the symmetric router's ports are random).
+//! the symmetric router's ports are random). A call between two of them then carries both
+//! classifications in both reports.
 //!
 //! Needs root (network namespaces); otherwise the test prints one "skipped" line and returns.
 //! `cargo nextest run -p peerlink-sim --test lab_natcheck`.
@@ -51,7 +52,7 @@ fn nat_check_classifies_every_kind_of_router() {
                             &["nat-check", "--stun", &stun, "--timeout", "30s"],
                             Duration::from_secs(40),
                         );
-                        (kind, r)
+                        (kind, r, client)
                     })
                 })
                 .collect();
@@ -63,7 +64,7 @@ fn nat_check_classifies_every_kind_of_router() {
             "\nnat-check behind each router kind\n\
              router    mapping                     filtering                   ports       hairpin\n",
         );
-        for (kind, r) in &rows {
+        for (kind, r, _) in &rows {
             table.push_str(&format!(
                 "{:<9} {:<27} {:<27} {:<11} {}\n",
                 kind.label(),
@@ -74,7 +75,7 @@ fn nat_check_classifies_every_kind_of_router() {
             ));
         }
         println!("{table}");
-        for (kind, r) in &rows {
+        for (kind, r, _) in &rows {
             let (mapping, filtering) = expected(*kind);
             assert_eq!(r["mapping"], mapping, "{kind:?}: {r}");
             assert_eq!(r["filtering"], filtering, "{kind:?}: {r}");
@@ -88,5 +89,26 @@ fn nat_check_classifies_every_kind_of_router() {
             }
             assert!(mapped.ip().is_ipv4(), "{kind:?}: {r}");
         }
+
+        // A call sends each side's classification with its description (found when the call
+        // or listen starts, cached per network): both reports show both.
+        let client = |k: NatKind| &rows.iter().find(|(kind, _, _)| *kind == k).unwrap().2;
+        let (sym, port) = (client(NatKind::Symmetric), client(NatKind::PortRestricted));
+        let call = lab::run_call(sym, port, Duration::from_secs(2), &[]).expect("call");
+        let (sym_nat, port_nat) = (&call.caller["nat"], &call.callee["nat"]);
+        assert_eq!(
+            sym_nat["local"]["mapping"], "address-and-port-dependent",
+            "{sym_nat}"
+        );
+        assert_eq!(
+            sym_nat["peer"]["mapping"], "endpoint-independent",
+            "{sym_nat}"
+        );
+        assert_eq!(
+            sym_nat["peer"]["filtering"], "address-and-port-dependent",
+            "{sym_nat}"
+        );
+        assert_eq!(port_nat["local"], sym_nat["peer"], "{port_nat}");
+        assert_eq!(port_nat["peer"], sym_nat["local"], "{port_nat}");
     });
 }

@@ -11,6 +11,10 @@ pub(super) struct Leg {
     /// The IPv6 socket beside an IPv4 `sock` (the agent's socket 1), when the host has IPv6.
     pub(super) sock6: Option<UdpSocket>,
     pub(super) agent: Agent,
+    /// Our NAT classification, sent with our description.
+    pub(super) nat: Option<peerlink_api::signaling::NatClass>,
+    /// The peer's, from its description.
+    pub(super) peer_nat: Option<peerlink_api::signaling::NatClass>,
     pub(super) keys: KeyExchange,
     pub(super) ufrag: String,
     pub(super) pwd: String,
@@ -124,6 +128,8 @@ impl Leg {
             gathered_all: false,
             sent_eoc: false,
             relay_only: opts.relay_only,
+            nat: opts.nat,
+            peer_nat: None,
             sent_cands: Vec::new(),
             local_cands: Vec::new(),
             remote_cands: 0,
@@ -202,6 +208,7 @@ impl Leg {
                 .file
                 .as_ref()
                 .map(|f| hex::encode(f.identity.fingerprint().0)),
+            nat: self.nat,
         }
     }
 
@@ -222,6 +229,9 @@ impl Leg {
 
     pub(super) fn apply_remote(&mut self, d: &SessionDesc) -> Result<(), CallError> {
         self.add_remote_ice(d);
+        if d.nat.is_some() {
+            self.peer_nat = d.nat;
+        }
         let peer_key = decode_key(&d.public_key)?;
         self.peer_key = Some(peer_key);
         if let Some(f) = self.file.as_mut() {

@@ -143,6 +143,9 @@ pub struct CallOptions {
     pub bind_ip: IpAddr,
     /// Signaling's STUN responder (server-reflexive candidate), if known.
     pub stun: Option<SocketAddr>,
+    /// This host's NAT classification (`crate::natcheck`), sent to the peer with the
+    /// candidates and shown in the report (default none).
+    pub nat: Option<peerlink_api::signaling::NatClass>,
     /// Signaling's STUN responder of the other family than `stun` (IPv6 beside IPv4), if
     /// known: the IPv6 socket's server-reflexive candidate, and how the IPv6 source address is
     /// found when `bind6` is not given (default none).
@@ -214,6 +217,7 @@ impl Default for CallOptions {
         Self {
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             stun: None,
+            nat: None,
             stun6: None,
             bind6: None,
             use_turn: true,

@@ -80,6 +80,9 @@ pub struct CallReport {
     /// TURN allocations this side released mid-call because the call's path did not use them
     /// (RFC 8445 section 8.3; the agent's `release_unused_relay_after`).
     pub unused_relay_released: u64,
+    /// Both sides' NAT classifications (RFC 5780), as each found and sent it; `null` where a
+    /// side sent none.
+    pub nat: NatSides,
     /// Media.
     pub media: MediaFigures,
     /// Recording path, if any.
@@ -96,6 +99,15 @@ pub struct CallReport {
     pub signal_reconnects: u64,
     /// Longest interval between two accepted media packets after the first one, ms.
     pub max_media_gap_ms: f64,
+}
+
+/// The NAT classification of each side of a call.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct NatSides {
+    /// Ours.
+    pub local: Option<peerlink_api::signaling::NatClass>,
+    /// The peer's, from its description.
+    pub peer: Option<peerlink_api::signaling::NatClass>,
 }
 
 /// Outcome of one file session (`send-file`, or a file accepted by `listen`).
@@ -276,6 +288,10 @@ impl Leg {
             checks_sent: agent_stats.checks_sent,
             checks_to_connected_ms: agent_stats.time_to_connected.map(ms),
             unused_relay_released: agent_stats.unused_relay_released,
+            nat: NatSides {
+                local: self.nat,
+                peer: self.peer_nat,
+            },
             media: stats
                 .map(|s| MediaFigures {
                     packets_sent: self.packets_sent,

@@ -211,6 +211,7 @@ fn offer(k: usize) -> SessionDesc {
         end_of_candidates: true,
         purpose: Default::default(),
         transfer_fingerprint: None,
+        nat: None,
     }
 }
 

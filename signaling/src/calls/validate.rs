@@ -74,6 +74,14 @@ pub(super) fn check_desc(st: &AppState, d: &SessionDesc) -> Result<(), (ErrorCod
             String::from("transfer_fingerprint must be 64 lowercase hex digits"),
         ));
     }
+    if d.nat.is_some_and(|n| !n.is_consistent()) {
+        return Err((
+            ErrorCode::Invalid,
+            String::from(
+                "nat: port_delta must be given (non-zero, at most 16 either way) exactly when port_allocation is sequential",
+            ),
+        ));
+    }
     if let SessionPurpose::File { name, .. } = &d.purpose
         && (name.is_empty()
             || name.len() > 255
