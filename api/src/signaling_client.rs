@@ -709,6 +709,34 @@ impl SignalSession {
         Connection::open(api, &tokens.access_token, device, resume_from, &opts).await
     }
 
+    /// Connect to the first of `nodes` (signaling nodes of one fleet) that answers; the others
+    /// become the session's failover list ([`with_failover`](Self::with_failover)). A node
+    /// that refuses the session itself (bad token, a newer session of the device) ends the
+    /// search with its error.
+    pub async fn connect_any(
+        mut nodes: Vec<HttpApi>,
+        mut tokens: Tokens,
+        device: &str,
+        resume_from: Option<u64>,
+    ) -> Result<Self, SignalError> {
+        let (i, conn) =
+            Self::open_any(&nodes, &mut tokens, device, resume_from, DEFAULT_IO_TIMEOUT).await?;
+        let api = nodes.remove(i);
+        let start = resume_from.unwrap_or(conn.welcome.acked_seq);
+        Ok(Self {
+            api,
+            others: nodes,
+            tokens,
+            device: device.to_owned(),
+            conn,
+            delivered_seq: start,
+            acked_seq: start,
+            backlog: VecDeque::new(),
+            io_timeout: DEFAULT_IO_TIMEOUT,
+            msg_counter: 0,
+        })
+    }
+
     /// Other signaling nodes of the same fleet (same token secret and store): when the
     /// session's node cannot be reached, [`reconnect`](Self::reconnect) and
     /// [`reopen`](Self::reopen) try these in order, and the first that answers becomes the
@@ -1082,6 +1110,12 @@ where
 
 /// Whether `e` says the node could not be reached or is not serving (so another node of the
 /// fleet may take the session): transport failures, timeouts, 5xx answers and 503 upgrades.
+/// Whether `e` means the node could not be reached or is failing (connection refused or lost,
+/// a timeout, a 5xx answer), so another node of the fleet may serve the same request.
+pub fn is_unreachable(e: &SignalError) -> bool {
+    unreachable(e)
+}
+
 fn unreachable(e: &SignalError) -> bool {
     match e {
         SignalError::Http { .. } | SignalError::Timeout(..) => true,

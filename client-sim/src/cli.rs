@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 #[command(name = "peerlink-sim", version, about = "peerlink reference client")]
 pub struct Cli {
     /// Signaling server URL: http://host:port, or https://host:port for a server with TLS
-    /// (WebSocket over wss://) [default: from the state file, else http://127.0.0.1:8443].
+    /// (WebSocket over wss://); several nodes of one fleet comma-separated, tried in order
+    /// when one cannot be reached, also when a session reconnects [default: from the state
+    /// file, else http://127.0.0.1:8443].
     #[arg(long, global = true, env = "PEERLINK_SERVER")]
     pub server: Option<String>,
     /// CA certificate file (PEM, one or more certificates) trusted for an https:// server and
@@ -347,12 +349,43 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn api(&self) -> anyhow::Result<HttpApi> {
-        Ok(HttpApi::with_trust(
-            &self.server,
-            peerlink_api::signaling_client::DEFAULT_IO_TIMEOUT,
-            &self.trust,
-        )?)
+    /// One client per node of `--server`, in order.
+    fn apis(&self) -> anyhow::Result<Vec<HttpApi>> {
+        let apis = self
+            .server
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                HttpApi::with_trust(
+                    u,
+                    peerlink_api::signaling_client::DEFAULT_IO_TIMEOUT,
+                    &self.trust,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if apis.is_empty() {
+            bail!("--server names no URL");
+        }
+        Ok(apis)
+    }
+
+    /// `request` on the first node of `--server` that can be reached (a node that answers,
+    /// even with an error, settles it).
+    async fn on_any<T, F, Fut>(&self, request: F) -> anyhow::Result<T>
+    where
+        F: Fn(HttpApi) -> Fut,
+        Fut: std::future::Future<Output = Result<T, SignalError>>,
+    {
+        let mut last = None;
+        for api in self.apis()? {
+            match request(api).await {
+                Ok(v) => return Ok(v),
+                Err(e) if peerlink_api::signaling_client::is_unreachable(&e) => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map_or_else(|| anyhow::anyhow!("--server names no URL"), Into::into))
     }
 
     /// Cached tokens for this server, refreshed when due (and saved).
@@ -369,8 +402,10 @@ impl Ctx {
         }
         if t.needs_refresh() {
             let t = self
-                .api()?
-                .refresh(&t.refresh_token)
+                .on_any(|api| {
+                    let rt = t.refresh_token.clone();
+                    async move { api.refresh(&rt).await }
+                })
                 .await
                 .context("refreshing the access token (log in again if this persists)")?;
             self.state.tokens = Some(t.clone());
@@ -387,7 +422,7 @@ impl Ctx {
         } else {
             None
         };
-        Ok(SignalSession::connect(self.api()?, tokens, &self.device, resume_from).await?)
+        Ok(SignalSession::connect_any(self.apis()?, tokens, &self.device, resume_from).await?)
     }
 
     /// This network's NAT classification towards `stun`: cached in the state file per network
@@ -489,14 +524,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.cmd {
         Cmd::Register { user, password } => {
-            ctx.api()?.register(&user, &password).await?;
+            ctx.on_any(|api| {
+                let (user, password) = (user.clone(), password.clone());
+                async move { api.register(&user, &password).await }
+            })
+            .await?;
             ctx.print(
                 serde_json::json!({"registered": user, "server": ctx.server}),
                 format!("registered {user} on {}", ctx.server),
             );
         }
         Cmd::Login { user, password } => {
-            let t = ctx.api()?.login(&user, &password).await?;
+            let t = ctx
+                .on_any(|api| {
+                    let (user, password) = (user.clone(), password.clone());
+                    async move { api.login(&user, &password).await }
+                })
+                .await?;
             let name = t.username.clone();
             if ctx.state.tokens.as_ref().map(|t| &t.username) != Some(&name)
                 || ctx.state.server.as_deref() != Some(ctx.server.as_str())
@@ -738,7 +782,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::TurnCheck => {
             let tokens = ctx.tokens().await?;
-            let creds = ctx.api()?.turn_credentials(&tokens.access_token).await?;
+            let creds = ctx
+                .on_any(|api| {
+                    let token = tokens.access_token.clone();
+                    async move { api.turn_credentials(&token).await }
+                })
+                .await?;
             let Some(relay) = creds.uris.iter().find_map(|u| parse_turn_uri(u)) else {
                 bail!("signaling offered no usable relay: {:?}", creds.uris);
             };

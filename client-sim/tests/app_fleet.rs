@@ -209,6 +209,35 @@ async fn cli_register_login_chat_inbox_turn_check_call_listen() {
     .expect("test timed out");
 }
 
+#[tokio::test]
+async fn cli_with_several_server_urls_uses_the_first_that_answers() {
+    tokio::time::timeout(TEST, async {
+        let fleet = Fleet::start(FleetOptions::default()).await.unwrap();
+        // A node that is down: a loopback port nothing listens on (connection refused).
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let servers = format!("http://{dead},{}", fleet.signaling_url);
+        let dir = tempfile::tempdir().unwrap();
+        let (sa, sb) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        for (user, state) in [("heidi", &sa), ("ivan", &sb)] {
+            cli(&["register", user], state, &servers).await;
+            let v = cli(&["login", user], state, &servers).await;
+            assert_eq!(v["logged_in"], user, "{v}");
+        }
+        let v = cli(&["chat", "ivan", "through the second node"], &sa, &servers).await;
+        assert!(v["stored_at_ms"].as_u64().unwrap() > 0, "{v}");
+        let v = cli(&["inbox", "--wait", "1s"], &sb, &servers).await;
+        let msgs = v["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 1, "{v}");
+        assert_eq!(msgs[0]["body"], "through the second node");
+        fleet.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// The `host:port` of an `http://host:port` URL.
 fn authority(url: &str) -> String {
     url.trim_start_matches("http://")
