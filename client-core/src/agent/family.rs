@@ -204,27 +204,9 @@ impl Agent {
         from: SocketAddr,
         data: &'a [u8],
     ) -> Option<AppData<'a>> {
-        let kind = classify(data);
         let (_, t) = self.turn2.as_mut()?;
         let res = t.handle_input(now, from, data);
-        if res.is_err() && kind == PacketKind::Stun && self.feed_retired(now, socket, from, data) {
-            return None;
-        }
-        match res {
-            Ok(turn::Input::Data { peer, data: inner }) => {
-                self.relay_rx_at = Some(now);
-                self.drain_turn2(now);
-                self.handle_inner(now, Via::Relay, peer, inner)
-            }
-            Ok(turn::Input::Control) => {
-                self.drain_turn2(now);
-                None
-            }
-            Err(_) => {
-                self.stats.turn_input_errors += 1;
-                None
-            }
-        }
+        self.after_turn_input(now, (socket, from, data), res, true)
     }
 
     /// Starts the Allocate of the other family once the first allocation was granted.

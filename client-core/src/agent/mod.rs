@@ -464,30 +464,46 @@ impl Agent {
             }
             let turn = self.turn.as_mut()?;
             let res = turn.handle_input(now, from, data);
-            // Same relay as a released allocation: maybe the answer to its release.
-            if res.is_err()
-                && kind == PacketKind::Stun
-                && self.feed_retired(now, socket, from, data)
-            {
-                return None;
-            }
-            return match res {
-                Ok(turn::Input::Data { peer, data: inner }) => {
-                    self.relay_rx_at = Some(now);
-                    self.drain_turn(now);
-                    self.handle_inner(now, Via::Relay, peer, inner)
-                }
-                Ok(turn::Input::Control) => {
-                    self.drain_turn(now);
-                    None
-                }
-                Err(_) => {
-                    self.stats.turn_input_errors += 1;
-                    None
-                }
-            };
+            return self.after_turn_input(now, (socket, from, data), res, false);
         }
         self.handle_inner(now, Via::Socket(socket), from, data)
+    }
+
+    /// What an allocation's input leads to: relayed application data goes on to the agent,
+    /// the allocation's own traffic is drained, errors are counted. A STUN message it does not
+    /// take may answer the release of an allocation on the same relay. `second`: the input
+    /// was the other family's allocation's.
+    pub(super) fn after_turn_input<'a>(
+        &mut self,
+        now: Instant,
+        (socket, from, data): (usize, SocketAddr, &'a [u8]),
+        res: Result<turn::Input<'a>, turn::InputError>,
+        second: bool,
+    ) -> Option<AppData<'a>> {
+        if res.is_err()
+            && classify(data) == PacketKind::Stun
+            && self.feed_retired(now, socket, from, data)
+        {
+            return None;
+        }
+        let inner = match res {
+            Ok(turn::Input::Data { peer, data: inner }) => {
+                self.relay_rx_at = Some(now);
+                Some((peer, inner))
+            }
+            Ok(turn::Input::Control) => None,
+            Err(_) => {
+                self.stats.turn_input_errors += 1;
+                return None;
+            }
+        };
+        if second {
+            self.drain_turn2(now);
+        } else {
+            self.drain_turn(now);
+        }
+        let (peer, inner) = inner?;
+        self.handle_inner(now, Via::Relay, peer, inner)
     }
 
     /// Runs due timers: retransmissions, checks, consent, relay fallback, TURN refreshes.
